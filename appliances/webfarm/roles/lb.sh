@@ -1,0 +1,70 @@
+#!/bin/sh
+# Role lb: a python3-stdlib round-robin HTTP proxy over the url of every web node.
+# Re-contextualization (scale up/down) rewrites backends.txt; the running proxy picks it up.
+set -eu
+port="${CRV_PARAM_PORT:-8080}"
+
+crv-agent list web url >backends.txt.new
+[ -s backends.txt.new ] || { echo "no web backends published" >&2; exit 1; }
+mv backends.txt.new backends.txt
+
+cat > lb.py <<'PY'
+import http.server
+import itertools
+import os
+import sys
+import threading
+import urllib.request
+
+LOCK = threading.Lock()
+STATE = {"mtime": None, "cycle": None}
+
+
+def next_backend():
+    with LOCK:
+        mtime = os.stat("backends.txt").st_mtime_ns
+        if mtime != STATE["mtime"]:
+            with open("backends.txt") as f:
+                urls = [line.strip() for line in f if line.strip()]
+            STATE["mtime"], STATE["cycle"] = mtime, itertools.cycle(urls)
+        return next(STATE["cycle"])
+
+
+class Proxy(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        backend = next_backend()
+        try:
+            with urllib.request.urlopen(backend + self.path, timeout=5) as r:
+                status, body = r.status, r.read()
+        except Exception as exc:
+            status, body = 502, f"backend {backend} failed: {exc}\n".encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), Proxy).serve_forever()
+PY
+
+if ! { [ -f lb.pid ] && kill -0 "$(cat lb.pid)" 2>/dev/null; }; then
+    nohup python3 lb.py "$CRV_ADDRESS" "$port" >lb.log 2>&1 &
+    echo $! >lb.pid
+fi
+
+python3 - "$CRV_ADDRESS" "$port" <<'PY'
+import socket, sys, time
+for _ in range(100):
+    try:
+        socket.create_connection((sys.argv[1], int(sys.argv[2])), 0.2).close()
+        break
+    except OSError:
+        time.sleep(0.1)
+else:
+    sys.exit("load balancer did not start listening")
+PY
+crv-agent set url "http://$CRV_ADDRESS:$port"

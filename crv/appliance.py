@@ -1,0 +1,639 @@
+"""Loading an appliance directory into a resolved, checked `Appliance`.
+
+Resolution happens scope by scope: an appliance resolves its own parameters (defaults,
+`include` bindings, `--set` overrides), renders its counts, resolves its includes recursively
+(each included appliance is checked on its own first, then its groups, roles and parameters
+are renamed `<prefix>-<name>`), and finally checks the rules that span the merged scope. Every
+refusal is a `SpecError` naming the file the user must edit and the field inside it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import networkx as nx
+from pydantic import ValidationError
+
+from crv import spec, templating
+from crv.errors import SpecError
+from crv.spec import MAX_NODES, ParamValue
+from crv.yamldoc import load_yaml_file
+
+APPLIANCE_FILE = "appliance.yaml"
+MAX_RECIPE_BYTES = 1 << 20
+MAX_INCLUDE_DEPTH = 8
+VERIFY_VARIABLES = ("self", "node", "params")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_BUILTIN_CATALOG = Path(__file__).resolve().parent.parent / "appliances"
+
+
+@dataclass(frozen=True)
+class Dependency:
+    role: str
+    local: bool = False
+    min_ready: int | None = None
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    source: str  # the appliance.yaml that defines it (errors point there)
+    field: str  # its path inside that file, `roles.<name as written>`
+    recipe: Path
+    depends_on: tuple[Dependency, ...]
+    publishes: tuple[str, ...]
+    verify: spec.Verify | None
+    estimates: Mapping[str, float]  # only the kinds the role overrides
+    params: Mapping[str, ParamValue]  # its own appliance's parameters, unprefixed
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    source: str
+    field: str
+    count: int
+    roles: tuple[str, ...]
+    scale_min: int
+    scale_max: int
+
+
+@dataclass(frozen=True)
+class Appliance:
+    name: str
+    description: str
+    directory: Path
+    source: str
+    parameters: Mapping[str, ParamValue]  # resolved values, included ones as `<prefix>-<name>`
+    parameter_specs: Mapping[str, spec.Parameter]
+    groups: Mapping[str, Group]  # in document order, own groups first
+    roles: Mapping[str, Role]
+
+    @property
+    def node_count(self) -> int:
+        return sum(g.count for g in self.groups.values())
+
+    def hosts(self, role: str) -> list[Group]:
+        return [g for g in self.groups.values() if role in g.roles]
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, str]:
+    """`KEY=VALUE` strings from the command line; the last one of a key wins."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError("--set", item, "expected KEY=VALUE")
+        out[key.strip()] = value
+    return out
+
+
+def load_appliance(
+    directory: str | Path,
+    overrides: Mapping[str, str] | None = None,
+    *,
+    search_path: Sequence[Path] | None = None,
+) -> Appliance:
+    """Load, resolve and check an appliance; `overrides` are `--set` values as text."""
+    overrides = dict(overrides or {})
+    if search_path is None:
+        env = os.environ.get("CRV_APPLIANCE_PATH", "")
+        search_path = [Path(p) for p in env.split(os.pathsep) if p] + [_BUILTIN_CATALOG]
+    resolver = _Resolver(list(search_path))
+    appliance, used = resolver.resolve(Path(directory), _Binding(), overrides, ())
+    unknown = sorted(set(overrides) - used)
+    if unknown:
+        known = ", ".join(appliance.parameter_specs) or "none"
+        raise SpecError("--set", unknown[0], f"unknown parameter (this appliance has: {known})")
+    if appliance.node_count > MAX_NODES:
+        raise SpecError(
+            appliance.source,
+            "nodes",
+            f"{appliance.node_count} nodes in all; a cluster has at most {MAX_NODES}",
+        )
+    return appliance
+
+
+# --- pydantic errors as one line -------------------------------------------------------------
+
+_KNOWN_FIELDS = sorted(
+    {
+        f.alias or name
+        for model in (
+            spec.ApplianceSpec,
+            spec.Parameter,
+            spec.Scale,
+            spec.NodeGroup,
+            spec.Dependency,
+            spec.Verify,
+            spec.Estimates,
+            spec.Role,
+            spec.Include,
+        )
+        for name, f in model.model_fields.items()
+    }
+)
+
+
+def _field_path(loc: Sequence[int | str]) -> str:
+    path = ""
+    for item in loc:
+        if item == "[key]":
+            continue
+        if isinstance(item, int):
+            path += f"[{item}]"
+        else:
+            path += f".{item}" if path else str(item)
+    return path
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _validation_error(source: str, exc: ValidationError) -> SpecError:
+    errors = exc.errors()
+    first = errors[0]
+    loc = first["loc"]
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        name = str(loc[-1])
+        close = difflib.get_close_matches(name, _KNOWN_FIELDS, n=1)
+        message = "unknown field" + (f" (did you mean {close[0]!r}?)" if close else "")
+    elif kind == "missing":
+        message = "required field is missing"
+    else:
+        message = first["msg"].removeprefix("Value error, ")
+        if kind.endswith("_type") or kind in ("literal_error", "finite_number"):
+            message += f" (got {_short(first['input'])})"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problems)"
+    return SpecError(source, _field_path(loc), message)
+
+
+# --- parameters --------------------------------------------------------------------------------
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _typed(p: spec.Parameter, value: ParamValue) -> ParamValue:
+    """Check a YAML value against the declared type, without coercion (`"3"` is not 3)."""
+    ok = {
+        "integer": isinstance(value, int) and not isinstance(value, bool),
+        "number": isinstance(value, int | float) and not isinstance(value, bool),
+        "boolean": isinstance(value, bool),
+        "string": isinstance(value, str),
+    }[p.type]
+    if not ok:
+        raise ValueError(f"{_short(value)} is not of type {p.type}")
+    return value
+
+
+def _from_text(p: spec.Parameter, text: str) -> ParamValue:
+    """Coerce command-line or rendered text to the declared type."""
+    t = text.strip()
+    if p.type == "integer":
+        if not re.fullmatch(r"[+-]?\d{1,18}", t):
+            raise ValueError(f"{_short(text)} is not an integer")
+        return int(t)
+    if p.type == "number":
+        try:
+            number = float(t)
+        except ValueError:
+            raise ValueError(f"{_short(text)} is not a number") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ValueError(f"{_short(text)} is not a finite number")
+        return number
+    if p.type == "boolean":
+        if t.lower() in _TRUE:
+            return True
+        if t.lower() in _FALSE:
+            return False
+        raise ValueError(f"{_short(text)} is not a boolean (true/false)")
+    return text
+
+
+def _out_of_bounds(p: spec.Parameter, value: ParamValue) -> str | None:
+    if p.enum is not None and value not in p.enum:
+        return f"{_short(value)} is not one of {', '.join(map(repr, p.enum))}"
+    if isinstance(value, str):
+        if len(value) > p.max_length:
+            return f"is longer than max_length {p.max_length}"
+        if _CONTROL.search(value):
+            return "contains control characters"
+    elif not isinstance(value, bool):
+        if p.minimum is not None and value < p.minimum:
+            return f"{value} is below the minimum {p.minimum}"
+        if p.maximum is not None and value > p.maximum:
+            return f"{value} is above the maximum {p.maximum}"
+    return None
+
+
+def _check_declaration(source: str, name: str, p: spec.Parameter) -> None:
+    at = f"parameters.{name}"
+    numeric = p.type in ("integer", "number")
+    if not numeric and (p.minimum is not None or p.maximum is not None):
+        raise SpecError(source, at, f"minimum/maximum apply to numbers, not {p.type}")
+    if p.minimum is not None and p.maximum is not None and p.minimum > p.maximum:
+        raise SpecError(source, f"{at}.minimum", f"{p.minimum} is above maximum {p.maximum}")
+    for i, choice in enumerate(p.enum or ()):
+        try:
+            _typed(p, choice)
+        except ValueError as exc:
+            raise SpecError(source, f"{at}.enum[{i}]", str(exc)) from None
+    if p.default is not None:
+        try:
+            _typed(p, p.default)
+        except ValueError as exc:
+            raise SpecError(source, f"{at}.default", str(exc)) from None
+        problem = _out_of_bounds(p, p.default)
+        if problem:
+            raise SpecError(source, f"{at}.default", problem)
+
+
+@dataclass(frozen=True)
+class _Binding:
+    """Values an including appliance passes down, and where it wrote them."""
+
+    values: Mapping[str, ParamValue] = field(default_factory=dict)
+    source: str = ""
+    field: str = ""
+    namespace: str = ""  # prefix of this scope's names in the top-level namespace, e.g. "db-"
+
+
+def _resolve_parameters(
+    source: str, s: spec.ApplianceSpec, binding: _Binding, overrides: Mapping[str, str]
+) -> dict[str, ParamValue]:
+    for bound_name in binding.values:
+        if bound_name not in s.parameters:
+            raise SpecError(
+                binding.source,
+                f"{binding.field}.parameters.{bound_name}",
+                f"{s.name} has no parameter {bound_name!r}",
+            )
+    values: dict[str, ParamValue] = {}
+    for name, p in s.parameters.items():
+        _check_declaration(source, name, p)
+        key = binding.namespace + name
+        where: tuple[str, str]
+        try:
+            if name in overrides:
+                where = ("--set", key)
+                value = _from_text(p, overrides[name])
+            elif name in binding.values:
+                where = (binding.source, f"{binding.field}.parameters.{name}")
+                bound = binding.values[name]
+                value = _from_text(p, bound) if isinstance(bound, str) else _typed(p, bound)
+            elif p.default is not None:
+                where = (source, f"parameters.{name}.default")
+                value = p.default
+            else:
+                raise SpecError(
+                    source, f"parameters.{name}", f"has no default: give it with --set {key}=VALUE"
+                )
+        except ValueError as exc:
+            raise SpecError(*where, str(exc)) from None
+        problem = _out_of_bounds(p, value)
+        if problem:
+            raise SpecError(*where, problem)
+        values[name] = value
+    return values
+
+
+def _template_variables(params: Mapping[str, ParamValue]) -> dict[str, Any]:
+    return {**params, "params": dict(params)}
+
+
+# --- the resolver ------------------------------------------------------------------------------
+
+
+class _Resolver:
+    def __init__(self, search_path: list[Path]) -> None:
+        self.search_path = search_path
+
+    def find_included(self, name: str, including_dir: Path) -> Path | None:
+        for base in [including_dir.parent, *self.search_path]:
+            candidate = base / name
+            if (candidate / APPLIANCE_FILE).is_file():
+                return candidate
+        return None
+
+    def resolve(
+        self,
+        directory: Path,
+        binding: _Binding,
+        overrides: Mapping[str, str],
+        stack: tuple[tuple[Path, str], ...],
+    ) -> tuple[Appliance, set[str]]:
+        """Resolve one scope; returns it and the override keys it consumed."""
+        source = str(directory / APPLIANCE_FILE)
+        if not directory.is_dir():
+            raise SpecError(str(directory), "", "not a directory")
+        if not (directory / APPLIANCE_FILE).is_file():
+            raise SpecError(str(directory), "", f"not an appliance directory (no {APPLIANCE_FILE})")
+        raw = load_yaml_file(directory / APPLIANCE_FILE, shown_as=source)
+        if not isinstance(raw, dict):
+            raise SpecError(source, "", "expected a mapping (apiVersion, name, nodes, roles, ...)")
+        try:
+            s = spec.ApplianceSpec.model_validate(raw)
+        except ValidationError as exc:
+            raise _validation_error(source, exc) from None
+        stack = (*stack, (directory.resolve(), s.name))
+
+        params = _resolve_parameters(source, s, binding, overrides)
+        used = {k for k in s.parameters if k in overrides}
+        scope = _Scope(source, s.name, dict(s.parameters), params)
+
+        for i, inc in enumerate(s.include):
+            used |= self._include(scope, directory, i, inc, binding, overrides, stack)
+
+        for name, g in s.nodes.items():
+            scope.add_group(name, self._group(source, name, g, params))
+        for name, r in s.roles.items():
+            scope.add_role(name, self._role(source, directory, name, r, params))
+        scope.check(s)
+        return (
+            Appliance(
+                name=s.name,
+                description=s.description,
+                directory=directory,
+                source=source,
+                parameters=scope.param_values,
+                parameter_specs=scope.param_specs,
+                groups=scope.groups,
+                roles=scope.roles,
+            ),
+            used,
+        )
+
+    def _include(
+        self,
+        scope: _Scope,
+        directory: Path,
+        i: int,
+        inc: spec.Include,
+        binding: _Binding,
+        overrides: Mapping[str, str],
+        stack: tuple[tuple[Path, str], ...],
+    ) -> set[str]:
+        at = f"include[{i}]"
+        found = self.find_included(inc.appliance, directory)
+        if found is None:
+            raise SpecError(
+                scope.source,
+                f"{at}.appliance",
+                f"no appliance {inc.appliance!r} next to {directory} or in CRV_APPLIANCE_PATH",
+            )
+        names = [n for _, n in stack]
+        if found.resolve() in {p for p, _ in stack}:
+            cycle = " -> ".join([*names, inc.appliance])
+            raise SpecError(scope.source, f"{at}.appliance", f"include cycle: {cycle}")
+        if len(stack) > MAX_INCLUDE_DEPTH:
+            raise SpecError(scope.source, at, f"includes nest deeper than {MAX_INCLUDE_DEPTH}")
+        bound: dict[str, ParamValue] = {}
+        for key, value in inc.parameters.items():
+            if isinstance(value, str) and "{{" in value:
+                try:
+                    value = templating.render(value, _template_variables(scope.own_params))
+                except ValueError as exc:
+                    raise SpecError(scope.source, f"{at}.parameters.{key}", str(exc)) from None
+            bound[key] = value
+        pre = f"{inc.prefix}-" if inc.prefix else ""
+        child_overrides = {k[len(pre) :]: v for k, v in overrides.items() if k.startswith(pre)}
+        child, child_used = self.resolve(
+            found,
+            _Binding(bound, scope.source, at, binding.namespace + pre),
+            child_overrides,
+            stack,
+        )
+        scope.merge(child, pre, at)
+        return {pre + k for k in child_used}
+
+    @staticmethod
+    def _group(
+        source: str, name: str, g: spec.NodeGroup, params: Mapping[str, ParamValue]
+    ) -> Group:
+        at = f"nodes.{name}"
+        count = g.count
+        origin = ""
+        if isinstance(count, str):
+            try:
+                text = templating.render(count, _template_variables(params)).strip()
+            except ValueError as exc:
+                raise SpecError(source, f"{at}.count", str(exc)) from None
+            if not re.fullmatch(r"-?\d{1,9}", text):
+                raise SpecError(
+                    source, f"{at}.count", f"{count!r} renders to {text!r}, not a count"
+                )
+            origin = f" (from {count.strip()})"
+            count = int(text)
+        if g.scale.min > g.scale.max:
+            raise SpecError(source, f"{at}.scale.min", f"{g.scale.min} is above max {g.scale.max}")
+        if count < g.scale.min:
+            raise SpecError(
+                source, f"{at}.count", f"{count}{origin} is below scale.min {g.scale.min}"
+            )
+        if count > g.scale.max:
+            raise SpecError(
+                source, f"{at}.count", f"{count}{origin} is above scale.max {g.scale.max}"
+            )
+        for i, role in enumerate(g.roles):
+            if role in g.roles[:i]:
+                raise SpecError(source, f"{at}.roles[{i}]", f"role {role!r} is listed twice")
+        return Group(name, source, at, count, tuple(g.roles), g.scale.min, g.scale.max)
+
+    @staticmethod
+    def _role(
+        source: str,
+        directory: Path,
+        name: str,
+        r: spec.Role,
+        params: Mapping[str, ParamValue],
+    ) -> Role:
+        at = f"roles.{name}"
+        recipe = _recipe_path(directory, r.recipe, source, f"{at}.recipe")
+        if r.verify is not None:
+            _check_verify(source, f"{at}.verify.{r.verify.kind}", r.verify.template, r, params)
+        seen: set[str] = set()
+        for j, dep in enumerate(r.depends_on):
+            if dep.role == name:
+                raise SpecError(source, f"{at}.depends_on[{j}]", f"role {name} depends on itself")
+            if dep.role in seen:
+                raise SpecError(source, f"{at}.depends_on[{j}]", f"{dep.role!r} is listed twice")
+            seen.add(dep.role)
+        estimates = {k: v for k, v in r.estimates.model_dump().items() if v is not None}
+        return Role(
+            name=name,
+            source=source,
+            field=at,
+            recipe=recipe,
+            depends_on=tuple(Dependency(d.role, d.local, d.min_ready) for d in r.depends_on),
+            publishes=tuple(r.publishes),
+            verify=r.verify,
+            estimates=estimates,
+            params=dict(params),
+        )
+
+
+def _recipe_path(directory: Path, recipe: str, source: str, at: str) -> Path:
+    """A recipe is a regular file inside the appliance directory, symlinks resolved."""
+    if _CONTROL.search(recipe) or "\\" in recipe:
+        raise SpecError(source, at, "contains control characters or backslashes")
+    rel = PurePosixPath(recipe)
+    if rel.is_absolute() or recipe.startswith("~"):
+        raise SpecError(source, at, f"{recipe!r} must be relative to the appliance directory")
+    if ".." in rel.parts:
+        raise SpecError(source, at, f"{recipe!r} leaves the appliance directory ('..')")
+    root = directory.resolve()
+    full = (directory / rel).resolve()
+    if not full.is_relative_to(root):
+        raise SpecError(source, at, f"{recipe!r} resolves outside the appliance directory")
+    if not full.is_file():
+        raise SpecError(source, at, f"no such file {recipe!r} in {directory}")
+    if full.stat().st_size > MAX_RECIPE_BYTES:
+        raise SpecError(source, at, f"{recipe!r} is larger than {MAX_RECIPE_BYTES} bytes")
+    return full
+
+
+def _check_verify(
+    source: str, at: str, template: str, r: spec.Role, params: Mapping[str, ParamValue]
+) -> None:
+    """Catch typos in checks now rather than when the verify step runs."""
+    try:
+        tree = templating.parse(template)
+    except ValueError as exc:
+        raise SpecError(source, at, str(exc)) from None
+    unknown = templating.undeclared(tree, VERIFY_VARIABLES)
+    if unknown:
+        raise SpecError(
+            source, at, f"unknown variable {sorted(unknown)[0]!r} (use self, node or params)"
+        )
+    for attr in sorted(templating.attributes_used(tree, "self") - set(r.publishes)):
+        raise SpecError(source, at, f"self.{attr} is not in the role's publishes")
+    for attr in sorted(templating.attributes_used(tree, "node") - {"name", "address"}):
+        raise SpecError(source, at, f"node.{attr} is unknown (node has name and address)")
+    for attr in sorted(templating.attributes_used(tree, "params") - set(params)):
+        raise SpecError(source, at, f"params.{attr} is not a parameter of this appliance")
+
+
+class _Scope:
+    """One appliance's merged namespace while it is being resolved."""
+
+    def __init__(
+        self,
+        source: str,
+        name: str,
+        own_specs: dict[str, spec.Parameter],
+        own_params: dict[str, ParamValue],
+    ) -> None:
+        self.source = source
+        self.name = name
+        self.own_params = own_params
+        self.param_specs: dict[str, spec.Parameter] = dict(own_specs)
+        self.param_values: dict[str, ParamValue] = dict(own_params)
+        self.groups: dict[str, Group] = {}
+        self.roles: dict[str, Role] = {}
+        self.own_roles: list[str] = []
+        self.origin: dict[tuple[str, str], str] = {  # (kind, name) -> where it was defined
+            ("parameter", own): f"parameters.{own}" for own in own_params
+        }
+
+    def _claim(self, kind: str, name: str, at: str) -> None:
+        owner = self.origin.get((kind, name))
+        if owner is not None:
+            raise SpecError(self.source, at, f"{kind} {name!r} is also defined by {owner}")
+        self.origin[(kind, name)] = at
+
+    def merge(self, child: Appliance, pre: str, at: str) -> None:
+        def rename(name: str) -> str:
+            return pre + name
+
+        for name, p in child.parameter_specs.items():
+            self._claim("parameter", rename(name), at)
+            self.param_specs[rename(name)] = p
+            self.param_values[rename(name)] = child.parameters[name]
+        for g in child.groups.values():
+            self._claim("node group", rename(g.name), at)
+            self.groups[rename(g.name)] = replace(
+                g, name=rename(g.name), roles=tuple(map(rename, g.roles))
+            )
+        for r in child.roles.values():
+            self._claim("role", rename(r.name), at)
+            deps = tuple(replace(d, role=rename(d.role)) for d in r.depends_on)
+            self.roles[rename(r.name)] = replace(r, name=rename(r.name), depends_on=deps)
+
+    def add_group(self, name: str, group: Group) -> None:
+        self._claim("node group", name, f"nodes.{name}")
+        self.groups[name] = group
+
+    def add_role(self, name: str, role: Role) -> None:
+        self._claim("role", name, f"roles.{name}")
+        self.roles[name] = role
+        self.own_roles.append(name)
+
+    def check(self, s: spec.ApplianceSpec) -> None:
+        """Rules over the merged scope: references, placement, providers, cycles."""
+        src = self.source
+        known = ", ".join(self.roles) or "none"
+        for gname in s.nodes:
+            for i, placed in enumerate(self.groups[gname].roles):
+                if placed not in self.roles:
+                    raise SpecError(
+                        src,
+                        f"nodes.{gname}.roles[{i}]",
+                        f"unknown role {placed!r} (known: {known})",
+                    )
+        if not self.groups:
+            raise SpecError(src, "nodes", "the appliance has no node groups")
+        for rname in self.own_roles:
+            role = self.roles[rname]
+            hosting = [g for g in self.groups.values() if rname in g.roles]
+            if not hosting:
+                raise SpecError(src, role.field, f"role {rname!r} is not placed on any node group")
+            consumers = sum(g.count for g in hosting)
+            for j, dep in enumerate(role.depends_on):
+                at = f"{role.field}.depends_on[{j}]"
+                if dep.role not in self.roles:
+                    raise SpecError(src, at, f"unknown role {dep.role!r} (known: {known})")
+                if dep.local:
+                    for g in hosting:
+                        if dep.role not in g.roles:
+                            raise SpecError(
+                                src,
+                                at,
+                                f"local dependency on {dep.role}, but node group {g.name} "
+                                f"hosts {rname} without {dep.role}",
+                            )
+                    continue
+                providers = sum(g.count for g in self.groups.values() if dep.role in g.roles)
+                needed = dep.min_ready or 1
+                if consumers and providers < needed:
+                    raise SpecError(
+                        src,
+                        at,
+                        f"needs {needed} node(s) hosting {dep.role}, the appliance has {providers}",
+                    )
+        self._check_cycles()
+
+    def _check_cycles(self) -> None:
+        graph: nx.DiGraph[str] = nx.DiGraph()
+        for role in self.roles.values():
+            graph.add_node(role.name)
+            graph.add_edges_from((role.name, d.role) for d in role.depends_on)
+        try:
+            edges = nx.find_cycle(graph)
+        except nx.NetworkXNoCycle:
+            return
+        names = [u for u, _ in edges] + [edges[-1][1]]
+        first = self.roles[names[0]]
+        raise SpecError(
+            first.source, f"{first.field}.depends_on", f"dependency cycle: {' -> '.join(names)}"
+        )

@@ -1,0 +1,35 @@
+"""Errors that say where the problem is and whether a retry can help.
+
+Every crv error carries `temporary`: the Prefect retry condition retries only temporary errors,
+so a bad appliance or a refused certificate fails at once instead of burning retries.
+"""
+
+from __future__ import annotations
+
+
+class CrvError(Exception):
+    """Base of every error crv raises on purpose; its message is one line for the user."""
+
+    temporary: bool = False
+
+
+class SpecError(CrvError):
+    """A bad appliance, parameter or override: names the file and the field at fault.
+
+    `file` is the document the user must edit (or `--set` for a command-line override) and
+    `field` the dotted path inside it, so the CLI prints `error: <file>: <field>: <what>`.
+    """
+
+    def __init__(self, file: str, field: str, message: str) -> None:
+        self.file = file
+        self.field = field
+        self.message = " ".join(message.split())  # one line, whatever the source said
+        super().__init__(f"{file}: {field}: {self.message}" if field else f"{file}: {self.message}")
+
+
+class PlanError(SpecError):
+    """The appliance is valid on its own but cannot be expanded (cycles, sizes, name lengths)."""
+
+
+class PkiError(CrvError):
+    """A CA operation was refused: bad CSR, unsafe key file, names that break the identity."""

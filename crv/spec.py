@@ -1,0 +1,222 @@
+"""The appliance format (`appliance.yaml`, apiVersion crv/v1) as pydantic models.
+
+These models check structure and types only, strictly (unknown keys and type confusion are
+errors; no silent coercion of "3" into 3). Rules that span fields or files (roles that exist,
+local dependencies, bounds after parameters are applied, recipe paths) live in
+`crv.appliance`, where the error can name the exact field. The JSON Schema for editors is
+generated from these models (`crv schema`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    WithJsonSchema,
+    model_validator,
+)
+
+API_VERSION = "crv/v1"
+MAX_NODES = 20_000  # per cluster; refused before any expansion
+NAME_PATTERN = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"
+ATTRIBUTE_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
+STEP_KINDS = ("provision", "certify", "contextualize", "verify")
+
+_NAME_RE = re.compile(NAME_PATTERN)
+_ATTRIBUTE_RE = re.compile(ATTRIBUTE_PATTERN)
+
+
+def _check_name(value: str) -> str:
+    # Names become host names, certificate subjects, environment variables and shell words.
+    if not _NAME_RE.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a valid name: use 1-63 lowercase letters, digits and '-', "
+            "starting with a letter and not ending with '-'"
+        )
+    return value
+
+
+def _check_attribute(value: str) -> str:
+    # Attributes are read in templates as `self.<name>`, so they must be identifiers.
+    if not _ATTRIBUTE_RE.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a valid attribute name: use lowercase letters, digits and '_', "
+            "starting with a letter"
+        )
+    return value
+
+
+Name = Annotated[
+    str,
+    AfterValidator(_check_name),
+    WithJsonSchema({"type": "string", "pattern": NAME_PATTERN, "maxLength": 63}),
+]
+AttributeName = Annotated[
+    str,
+    AfterValidator(_check_attribute),
+    WithJsonSchema({"type": "string", "pattern": ATTRIBUTE_PATTERN}),
+]
+Text = Annotated[str, Field(max_length=4096)]
+Seconds = Annotated[float, Field(ge=0, le=86_400)]
+ParamValue = int | float | bool | str
+
+
+def _check_count(value: object) -> int | str:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError('must be a whole number or a template such as "{{ workers }}"')
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{value} is negative")
+        return value
+    if "{{" not in value:
+        raise ValueError(
+            f"{value!r} is a string: write a number without quotes, "
+            'or a template such as "{{ workers }}"'
+        )
+    if len(value) > 256:
+        raise ValueError("template is longer than 256 characters")
+    return value
+
+
+Count = Annotated[
+    int | str,
+    PlainValidator(_check_count),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 0, "maximum": MAX_NODES},
+                {"type": "string", "pattern": r"\{\{.*\}\}", "maxLength": 256},
+            ],
+            "description": "A number, or a Jinja2 template over the parameters.",
+        }
+    ),
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+
+class Parameter(_Model):
+    """A typed input of the appliance: a CLI `--set` key and a field of the Prefect run form."""
+
+    type: Literal["integer", "number", "string", "boolean"]
+    default: ParamValue | None = None
+    description: Text = ""
+    minimum: int | float | None = None
+    maximum: int | float | None = None
+    enum: list[ParamValue] | None = Field(default=None, min_length=1, max_length=256)
+    max_length: int = Field(default=1024, ge=1, le=65_536)
+
+
+class Scale(_Model):
+    min: int = Field(default=1, ge=0, le=MAX_NODES)
+    max: int = Field(default=MAX_NODES, ge=0, le=MAX_NODES)
+
+
+class NodeGroup(_Model):
+    """Machines of one shape; each node of the group hosts every role listed."""
+
+    count: Count = 1
+    roles: list[Name] = Field(min_length=1, max_length=64)
+    scale: Scale = Scale()
+    description: Text = ""
+
+
+class Dependency(_Model):
+    """`role` (remote: every node hosting it) or `{role, local: true}` (the same node)."""
+
+    role: Name
+    local: bool = False
+    min_ready: int | None = Field(default=None, ge=1, le=MAX_NODES)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"role": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _local_is_one_node(self) -> Dependency:
+        if self.local and self.min_ready is not None:
+            raise ValueError("min_ready applies to remote dependencies, not local ones")
+        return self
+
+
+class Verify(_Model):
+    """How crv checks a role from outside the node; exactly one of the three kinds."""
+
+    http: Annotated[str, Field(max_length=2048)] | None = None
+    tcp: Annotated[str, Field(max_length=512)] | None = None
+    command: Annotated[str, Field(max_length=4096)] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Verify:
+        given = [k for k in ("http", "tcp", "command") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of http, tcp or command")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "http" if self.http is not None else "tcp" if self.tcp is not None else "command"
+
+    @property
+    def template(self) -> str:
+        value = self.http if self.http is not None else self.tcp or self.command
+        assert value is not None
+        return value
+
+
+class Estimates(_Model):
+    """Expected seconds per step kind; they only shape the plan's critical path."""
+
+    provision: Seconds | None = None
+    certify: Seconds | None = None
+    contextualize: Seconds | None = None
+    verify: Seconds | None = None
+
+
+class Role(_Model):
+    """A CloudCRV RoleDef: a recipe run on the node, the attributes it publishes, its checks."""
+
+    recipe: Annotated[str, Field(min_length=1, max_length=1024)]
+    description: Text = ""
+    depends_on: list[Dependency] = Field(default_factory=list, max_length=64)
+    publishes: list[AttributeName] = Field(default_factory=list, max_length=64)
+    verify: Verify | None = None
+    estimates: Estimates = Estimates()
+
+
+class Include(_Model):
+    """Another appliance of the catalog, its groups and roles renamed `<prefix>-<name>`."""
+
+    appliance: Name
+    prefix: Name | None = None
+    parameters: dict[Name, ParamValue] = Field(default_factory=dict, max_length=256)
+
+
+class ApplianceSpec(_Model):
+    """The whole `appliance.yaml`."""
+
+    api_version: Literal["crv/v1"] = Field(alias="apiVersion")
+    name: Name
+    description: Text = ""
+    parameters: dict[Name, Parameter] = Field(default_factory=dict, max_length=256)
+    include: list[Include] = Field(default_factory=list, max_length=32)
+    nodes: dict[Name, NodeGroup] = Field(default_factory=dict, max_length=256)
+    roles: dict[Name, Role] = Field(default_factory=dict, max_length=256)
+
+
+def json_schema() -> dict[str, Any]:
+    schema = ApplianceSpec.model_json_schema(by_alias=True)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://crv.dev/schema/appliance-v1.json",
+        **schema,
+    }
