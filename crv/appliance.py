@@ -171,8 +171,9 @@ def _validation_error(source: str, exc: ValidationError) -> SpecError:
         message = "required field is missing"
     else:
         message = first["msg"].removeprefix("Value error, ")
-        if kind.endswith("_type") or kind in ("literal_error", "finite_number"):
-            message += f" (got {_short(first['input'])})"
+        given = first.get("input")
+        if kind != "value_error" and isinstance(given, int | float | str | bool):
+            message += f" (got {_short(given)})"
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problems)"
     return SpecError(source, _field_path(loc), message)
@@ -336,7 +337,8 @@ class _Resolver:
         """Resolve one scope; returns it and the override keys it consumed."""
         source = str(directory / APPLIANCE_FILE)
         if not directory.is_dir():
-            raise SpecError(str(directory), "", "not a directory")
+            what = "not a directory" if directory.exists() else "no such directory"
+            raise SpecError(str(directory), "", what)
         if not (directory / APPLIANCE_FILE).is_file():
             raise SpecError(str(directory), "", f"not an appliance directory (no {APPLIANCE_FILE})")
         raw = load_yaml_file(directory / APPLIANCE_FILE, shown_as=source)
@@ -435,20 +437,28 @@ class _Resolver:
                 )
             origin = f" (from {count.strip()})"
             count = int(text)
-        if g.scale.min > g.scale.max:
-            raise SpecError(source, f"{at}.scale.min", f"{g.scale.min} is above max {g.scale.max}")
-        if count < g.scale.min:
-            raise SpecError(
-                source, f"{at}.count", f"{count}{origin} is below scale.min {g.scale.min}"
-            )
-        if count > g.scale.max:
-            raise SpecError(
-                source, f"{at}.count", f"{count}{origin} is above scale.max {g.scale.max}"
-            )
+        if g.scale is None:
+            if count == 0:
+                raise SpecError(
+                    source,
+                    f"{at}.count",
+                    f"0{origin} leaves the group empty; allow that with scale: {{min: 0}}",
+                )
+            if count > MAX_NODES:
+                raise SpecError(source, f"{at}.count", f"{count}{origin} is above {MAX_NODES}")
+            low, high = count, count
+        else:
+            low, high = g.scale.min, g.scale.max
+            if low > high:
+                raise SpecError(source, f"{at}.scale.min", f"{low} is above max {high}")
+            if count < low:
+                raise SpecError(source, f"{at}.count", f"{count}{origin} is below scale.min {low}")
+            if count > high:
+                raise SpecError(source, f"{at}.count", f"{count}{origin} is above scale.max {high}")
         for i, role in enumerate(g.roles):
             if role in g.roles[:i]:
                 raise SpecError(source, f"{at}.roles[{i}]", f"role {role!r} is listed twice")
-        return Group(name, source, at, count, tuple(g.roles), g.scale.min, g.scale.max)
+        return Group(name, source, at, count, tuple(g.roles), low, high)
 
     @staticmethod
     def _role(

@@ -35,7 +35,9 @@ app = typer.Typer(
 )
 console = Console()
 
-Directory = Annotated[Path, typer.Argument(help="An appliance directory (holds appliance.yaml).")]
+Directory = Annotated[
+    Path, typer.Argument(metavar="DIR", help="An appliance directory (holds appliance.yaml).")
+]
 Sets = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", metavar="KEY=VALUE", help="Set an appliance parameter."),

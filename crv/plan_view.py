@@ -53,8 +53,8 @@ def describe(plan: Plan) -> RenderableType:
     header = Text.assemble(
         ("Cluster ", "bold"),
         (plan.cluster, "bold cyan"),
-        f" from appliance {a.name} ({a.source}): {len(plan.nodes)} nodes in "
-        f"{len(a.groups)} groups, {g.number_of_nodes()} steps, {g.number_of_edges()} edges",
+        f": {len(plan.nodes)} nodes in {len(a.groups)} groups, {g.number_of_nodes()} steps, "
+        f"{g.number_of_edges()} edges (appliance {a.name}, {a.source})",
     )
 
     roles = Table(title="Roles", title_justify="left", expand=False)

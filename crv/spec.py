@@ -9,6 +9,7 @@ generated from these models (`crv schema`).
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal
 
@@ -63,6 +64,22 @@ AttributeName = Annotated[
     WithJsonSchema({"type": "string", "pattern": ATTRIBUTE_PATTERN}),
 ]
 Text = Annotated[str, Field(max_length=4096)]
+
+
+def _check_param_value(value: object) -> int | float | bool | str:
+    # One validator instead of a pydantic union, so an error names the field, not union arms.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{value} is not a finite number")
+    if not isinstance(value, int | float | bool | str):
+        raise ValueError(f"{value!r} is not a number, boolean or string")
+    return value
+
+
+ParamLiteral = Annotated[
+    int | float | bool | str,
+    PlainValidator(_check_param_value),
+    WithJsonSchema({"type": ["integer", "number", "boolean", "string"]}),
+]
 Seconds = Annotated[float, Field(ge=0, le=86_400)]
 ParamValue = int | float | bool | str
 
@@ -107,11 +124,11 @@ class Parameter(_Model):
     """A typed input of the appliance: a CLI `--set` key and a field of the Prefect run form."""
 
     type: Literal["integer", "number", "string", "boolean"]
-    default: ParamValue | None = None
+    default: ParamLiteral | None = None
     description: Text = ""
     minimum: int | float | None = None
     maximum: int | float | None = None
-    enum: list[ParamValue] | None = Field(default=None, min_length=1, max_length=256)
+    enum: list[ParamLiteral] | None = Field(default=None, min_length=1, max_length=256)
     max_length: int = Field(default=1024, ge=1, le=65_536)
 
 
@@ -125,7 +142,7 @@ class NodeGroup(_Model):
 
     count: Count = 1
     roles: list[Name] = Field(min_length=1, max_length=64)
-    scale: Scale = Scale()
+    scale: Scale | None = None  # none: the group keeps its count (resize refuses to change it)
     description: Text = ""
 
 
@@ -198,7 +215,7 @@ class Include(_Model):
 
     appliance: Name
     prefix: Name | None = None
-    parameters: dict[Name, ParamValue] = Field(default_factory=dict, max_length=256)
+    parameters: dict[Name, ParamLiteral] = Field(default_factory=dict, max_length=256)
 
 
 class ApplianceSpec(_Model):

@@ -109,7 +109,8 @@ def parse_yaml(text: str, name: str) -> Any:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise SpecError(name, "", f"invalid YAML: {where}{exc.problem or exc.context}") from None
+        what = ", ".join(part for part in (exc.context, exc.problem) if part)
+        raise SpecError(name, "", f"invalid YAML: {where}{what}") from None
     except yaml.YAMLError as exc:
         raise SpecError(name, "", f"invalid YAML: {exc}") from None
     except RecursionError:

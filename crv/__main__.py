@@ -1,0 +1,3 @@
+from crv.cli import main
+
+main()

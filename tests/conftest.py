@@ -1,0 +1,62 @@
+"""Shared helpers: run the real CLI, and write throw-away appliances into a temp dir."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from crv.cli import app
+
+REPO = Path(__file__).resolve().parent.parent
+CATALOG = REPO / "appliances"
+
+
+@dataclass
+class Result:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def crv(*args: str) -> Result:
+    """Run the CLI in-process (fast; the same code path as the installed command)."""
+    r = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    return Result(r.exit_code, r.stdout, r.stderr)
+
+
+def crv_process(*args: str, env: dict[str, str] | None = None) -> Result:
+    """Run `crv` as a real separate process, for what only a process can show."""
+    p = subprocess.run(
+        [sys.executable, "-m", "crv", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
+    return Result(p.returncode, p.stdout, p.stderr)
+
+
+def write_appliance(root: Path, name: str, yaml_text: str, recipes: tuple[str, ...] = ()) -> Path:
+    """An appliance dir `root/name` with `appliance.yaml` and empty executable recipes."""
+    directory = root / name
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "appliance.yaml").write_text(textwrap.dedent(yaml_text))
+    for recipe in recipes:
+        path = directory / recipe
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("#!/bin/sh\nexit 0\n")
+        path.chmod(0o755)
+    return directory
+
+
+@pytest.fixture
+def catalog() -> Path:
+    return CATALOG

@@ -1,0 +1,291 @@
+"""The plan through `crv plan`: the JSON contract, the DAG rules, critical path, readability."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import pytest
+
+from crv.appliance import load_appliance
+from crv.plan import expand
+from tests.conftest import CATALOG, crv, crv_process, write_appliance
+
+
+def plan_json(*args: str) -> dict[str, Any]:
+    result = crv("plan", *args, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.count("\n") == 1  # exactly one JSON object on one line
+    data = json.loads(result.stdout)
+    assert isinstance(data, dict)
+    return data
+
+
+def graph_of(data: dict[str, Any]) -> nx.DiGraph[str]:
+    g: nx.DiGraph[str] = nx.DiGraph()
+    g.add_nodes_from(s["id"] for s in data["steps"])
+    g.add_edges_from(tuple(e) for e in data["edges"])
+    return g
+
+
+def test_json_contract_shape_for_the_webfarm() -> None:
+    data = plan_json(str(CATALOG / "webfarm"), "--name", "demo")
+    assert set(data) == {"cluster", "steps", "edges", "critical_path"}
+    assert data["cluster"] == "demo"
+    for step in data["steps"]:
+        assert set(step) == {"id", "kind", "node", "role"}
+        assert step["kind"] in ("provision", "certify", "contextualize", "verify")
+        expected = f"{step['node']}:{step['kind']}" + (f":{step['role']}" if step["role"] else "")
+        assert step["id"] == expected
+        assert (step["role"] is None) == (step["kind"] in ("provision", "certify"))
+    nodes = sorted({s["node"] for s in data["steps"]})
+    assert nodes == ["demo-front-0", "demo-worker-0", "demo-worker-1", "demo-worker-2"]
+    assert len(data["steps"]) == 16
+    edges = {tuple(e) for e in data["edges"]}
+    assert len(edges) == len(data["edges"]) == 15
+    for n in nodes:
+        assert (f"{n}:provision", f"{n}:certify") in edges
+    for i in range(3):
+        assert (f"demo-worker-{i}:verify:web", "demo-front-0:contextualize:lb") in edges
+        assert (f"demo-worker-{i}:certify", f"demo-worker-{i}:contextualize:web") in edges
+    assert set(data["critical_path"]) == {"steps", "seconds"}
+    assert isinstance(data["critical_path"]["seconds"], float)
+
+
+def test_ganglia_local_edge_stays_on_the_node_and_remote_edges_reach_every_server() -> None:
+    data = plan_json(str(CATALOG / "ganglia"), "--set", "servers=2", "--set", "clients=3")
+    g = graph_of(data)
+    servers = ["ganglia-server-0", "ganglia-server-1"]
+    for i in range(3):
+        node = f"ganglia-compute-{i}"
+        # local: the proxy waits for gmond on the same node, and only that one
+        proxy_preds = set(g.predecessors(f"{node}:contextualize:proxy"))
+        assert proxy_preds == {f"{node}:certify", f"{node}:verify:gmond"}
+        # remote: gmond waits for the collector on every server node
+        gmond_preds = set(g.predecessors(f"{node}:contextualize:gmond"))
+        assert gmond_preds == {f"{node}:certify"} | {f"{s}:verify:collector" for s in servers}
+    for s in servers:  # local chains on the server nodes: collector -> gmetad -> web
+        assert set(g.predecessors(f"{s}:contextualize:gmetad")) == {
+            f"{s}:certify",
+            f"{s}:verify:collector",
+        }
+        assert f"{s}:verify:gmetad" in g.predecessors(f"{s}:contextualize:web")
+    assert nx.is_directed_acyclic_graph(g)
+
+
+def test_min_ready_waits_for_the_first_nodes_only(tmp_path: Path) -> None:
+    directory = write_appliance(
+        tmp_path,
+        "mr",
+        """\
+        apiVersion: crv/v1
+        name: mr
+        nodes:
+          store: {count: 5, roles: [osd]}
+          head: {count: 2, roles: [mon]}
+        roles:
+          osd: {recipe: osd.sh}
+          mon: {recipe: mon.sh, depends_on: [{role: osd, min_ready: 2}]}
+        """,
+        ("osd.sh", "mon.sh"),
+    )
+    g = graph_of(plan_json(str(directory)))
+    for h in range(2):
+        preds = set(g.predecessors(f"mr-head-{h}:contextualize:mon"))
+        assert preds == {f"mr-head-{h}:certify", "mr-store-0:verify:osd", "mr-store-1:verify:osd"}
+
+
+def test_critical_path_follows_estimates(tmp_path: Path) -> None:
+    directory = write_appliance(
+        tmp_path,
+        "cp",
+        """\
+        apiVersion: crv/v1
+        name: cp
+        nodes:
+          db: {count: 1, roles: [db]}
+          app: {count: 3, roles: [app]}
+        roles:
+          db:
+            recipe: db.sh
+            estimates: {provision: 100, certify: 1, contextualize: 50, verify: 2}
+          app:
+            recipe: app.sh
+            depends_on: [db]
+            estimates: {provision: 10, certify: 1, contextualize: 7, verify: 3}
+        """,
+        ("db.sh", "app.sh"),
+    )
+    data = plan_json(str(directory))
+    cp = data["critical_path"]
+    assert cp["seconds"] == pytest.approx(100 + 1 + 50 + 2 + 7 + 3)
+    assert cp["steps"][:4] == [
+        "cp-db-0:provision",
+        "cp-db-0:certify",
+        "cp-db-0:contextualize:db",
+        "cp-db-0:verify:db",
+    ]
+    assert cp["steps"][4].endswith(":contextualize:app")
+    g = graph_of(data)
+    assert all(g.has_edge(u, v) for u, v in zip(cp["steps"], cp["steps"][1:], strict=False))
+
+
+def test_node_wide_steps_take_the_slowest_role_estimate(tmp_path: Path) -> None:
+    directory = write_appliance(
+        tmp_path,
+        "mix",
+        """\
+        apiVersion: crv/v1
+        name: mix
+        nodes:
+          n: {count: 1, roles: [fast, slow]}
+        roles:
+          fast: {recipe: f.sh, estimates: {provision: 5, contextualize: 1, verify: 1}}
+          slow: {recipe: s.sh, estimates: {provision: 300, contextualize: 1, verify: 1}}
+        """,
+        ("f.sh", "s.sh"),
+    )
+    plan = expand(load_appliance(directory))
+    assert plan.graph.nodes["mix-n-0:provision"]["seconds"] == 300
+    assert plan.graph.nodes["mix-n-0:certify"]["seconds"] == 2  # the default
+    assert plan.critical_seconds == 300 + 2 + 1 + 1
+
+
+def test_include_prefixes_groups_roles_and_parameters() -> None:
+    data = plan_json(str(CATALOG / "webshop"), "--set", "db-replicas=3", "--set", "apps=2")
+    g = graph_of(data)
+    nodes = {s["node"] for s in data["steps"]}
+    assert {"webshop-db-primary-0", "webshop-db-replica-2", "webshop-app-1"} <= nodes
+    assert "webshop-db-replica-3" not in nodes
+    # the included dependency (replica -> primary) is renamed with the prefix
+    assert g.has_edge(
+        "webshop-db-primary-0:verify:db-primary", "webshop-db-replica-1:contextualize:db-replica"
+    )
+    # the including appliance depends on included roles by their prefixed names
+    for r in range(3):
+        assert g.has_edge(
+            f"webshop-db-replica-{r}:verify:db-replica", "webshop-app-0:contextualize:app"
+        )
+
+
+def test_included_roles_keep_their_own_directory_and_parameters() -> None:
+    a = load_appliance(CATALOG / "webshop", {"db-database": "orders"})
+    primary = a.roles["db-primary"]
+    assert primary.recipe == (CATALOG / "mysql-ha" / "roles" / "primary.sh").resolve()
+    assert primary.params == {"replicas": 1, "database": "orders"}  # its own, unprefixed
+    assert a.parameters["db-database"] == "orders"
+    assert a.parameters["db-replicas"] == 1  # bound by the include, not mysql-ha's default
+    assert a.roles["app"].params == {"apps": 2}
+
+
+def test_include_found_through_the_search_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shelf = tmp_path / "shelf"
+    write_appliance(
+        shelf,
+        "cache",
+        """\
+        apiVersion: crv/v1
+        name: cache
+        nodes:
+          mc: {count: 2, roles: [memcached]}
+        roles:
+          memcached: {recipe: mc.sh}
+        """,
+        ("mc.sh",),
+    )
+    app = write_appliance(
+        tmp_path / "mine",
+        "site",
+        """\
+        apiVersion: crv/v1
+        name: site
+        include: [{appliance: cache, prefix: c}]
+        nodes:
+          web: {count: 1, roles: [web]}
+        roles:
+          web: {recipe: web.sh, depends_on: [c-memcached]}
+        """,
+        ("web.sh",),
+    )
+    assert crv("validate", str(app)).exit_code == 2
+    monkeypatch.setenv("CRV_APPLIANCE_PATH", str(shelf))
+    g = graph_of(plan_json(str(app)))
+    assert g.has_edge("site-c-mc-1:verify:c-memcached", "site-web-0:contextualize:web")
+
+
+def test_plan_is_deterministic() -> None:
+    first = crv("plan", str(CATALOG / "ganglia"), "--set", "clients=50", "--json").stdout
+    second = crv("plan", str(CATALOG / "ganglia"), "--set", "clients=50", "--json").stdout
+    assert first == second
+
+
+def test_a_thousand_node_plan_is_readable_and_folded() -> None:
+    result = crv("plan", str(CATALOG / "webfarm"), "--set", "workers=1000")
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    assert "Cluster webfarm: 1001 nodes in 2 groups, 4004 steps, 4003 edges" in " ".join(
+        out.split()
+    )
+    assert "webfarm-worker-[0-999]" in out
+    assert len(out.splitlines()) < 60  # not 4,000 lines
+    # levels in order: provision, certify, contextualize web, verify web, contextualize lb, ...
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines()]
+    kinds = [cells[1] for cells in rows if len(cells) == 5 and cells[0].isdigit()]
+    assert kinds == ["provision", "certify", "contextualize", "verify", "contextualize", "verify"]
+
+
+def test_a_thousand_node_plan_as_json() -> None:
+    data = plan_json(str(CATALOG / "webfarm"), "--set", "workers=1000")
+    assert len(data["steps"]) == 4004
+    assert len({s["node"] for s in data["steps"]}) == 1001
+    # the load balancer waits for every one of the 1,000 web nodes
+    lb = "webfarm-front-0:contextualize:lb"
+    assert sum(1 for _, v in data["edges"] if v == lb) == 1001  # 1,000 web + its own certify
+
+
+def test_refuses_a_plan_whose_fan_in_would_explode(tmp_path: Path) -> None:
+    directory = write_appliance(
+        tmp_path,
+        "fan",
+        """\
+        apiVersion: crv/v1
+        name: fan
+        nodes:
+          a: {count: 2000, roles: [a]}
+          b: {count: 2000, roles: [b]}
+        roles:
+          a: {recipe: a.sh}
+          b: {recipe: b.sh, depends_on: [a]}
+        """,
+        ("a.sh", "b.sh"),
+    )
+    result = crv("plan", str(directory), "--json")
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"error: {directory}/appliance.yaml: roles.b.depends_on: b on 2000 nodes waiting for a "
+        "on 2000 nodes makes 4000000 edges (at most 1000000); set min_ready\n"
+    )
+
+
+@pytest.mark.parametrize("name", ["webfarm", "ganglia", "htcondor", "mysql-ha", "webshop"])
+def test_every_catalog_appliance_plans(name: str) -> None:
+    data = plan_json(str(CATALOG / name))
+    g = graph_of(data)
+    assert nx.is_directed_acyclic_graph(g)
+    assert data["critical_path"]["seconds"] > 0
+
+
+def test_cli_as_a_real_process_prints_no_traceback(tmp_path: Path) -> None:
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "appliance.yaml").write_text("apiVersion: crv/v1\nname: Bad\n")
+    result = crv_process("plan", str(tmp_path / "bad"))
+    assert result.exit_code == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: {tmp_path}/bad/appliance.yaml: name: 'Bad' is not")
+    ok = crv_process("plan", "appliances/webfarm", "--json")
+    assert ok.exit_code == 0
+    assert json.loads(ok.stdout)["cluster"] == "webfarm"
