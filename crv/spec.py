@@ -165,6 +165,28 @@ class Dependency(_Model):
         return self
 
 
+DependencyEntry = Annotated[
+    Dependency,
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": NAME_PATTERN, "description": "a remote dependency"},
+                {
+                    "type": "object",
+                    "properties": {
+                        "role": {"type": "string", "pattern": NAME_PATTERN},
+                        "local": {"type": "boolean", "default": False},
+                        "min_ready": {"type": "integer", "minimum": 1, "maximum": MAX_NODES},
+                    },
+                    "required": ["role"],
+                    "additionalProperties": False,
+                },
+            ]
+        }
+    ),
+]
+
+
 class Verify(_Model):
     """How crv checks a role from outside the node; exactly one of the three kinds."""
 
@@ -204,7 +226,7 @@ class Role(_Model):
 
     recipe: Annotated[str, Field(min_length=1, max_length=1024)]
     description: Text = ""
-    depends_on: list[Dependency] = Field(default_factory=list, max_length=64)
+    depends_on: list[DependencyEntry] = Field(default_factory=list, max_length=64)
     publishes: list[AttributeName] = Field(default_factory=list, max_length=64)
     verify: Verify | None = None
     estimates: Estimates = Estimates()

@@ -1,0 +1,110 @@
+"""The CLI surface beyond plan/validate: schema export, version, robustness to mangled input."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from crv.appliance import load_appliance
+from crv.errors import SpecError
+from tests.conftest import CATALOG, REPO, crv
+
+
+def current_schema() -> dict[str, object]:
+    result = crv("schema")
+    assert result.exit_code == 0
+    schema = json.loads(result.stdout)
+    assert isinstance(schema, dict)
+    return schema
+
+
+def test_schema_is_a_valid_json_schema_that_accepts_the_catalog() -> None:
+    schema = current_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    for path in sorted(CATALOG.glob("*/appliance.yaml")):
+        document = yaml.safe_load(path.read_text())
+        errors = [e.message for e in validator.iter_errors(document)]
+        assert errors == [], path
+
+
+@pytest.mark.parametrize(
+    "mutation",
+    [
+        {"nodes": {"front": {"count": 1, "roles": ["lb"], "colour": "red"}}},
+        {"apiVersion": "crv/v2"},
+        {"name": "Bad_Name"},
+        {"nodes": {"front": {"count": -1, "roles": ["lb"]}}},
+        {"roles": {"lb": {"recipe": "lb.sh", "verify": {"http": "x", "tcp": 1}}}},
+    ],
+)
+def test_schema_refuses_what_the_loader_refuses(mutation: dict[str, object]) -> None:
+    document = yaml.safe_load((CATALOG / "webfarm" / "appliance.yaml").read_text())
+    document.update(mutation)
+    validator = jsonschema.Draft202012Validator(current_schema())
+    assert list(validator.iter_errors(document)), mutation
+
+
+def test_committed_schema_is_current() -> None:
+    committed = json.loads((REPO / "docs" / "appliance.schema.json").read_text())
+    assert committed == current_schema(), "run: crv schema -o docs/appliance.schema.json"
+
+
+def test_schema_to_a_file(tmp_path: Path) -> None:
+    out = tmp_path / "schema.json"
+    assert crv("schema", "--output", str(out)).exit_code == 0
+    assert json.loads(out.read_text()) == current_schema()
+
+
+def test_version() -> None:
+    result = crv("--version")
+    assert result.exit_code == 0
+    assert result.stdout.startswith("crv ")
+
+
+def test_mangled_appliances_give_spec_errors_never_crashes(tmp_path: Path) -> None:
+    """Seeded random edits of a real appliance: each one loads or fails with a SpecError."""
+    source = CATALOG / "webfarm"
+    original = (source / "appliance.yaml").read_text()
+    alphabet = list("{}[]:,-&*!|>'\"#%@` \n\t0123456789abcxyz") + ["{{", "}}", "\x00", "é"]
+    rng = random.Random(20261121)
+    directory = tmp_path / "webfarm"
+    directory.mkdir()
+    (directory / "roles").mkdir()
+    for recipe in ("web.sh", "lb.sh"):
+        (directory / "roles" / recipe).write_text((source / "roles" / recipe).read_text())
+    outcomes = {"ok": 0, "refused": 0}
+    for _ in range(400):
+        text = list(original)
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(len(text))
+            action = rng.choice(("replace", "insert", "delete"))
+            if action == "delete":
+                del text[at]
+            elif action == "insert":
+                text.insert(at, rng.choice(alphabet))
+            else:
+                text[at] = rng.choice(alphabet)
+        (directory / "appliance.yaml").write_text("".join(text), encoding="utf-8", errors="replace")
+        try:
+            load_appliance(directory)
+            outcomes["ok"] += 1
+        except SpecError as exc:
+            assert "\n" not in str(exc)
+            assert str(exc).startswith(str(directory))
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 100  # the mutations really did break things
+
+
+def test_dev_script_usage() -> None:
+    help_ = subprocess.run([str(REPO / "dev"), "help"], capture_output=True, text=True)
+    assert help_.returncode == 0
+    assert "./dev test" in help_.stdout
+    wrong = subprocess.run([str(REPO / "dev"), "nonsense"], capture_output=True, text=True)
+    assert wrong.returncode == 2
