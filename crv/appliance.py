@@ -9,27 +9,25 @@ refusal is a `SpecError` naming the file the user must edit and the field inside
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import networkx as nx
 from pydantic import ValidationError
 
 from crv import spec, templating
 from crv.errors import SpecError
-from crv.spec import MAX_NODES, ParamValue
+from crv.parameters import Binding, resolve_parameters, template_variables
+from crv.spec import CONTROL_RE, MAX_NODES, ParamValue
 from crv.yamldoc import load_yaml_file
 
 APPLIANCE_FILE = "appliance.yaml"
 MAX_RECIPE_BYTES = 1 << 20
 MAX_INCLUDE_DEPTH = 8
 VERIFY_VARIABLES = ("self", "node", "params")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BUILTIN_CATALOG = Path(__file__).resolve().parent.parent / "appliances"
 
 
@@ -106,7 +104,7 @@ def load_appliance(
         env = os.environ.get("CRV_APPLIANCE_PATH", "")
         search_path = [Path(p) for p in env.split(os.pathsep) if p] + [_BUILTIN_CATALOG]
     resolver = _Resolver(list(search_path))
-    appliance, used = resolver.resolve(Path(directory), _Binding(), overrides, ())
+    appliance, used = resolver.resolve(Path(directory), Binding(), overrides, ())
     unknown = sorted(set(overrides) - used)
     if unknown:
         known = ", ".join(appliance.parameter_specs) or "none"
@@ -118,199 +116,6 @@ def load_appliance(
             f"{appliance.node_count} nodes in all; a cluster has at most {MAX_NODES}",
         )
     return appliance
-
-
-# --- pydantic errors as one line -------------------------------------------------------------
-
-_KNOWN_FIELDS = sorted(
-    {
-        f.alias or name
-        for model in (
-            spec.ApplianceSpec,
-            spec.Parameter,
-            spec.Scale,
-            spec.NodeGroup,
-            spec.Dependency,
-            spec.Verify,
-            spec.Estimates,
-            spec.Role,
-            spec.Include,
-        )
-        for name, f in model.model_fields.items()
-    }
-)
-
-
-def _field_path(loc: Sequence[int | str]) -> str:
-    path = ""
-    for item in loc:
-        if item == "[key]":
-            continue
-        if isinstance(item, int):
-            path += f"[{item}]"
-        else:
-            path += f".{item}" if path else str(item)
-    return path
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _validation_error(source: str, exc: ValidationError) -> SpecError:
-    errors = exc.errors()
-    first = errors[0]
-    loc = first["loc"]
-    kind = first["type"]
-    if kind == "extra_forbidden":
-        name = str(loc[-1])
-        close = difflib.get_close_matches(name, _KNOWN_FIELDS, n=1)
-        message = "unknown field" + (f" (did you mean {close[0]!r}?)" if close else "")
-    elif kind == "missing":
-        message = "required field is missing"
-    else:
-        message = first["msg"].removeprefix("Value error, ")
-        given = first.get("input")
-        if kind != "value_error" and isinstance(given, int | float | str | bool):
-            message += f" (got {_short(given)})"
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more problems)"
-    return SpecError(source, _field_path(loc), message)
-
-
-# --- parameters --------------------------------------------------------------------------------
-
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-
-
-def _typed(p: spec.Parameter, value: ParamValue) -> ParamValue:
-    """Check a YAML value against the declared type, without coercion (`"3"` is not 3)."""
-    ok = {
-        "integer": isinstance(value, int) and not isinstance(value, bool),
-        "number": isinstance(value, int | float) and not isinstance(value, bool),
-        "boolean": isinstance(value, bool),
-        "string": isinstance(value, str),
-    }[p.type]
-    if not ok:
-        raise ValueError(f"{_short(value)} is not of type {p.type}")
-    return value
-
-
-def _from_text(p: spec.Parameter, text: str) -> ParamValue:
-    """Coerce command-line or rendered text to the declared type."""
-    t = text.strip()
-    if p.type == "integer":
-        if not re.fullmatch(r"[+-]?\d{1,18}", t):
-            raise ValueError(f"{_short(text)} is not an integer")
-        return int(t)
-    if p.type == "number":
-        try:
-            number = float(t)
-        except ValueError:
-            raise ValueError(f"{_short(text)} is not a number") from None
-        if number != number or number in (float("inf"), float("-inf")):
-            raise ValueError(f"{_short(text)} is not a finite number")
-        return number
-    if p.type == "boolean":
-        if t.lower() in _TRUE:
-            return True
-        if t.lower() in _FALSE:
-            return False
-        raise ValueError(f"{_short(text)} is not a boolean (true/false)")
-    return text
-
-
-def _out_of_bounds(p: spec.Parameter, value: ParamValue) -> str | None:
-    if p.enum is not None and value not in p.enum:
-        return f"{_short(value)} is not one of {', '.join(map(repr, p.enum))}"
-    if isinstance(value, str):
-        if len(value) > p.max_length:
-            return f"is longer than max_length {p.max_length}"
-        if _CONTROL.search(value):
-            return "contains control characters"
-    elif not isinstance(value, bool):
-        if p.minimum is not None and value < p.minimum:
-            return f"{value} is below the minimum {p.minimum}"
-        if p.maximum is not None and value > p.maximum:
-            return f"{value} is above the maximum {p.maximum}"
-    return None
-
-
-def _check_declaration(source: str, name: str, p: spec.Parameter) -> None:
-    at = f"parameters.{name}"
-    numeric = p.type in ("integer", "number")
-    if not numeric and (p.minimum is not None or p.maximum is not None):
-        raise SpecError(source, at, f"minimum/maximum apply to numbers, not {p.type}")
-    if p.minimum is not None and p.maximum is not None and p.minimum > p.maximum:
-        raise SpecError(source, f"{at}.minimum", f"{p.minimum} is above maximum {p.maximum}")
-    for i, choice in enumerate(p.enum or ()):
-        try:
-            _typed(p, choice)
-        except ValueError as exc:
-            raise SpecError(source, f"{at}.enum[{i}]", str(exc)) from None
-    if p.default is not None:
-        try:
-            _typed(p, p.default)
-        except ValueError as exc:
-            raise SpecError(source, f"{at}.default", str(exc)) from None
-        problem = _out_of_bounds(p, p.default)
-        if problem:
-            raise SpecError(source, f"{at}.default", problem)
-
-
-@dataclass(frozen=True)
-class _Binding:
-    """Values an including appliance passes down, and where it wrote them."""
-
-    values: Mapping[str, ParamValue] = field(default_factory=dict)
-    source: str = ""
-    field: str = ""
-    namespace: str = ""  # prefix of this scope's names in the top-level namespace, e.g. "db-"
-
-
-def _resolve_parameters(
-    source: str, s: spec.ApplianceSpec, binding: _Binding, overrides: Mapping[str, str]
-) -> dict[str, ParamValue]:
-    for bound_name in binding.values:
-        if bound_name not in s.parameters:
-            raise SpecError(
-                binding.source,
-                f"{binding.field}.parameters.{bound_name}",
-                f"{s.name} has no parameter {bound_name!r}",
-            )
-    values: dict[str, ParamValue] = {}
-    for name, p in s.parameters.items():
-        _check_declaration(source, name, p)
-        key = binding.namespace + name
-        where: tuple[str, str]
-        try:
-            if name in overrides:
-                where = ("--set", key)
-                value = _from_text(p, overrides[name])
-            elif name in binding.values:
-                where = (binding.source, f"{binding.field}.parameters.{name}")
-                bound = binding.values[name]
-                value = _from_text(p, bound) if isinstance(bound, str) else _typed(p, bound)
-            elif p.default is not None:
-                where = (source, f"parameters.{name}.default")
-                value = p.default
-            else:
-                raise SpecError(
-                    source, f"parameters.{name}", f"has no default: give it with --set {key}=VALUE"
-                )
-        except ValueError as exc:
-            raise SpecError(*where, str(exc)) from None
-        problem = _out_of_bounds(p, value)
-        if problem:
-            raise SpecError(*where, problem)
-        values[name] = value
-    return values
-
-
-def _template_variables(params: Mapping[str, ParamValue]) -> dict[str, Any]:
-    return {**params, "params": dict(params)}
 
 
 # --- the resolver ------------------------------------------------------------------------------
@@ -330,7 +135,7 @@ class _Resolver:
     def resolve(
         self,
         directory: Path,
-        binding: _Binding,
+        binding: Binding,
         overrides: Mapping[str, str],
         stack: tuple[tuple[Path, str], ...],
     ) -> tuple[Appliance, set[str]]:
@@ -347,10 +152,10 @@ class _Resolver:
         try:
             s = spec.ApplianceSpec.model_validate(raw)
         except ValidationError as exc:
-            raise _validation_error(source, exc) from None
+            raise spec.validation_error(source, exc) from None
         stack = (*stack, (directory.resolve(), s.name))
 
-        params = _resolve_parameters(source, s, binding, overrides)
+        params = resolve_parameters(source, s, binding, overrides)
         used = {k for k in s.parameters if k in overrides}
         scope = _Scope(source, s.name, dict(s.parameters), params)
 
@@ -382,7 +187,7 @@ class _Resolver:
         directory: Path,
         i: int,
         inc: spec.Include,
-        binding: _Binding,
+        binding: Binding,
         overrides: Mapping[str, str],
         stack: tuple[tuple[Path, str], ...],
     ) -> set[str]:
@@ -404,7 +209,7 @@ class _Resolver:
         for key, value in inc.parameters.items():
             if isinstance(value, str) and "{{" in value:
                 try:
-                    value = templating.render(value, _template_variables(scope.own_params))
+                    value = templating.render(value, template_variables(scope.own_params))
                 except ValueError as exc:
                     raise SpecError(scope.source, f"{at}.parameters.{key}", str(exc)) from None
             bound[key] = value
@@ -412,7 +217,7 @@ class _Resolver:
         child_overrides = {k[len(pre) :]: v for k, v in overrides.items() if k.startswith(pre)}
         child, child_used = self.resolve(
             found,
-            _Binding(bound, scope.source, at, binding.namespace + pre),
+            Binding(bound, scope.source, at, binding.namespace + pre),
             child_overrides,
             stack,
         )
@@ -428,7 +233,7 @@ class _Resolver:
         origin = ""
         if isinstance(count, str):
             try:
-                text = templating.render(count, _template_variables(params)).strip()
+                text = templating.render(count, template_variables(params)).strip()
             except ValueError as exc:
                 raise SpecError(source, f"{at}.count", str(exc)) from None
             if not re.fullmatch(r"-?\d{1,9}", text):
@@ -495,7 +300,7 @@ class _Resolver:
 
 def _recipe_path(directory: Path, recipe: str, source: str, at: str) -> Path:
     """A recipe is a regular file inside the appliance directory, symlinks resolved."""
-    if _CONTROL.search(recipe) or "\\" in recipe:
+    if CONTROL_RE.search(recipe) or "\\" in recipe:
         raise SpecError(source, at, "contains control characters or backslashes")
     rel = PurePosixPath(recipe)
     if rel.is_absolute() or recipe.startswith("~"):

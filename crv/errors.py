@@ -7,6 +7,12 @@ so a bad appliance or a refused certificate fails at once instead of burning ret
 from __future__ import annotations
 
 
+def brief(value: object) -> str:
+    """A value as it may appear inside a one-line error: repr, cut at 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 class CrvError(Exception):
     """Base of every error crv raises on purpose; its message is one line for the user."""
 

@@ -27,14 +27,13 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from crv.errors import PkiError
-from crv.spec import NAME_PATTERN
+from crv.spec import CONTROL_RE, NAME_PATTERN
 
 __all__ = ["CertificateAuthority", "node_identity"]
 
 # fullmatch, not match: with match, `$` would also accept a trailing newline ("web\n").
 NAME_RE = re.compile(NAME_PATTERN)
 _HOST_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _IDENTITY_URI_RE = re.compile(r"crv://([^/]*)/(node|role)/([^/]*)")
 
 # Nodes' clocks may be minutes off (F14): a certificate or CRL that starts "now" would be
@@ -271,7 +270,7 @@ def _check_csr(csr_pem: bytes, node: str, ips: Sequence[_IP]) -> x509.Certificat
     if not csr.is_signature_valid:
         raise PkiError(f"{what}: bad self-signature (no proof of possession of the key)")
     for attr in subject:
-        if isinstance(attr.value, str) and _CONTROL_RE.search(attr.value):
+        if isinstance(attr.value, str) and CONTROL_RE.search(attr.value):
             raise PkiError(f"{what}: control character in subject {attr.rfc4514_attribute_name}")
     cns = [a.value for a in subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     if cns and cns != [node]:

@@ -9,8 +9,10 @@ generated from these models (`crv schema`).
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -19,9 +21,12 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainValidator,
+    ValidationError,
     WithJsonSchema,
     model_validator,
 )
+
+from crv.errors import SpecError, brief
 
 API_VERSION = "crv/v1"
 MAX_NODES = 20_000  # per cluster; refused before any expansion
@@ -29,6 +34,8 @@ NAME_PATTERN = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"
 ATTRIBUTE_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
 STEP_KINDS = ("provision", "certify", "contextualize", "verify")
 
+# C0 and C1 control characters: refused in any value that reaches a shell, a file or a cert
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _NAME_RE = re.compile(NAME_PATTERN)
 _ATTRIBUTE_RE = re.compile(ATTRIBUTE_PATTERN)
 
@@ -250,6 +257,59 @@ class ApplianceSpec(_Model):
     include: list[Include] = Field(default_factory=list, max_length=32)
     nodes: dict[Name, NodeGroup] = Field(default_factory=dict, max_length=256)
     roles: dict[Name, Role] = Field(default_factory=dict, max_length=256)
+
+
+_KNOWN_FIELDS = sorted(
+    {
+        f.alias or name
+        for model in (
+            ApplianceSpec,
+            Parameter,
+            Scale,
+            NodeGroup,
+            Dependency,
+            Verify,
+            Estimates,
+            Role,
+            Include,
+        )
+        for name, f in model.model_fields.items()
+    }
+)
+
+
+def _field_path(loc: Sequence[int | str]) -> str:
+    path = ""
+    for item in loc:
+        if item == "[key]":
+            continue
+        if isinstance(item, int):
+            path += f"[{item}]"
+        else:
+            path += f".{item}" if path else str(item)
+    return path
+
+
+def validation_error(source: str, exc: ValidationError) -> SpecError:
+    """The first pydantic error as one line naming the field; the count of the others."""
+    errors = exc.errors()
+    first = errors[0]
+    loc = first["loc"]
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        name = str(loc[-1])
+        close = difflib.get_close_matches(name, _KNOWN_FIELDS, n=1)
+        message = "unknown field" + (f" (did you mean {close[0]!r}?)" if close else "")
+    elif kind == "missing":
+        message = "required field is missing"
+    else:
+        message = first["msg"].removeprefix("Value error, ")
+        given = first.get("input")
+        if kind != "value_error" and isinstance(given, int | float | str | bool):
+            message += f" (got {brief(given)})"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problems)"
+    return SpecError(source, _field_path(loc), message)
 
 
 def json_schema() -> dict[str, Any]:

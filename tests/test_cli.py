@@ -72,7 +72,7 @@ def test_mangled_appliances_give_spec_errors_never_crashes(tmp_path: Path) -> No
     """Seeded random edits of a real appliance: each one loads or fails with a SpecError."""
     source = CATALOG / "webfarm"
     original = (source / "appliance.yaml").read_text()
-    alphabet = list("{}[]:,-&*!|>'\"#%@` \n\t0123456789abcxyz") + ["{{", "}}", "\x00", "é"]
+    alphabet = [*"{}[]:,-&*!|>'\"#%@` \n\t0123456789abcxyz", "{{", "}}", "\x00", "é"]
     rng = random.Random(20261121)
     directory = tmp_path / "webfarm"
     directory.mkdir()

@@ -289,3 +289,25 @@ def test_cli_as_a_real_process_prints_no_traceback(tmp_path: Path) -> None:
     ok = crv_process("plan", "appliances/webfarm", "--json")
     assert ok.exit_code == 0
     assert json.loads(ok.stdout)["cluster"] == "webfarm"
+
+
+def test_a_very_deep_dependency_chain_plans_without_recursion_limits(tmp_path: Path) -> None:
+    depth = 250
+    roles = "\n".join(
+        f"  r{i}: {{recipe: r.sh" + (f", depends_on: [r{i - 1}]}}" if i else "}")
+        for i in range(depth)
+    )
+    groups = "\n".join(  # a group hosts at most 64 roles: spread the chain over 5 groups
+        f"  g{g}: {{count: 1, roles: [{', '.join(f'r{i}' for i in range(g * 50, g * 50 + 50))}]}}"
+        for g in range(depth // 50)
+    )
+    directory = write_appliance(
+        tmp_path,
+        "chain",
+        f"apiVersion: crv/v1\nname: chain\nnodes:\n{groups}\nroles:\n{roles}\n",
+        ("r.sh",),
+    )
+    data = plan_json(str(directory))
+    assert len(data["critical_path"]["steps"]) == 2 + 2 * depth
+    human = crv("plan", str(directory))
+    assert human.exit_code == 0
