@@ -242,6 +242,8 @@ class _Resolver:
                 )
             origin = f" (from {count.strip()})"
             count = int(text)
+            if count < 0:
+                raise SpecError(source, f"{at}.count", f"{count}{origin} is negative")
         if g.scale is None:
             if count == 0:
                 raise SpecError(

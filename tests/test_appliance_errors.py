@@ -164,6 +164,12 @@ CASES: list[tuple[str, str, list[str], str]] = [
         "error: {F}: nodes.worker.scale.min: 5 is above max 4",
     ),
     (
+        "count-template-renders-negative",
+        edit("count: 1,", 'count: "{{ 1 - workers }}",'),
+        [],
+        "error: {F}: nodes.front.count: -1 (from {{ 1 - workers }}) is negative",
+    ),
+    (
         "negative-count",
         edit("count: 1,", "count: -1,"),
         [],
