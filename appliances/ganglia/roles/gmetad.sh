@@ -1,2 +1,63 @@
 #!/bin/sh
+# Role gmetad: polls the collector on this same node and keeps the round-robin databases.
+# Each server of a redundant pair has its own collector receiving every client, so each
+# gmetad has the whole cluster. Port 8651 (XML) is open to the network for crv's check but
+# answers only local clients (trusted_hosts); the web front end uses 8652 on localhost.
 set -eu
+export DEBIAN_FRONTEND=noninteractive
+
+need() {  # installs only what is missing, so a re-run does not touch apt
+    missing=""
+    for p in "$@"; do
+        dpkg-query -W -f="\${Status}\n" "$p" 2>/dev/null | grep -q ' installed$' || missing="$missing $p"
+    done
+    [ -z "$missing" ] && return 0
+    apt-get update -q
+    # shellcheck disable=SC2086  # one word per package
+    apt-get install -y -q --no-install-recommends $missing
+}
+
+swap() {  # moves $1 over $2 only if the content differs; true when $2 changed
+    if cmp -s "$1" "$2"; then rm -f "$1"; return 1; fi
+    mv -f "$1" "$2" || exit 1
+}
+
+# The collector is local (a local dependency): poll it on loopback, where its ACL lets us in.
+cport=$(crv-agent get collector port)
+case "$cport" in '' | *[!0-9]*) echo "bad collector port '$cport'" >&2; exit 1 ;; esac
+# The title lands inside a quoted string of gmetad.conf: keep it to harmless characters.
+title=$(printf %s "${CRV_PARAM_TITLE:-crv}" | tr -cd 'A-Za-z0-9 ._-')
+[ -n "$title" ] || title=crv
+
+need gmetad python3
+
+cat >/etc/ganglia/gmetad.conf.new <<EOF
+# Written by crv (ganglia/gmetad); rewritten on every contextualization.
+data_source "$CRV_CLUSTER" 15 127.0.0.1:$cport
+gridname "$title"
+xml_port 8651
+interactive_port 8652
+trusted_hosts 127.0.0.1
+setuid_username "ganglia"
+rrd_rootdir "/var/lib/ganglia/rrds"
+case_sensitive_hostnames 0
+EOF
+systemctl enable gmetad
+if swap /etc/ganglia/gmetad.conf.new /etc/ganglia/gmetad.conf; then
+    systemctl restart gmetad
+else
+    systemctl start gmetad
+fi
+
+python3 <<'PY'
+import socket, sys, time
+for _ in range(150):
+    try:
+        socket.create_connection(("127.0.0.1", 8651), 1).close()
+        break
+    except OSError:
+        time.sleep(0.2)
+else:
+    sys.exit("gmetad did not start listening")
+PY
+crv-agent set host "$CRV_ADDRESS"

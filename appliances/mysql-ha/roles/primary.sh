@@ -1,2 +1,100 @@
 #!/bin/sh
+# Role primary: the writable MariaDB server. It writes a GTID binlog from its first statement on,
+# so a replica added at any time (scale up) replays everything from the start.
+#
+# No password exists anywhere: TLS is required on every network connection and both accounts
+# below authenticate by certificate, REQUIRE ISSUER = the CA that signed this node's crv
+# certificate. The primary cannot name its peers (it depends on no role, so it never learns
+# replica or client node names), hence ISSUER rather than SUBJECT. Caveat: that CA certifies
+# every node of the crv service, other clusters' too, so it is the network that must keep
+# them away from port 3306 until crv issues per-cluster CAs (MariaDB has no subject pattern).
+#   crv_repl   - REPLICATION SLAVE, used by this appliance's replicas.
+#   crv_client - all rights on the database; clients of the appliance (e.g. webshop's app role)
+#                log in with this name and their own crv certificate.
 set -eu
+port=3306
+db="${CRV_PARAM_DATABASE:-app}"
+case "$db" in
+    '' | *[!A-Za-z0-9_]*) echo "database name '$db': only letters, digits and _" >&2; exit 1 ;;
+esac
+export DEBIAN_FRONTEND=noninteractive
+
+need() {  # installs only what is missing, so a re-run does not touch apt
+    missing=""
+    for p in "$@"; do
+        dpkg-query -W -f="\${Status}\n" "$p" 2>/dev/null | grep -q ' installed$' || missing="$missing $p"
+    done
+    [ -z "$missing" ] && return 0
+    apt-get update -q
+    # shellcheck disable=SC2086  # one word per package
+    apt-get install -y -q --no-install-recommends $missing
+}
+
+swap() {  # moves $1 over $2 only if the content differs; true when $2 changed
+    if cmp -s "$1" "$2"; then rm -f "$1"; return 1; fi
+    mv -f "$1" "$2" || exit 1
+}
+
+need mariadb-server openssl
+
+# mysqld runs as mysql and cannot read the agent's files; the key stays readable by mysql only.
+crt=/etc/mysql/crv
+install -d -m 750 -o root -g mysql "$crt"
+# crv renews node certificates: a re-run with new files reloads them (FLUSH SSL), no restart.
+certs=0
+install -m 644 "$CRV_CA_FILE" "$crt/ca.pem.new"
+install -m 644 "$CRV_CERT_FILE" "$crt/cert.pem.new"
+install -m 600 -o mysql -g mysql "$CRV_KEY_FILE" "$crt/key.pem.new"
+for f in ca cert key; do swap "$crt/$f.pem.new" "$crt/$f.pem" && certs=1; done
+
+# server_id must differ between primary and replicas; a checksum of the node name is stable.
+server_id=$(printf %s "$CRV_NODE" | cksum | cut -d' ' -f1)
+[ "$server_id" -ne 0 ] || server_id=1
+cat >/etc/mysql/mariadb.conf.d/90-crv.cnf.new <<EOF
+# Written by crv (mysql-ha/primary); rewritten on every contextualization.
+[mysqld]
+# Debian binds to 127.0.0.1; replicas and clients come from other nodes (TLS only, see below).
+bind-address = 0.0.0.0
+port = $port
+server_id = $server_id
+log_bin = mysql-bin
+binlog_format = ROW
+gtid_strict_mode = ON
+# Keep every binlog: a new replica starts from the first one (Debian expires them after 10 days).
+expire_logs_days = 0
+ssl_ca = $crt/ca.pem
+ssl_cert = $crt/cert.pem
+ssl_key = $crt/key.pem
+require_secure_transport = ON
+EOF
+systemctl enable mariadb
+if swap /etc/mysql/mariadb.conf.d/90-crv.cnf.new /etc/mysql/mariadb.conf.d/90-crv.cnf; then
+    systemctl restart mariadb
+else
+    systemctl start mariadb
+    if [ "$certs" = 1 ]; then mariadb -e 'FLUSH SSL'; fi
+fi
+
+# MariaDB compares REQUIRE ISSUER with OpenSSL's one-line form (/CN=...), which -nameopt compat prints.
+issuer=$(openssl x509 -noout -issuer -nameopt compat -in "$crt/cert.pem" | sed 's/^issuer=//')
+case "$issuer" in
+    /*=*) ;;
+    *) echo "cannot read the issuer of $crt/cert.pem" >&2; exit 1 ;;
+esac
+case "$issuer" in *\'* | *\\*) echo "unexpected character in issuer '$issuer'" >&2; exit 1 ;; esac
+
+# Root logs in through the unix socket (Debian's default); every statement is idempotent and
+# goes to the binlog, so replicas receive the database and both accounts.
+mariadb <<SQL
+CREATE DATABASE IF NOT EXISTS \`$db\`;
+CREATE USER IF NOT EXISTS 'crv_repl'@'%' REQUIRE ISSUER '$issuer';
+ALTER USER 'crv_repl'@'%' REQUIRE ISSUER '$issuer';
+GRANT REPLICATION SLAVE ON *.* TO 'crv_repl'@'%';
+CREATE USER IF NOT EXISTS 'crv_client'@'%' REQUIRE ISSUER '$issuer';
+ALTER USER 'crv_client'@'%' REQUIRE ISSUER '$issuer';
+GRANT ALL PRIVILEGES ON \`$db\`.* TO 'crv_client'@'%';
+SQL
+
+crv-agent set host "$CRV_ADDRESS"
+crv-agent set port "$port"
+crv-agent set database "$db"

@@ -1,2 +1,98 @@
 #!/bin/sh
+# Role haproxy: HAProxy round-robin over the url of every app node, with health checks on the
+# app's /health so a node whose database is unreachable is taken out of rotation.
+# Re-contextualization (apps scaled) rewrites the backend list and reloads HAProxy, which keeps
+# established connections; nothing happens when the list is unchanged.
 set -eu
+port=80
+cfg=/etc/haproxy/haproxy.cfg
+export DEBIAN_FRONTEND=noninteractive
+
+need() {  # installs only what is missing, so a re-run does not touch apt
+    missing=""
+    for p in "$@"; do
+        dpkg-query -W -f="\${Status}\n" "$p" 2>/dev/null | grep -q ' installed$' || missing="$missing $p"
+    done
+    [ -z "$missing" ] && return 0
+    apt-get update -q
+    # shellcheck disable=SC2086  # one word per package
+    apt-get install -y -q --no-install-recommends $missing
+}
+
+swap() {  # moves $1 over $2 only if the content differs; true when $2 changed
+    if cmp -s "$1" "$2"; then rm -f "$1"; return 1; fi
+    mv -f "$1" "$2" || exit 1
+}
+
+# Each url is http://HOST:PORT, published by an app node; anything else would be injected
+# into the configuration, so it is refused.
+crv-agent list app url >app-urls
+servers=$(
+    i=0
+    while read -r url; do
+        hostport=${url#http://}
+        hostport=${hostport%/}
+        case "$url" in http://*) ;; *) echo "bad app url '$url'" >&2; exit 1 ;; esac
+        case "$hostport" in
+            '' | *[!A-Za-z0-9.:-]* | *:) echo "bad app url '$url'" >&2; exit 1 ;;
+            *:*) ;;
+            *) hostport="$hostport:80" ;;
+        esac
+        i=$((i + 1))
+        printf '    server app%d %s check\n' "$i" "$hostport"
+    done <app-urls
+)
+[ -n "$servers" ] || { echo "no app url published" >&2; exit 1; }
+
+need haproxy
+
+cat >"$cfg.new" <<EOF
+# Written by crv (webshop/haproxy); rewritten on every contextualization.
+global
+    log /dev/log local0
+    chroot /var/lib/haproxy
+    stats socket /run/haproxy/admin.sock mode 660 level admin
+    user haproxy
+    group haproxy
+    daemon
+
+defaults
+    mode http
+    log global
+    option httplog
+    option dontlognull
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+
+frontend shop
+    bind :$port
+    default_backend apps
+
+backend apps
+    balance roundrobin
+    option httpchk GET /health
+    http-check expect status 200
+$servers
+EOF
+# Check before swapping: a configuration HAProxy refuses must not replace a working one.
+haproxy -c -f "$cfg.new"
+systemctl enable haproxy
+if swap "$cfg.new" "$cfg"; then
+    systemctl reload-or-restart haproxy
+else
+    systemctl start haproxy
+fi
+
+python3 - "$port" <<'PY'
+import socket, sys, time
+for _ in range(150):
+    try:
+        socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1).close()
+        break
+    except OSError:
+        time.sleep(0.2)
+else:
+    sys.exit("haproxy did not start listening")
+PY
+crv-agent set url "http://$CRV_ADDRESS:$port"
