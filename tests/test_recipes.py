@@ -21,7 +21,8 @@ import pytest
 
 from tests.conftest import CATALOG
 
-RECIPES = sorted(CATALOG.glob("*/roles/*.sh"))
+RECIPES = sorted(CATALOG.glob("*/roles/*.sh"))  # run by the agent: executable
+SHELL_FILES = sorted(CATALOG.glob("*/roles/**/*.sh"))  # recipes and the libraries they source
 
 FAKE_AGENT = """#!/bin/sh
 # crv-agent stand-in: attributes are files $BOARD/<role>/<node>/<key>
@@ -37,9 +38,15 @@ esac
 @pytest.mark.parametrize(
     "recipe", RECIPES, ids=[f"{p.parent.parent.name}/{p.name}" for p in RECIPES]
 )
-def test_recipe_is_valid_shell(recipe: Path) -> None:
+def test_recipe_is_executable(recipe: Path) -> None:
     assert os.access(recipe, os.X_OK), f"{recipe} is not executable"
-    result = subprocess.run(["sh", "-n", str(recipe)], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "script", SHELL_FILES, ids=[str(p.relative_to(CATALOG)) for p in SHELL_FILES]
+)
+def test_shell_is_valid(script: Path) -> None:
+    result = subprocess.run(["sh", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 
@@ -70,6 +77,7 @@ def run_role(
         "CRV_GROUP": node.split("-")[1],
         "CRV_ROLE": role,
         "CRV_ADDRESS": address,
+        "CRV_APPLIANCE_DIR": str(CATALOG / "webfarm"),
         "CRV_PARAM_WORKERS": "2",
         "CRV_PARAM_PORT": str(port),
     }
