@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from crv.errors import PkiError
-from crv.spec import CONTROL_RE, NAME_PATTERN
+from crv.spec import CONTROL_RE, NAME_PATTERN, NAME_RULE
 
 __all__ = ["CertificateAuthority", "node_identity"]
 
@@ -431,10 +431,7 @@ def _check_name(kind: str, name: str) -> None:
     """Names end up in URIs and certificate subjects: one strict DNS-label shape keeps out
     traversal (`../x`), NULs, newlines and look-alike case variants."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise PkiError(
-            f"bad {kind} name {name!r}: lowercase letters, digits and '-', "
-            "starting with a letter, at most 63"
-        )
+        raise PkiError(f"bad {kind} name {name!r}: {NAME_RULE}")
 
 
 def _check_roles(roles: Sequence[str]) -> tuple[str, ...]:

@@ -18,7 +18,7 @@ import networkx as nx
 
 from crv.appliance import Appliance
 from crv.errors import PlanError
-from crv.spec import NAME_PATTERN
+from crv.spec import NAME_PATTERN, NAME_RULE
 
 DEFAULT_ESTIMATES: Mapping[str, float] = {
     "provision": 60.0,
@@ -82,8 +82,7 @@ def _check_names(appliance: Appliance, cluster: str) -> None:
         raise PlanError(
             "--name",
             cluster,
-            "not a valid cluster name: use 1-63 lowercase letters, digits and '-', "
-            "starting with a letter and not ending with '-'",
+            f"not a valid cluster name: {NAME_RULE}",
         )
     for g in appliance.groups.values():
         longest = node_name(cluster, g.name, max(g.count, g.scale_max, 1) - 1)

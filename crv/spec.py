@@ -31,6 +31,9 @@ from crv.errors import SpecError, brief
 API_VERSION = "crv/v1"
 MAX_NODES = 20_000  # per cluster; refused before any expansion
 NAME_PATTERN = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"
+NAME_RULE = (
+    "use 1-63 lowercase letters, digits and '-', starting with a letter and not ending with '-'"
+)
 ATTRIBUTE_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
 STEP_KINDS = ("provision", "certify", "contextualize", "verify")
 
@@ -43,10 +46,7 @@ _ATTRIBUTE_RE = re.compile(ATTRIBUTE_PATTERN)
 def _check_name(value: str) -> str:
     # Names become host names, certificate subjects, environment variables and shell words.
     if not _NAME_RE.fullmatch(value):
-        raise ValueError(
-            f"{value!r} is not a valid name: use 1-63 lowercase letters, digits and '-', "
-            "starting with a letter and not ending with '-'"
-        )
+        raise ValueError(f"{value!r} is not a valid name: {NAME_RULE}")
     return value
 
 
