@@ -7,10 +7,8 @@ set -eu
 port=8650
 export DEBIAN_FRONTEND=noninteractive
 
-swap() {  # moves $1 over $2 only if the content differs; true when $2 changed
-    if cmp -s "$1" "$2"; then rm -f "$1"; return 1; fi
-    mv -f "$1" "$2" || exit 1
-}
+# shellcheck source=lib/common.sh
+. "$CRV_APPLIANCE_DIR/roles/lib/common.sh"
 
 # gmond is a local dependency: its XML port is the one its role is checked on.
 gmond_port=8649
