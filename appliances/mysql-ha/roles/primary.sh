@@ -24,19 +24,8 @@ export DEBIAN_FRONTEND=noninteractive
 
 need mariadb-server openssl
 
-# mysqld runs as mysql and cannot read the agent's files; the key stays readable by mysql only.
-crt=/etc/mysql/crv
-install -d -m 750 -o root -g mysql "$crt"
-# crv renews node certificates: a re-run with new files reloads them (FLUSH SSL), no restart.
-certs=0
-install -m 644 "$CRV_CA_FILE" "$crt/ca.pem.new"
-install -m 644 "$CRV_CERT_FILE" "$crt/cert.pem.new"
-install -m 600 -o mysql -g mysql "$CRV_KEY_FILE" "$crt/key.pem.new"
-for f in ca cert key; do swap "$crt/$f.pem.new" "$crt/$f.pem" && certs=1; done
-
-# server_id must differ between primary and replicas; a checksum of the node name is stable.
-server_id=$(printf %s "$CRV_NODE" | cksum | cut -d' ' -f1)
-[ "$server_id" -ne 0 ] || server_id=1
+install_identity  # sets crt, and certs=1 when a file changed
+server_id=$(node_server_id)
 cat >/etc/mysql/mariadb.conf.d/90-crv.cnf.new <<EOF
 # Written by crv (mysql-ha/primary); rewritten on every contextualization.
 [mysqld]

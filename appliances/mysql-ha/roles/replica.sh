@@ -21,17 +21,8 @@ case "$primary_port" in '' | *[!0-9]*) echo "bad primary port '$primary_port'" >
 
 need mariadb-server
 
-crt=/etc/mysql/crv
-install -d -m 750 -o root -g mysql "$crt"
-# crv renews node certificates: a re-run with new files reloads them (FLUSH SSL), no restart.
-certs=0
-install -m 644 "$CRV_CA_FILE" "$crt/ca.pem.new"
-install -m 644 "$CRV_CERT_FILE" "$crt/cert.pem.new"
-install -m 600 -o mysql -g mysql "$CRV_KEY_FILE" "$crt/key.pem.new"
-for f in ca cert key; do swap "$crt/$f.pem.new" "$crt/$f.pem" && certs=1; done
-
-server_id=$(printf %s "$CRV_NODE" | cksum | cut -d' ' -f1)
-[ "$server_id" -ne 0 ] || server_id=1
+install_identity  # sets crt, and certs=1 when a file changed
+server_id=$(node_server_id)
 # No binlog here: the replica never writes transactions of its own, so its GTID history stays
 # the primary's (gtid_strict_mode would otherwise stop replication on a local write).
 cat >/etc/mysql/mariadb.conf.d/90-crv.cnf.new <<EOF
