@@ -43,6 +43,7 @@ class Role:
     name: str
     source: str  # the appliance.yaml that defines it (errors point there)
     field: str  # its path inside that file, `roles.<name as written>`
+    directory: Path  # its own appliance's directory (resolved): what the node receives
     recipe: Path
     depends_on: tuple[Dependency, ...]
     publishes: tuple[str, ...]
@@ -92,6 +93,23 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def default_search_path() -> list[Path]:
+    env = os.environ.get("CRV_APPLIANCE_PATH", "")
+    return [Path(p) for p in env.split(os.pathsep) if p] + [_BUILTIN_CATALOG]
+
+
+def locate(ref: str | Path) -> Path:
+    """An appliance directory, or the name of one on the search path (`webfarm`); what the
+    Prefect run form and `crv deploy` accept. An unknown name is left for the loader to report."""
+    path = Path(ref)
+    if path.exists() or len(path.parts) != 1:
+        return path
+    for base in default_search_path():
+        if (base / path / APPLIANCE_FILE).is_file():
+            return base / path
+    return path
+
+
 def load_appliance(
     directory: str | Path,
     overrides: Mapping[str, str] | None = None,
@@ -101,8 +119,7 @@ def load_appliance(
     """Load, resolve and check an appliance; `overrides` are `--set` values as text."""
     overrides = dict(overrides or {})
     if search_path is None:
-        env = os.environ.get("CRV_APPLIANCE_PATH", "")
-        search_path = [Path(p) for p in env.split(os.pathsep) if p] + [_BUILTIN_CATALOG]
+        search_path = default_search_path()
     resolver = _Resolver(list(search_path))
     appliance, used = resolver.resolve(Path(directory), Binding(), overrides, ())
     unknown = sorted(set(overrides) - used)
@@ -291,6 +308,7 @@ class _Resolver:
             name=name,
             source=source,
             field=at,
+            directory=directory.resolve(),
             recipe=recipe,
             depends_on=tuple(Dependency(d.role, d.local, d.min_ready) for d in r.depends_on),
             publishes=tuple(r.publishes),

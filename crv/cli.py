@@ -6,22 +6,32 @@ Exit codes are a contract: 0 success, 2 bad input (one line on stderr,
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-from crv import __version__
-from crv.appliance import load_appliance, parse_overrides
-from crv.errors import CrvError
+from crv import __version__, daemons
+from crv.appliance import load_appliance, locate, parse_overrides
+from crv.client import Service
+from crv.errors import CrvError, SpecError
+from crv.home import Home
 from crv.plan import Plan, expand
 from crv.plan_view import describe
 from crv.spec import json_schema
+from pools import get_pool
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import State
 
 EXIT_BAD_INPUT = 2
 
@@ -34,6 +44,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 console = Console()
+err_console = Console(stderr=True)
 
 Directory = Annotated[
     Path, typer.Argument(metavar="DIR", help="An appliance directory (holds appliance.yaml).")
@@ -103,6 +114,206 @@ def schema(
         sys.stdout.write(text)
     else:
         output.write_text(text)
+
+
+# -- running clusters -----------------------------------------------------------------------
+
+
+def _home() -> Home:
+    return Home.from_env()
+
+
+def _ensure_up(home: Home, *, quiet: bool = False) -> daemons.Endpoints:
+    """Start the Prefect server and the service if they are not running, and point this
+    process's Prefect client at them (before the first Prefect import)."""
+    endpoints = daemons.running(home)
+    if endpoints is None:
+        if not quiet:
+            err_console.print(f"starting the crv service and a Prefect server in {home.root} ...")
+        endpoints = daemons.up(home)
+    os.environ.update(daemons.prefect_env(home, endpoints.prefect_api_url))
+    return endpoints
+
+
+@app.command()
+def up() -> None:
+    """Start the crv service and a Prefect server in the background (idempotent)."""
+    home = _home()
+    with _user_errors():
+        endpoints = _ensure_up(home)
+    print(f"crv service: {endpoints.service_url}")
+    print(f"Prefect UI:  {endpoints.prefect_ui_url}")
+    print(f"state:       {home.root}")
+
+
+@app.command()
+def down() -> None:
+    """Stop the crv service and the Prefect server (nodes keep running)."""
+    stopped = daemons.down(_home())
+    print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@app.command()
+def deploy(
+    directory: Annotated[
+        str, typer.Argument(metavar="DIR", help="An appliance directory, or a catalog name.")
+    ],
+    pool: Annotated[str, typer.Option("--pool", "-p", help="Resource pool.")] = "local",
+    set_: Sets = None,
+    name: ClusterName = None,
+    retries: Annotated[int, typer.Option(help="Retries per step (temporary errors).")] = 2,
+    boot_timeout: Annotated[float, typer.Option(help="Seconds for a node to enrol.")] = 300.0,
+) -> None:
+    """Deploy an appliance: provision, certify, contextualize and verify every node."""
+    home = _home()
+    overrides = parse_overrides(set_ or []) if set_ else {}
+    with _user_errors():
+        plan = expand(load_appliance(locate(directory), overrides), cluster=name)
+        get_pool(pool, home.pool_dir(pool))
+        endpoints = _ensure_up(home)
+    from flows.deploy import PROGRESS_LISTENERS, STARTED_LISTENERS, deploy_appliance
+
+    ui = endpoints.prefect_ui_url
+    STARTED_LISTENERS.append(
+        lambda run_id: err_console.print(f"watch it: {ui}/runs/flow-run/{run_id}")
+    )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    ) as progress:
+        bar = progress.add_task(f"deploying {plan.cluster}", total=plan.graph.number_of_nodes())
+        PROGRESS_LISTENERS.append(
+            lambda dag: progress.update(bar, completed=sum(dag.counts().values()))
+        )
+        run = cast(
+            "Coroutine[Any, Any, State[dict[str, Any]]]",
+            deploy_appliance(
+                appliance=str(locate(directory)),
+                pool=pool,
+                name=plan.cluster,
+                parameters=overrides,
+                boot_timeout=boot_timeout,
+                retries=retries,
+                return_state=True,
+            ),
+        )
+        state = asyncio.run(run)
+    service = Service(home, endpoints.service_url)
+    status = service.status(plan.cluster)
+    if not state.is_completed():
+        print(f"error: deploy of {plan.cluster} failed: {state.message}", file=sys.stderr)
+        raise typer.Exit(1)
+    print(f"cluster {plan.cluster} is ready ({len(plan.nodes)} nodes)")
+    for role, node, url in _entry_points(plan, status):
+        print(f"{role} on {node}: {url}")
+    print(f"Prefect UI: {ui}")
+
+
+def _entry_points(plan: Plan, status: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    """The `url` of roles no other role depends on: where a user starts (the load balancer)."""
+    used = {d.role for r in plan.appliance.roles.values() for d in r.depends_on}
+    out = []
+    for n in (status or {}).get("nodes", []):
+        for role, r in n["roles"].items():
+            url = r.get("attributes", {}).get("url")
+            if role not in used and url:
+                out.append((role, n["name"], url))
+    return out
+
+
+@app.command()
+def status(
+    name: Annotated[str, typer.Argument(help="Cluster name.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Show a cluster's nodes and the state of every role on them."""
+    home = _home()
+    with _user_errors():
+        endpoints = _ensure_up(home, quiet=as_json)
+        found = Service(home, endpoints.service_url).status(name)
+        if found is None:
+            raise SpecError("cluster", name, "no such cluster (see `crv list`)")
+    if as_json:
+        sys.stdout.write(json.dumps(status_json(found)) + "\n")
+        return
+    table = Table(title=f"{found['name']} ({found['appliance']}) ready={found['ready']}")
+    for column in ("node", "group", "address", "state", "roles"):
+        table.add_column(column)
+    for n in found["nodes"]:
+        roles = ", ".join(f"{r}={v['state']}" for r, v in n["roles"].items())
+        table.add_row(n["name"], n["group"], n["address"] or "-", n["state"], roles)
+    console.print(table)
+
+
+def status_json(found: dict[str, Any]) -> dict[str, Any]:
+    """The `crv status --json` contract: add fields, never rename them."""
+    return {
+        "name": found["name"],
+        "appliance": found["appliance"],
+        "ready": found["ready"],
+        "nodes": [
+            {
+                "name": n["name"],
+                "group": n["group"],
+                "pool": n["pool"],
+                "address": n["address"],
+                "state": n["state"],
+                "roles": {r: v["state"] for r, v in n["roles"].items()},
+            }
+            for n in found["nodes"]
+        ],
+    }
+
+
+@app.command()
+def destroy(
+    name: Annotated[str, typer.Argument(help="Cluster name.")],
+    pool: Annotated[
+        str | None, typer.Option("--pool", "-p", help="Pool (default: the cluster's).")
+    ] = None,
+) -> None:
+    """Remove every node of a cluster and revoke all its certificates."""
+    home = _home()
+    with _user_errors():
+        endpoints = _ensure_up(home)
+        found = Service(home, endpoints.service_url).status(name)
+        pool_name = pool or (found["pool"] if found else "local")
+        get_pool(pool_name, home.pool_dir(pool_name))
+    from flows.destroy import destroy_cluster
+
+    state = destroy_cluster(name, pool_name, return_state=True)
+    if not state.is_completed():
+        print(f"error: destroy of {name} failed: {state.message}", file=sys.stderr)
+        raise typer.Exit(1)
+    result = state.result()
+    print(
+        f"destroyed {name}: {result['destroyed']} nodes removed, "
+        f"{result['revoked']} certificates revoked"
+    )
+
+
+@app.command("list")
+def list_clusters(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """List the clusters this crv home knows."""
+    home = _home()
+    with _user_errors():
+        endpoints = _ensure_up(home, quiet=as_json)
+        clusters = Service(home, endpoints.service_url).clusters()
+    if as_json:
+        sys.stdout.write(json.dumps({"clusters": clusters}) + "\n")
+        return
+    table = Table()
+    for column in ("name", "appliance", "pool", "nodes", "ready"):
+        table.add_column(column)
+    for c in clusters:
+        table.add_row(c["name"], c["appliance"], c["pool"], str(c["nodes"]), str(c["ready"]))
+    console.print(table)
 
 
 def _version(value: bool) -> None:

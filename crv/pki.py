@@ -29,7 +29,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from crv.errors import PkiError
 from crv.spec import CONTROL_RE, NAME_PATTERN, NAME_RULE
 
-__all__ = ["CertificateAuthority", "node_identity"]
+__all__ = ["ADMIN_URI", "CertificateAuthority", "is_admin", "node_identity"]
+
+# The identity of the CLI and the flows on the service's admin routes. It is not a crv://
+# URI, so no node certificate can carry it and `node_identity` never mistakes one for the other.
+ADMIN_URI = "crv:admin"
 
 # fullmatch, not match: with match, `$` would also accept a trailing newline ("web\n").
 NAME_RE = re.compile(NAME_PATTERN)
@@ -162,6 +166,30 @@ class CertificateAuthority:
         )
         return key_pem, cert
 
+    def issue_admin_certificate(
+        self, ttl: timedelta = timedelta(days=365)
+    ) -> tuple[bytes, x509.Certificate]:
+        """The admin side of the service (the CLI, the flows) authenticates with a client
+        certificate like nodes do, kept beside the CA on the service's machine; clientAuth only,
+        so it cannot serve TLS as the service."""
+        if ttl <= timedelta(0):
+            raise PkiError(f"admin certificate ttl {ttl} is not positive")
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "crv admin")])
+        builder = self._leaf(subject, key.public_key(), ttl)
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(ADMIN_URI)]),
+            critical=False,
+        )
+        eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
+        cert = builder.add_extension(eku, critical=False).sign(self._key, hashes.SHA256())
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return key_pem, cert
+
     def build_crl(
         self,
         revoked: Iterable[tuple[int, datetime]],
@@ -239,6 +267,15 @@ def node_identity(cert: x509.Certificate) -> tuple[str, str, tuple[str, ...]]:
     if len(nodes) != 1 or len(clusters) != 1:
         raise PkiError(f"{where}: no crv identity (needs one node URI and one cluster)")
     return clusters.pop(), nodes[0], tuple(roles)
+
+
+def is_admin(cert: x509.Certificate) -> bool:
+    """True for a certificate made by `issue_admin_certificate` (call it on a TLS-verified one)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (x509.ExtensionNotFound, ValueError, x509.DuplicateExtension):
+        return False
+    return san.get_values_for_type(x509.UniformResourceIdentifier) == [ADMIN_URI]
 
 
 def _check_csr(csr_pem: bytes, node: str, ips: Sequence[_IP]) -> x509.CertificateSigningRequest:

@@ -45,10 +45,31 @@ def parse(template: str) -> nodes.Template:
         raise ValueError(f"invalid template: {exc}") from None
 
 
+_SELF = "crv_self_"
+
+
+def _rename_self(template: str) -> str:
+    """Jinja reserves the name `self` (the template object), but verify templates use it for
+    the role's own attributes, as the appliance format says: the name token is renamed."""
+    out, prev = [], ""
+    for _, kind, value in _ENV.lex(template):
+        if kind == "name" and value == "self" and prev != ".":
+            value = _SELF
+        out.append(value)
+        if kind != "whitespace":
+            prev = value
+    return "".join(out)
+
+
 def render(template: str, variables: Mapping[str, Any]) -> str:
     parse(template)
+    if "self" in variables:
+        variables = {_SELF if k == "self" else k: v for k, v in variables.items()}
+        template_source = _rename_self(template)
+    else:
+        template_source = template
     try:
-        out = _ENV.from_string(template).render(variables)
+        out = _ENV.from_string(template_source).render(variables)
     except Exception as exc:  # undefined names, sandbox refusals, type and arithmetic errors
         raise ValueError(f"template {template!r} failed: {exc}") from None
     if len(out) > MAX_OUTPUT:

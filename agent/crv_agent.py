@@ -1,0 +1,1077 @@
+#!/usr/bin/env python3
+"""crv-agent: the node side of crv (docs/agent.md, the contract is docs/service-api.md).
+
+One file, standard library only, Python 3.8 or newer: it is copied onto guests we do not
+build, and any guest with python3 must run it without installing anything. That is also why
+the key and the CSR are made here in pure Python (no openssl binary, no `cryptography`).
+
+`run` enrols the node (key made here, CSR + single-use token), then long-polls the service
+for work and runs role recipes; `set`, `get` and `list` are the blackboard calls recipes make.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import fcntl
+import hashlib
+import hmac
+import http.client
+import io
+import json
+import os
+import random
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.parse
+import zlib
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, NamedTuple
+
+VERSION = "0.1.0"
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # could not do it now: unreachable service, no value, deadline passed
+EXIT_CONFIG = 2  # a retry cannot help: bad home or arguments, request refused by the service
+EXIT_REFUSED = 3  # the service refused this node's identity: provision the node again
+
+NAME_RE = re.compile(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?")  # crv.spec.NAME_PATTERN
+KEY_RE = re.compile(r"[a-z][a-z0-9_]{0,62}")  # crv.spec.ATTRIBUTE_PATTERN
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Inherited variables that look like credentials stay out of recipes: a recipe's output ends
+# up in the service and in flow results.
+SECRET_ENV_RE = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|PRIVATE|AUTH|(^|_)KEY(_|$)", re.I)
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+
+POLL_WAIT = 25  # seconds; the service holds a long poll for at most 30
+MAX_JSON_BYTES = 1 << 20
+MAX_BUNDLE_BYTES = 64 << 20  # both the download and the unpacked total
+MAX_BUNDLE_MEMBERS = 10000
+OUTPUT_TAIL = 4096
+CLI_DEADLINE = 30.0
+DAEMON_BACKOFF = 5.0  # cap, seconds: enrolment waits at most 2 s, a running node may wait longer
+KILL_GRACE = 5.0
+
+
+class AgentError(Exception):
+    """A failure shown as one line; `exit_code` tells the caller whether a retry can help."""
+
+    exit_code = EXIT_FAILED
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(one_line(message))
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class ConfigError(AgentError):
+    exit_code = EXIT_CONFIG
+
+
+class Refused(AgentError):
+    """The service will not accept this node (bad or used token, revoked certificate)."""
+
+    exit_code = EXIT_REFUSED
+
+
+class Unreachable(AgentError):
+    """Network trouble or a restarting service: the one failure worth waiting out."""
+
+
+class BundleError(AgentError):
+    """A recipe bundle that is unsafe or unreadable; nothing of it is installed."""
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """Service answers and OS errors go into logs: no control characters (no forged log
+    lines), no unbounded length."""
+    text = " ".join(CONTROL_RE.sub(" ", str(text)).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def log(message: str) -> None:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    sys.stderr.write(f"{stamp} crv-agent: {one_line(message, 1000)}\n")
+    sys.stderr.flush()
+
+
+# --- P-256 and ECDSA ------------------------------------------------------------------------
+# Python integers are not constant-time; the exposure is small because a node signs exactly one
+# message (its CSR) with the key, and only the enrolment ever sees that signature.
+
+_P = 0xFFFFFFFF00000001000000000000000000000000FFFFFFFFFFFFFFFFFFFFFFFF
+_B = 0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B
+_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_G = (
+    0x6B17D1F2E12C4247F8BCE6E563A440F277037D812DEB33A0F4A13945D898C296,
+    0x4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5,
+)
+_INFINITY = (1, 1, 0)  # Jacobian coordinates: Z = 0
+
+
+def _double(pt: tuple[int, int, int]) -> tuple[int, int, int]:
+    """dbl-2001-b (a = -3)."""
+    x, y, z = pt
+    if z == 0 or y == 0:
+        return _INFINITY
+    delta = z * z % _P
+    gamma = y * y % _P
+    beta = x * gamma % _P
+    alpha = 3 * (x - delta) * (x + delta) % _P
+    x3 = (alpha * alpha - 8 * beta) % _P
+    z3 = ((y + z) * (y + z) - gamma - delta) % _P
+    y3 = (alpha * (4 * beta - x3) - 8 * gamma * gamma) % _P
+    return x3, y3, z3
+
+
+def _add(p1: tuple[int, int, int], p2: tuple[int, int, int]) -> tuple[int, int, int]:
+    x1, y1, z1 = p1
+    x2, y2, z2 = p2
+    if z1 == 0:
+        return p2
+    if z2 == 0:
+        return p1
+    z1z1, z2z2 = z1 * z1 % _P, z2 * z2 % _P
+    u1, u2 = x1 * z2z2 % _P, x2 * z1z1 % _P
+    s1, s2 = y1 * z2 * z2z2 % _P, y2 * z1 * z1z1 % _P
+    if u1 == u2:
+        return _double(p1) if s1 == s2 else _INFINITY
+    h, r = (u2 - u1) % _P, (s2 - s1) % _P
+    hh = h * h % _P
+    hhh, v = h * hh % _P, u1 * hh % _P
+    x3 = (r * r - hhh - 2 * v) % _P
+    y3 = (r * (v - x3) - s1 * hhh) % _P
+    return x3, y3, h * z1 * z2 % _P
+
+
+def _multiply(k: int, point: tuple[int, int] = _G) -> tuple[int, int]:
+    """Montgomery ladder: one addition and one doubling for each of the 256 bits, whatever
+    their value, so the work done does not spell out the scalar."""
+    r0, r1 = _INFINITY, (point[0], point[1], 1)
+    for i in range(255, -1, -1):
+        if (k >> i) & 1:
+            r0, r1 = _add(r0, r1), _double(r1)
+        else:
+            r0, r1 = _double(r0), _add(r0, r1)
+    x, y, z = r0
+    if z == 0:
+        raise ValueError("scalar multiple is the point at infinity")
+    zinv = pow(z, -1, _P)
+    zinv2 = zinv * zinv % _P
+    return x * zinv2 % _P, y * zinv2 * zinv % _P
+
+
+def _on_curve(point: tuple[int, int]) -> bool:
+    x, y = point
+    return 0 <= x < _P and 0 <= y < _P and (y * y - x * x * x + 3 * x - _B) % _P == 0
+
+
+def generate_key() -> tuple[int, tuple[int, int]]:
+    """(private scalar, public point). The on-curve check catches an arithmetic fault before
+    a broken key is written and certified."""
+    d = secrets.randbelow(_N - 1) + 1
+    q = _multiply(d)
+    if not _on_curve(q):
+        raise AssertionError("generated public key is not on P-256")
+    return d, q
+
+
+def ecdsa_sign(d: int, message: bytes) -> tuple[int, int]:
+    """ECDSA-SHA256 with a fresh nonce from the OS random source for every signature."""
+    e = int.from_bytes(hashlib.sha256(message).digest(), "big")
+    while True:
+        k = secrets.randbelow(_N - 1) + 1
+        r = _multiply(k)[0] % _N
+        s = pow(k, -1, _N) * (e + r * d) % _N
+        if r and s:
+            return r, s
+
+
+# --- DER, PEM, CSR and key ------------------------------------------------------------------
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    n = len(content)
+    if n < 0x80:
+        return bytes((tag, n)) + content
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(size))) + size + content
+
+
+def _der_int(value: int) -> bytes:
+    """Minimal two's complement: a leading zero byte exactly when the top bit is set."""
+    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+def _der_oid(dotted: str) -> bytes:
+    arcs = [int(a) for a in dotted.split(".")]
+    body = bytearray([40 * arcs[0] + arcs[1]])
+    for arc in arcs[2:]:
+        chunk = [arc & 0x7F]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | (arc & 0x7F))
+            arc >>= 7
+        body += bytes(reversed(chunk))
+    return _der(0x06, bytes(body))
+
+
+def _seq(*parts: bytes) -> bytes:
+    return _der(0x30, b"".join(parts))
+
+
+def _bit_string(data: bytes) -> bytes:
+    return _der(0x03, b"\x00" + data)
+
+
+def _pem(label: str, der: bytes) -> bytes:
+    b64 = base64.b64encode(der).decode("ascii")
+    lines = [b64[i : i + 64] for i in range(0, len(b64), 64)]
+    return (f"-----BEGIN {label}-----\n" + "\n".join(lines) + f"\n-----END {label}-----\n").encode()
+
+
+_OID_P256 = _der_oid("1.2.840.10045.3.1.7")
+_EC_ALGORITHM = _seq(_der_oid("1.2.840.10045.2.1"), _OID_P256)  # id-ecPublicKey, prime256v1
+_ECDSA_SHA256 = _seq(_der_oid("1.2.840.10045.4.3.2"))  # no parameters (RFC 5758)
+_OID_CN = _der_oid("2.5.4.3")
+_OID_SAN = _der_oid("2.5.29.17")
+_OID_EXTENSION_REQUEST = _der_oid("1.2.840.113549.1.9.14")
+
+
+def _point(q: tuple[int, int]) -> bytes:
+    """Uncompressed SEC1 point; fixed-width coordinates keep their leading zero bytes."""
+    return b"\x04" + q[0].to_bytes(32, "big") + q[1].to_bytes(32, "big")
+
+
+def make_csr(node: str, key: tuple[int, tuple[int, int]]) -> bytes:
+    """PKCS#10 with CN=node and SAN DNS:node, nothing else: the CA takes every other name from
+    the plan and refuses CSRs that ask for more."""
+    if not NAME_RE.fullmatch(node):
+        raise ConfigError(f"bad node name {node!r}")
+    d, q = key
+    name = node.encode("ascii")
+    subject = _seq(_der(0x31, _seq(_OID_CN, _der(0x0C, name))))
+    spki = _seq(_EC_ALGORITHM, _bit_string(_point(q)))
+    extensions = _seq(_seq(_OID_SAN, _der(0x04, _seq(_der(0x82, name)))))
+    attributes = _der(0xA0, _seq(_OID_EXTENSION_REQUEST, _der(0x31, extensions)))
+    info = _seq(_der_int(0), subject, spki, attributes)
+    r, s = ecdsa_sign(d, info)
+    return _pem(
+        "CERTIFICATE REQUEST",
+        _seq(info, _ECDSA_SHA256, _bit_string(_seq(_der_int(r), _der_int(s)))),
+    )
+
+
+def key_pem(key: tuple[int, tuple[int, int]]) -> bytes:
+    """SEC1 (RFC 5915) with the curve and public key included, the form OpenSSL writes and
+    `ssl.SSLContext.load_cert_chain` reads."""
+    d, q = key
+    der = _seq(
+        _der_int(1),
+        _der(0x04, d.to_bytes(32, "big")),
+        _der(0xA0, _OID_P256),
+        _der(0xA1, _bit_string(_point(q))),
+    )
+    return _pem("EC PRIVATE KEY", der)
+
+
+# --- files ----------------------------------------------------------------------------------
+
+
+def write_file(path: Path, data: bytes, mode: int) -> None:
+    """Readers see the old file or the whole new one, and the file never exists with a wider
+    mode: it is created with `mode` (O_EXCL, never chmod-ed later) and renamed into place."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(str(tmp), str(path))
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
+
+
+def load_bootstrap(home: Path) -> dict:
+    path = home / "bootstrap.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    except ValueError:
+        raise ConfigError(f"{path}: not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: not a JSON object")
+    for field in ("service", "ca", "ca_sha256", "cluster", "node"):
+        if not isinstance(data.get(field), str) or not data[field]:
+            raise ConfigError(f"{path}: {field!r} is missing or not a string")
+    for field in ("cluster", "node"):
+        if not NAME_RE.fullmatch(data[field]):
+            raise ConfigError(f"{path}: bad {field} name {data[field]!r}")
+    url = urllib.parse.urlsplit(data["service"])
+    if url.scheme != "https" or not url.hostname:
+        raise ConfigError(f"{path}: service {data['service']!r} is not an https:// URL")
+    return data
+
+
+def install_ca(home: Path, boot: dict) -> Path:
+    """Trusts only the certificate whose fingerprint the pool pinned: the bootstrap channel
+    (user-data, kernel command line) may be readable or writable by others. What is written
+    is re-encoded from the checked DER, so nothing else smuggled into `ca` is trusted."""
+    try:
+        der = ssl.PEM_cert_to_DER_cert(boot["ca"].strip())
+    except ValueError:
+        raise ConfigError("bootstrap.json: 'ca' is not a PEM certificate") from None
+    pinned = boot["ca_sha256"].strip().lower().replace(":", "")
+    if not hmac.compare_digest(hashlib.sha256(der).hexdigest(), pinned):
+        raise ConfigError("bootstrap.json: the CA does not match ca_sha256; not trusting it")
+    path = home / "ca.crt"
+    write_file(path, ssl.DER_cert_to_PEM_cert(der).encode("ascii"), 0o644)
+    return path
+
+
+def forget_token(home: Path, boot: dict) -> None:
+    """The token is single-use; once enrolled it is only something to steal."""
+    if "token" in boot:
+        del boot["token"]
+        write_file(home / "bootstrap.json", json.dumps(boot, indent=1).encode(), 0o600)
+
+
+def identity_ok(cert: Path, key: Path) -> bool:
+    """True when the pair exists and the key matches the certificate (what TLS will need)."""
+    if not (cert.is_file() and key.is_file()):
+        return False
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, OSError):
+        return False
+    return True
+
+
+def tls_context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    """Trusts the crv CA only (no system roots) and checks the service's host name."""
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if cert is not None:
+            ctx.load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigError(f"cannot load the TLS identity in {ca.parent}: {e}") from None
+    return ctx
+
+
+# --- the service ----------------------------------------------------------------------------
+
+
+class Response(NamedTuple):
+    status: int
+    headers: dict
+    body: bytes
+
+    def json(self) -> dict:
+        try:
+            data = json.loads(self.body.decode("utf-8"))
+        except ValueError:
+            raise AgentError(
+                f"the service sent {self.status} with a body that is not JSON"
+            ) from None
+        if not isinstance(data, dict):
+            raise AgentError(f"the service sent {self.status} with a body that is not an object")
+        return data
+
+    def detail(self) -> str:
+        try:
+            detail = json.loads(self.body.decode("utf-8")).get("detail")
+        except (ValueError, AttributeError):
+            detail = None
+        return one_line(detail if isinstance(detail, str) else f"HTTP {self.status}")
+
+
+class _Connection(http.client.HTTPSConnection):
+    def connect(self) -> None:
+        """Small requests and answers back to back: without TCP_NODELAY each one can wait
+        40 ms for a delayed ACK. CPython sets it too but ignores failure; we want to know."""
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Service:
+    """The crv service over one kept-alive HTTPS connection: a thousand agents long-polling
+    must not cost a TLS handshake per request."""
+
+    def __init__(self, url: str, context: ssl.SSLContext) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.where = f"{parts.hostname}:{parts.port or 443}"
+        self._host, self._port = parts.hostname, parts.port or 443
+        self._prefix = parts.path.rstrip("/")
+        self._context = context
+        self._conn: _Connection | None = None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: dict | None = None,
+        timeout: float = 30.0,
+        limit: int = MAX_JSON_BYTES,
+    ) -> Response:
+        """Raises Unreachable for anything below HTTP. A kept-alive connection the service
+        closed while idle fails on first use: that one attempt is repeated on a fresh
+        connection (every request the agent makes is idempotent)."""
+        payload = None if body is None else json.dumps(body).encode("utf-8")
+        headers = {"Accept": "application/json", "User-Agent": "crv-agent/" + VERSION}
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+        while True:
+            reused = self._conn is not None
+            try:
+                return self._exchange(method, path, payload, headers, timeout, limit)
+            except (OSError, http.client.HTTPException) as e:
+                self.close()
+                if not reused:
+                    raise Unreachable(f"{self.where}: {str(e) or type(e).__name__}") from None
+
+    def _exchange(
+        self,
+        method: str,
+        path: str,
+        payload: bytes | None,
+        headers: dict,
+        timeout: float,
+        limit: int,
+    ) -> Response:
+        if self._conn is None:
+            self._conn = _Connection(self._host, self._port, timeout=timeout, context=self._context)
+        conn = self._conn
+        conn.timeout = timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
+        conn.request(method, self._prefix + path, body=payload, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read(limit + 1)
+        if len(data) > limit:
+            self.close()
+            raise AgentError(f"{method} {path}: answer larger than {limit} bytes")
+        return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+
+
+class Backoff:
+    """Exponential with jitter, so that a thousand agents whose service restarted do not all
+    come back in the same millisecond."""
+
+    def __init__(self, first: float = 0.25, cap: float = 2.0) -> None:
+        self.first, self.cap, self._delay = first, cap, first
+
+    def next(self) -> float:
+        delay, self._delay = self._delay, min(self._delay * 2, self.cap)
+        return delay * random.uniform(0.5, 1.0)
+
+    def reset(self) -> None:
+        self._delay = self.first
+
+
+def _retry_after(resp: Response) -> float | None:
+    try:
+        return min(max(float(resp.headers.get("retry-after", "")), 0.0), 60.0)
+    except ValueError:
+        return None
+
+
+def call(
+    service: Service,
+    method: str,
+    path: str,
+    body: dict | None = None,
+    *,
+    deadline: float | None = None,
+    retry_statuses: tuple = (),
+    timeout: float = 30.0,
+    limit: int = MAX_JSON_BYTES,
+    backoff_cap: float = 2.0,
+) -> Response:
+    """The first answer that is not worth waiting out. Network errors, 5xx and
+    `retry_statuses` are retried with backoff (Retry-After wins when the service sends it)
+    until `deadline` (a time.monotonic() value; None: forever)."""
+    backoff, last = Backoff(cap=backoff_cap), ""
+    while True:
+        try:
+            resp = service.request(method, path, body, timeout=timeout, limit=limit)
+            if resp.status < 500 and resp.status not in retry_statuses:
+                return resp
+            reason, delay = f"{method} {path}: {resp.detail()}", _retry_after(resp)
+        except Unreachable as e:
+            reason, delay = str(e), None
+        if delay is None:
+            delay = backoff.next()
+        if deadline is not None and time.monotonic() + delay > deadline:
+            raise Unreachable(reason)
+        if reason != last:
+            log(f"{reason}; retrying")
+            last = reason
+        time.sleep(delay)
+
+
+def _raise_for_node(resp: Response, what: str) -> None:
+    """Node routes: 401/403/404 mean the service no longer knows or trusts this node."""
+    if resp.status in (401, 403, 404):
+        raise Refused(f"{what}: {resp.detail()}")
+    if not 200 <= resp.status < 300:
+        raise AgentError(f"{what}: {resp.detail()}")
+
+
+# --- enrolment ------------------------------------------------------------------------------
+
+
+def enrol(home: Path, boot: dict, deadline: float) -> None:
+    """Key made on the node, CSR + token to the service, certificate back. A restart after a
+    crash finds a valid pair and skips this (the token is spent by then)."""
+    cert, key_path = home / "node.crt", home / "node.key"
+    if identity_ok(cert, key_path):
+        forget_token(home, boot)  # a crash may have come between the cert and the scrub
+        log(f"already enrolled as {boot['node']}")
+        return
+    token = boot.get("token")
+    if not isinstance(token, str) or not token:
+        raise Refused("not enrolled and no bootstrap token left (it is single-use)")
+    key = generate_key()
+    write_file(key_path, key_pem(key), 0o600)
+    body = {
+        "cluster": boot["cluster"],
+        "node": boot["node"],
+        "token": token,
+        "csr": make_csr(boot["node"], key).decode("ascii"),
+    }
+    service = Service(boot["service"], tls_context(home / "ca.crt"))
+    try:
+        resp = call(service, "POST", "/v1/enrol", body, deadline=deadline, retry_statuses=(409,))
+    except Unreachable as e:
+        raise Unreachable(f"not enrolled before the deadline: {e}") from None
+    finally:
+        service.close()
+    if resp.status != 200:
+        raise Refused(f"enrolment refused: {resp.detail()}")
+    pem = resp.json().get("certificate")
+    if not isinstance(pem, str) or not pem.startswith("-----BEGIN CERTIFICATE-----"):
+        raise Refused("enrolment answer has no PEM certificate")
+    write_file(cert, pem.encode("ascii"), 0o644)
+    if not identity_ok(cert, key_path):
+        raise Refused("the certificate the service issued does not match the node key")
+    forget_token(home, boot)
+    log(f"enrolled as {boot['node']} in cluster {boot['cluster']}")
+
+
+# --- recipe bundles -------------------------------------------------------------------------
+
+
+def _member_parts(name: str) -> list:
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if name.startswith("/") or ".." in parts:
+        raise BundleError(f"unsafe name {name!r} in the recipe bundle")
+    return parts
+
+
+def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
+    """O_EXCL: a name seen twice is an error, never an overwrite. The mode is set with fchmod
+    so that the umask cannot drop the executable bit a recipe needs."""
+    mode = 0o755 if member.mode & 0o111 else 0o644
+    source = tar.extractfile(member)
+    fd = os.open(str(target), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "wb") as out:
+        os.fchmod(out.fileno(), mode)
+        if source is not None:
+            shutil.copyfileobj(source, out)
+
+
+def extract_bundle(data: bytes, dest: Path, max_bytes: int = MAX_BUNDLE_BYTES) -> None:
+    """Unpacks a gzip tar into `dest` (created; it must not exist). Only regular files and
+    directories under `dest`: no absolute names, no `..`, no links or devices, at most
+    `max_bytes` in all, because the bundle decides what runs as the agent's user. Files are
+    written by hand rather than by tarfile.extract so that no owner, time or mode from the
+    archive applies except the executable bit."""
+    dest.mkdir(mode=0o755)
+    total = 0
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r|gz") as tar:
+            for count, member in enumerate(tar, 1):
+                if count > MAX_BUNDLE_MEMBERS:
+                    raise BundleError(f"more than {MAX_BUNDLE_MEMBERS} entries in the bundle")
+                target = dest.joinpath(*_member_parts(member.name))
+                if member.isdir():
+                    target.mkdir(mode=0o755, parents=True, exist_ok=True)
+                elif member.isreg() and not member.issparse() and target != dest:
+                    total += member.size
+                    if total > max_bytes:
+                        raise BundleError(f"bundle unpacks to more than {max_bytes} bytes")
+                    target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                    _write_member(tar, member, target)
+                else:
+                    raise BundleError(
+                        f"{member.name!r} in the recipe bundle is not a regular file or directory"
+                    )
+    except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as e:
+        raise BundleError(f"unreadable recipe bundle: {str(e) or type(e).__name__}") from None
+
+
+def _replace_dir(staging: Path, final: Path) -> None:
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(str(old), ignore_errors=True)
+    if final.exists():
+        os.rename(str(final), str(old))
+    os.rename(str(staging), str(final))
+    shutil.rmtree(str(old), ignore_errors=True)
+
+
+def sync_bundle(service: Service, home: Path, state: dict, wanted: str) -> None:
+    """Fetches the recipes when the service's bundle differs from ours. The whole appliance
+    directory is kept (recipes source their libraries through CRV_APPLIANCE_DIR)."""
+    final = home / "appliance"
+    if not wanted or (wanted == state.get("bundle") and final.is_dir()):
+        return
+    resp = call(
+        service,
+        "GET",
+        "/v1/recipes",
+        timeout=120.0,
+        limit=MAX_BUNDLE_BYTES,
+        backoff_cap=DAEMON_BACKOFF,
+    )
+    _raise_for_node(resp, "GET /v1/recipes")
+    digest = hashlib.sha256(resp.body).hexdigest()
+    announced = resp.headers.get("x-crv-bundle", digest).strip().lower()
+    if digest != announced:
+        raise BundleError(f"recipe bundle sha256 {digest}, the service announced {announced}")
+    staging = home / "appliance.new"
+    shutil.rmtree(str(staging), ignore_errors=True)
+    extract_bundle(resp.body, staging)
+    _replace_dir(staging, final)
+    state["bundle"] = digest
+    save_state(home, state)
+    log(f"recipes updated to bundle {digest[:12]}")
+
+
+# --- work and recipes -----------------------------------------------------------------------
+
+
+class Role(NamedTuple):
+    role: str
+    release: int
+    recipe: str
+    appdir: str
+    env: dict
+
+
+class Work(NamedTuple):
+    generation: int
+    group: str
+    address: str
+    stop: bool
+    bundle: str
+    roles: list
+
+
+def _int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def parse_work(data: dict) -> Work:
+    """Checks every field the agent acts on: role names become file names, env goes to
+    processes, so nothing is used unchecked."""
+    items = data.get("roles")
+    if not isinstance(items, list):
+        raise AgentError("malformed /v1/work answer: no roles list")
+    roles = []
+    for item in items:
+        if not (isinstance(item, dict) and isinstance(item.get("role"), str)):
+            raise AgentError("malformed /v1/work answer: bad roles entry")
+        if not (NAME_RE.fullmatch(item["role"]) and _int(item.get("release"))):
+            raise AgentError(f"malformed /v1/work answer: bad role {item['role']!r}")
+        env = item.get("env") or {}
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and ENV_NAME_RE.fullmatch(k) and isinstance(v, str) and "\0" not in v
+            for k, v in env.items()
+        ):
+            raise AgentError(f"malformed /v1/work answer: bad env of role {item['role']}")
+        recipe, appdir = item.get("recipe"), item.get("appdir")
+        if not (isinstance(recipe, str) and isinstance(appdir, str)):
+            raise AgentError(f"malformed /v1/work answer: role {item['role']} has no recipe")
+        roles.append(Role(item["role"], item["release"], recipe, appdir, env))
+    if not (_int(data.get("generation")) and isinstance(data.get("stop", False), bool)):
+        raise AgentError("malformed /v1/work answer: bad generation or stop")
+    return Work(
+        data["generation"],
+        str(data.get("group") or ""),
+        str(data.get("address") or ""),
+        data.get("stop", False),
+        str(data.get("bundle") or ""),
+        roles,
+    )
+
+
+def inside(base: Path, relative: str) -> Path:
+    """A path from the service, kept under `base`."""
+    rel = PurePosixPath(relative)
+    if not relative or rel.is_absolute() or ".." in rel.parts:
+        raise AgentError(f"path {relative!r} leaves the appliance directory")
+    return base.joinpath(*rel.parts)
+
+
+def agent_bin(home: Path) -> Path:
+    """The directory whose `crv-agent` is this very agent, for the recipes' PATH: its own
+    directory when a pool installed it under that name, else `home/bin` (see install_shim)."""
+    this = Path(__file__).absolute()
+    return this.parent if this.name == "crv-agent" else home / "bin"
+
+
+def install_shim(home: Path) -> None:
+    """Started under another name (`python3 crv_agent.py`), the agent puts a `crv-agent` in
+    `home/bin` that runs the same file with the same interpreter. It never writes over the
+    agent itself."""
+    this = Path(__file__).absolute()
+    shim = agent_bin(home) / "crv-agent"
+    if shim.parent == this.parent or (shim.exists() and shim.samefile(this)):
+        return
+    shim.parent.mkdir(mode=0o755, exist_ok=True)
+    python = sys.executable or "python3"
+    script = f'#!/bin/sh\nexec {shlex.quote(python)} {shlex.quote(str(this))} "$@"\n'
+    write_file(shim, script.encode(), 0o755)
+
+
+def recipe_env(home: Path, boot: dict, work: Work, role: Role) -> dict:
+    """The agent's environment without anything secret or crv-specific it inherited, the
+    role's env from the service, then the crv variables (which the role's env cannot
+    override: they are this node's identity). A pool's process tags (CRV_LOCAL_*) are kept:
+    they are how the pool finds every process of the node, daemons included, at teardown."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if (k.startswith("CRV_LOCAL_") or not k.startswith("CRV_")) and not SECRET_ENV_RE.search(k)
+    }
+    env.update(role.env)
+    appliance = home / "appliance"
+    path = [str(agent_bin(home)), os.environ.get("PATH", os.defpath)]
+    env.update(
+        PATH=os.pathsep.join(path),
+        CRV_AGENT_HOME=str(home),
+        CRV_CLUSTER=boot["cluster"],
+        CRV_NODE=boot["node"],
+        CRV_GROUP=work.group,
+        CRV_ROLE=role.role,
+        CRV_ADDRESS=work.address,
+        CRV_CA_FILE=str(home / "ca.crt"),
+        CRV_CERT_FILE=str(home / "node.crt"),
+        CRV_KEY_FILE=str(home / "node.key"),
+        CRV_APPLIANCE_DIR=str(inside(appliance, role.appdir)),
+    )
+    return env
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the recipe's whole process group, SIGKILL after a grace period."""
+    for sig, grace in ((signal.SIGTERM, KILL_GRACE), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _tail(path: Path, start: int) -> str:
+    with open(str(path), "rb") as f:
+        end = f.seek(0, io.SEEK_END)
+        f.seek(max(start, end - OUTPUT_TAIL))
+        return f.read(OUTPUT_TAIL).decode("utf-8", "replace")
+
+
+def run_recipe(home: Path, boot: dict, work: Work, role: Role, timeout: float) -> tuple:
+    """Runs one recipe; returns (exit code, or None after a timeout; the output tail).
+
+    Output goes straight to a file, not a pipe: daemons a recipe starts in the background keep
+    its stdout open, and a pipe would keep us waiting for them."""
+    workdir, logdir = home / "work", home / "logs"
+    workdir.mkdir(mode=0o755, exist_ok=True)
+    logdir.mkdir(mode=0o700, exist_ok=True)
+    log_path = logdir / (role.role + ".log")
+    fd = os.open(str(log_path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "ab") as out:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        out.write(f"=== {stamp} role {role.role} release {role.release} ===\n".encode())
+        out.flush()
+        start = out.tell()
+        try:
+            proc = _start(home, boot, work, role, out)
+        except (OSError, AgentError) as e:
+            out.write(f"crv-agent: cannot start the recipe: {one_line(str(e))}\n".encode())
+            code: int | None = 127
+        else:
+            code = _wait(proc, timeout, out)
+    return code, _tail(log_path, start)
+
+
+def _start(home: Path, boot: dict, work: Work, role: Role, out: BinaryIO) -> subprocess.Popen:
+    """The recipe gets its own session, so that a timeout can kill everything it started."""
+    script = inside(home / "appliance", role.recipe)
+    if not script.is_file():
+        raise AgentError(f"{role.recipe} is not in the recipe bundle")
+    argv = [str(script)] if os.access(str(script), os.X_OK) else ["sh", str(script)]
+    return subprocess.Popen(
+        argv,
+        cwd=str(home / "work"),
+        env=recipe_env(home, boot, work, role),
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _wait(proc: subprocess.Popen, timeout: float, out: BinaryIO) -> int | None:
+    """On success nothing is killed: the daemons a recipe leaves running are its purpose."""
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out.write(f"crv-agent: recipe timed out after {timeout:g} s; killed\n".encode())
+        return None
+    except BaseException:  # the agent is stopping: leave no half-run recipe behind
+        _kill_group(proc)
+        raise
+    return code if code >= 0 else 128 - code  # killed by a signal: the shell's convention
+
+
+def report(service: Service, role: Role, state: str, code: int | None, output: str) -> None:
+    body = {"role": role.role, "release": role.release, "state": state}
+    body.update(exit_code=code, output=output)
+    resp = call(service, "POST", "/v1/status", body, backoff_cap=DAEMON_BACKOFF)
+    if resp.status in (401, 403, 404):
+        _raise_for_node(resp, "POST /v1/status")
+    elif resp.status == 409:
+        log(f"status of role {role.role} release {role.release} is stale; ignored")
+    elif not 200 <= resp.status < 300:  # 400, 413: the same report would be refused again
+        log(f"status of role {role.role} refused: {resp.detail()}")
+
+
+def run_role(
+    service: Service, home: Path, boot: dict, work: Work, role: Role, state: dict, timeout: float
+) -> None:
+    """The release is recorded after the final report: a crash in between re-runs the recipe
+    (recipes are idempotent) rather than leaving the service waiting for a report."""
+    log(f"running role {role.role} release {role.release}")
+    report(service, role, "running", None, "")
+    code, output = run_recipe(home, boot, work, role, timeout)
+    outcome = "done" if code == 0 else "failed"
+    report(service, role, outcome, code, output)
+    state["releases"][role.role] = role.release
+    save_state(home, state)
+    log(f"role {role.role} release {role.release} {outcome} (exit {code})")
+
+
+def load_state(home: Path) -> dict:
+    """A lost or damaged state only means running every current release again."""
+    path = home / "state.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        releases = data["releases"]
+        if isinstance(releases, dict) and all(_int(v) for v in releases.values()):
+            return {"bundle": data.get("bundle"), "releases": releases}
+    except FileNotFoundError:
+        return {"bundle": None, "releases": {}}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    log(f"{path} is damaged; starting afresh")
+    return {"bundle": None, "releases": {}}
+
+
+def save_state(home: Path, state: dict) -> None:
+    write_file(home / "state.json", json.dumps(state, sort_keys=True).encode(), 0o600)
+
+
+def serve(home: Path, boot: dict, recipe_timeout: float) -> int:
+    ctx = tls_context(home / "ca.crt", home / "node.crt", home / "node.key")
+    service = Service(boot["service"], ctx)
+    install_shim(home)
+    state = load_state(home)
+    generation, backoff = 0, Backoff(cap=DAEMON_BACKOFF)
+    while True:
+        path = f"/v1/work?after={generation}&wait={POLL_WAIT}"
+        try:
+            resp = call(service, "GET", path, timeout=POLL_WAIT + 15, backoff_cap=DAEMON_BACKOFF)
+            _raise_for_node(resp, "GET /v1/work")
+            work = parse_work(resp.json())
+            if work.stop:
+                log("the service stops this node; exiting")
+                return EXIT_OK
+            sync_bundle(service, home, state, work.bundle)
+        except Refused:
+            raise
+        except AgentError as e:
+            log(f"{e}; retrying")
+            time.sleep(backoff.next())
+            continue
+        backoff.reset()
+        generation = work.generation
+        for role in work.roles:
+            if role.release > state["releases"].get(role.role, 0):
+                run_role(service, home, boot, work, role, state, recipe_timeout)
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def _home(args: argparse.Namespace) -> Path:
+    home = args.home or os.environ.get("CRV_AGENT_HOME")
+    if not home:
+        raise ConfigError("no agent home: pass --home DIR or set CRV_AGENT_HOME")
+    return Path(home).resolve()
+
+
+def _lock(home: Path) -> int:
+    """Two agents on one home would run every recipe twice."""
+    fd = os.open(str(home / "agent.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ConfigError(f"another crv-agent is running on {home}") from None
+    return fd
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    home = _home(args)
+    if not home.is_dir():
+        raise ConfigError(f"{home} is not a directory")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    _lock(home)
+    boot = load_bootstrap(home)
+    install_ca(home, boot)
+    enrol(home, boot, time.monotonic() + args.deadline)
+    return serve(home, boot, args.recipe_timeout)
+
+
+def _cli_service(args: argparse.Namespace) -> tuple:
+    home = _home(args)
+    boot = load_bootstrap(home)
+    files = [home / n for n in ("ca.crt", "node.crt", "node.key")]
+    if not all(f.is_file() for f in files):
+        raise ConfigError(f"{home}: not enrolled yet (no ca.crt, node.crt or node.key)")
+    return Service(boot["service"], tls_context(*files)), boot
+
+
+def _attribute_path(role: str, key: str) -> str:
+    if not NAME_RE.fullmatch(role):
+        raise ConfigError(f"bad role name {role!r}")
+    if not KEY_RE.fullmatch(key):
+        raise ConfigError(f"bad attribute key {key!r}: lowercase letters, digits and _")
+    return f"/v1/attributes/{urllib.parse.quote(role, safe='')}/{key}"
+
+
+def _cli_call(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> tuple:
+    service, boot = _cli_service(args)
+    resp = call(service, method, path, body, deadline=time.monotonic() + CLI_DEADLINE)
+    service.close()
+    if resp.status == 404:
+        raise AgentError(f"{path}: {resp.detail()}", EXIT_FAILED)
+    if not 200 <= resp.status < 300:
+        raise AgentError(resp.detail(), EXIT_CONFIG)
+    return resp, boot
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    role = os.environ.get("CRV_ROLE")
+    if not role:
+        raise ConfigError("CRV_ROLE is not set: `crv-agent set` runs inside a recipe")
+    _cli_call(args, "PUT", _attribute_path(role, args.key), {"value": args.value})
+    return EXIT_OK
+
+
+def _values(args: argparse.Namespace) -> tuple:
+    resp, boot = _cli_call(args, "GET", _attribute_path(args.role, args.key))
+    values = resp.json().get("values")
+    if not isinstance(values, list) or not all(
+        isinstance(v, dict) and isinstance(v.get("value"), str) for v in values
+    ):
+        raise AgentError("malformed answer from the service")
+    return values, boot
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    """This node's own value when it hosts the role (a local dependency), else the first."""
+    values, boot = _values(args)
+    if not values:
+        raise AgentError(f"no value for {args.role} {args.key}", EXIT_FAILED)
+    mine = [v for v in values if v.get("node") == boot["node"]]
+    sys.stdout.write((mine or values)[0]["value"] + "\n")
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Nothing at all is a valid answer (a role scaled to zero): exit 0, print nothing."""
+    values, _ = _values(args)
+    sys.stdout.write("".join(v["value"] + "\n" for v in values))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crv-agent", description="The crv node agent.")
+    parser.add_argument("--version", action="version", version="crv-agent " + VERSION)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    home = argparse.ArgumentParser(add_help=False)
+    home.add_argument("--home", metavar="DIR", help="agent home (default: $CRV_AGENT_HOME)")
+
+    run = sub.add_parser("run", parents=[home], help="enrol, then run this node's recipes")
+    run.add_argument("--deadline", type=float, default=600.0, help="seconds to enrol (600)")
+    run.add_argument("--recipe-timeout", type=float, default=1800.0, help="seconds (1800)")
+    run.set_defaults(func=cmd_run)
+
+    setp = sub.add_parser("set", parents=[home], help="publish KEY=VALUE for $CRV_ROLE")
+    setp.add_argument("key")
+    setp.add_argument("value")
+    setp.set_defaults(func=cmd_set)
+    for name, func, text in (
+        ("get", cmd_get, "print one value of ROLE's KEY"),
+        ("list", cmd_list, "print every value of ROLE's KEY, one per line"),
+    ):
+        p = sub.add_parser(name, parents=[home], help=text)
+        p.add_argument("role")
+        p.add_argument("key")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AgentError as e:
+        sys.stderr.write(f"crv-agent: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""What a node receives: its cluster's recipes as one reproducible tar.
+
+Each appliance directory the cluster uses (the appliance, then each included one) becomes `a0/`,
+`a1/`, ... so a recipe can source its own appliance's files through CRV_APPLIANCE_DIR. The tar is
+byte-for-byte reproducible (sorted names, zero times and owners), so re-running a deploy yields
+the same digest and agents do not fetch it again.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import stat
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from crv.appliance import Appliance
+from crv.errors import SpecError
+from crv.spec import ParamValue
+
+MAX_BUNDLE_BYTES = 16 << 20
+SKIPPED = {".git", "__pycache__", ".venv"}
+
+
+@dataclass(frozen=True)
+class Bundle:
+    data: bytes  # gzip tar
+    roles: dict[str, dict[str, object]]  # role -> {recipe, appdir, env, depends_on}
+
+
+def param_env(params: dict[str, ParamValue]) -> dict[str, str]:
+    def text(v: ParamValue) -> str:
+        return ("true" if v else "false") if isinstance(v, bool) else str(v)
+
+    return {f"CRV_PARAM_{k.upper().replace('-', '_')}": text(v) for k, v in params.items()}
+
+
+def build(appliance: Appliance) -> Bundle:
+    dirs: dict[Path, str] = {}
+    for role in appliance.roles.values():
+        dirs.setdefault(role.directory, f"a{len(dirs)}")
+    buf = io.BytesIO()
+    with (
+        gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for directory, prefix in dirs.items():
+            _add_tree(tar, directory, prefix, appliance.source)
+    data = buf.getvalue()
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise SpecError(
+            appliance.source, "", f"the recipe bundle is {len(data)} bytes (at most 16 MiB)"
+        )
+    roles: dict[str, dict[str, object]] = {}
+    for name, role in appliance.roles.items():
+        prefix = dirs[role.directory]
+        roles[name] = {
+            "recipe": f"{prefix}/{role.recipe.relative_to(role.directory).as_posix()}",
+            "appdir": prefix,
+            "env": param_env(dict(role.params)),
+            "depends_on": [
+                {"role": d.role, "local": d.local, "min_ready": d.min_ready}
+                for d in role.depends_on
+            ],
+        }
+    return Bundle(data, roles)
+
+
+def _add_tree(tar: tarfile.TarFile, root: Path, prefix: str, source: str) -> None:
+    """Regular files and directories only; a symlink is followed only if it stays inside."""
+    paths = sorted(
+        p for p in root.rglob("*") if not SKIPPED.intersection(p.relative_to(root).parts)
+    )
+    _add(tar, prefix, is_dir=True, mode=0o755)
+    for path in paths:
+        rel = path.relative_to(root).as_posix()
+        resolved = path.resolve()
+        if not resolved.is_relative_to(root):
+            continue  # a link out of the appliance: never shipped
+        st = resolved.stat()
+        if stat.S_ISDIR(st.st_mode):
+            _add(tar, f"{prefix}/{rel}", is_dir=True, mode=0o755)
+        elif stat.S_ISREG(st.st_mode):
+            mode = 0o755 if st.st_mode & 0o111 else 0o644
+            _add(tar, f"{prefix}/{rel}", data=resolved.read_bytes(), mode=mode)
+
+
+def _add(
+    tar: tarfile.TarFile, name: str, *, data: bytes = b"", is_dir: bool = False, mode: int
+) -> None:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE if is_dir else tarfile.REGTYPE
+    info.mode, info.mtime, info.uid, info.gid = mode, 0, 0, 0
+    info.size = 0 if is_dir else len(data)
+    tar.addfile(info, None if is_dir else io.BytesIO(data))

@@ -1,0 +1,139 @@
+"""The admin side of the service, as the CLI and the flows call it (mutual TLS, admin cert).
+
+Transport failures, 5xx and 409 are temporary (the service restarting, a release whose
+dependencies are a moment early); other refusals are permanent and carry the service's reason.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import httpx
+
+from crv.errors import CrvError
+from crv.home import Home
+
+
+class ServiceError(CrvError):
+    def __init__(self, message: str, *, status: int | None = None, temporary: bool = False):
+        self.status = status
+        self.temporary = temporary
+        super().__init__(message)
+
+
+def _ssl(home: Home) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(home.ca_file))
+    ctx.load_cert_chain(home.admin_cert, home.admin_key)
+    return ctx
+
+
+def _check(r: httpx.Response) -> Any:
+    if r.status_code < 300:
+        return r.json() if r.content else None
+    try:
+        detail = r.json().get("detail", r.text)
+    except ValueError:
+        detail = r.text
+    temporary = r.status_code >= 500 or r.status_code == 409
+    raise ServiceError(
+        f"service: {r.request.method} {r.request.url.path}: {r.status_code} {detail}",
+        status=r.status_code,
+        temporary=temporary,
+    )
+
+
+def _transport_error(e: httpx.TransportError, url: str) -> ServiceError:
+    return ServiceError(f"service at {url} unreachable: {type(e).__name__}: {e}", temporary=True)
+
+
+class AsyncService:
+    """One kept-alive connection pool for a whole flow run."""
+
+    def __init__(self, home: Home, url: str, *, connections: int = 20) -> None:
+        self.url = url
+        self._http = httpx.AsyncClient(
+            base_url=url,
+            verify=_ssl(home),
+            timeout=httpx.Timeout(60.0, connect=10.0),
+            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+        )
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def call(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            r = await self._http.request(method, path, **kw)
+        except httpx.TransportError as e:
+            raise _transport_error(e, self.url) from None
+        return _check(r)
+
+    async def put_cluster(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("PUT", f"/v1/admin/clusters/{name}", json=body)
+        return result
+
+    async def put_nodes(self, cluster: str, nodes: list[dict[str, Any]]) -> None:
+        await self.call("PUT", f"/v1/admin/clusters/{cluster}/nodes", json={"nodes": nodes})
+
+    async def tokens(self, cluster: str, nodes: list[str], ttl: float) -> dict[str, str]:
+        body = {"nodes": nodes, "ttl": ttl}
+        result = await self.call("POST", f"/v1/admin/clusters/{cluster}/tokens", json=body)
+        return dict(result["tokens"])
+
+    async def update_roles(self, cluster: str, updates: list[dict[str, Any]]) -> list[Any]:
+        body = {"updates": updates}
+        result = await self.call("POST", f"/v1/admin/clusters/{cluster}/roles", json=body)
+        return list(result["results"])
+
+    async def events(self, cluster: str, after: int, wait: float) -> dict[str, Any]:
+        params = {"after": after, "wait": wait}
+        result: dict[str, Any] = await self.call(
+            "GET",
+            f"/v1/admin/clusters/{cluster}/events",
+            params=params,
+            timeout=wait + 30,
+        )
+        return result
+
+    async def status(self, cluster: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("GET", f"/v1/admin/clusters/{cluster}")
+        return result
+
+    async def delete_node(self, cluster: str, node: str) -> list[str]:
+        result = await self.call("DELETE", f"/v1/admin/clusters/{cluster}/nodes/{node}")
+        return list(result["revoked"])
+
+    async def delete_cluster(self, cluster: str) -> list[str]:
+        result = await self.call("DELETE", f"/v1/admin/clusters/{cluster}")
+        return list(result["revoked"])
+
+
+class Service:
+    """The blocking twin for the CLI (status, list, destroy)."""
+
+    def __init__(self, home: Home, url: str) -> None:
+        self.url = url
+        self._http = httpx.Client(base_url=url, verify=_ssl(home), timeout=30.0)
+
+    def call(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            r = self._http.request(method, path, **kw)
+        except httpx.TransportError as e:
+            raise _transport_error(e, self.url) from None
+        return _check(r)
+
+    def status(self, cluster: str) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = self.call("GET", f"/v1/admin/clusters/{cluster}")
+        except ServiceError as e:
+            if e.status == 404:
+                return None
+            raise
+        return result
+
+    def clusters(self) -> list[dict[str, Any]]:
+        return list(self.call("GET", "/v1/admin/clusters")["clusters"])
+
+    def delete_cluster(self, cluster: str) -> list[str]:
+        return list(self.call("DELETE", f"/v1/admin/clusters/{cluster}")["revoked"])

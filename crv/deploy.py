@@ -1,0 +1,377 @@
+"""The four step kinds of a deploy, for one node at a time, against a pool and the service.
+
+Many nodes run these at once (crv.executor), so everything that talks to the service is shared:
+one event stream mirrors the cluster's state (a certify or contextualize step waits on an
+asyncio future, holding no thread), and calls that many nodes make at the same moment (node
+records, tokens, releases) are batched into one request. Pool calls are blocking library calls
+and run in a bounded thread pool.
+
+Re-running converges: a node that is already enrolled is not provisioned again, a role that is
+already done is not re-run, and a node the pool holds but that never enrolled is replaced
+(its one-time token is gone with the previous run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from crv import verify
+from crv.bundle import build
+from crv.client import AsyncService, ServiceError
+from crv.errors import CrvError
+from crv.plan import Plan
+from pools.base import NodeSpec, Pool
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+BATCH_MAX = 500
+
+
+class StepError(CrvError):
+    def __init__(self, message: str, *, temporary: bool) -> None:
+        self.temporary = temporary
+        super().__init__(message)
+
+
+class RecipeFailed(StepError):
+    def __init__(self, node: str, role: str, exit_code: int | None, output: str) -> None:
+        self.node, self.role, self.exit_code, self.output = node, role, exit_code, output
+        how = f"exited {exit_code}" if exit_code is not None else "failed"
+        tail = " | ".join(line for line in output.strip().splitlines()[-5:]) or "(no output)"
+        super().__init__(f"recipe of {role} on {node} {how}: {tail}", temporary=True)
+
+
+class Batcher(Generic[T, R]):
+    """Collects items submitted in the same moment and sends them in one call, in order; one
+    call in flight at a time, so an acknowledged item is applied before any later one."""
+
+    def __init__(self, send: Callable[[list[T]], Awaitable[list[R]]]) -> None:
+        self._send = send
+        self._queue: list[tuple[T, asyncio.Future[R]]] = []
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def submit(self, item: T) -> R:
+        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, fut))
+        self._wake.set()
+        return await fut
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(0)  # let the other steps of this moment enqueue theirs
+            batch, self._queue = self._queue[:BATCH_MAX], self._queue[BATCH_MAX:]
+            if not self._queue:
+                self._wake.clear()
+            if not batch:
+                continue
+            try:
+                results = await self._send([item for item, _ in batch])
+            except Exception as e:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for (_, fut), result in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)
+
+    def close(self) -> None:
+        self._task.cancel()
+
+
+class Mirror:
+    """The cluster's node and role states as the service reports them, kept current by one
+    long poll on its event stream; steps wait here for their node's changes."""
+
+    def __init__(self, service: AsyncService, cluster: str) -> None:
+        self.service, self.cluster = service, cluster
+        self.nodes: dict[str, str] = {}
+        self.addresses: dict[str, str | None] = {}
+        self.roles: dict[tuple[str, str], dict[str, Any]] = {}
+        self._waiters: dict[str, list[asyncio.Future[None]]] = defaultdict(list)
+        self._task: asyncio.Task[None] | None = None
+        self.error: BaseException | None = None
+
+    async def start(self) -> None:
+        first = await self.service.events(self.cluster, 0, 0)
+        after = first["last"]
+        status = await self.service.status(self.cluster)
+        for n in status["nodes"]:
+            self.nodes[n["name"]] = n["state"]
+            self.addresses[n["name"]] = n["address"]
+            for role, r in n["roles"].items():
+                self.roles[(n["name"], role)] = dict(r)
+        self._task = asyncio.get_running_loop().create_task(self._follow(after))
+
+    async def _follow(self, after: int) -> None:
+        failures = 0
+        while True:
+            try:
+                batch = await self.service.events(self.cluster, after, 25)
+                failures = 0
+            except ServiceError as e:
+                failures += 1
+                if not e.temporary or failures > 30:
+                    self.error = e
+                    self._wake_all()
+                    return
+                await asyncio.sleep(min(5.0, 0.2 * 2**failures))  # the service restarting (F7)
+                continue
+            for ev in batch["events"]:
+                self._apply(ev)
+            after = batch["last"]
+
+    def _apply(self, ev: Mapping[str, Any]) -> None:
+        node = ev["node"]
+        if node is None:
+            return
+        if ev["kind"] in ("enrolled", "node", "revoked"):
+            self.nodes[node] = ev["state"]
+        elif ev["kind"] in ("role", "verified"):
+            slot = self.roles.setdefault((node, ev["role"]), {})
+            slot["state"] = ev["state"]
+            if ev["kind"] == "role":
+                slot.update(release=ev["release"], exit_code=ev["exit_code"])
+                if ev["output"] is not None:
+                    slot["output"] = ev["output"]
+                if ev["attributes"] is not None:
+                    slot["attributes"] = ev["attributes"]
+        for fut in self._waiters.pop(node, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+    def _wake_all(self) -> None:
+        for futs in self._waiters.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.set_result(None)
+        self._waiters.clear()
+
+    async def wait(self, node: str, ready: Callable[[], bool], timeout: float, what: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not ready():
+            if self.error is not None:
+                raise StepError(f"lost the service's event stream: {self.error}", temporary=False)
+            left = deadline - loop.time()
+            if left <= 0:
+                raise StepError(f"{node}: timed out after {timeout:.0f} s {what}", temporary=True)
+            fut: asyncio.Future[None] = loop.create_future()
+            self._waiters[node].append(fut)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(fut, left)
+
+    def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    boot: float = 300.0  # provision returned -> the agent enrolled
+    recipe: float = 1800.0  # release -> the agent reported done or failed
+
+
+class ClusterRun:
+    def __init__(
+        self,
+        plan: Plan,
+        pool: Pool,
+        service: AsyncService,
+        *,
+        service_url: str,
+        ca_pem: str,
+        ca_sha256: str,
+        ca_file: str,
+        timeouts: Timeouts = Timeouts(),
+        pool_threads: int = 32,
+    ) -> None:
+        self.plan, self.pool, self.service = plan, pool, service
+        self.cluster = plan.cluster
+        self.service_url, self.ca_pem, self.ca_sha256 = service_url, ca_pem, ca_sha256
+        self.timeouts = timeouts
+        self.mirror = Mirror(service, self.cluster)
+        self._threads = ThreadPoolExecutor(pool_threads, thread_name_prefix="crv-pool")
+        self._http = verify.http_client(ca_file)
+        self._node_updates: Batcher[dict[str, Any], None] | None = None
+        self._tokens: Batcher[str, str] | None = None
+        self._roles: Batcher[dict[str, Any], dict[str, Any]] | None = None
+
+    # -- set-up and tear-down of the run ----------------------------------------------------
+
+    async def start(self) -> None:
+        """Register the cluster and its nodes (idempotent), then follow its events."""
+        a = self.plan.appliance
+        bundle = build(a)
+        await self.service.put_cluster(
+            self.cluster,
+            {
+                "appliance": a.name,
+                "source": str(a.directory),
+                "pool": self.pool.name,
+                "parameters": dict(a.parameters),
+                "roles": bundle.roles,
+                "bundle": base64.b64encode(bundle.data).decode(),
+            },
+        )
+        nodes = [
+            {
+                "name": n.name,
+                "group": n.group,
+                "roles": list(a.groups[n.group].roles),
+                "pool": self.pool.name,
+            }
+            for n in self.plan.nodes.values()
+        ]
+        for i in range(0, len(nodes), BATCH_MAX):
+            await self.service.put_nodes(self.cluster, nodes[i : i + BATCH_MAX])
+        await self.mirror.start()
+        self._node_updates = Batcher(self._send_nodes)
+        self._tokens = Batcher(self._send_tokens)
+        self._roles = Batcher(self._send_roles)
+
+    async def close(self) -> None:
+        self.mirror.close()
+        for b in (self._node_updates, self._tokens, self._roles):
+            if b is not None:
+                b.close()
+        await self._http.aclose()
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+    async def _send_nodes(self, items: list[dict[str, Any]]) -> list[None]:
+        await self.service.put_nodes(self.cluster, items)
+        return [None] * len(items)
+
+    async def _send_tokens(self, names: list[str]) -> list[str]:
+        tokens = await self.service.tokens(self.cluster, names, self.timeouts.boot + 600)
+        return [tokens[n] for n in names]
+
+    async def _send_roles(self, updates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return await self.service.update_roles(self.cluster, updates)
+
+    def _node_item(self, node: str, **extra: Any) -> dict[str, Any]:
+        group = self.plan.nodes[node].group
+        return {
+            "name": node,
+            "group": group,
+            "roles": list(self.plan.appliance.groups[group].roles),
+            "pool": self.pool.name,
+            **extra,
+        }
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+
+    # -- the four step kinds ----------------------------------------------------------------
+
+    async def step(self, sid: str) -> None:
+        d = self.plan.graph.nodes[sid]
+        kind, node, role = d["kind"], d["node"], d["role"]
+        if kind == "provision":
+            await self.provision(node)
+        elif kind == "certify":
+            await self.certify(node)
+        elif kind == "contextualize":
+            await self.contextualize(node, role)
+        else:
+            await self.verify(node, role)
+
+    async def provision(self, node: str) -> None:
+        assert self._node_updates is not None and self._tokens is not None
+        existing = await self._in_thread(self.pool.get_node, node)
+        alive = existing is not None and existing.state in ("running", "pending")
+        if existing is not None and alive and self.mirror.nodes.get(node) == "enrolled":
+            self.mirror.addresses[node] = existing.address
+            await self._node_updates.submit(
+                self._node_item(node, address=existing.address, state="provisioned")
+            )
+            return
+        if existing is not None:  # held by the pool but never enrolled: its token is spent
+            await self._in_thread(self.pool.destroy_node, node)
+        await self._node_updates.submit(self._node_item(node, state="provisioning"))
+        token = await self._tokens.submit(node)
+        spec = NodeSpec(
+            name=node,
+            cluster=self.cluster,
+            group=self.plan.nodes[node].group,
+            bootstrap={
+                "service": self.service_url,
+                "ca": self.ca_pem,
+                "ca_sha256": self.ca_sha256,
+                "cluster": self.cluster,
+                "node": node,
+                "token": token,
+            },
+        )
+        info = await self._in_thread(self.pool.create_node, spec)
+        self.mirror.addresses[node] = info.address
+        await self._node_updates.submit(
+            self._node_item(node, address=info.address, state="provisioned")
+        )
+
+    async def certify(self, node: str) -> None:
+        await self.mirror.wait(
+            node,
+            lambda: self.mirror.nodes.get(node) == "enrolled",
+            self.timeouts.boot,
+            "waiting for its agent to enrol",
+        )
+
+    async def contextualize(self, node: str, role: str) -> None:
+        assert self._roles is not None
+        key = (node, role)
+        current = self.mirror.roles.get(key, {})
+        if current.get("state") in ("done", "verified", "verify_failed") and not current.get(
+            "retry"
+        ):
+            return  # converged in an earlier run; verify checks it again
+        if current.get("state") in ("released", "running"):
+            release = int(current["release"])
+        else:
+            (result,) = [await self._roles.submit({"node": node, "role": role, "op": "release"})]
+            release = int(result["release"])
+            self.mirror.roles.setdefault(key, {}).update(state="released", release=release)
+
+        def finished() -> bool:
+            r = self.mirror.roles.get(key, {})
+            return r.get("release") == release and r.get("state") in ("done", "failed")
+
+        await self.mirror.wait(node, finished, self.timeouts.recipe, f"for the {role} recipe")
+        r = self.mirror.roles[key]
+        if r["state"] == "failed":
+            r["retry"] = True  # the next attempt releases again
+            raise RecipeFailed(node, role, r.get("exit_code"), r.get("output") or "")
+        r.pop("retry", None)
+
+    async def verify(self, node: str, role: str) -> None:
+        assert self._roles is not None
+        spec = self.plan.appliance.roles[role]
+        if spec.verify is not None:
+            r = self.mirror.roles.get((node, role), {})
+            address = self.mirror.addresses.get(node)
+            check = verify.render(
+                spec.verify,
+                r.get("attributes") or {},
+                {"name": node, "address": address or ""},
+                dict(spec.params),
+            )
+            try:
+                await verify.run(check, self._http)
+            except verify.VerifyFailed as e:
+                err = StepError(f"verify of {role} on {node} ({check}) failed: {e}", temporary=True)
+                await self._roles.submit(
+                    {"node": node, "role": role, "op": "verify_failed", "message": str(err)}
+                )
+                raise err from None
+        await self._roles.submit({"node": node, "role": role, "op": "verified"})
+        self.mirror.roles.setdefault((node, role), {})["state"] = "verified"

@@ -1,0 +1,37 @@
+"""The one retry policy: how often, how long between, and which errors deserve another try.
+
+Only errors that say they are temporary are retried (a refused certificate or a bad appliance
+fails at once); delays grow exponentially up to a cap and carry jitter, so a thousand nodes that
+failed together do not retry together. The Prefect tasks use the same numbers (tasks/policy.py).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from crv.errors import CrvError
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    retries: int = 2
+    base: float = 1.0
+    factor: float = 2.0
+    cap: float = 30.0
+    jitter: float = 0.5  # each delay is scaled by a random factor in [1 - jitter, 1 + jitter]
+
+    def delays(self) -> list[float]:
+        """The nominal delays before retry 1..retries, without jitter."""
+        return [min(self.cap, self.base * self.factor**i) for i in range(self.retries)]
+
+    def delay(self, attempt: int) -> float:
+        nominal = self.delays()[attempt]
+        return max(0.0, nominal * random.uniform(1 - self.jitter, 1 + self.jitter))
+
+    @staticmethod
+    def retryable(error: BaseException) -> bool:
+        return isinstance(error, CrvError) and error.temporary
+
+
+DEFAULT_POLICY = RetryPolicy()

@@ -1,0 +1,1 @@
+"""The crv service (HTTPS, mutual TLS): enrolment, blackboard, recipes, agent reports, admin."""

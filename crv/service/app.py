@@ -1,0 +1,493 @@
+"""The crv service: enrolment, the blackboard, recipe delivery, agent reports, the admin side.
+
+Authorization is by TLS client certificate only (docs/service-api.md): the handshake has already
+checked the chain, so a route reads the identity this CA wrote into the URI SANs and then asks
+the store whether that certificate is still current (revocation takes effect on the next
+request). Long polls wait on in-process notifications, not on timers, so an agent hears about a
+release within milliseconds and an idle one costs nothing.
+"""
+
+import asyncio
+import base64
+import binascii
+import logging
+from collections import OrderedDict, defaultdict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from crv.errors import PkiError
+from crv.pki import CertificateAuthority, is_admin, node_identity
+from crv.spec import ATTRIBUTE_PATTERN, NAME_PATTERN
+from crv.store import Enrolment, Store, StoreError
+
+log = logging.getLogger("crv.service")
+
+MAX_BODY = 1 << 20
+MAX_ADMIN_BODY = 16 << 20
+MAX_VALUE = 64 * 1024
+MAX_WAIT = 30.0
+NODE_CERT_TTL = timedelta(hours=24)
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]
+RolePath = Annotated[str, PathParam(pattern=NAME_PATTERN, max_length=63)]
+KeyPath = Annotated[str, PathParam(pattern=ATTRIBUTE_PATTERN, max_length=63)]
+ClusterPath = Annotated[str, PathParam(pattern=NAME_PATTERN, max_length=63)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class EnrolRequest(_Body):
+    cluster: Name
+    node: Name
+    token: Annotated[str, Field(min_length=16, max_length=128)]
+    csr: Annotated[str, Field(max_length=16 * 1024)]
+
+
+class AttributeValue(_Body):
+    value: Annotated[str, Field(max_length=MAX_VALUE)]
+
+
+class StatusReport(_Body):
+    role: Name
+    release: Annotated[int, Field(ge=1)]
+    state: Literal["running", "done", "failed"]
+    exit_code: int | None = None
+    output: Annotated[str, Field(max_length=64 * 1024)] = ""
+
+
+class DependsOn(_Body):
+    role: Name
+    local: bool = False
+    min_ready: int | None = None
+
+
+class RoleSpec(_Body):
+    recipe: Annotated[str, Field(max_length=1024)]
+    appdir: Annotated[str, Field(max_length=64)]
+    env: dict[str, str] = {}
+    depends_on: list[DependsOn] = []
+
+
+class ClusterSpec(_Body):
+    appliance: Name
+    source: Annotated[str, Field(max_length=4096)]
+    pool: Name
+    parameters: dict[str, Any] = {}
+    roles: dict[str, RoleSpec]
+    bundle: str
+
+
+class NodeItem(_Body):
+    name: Name
+    group: Name
+    roles: list[Name]
+    pool: Name
+    address: Annotated[str, Field(max_length=64)] | None = None
+    state: Literal["planned", "provisioning", "provisioned", "failed"] | None = None
+
+
+class NodesRequest(_Body):
+    nodes: list[NodeItem]
+
+
+class TokensRequest(_Body):
+    nodes: list[Name]
+    ttl: Annotated[float, Field(gt=0, le=7 * 86400)] = 3600.0
+
+
+class RoleUpdate(_Body):
+    node: Name
+    role: Name
+    op: Literal["release", "verified", "verify_failed"]
+    message: Annotated[str, Field(max_length=64 * 1024)] | None = None
+
+
+class RolesRequest(_Body):
+    updates: list[RoleUpdate]
+
+
+@dataclass(frozen=True)
+class NodeCaller:
+    cluster: str
+    node: str
+    roles: tuple[str, ...]
+
+
+class Waiters:
+    """Wake long polls by key (a node, a cluster) when something they may care about changed."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[Any, set[asyncio.Future[None]]] = defaultdict(set)
+
+    def notify(self, key: Any) -> None:
+        for fut in self._waiting.pop(key, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+    async def wait_until(self, key: Any, ready: Callable[[], bool], timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not ready():
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            fut: asyncio.Future[None] = loop.create_future()
+            self._waiting[key].add(fut)
+            try:
+                await asyncio.wait_for(fut, left)
+            except TimeoutError:
+                return
+            finally:
+                self._waiting.get(key, set()).discard(fut)
+
+
+class BodyLimit:
+    """Refuse oversized bodies before they are read whole (413), chunked ones included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = MAX_ADMIN_BODY if scope["path"].startswith("/v1/admin/") else MAX_BODY
+        for name, value in scope["headers"]:
+            if name == b"content-length" and (not value.isdigit() or int(value) > limit):
+                await _too_large(send, limit)
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await _too_large(send, limit)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _too_large(send: Send, limit: int) -> None:
+    body = f'{{"detail": "request body over {limit} bytes"}}'.encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(store: Store, ca: CertificateAuthority) -> FastAPI:
+    node_waiters, cluster_waiters = Waiters(), Waiters()
+    identities: OrderedDict[bytes, tuple[str, str, str, tuple[str, ...]] | None] = OrderedDict()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        store.engine.dispose()
+
+    app = FastAPI(title="crv service", version="1", lifespan=lifespan, docs_url=None)
+    app.add_middleware(BodyLimit)
+
+    @app.exception_handler(StoreError)
+    async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
+        if exc.status in (401, 403):
+            log.warning("refused %s %s: %s", request.method, request.url.path, exc)
+        headers = {"Retry-After": "1"} if exc.status == 409 else None
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return JSONResponse(
+            {"detail": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=400
+        )
+
+    def peer(request: Request) -> x509.Certificate | None:
+        der: bytes | None = getattr(request.state, "tls_peer_cert", None)
+        return x509.load_der_x509_certificate(der) if der else None
+
+    def _identity(der: bytes) -> tuple[str, str, str, tuple[str, ...]] | None:
+        """(serial, cluster, node, roles) of a node certificate, None for anything else;
+        cached by the certificate's bytes (agents reuse one connection and one certificate)."""
+        if der in identities:
+            identities.move_to_end(der)
+            return identities[der]
+        cert = x509.load_der_x509_certificate(der)
+        try:
+            cluster, node, roles = node_identity(cert)
+            ident: tuple[str, str, str, tuple[str, ...]] | None = (
+                format(cert.serial_number, "x"),
+                cluster,
+                node,
+                roles,
+            )
+        except PkiError:
+            ident = None
+        identities[der] = ident
+        if len(identities) > 20_000:
+            identities.popitem(last=False)
+        return ident
+
+    def node_caller(request: Request) -> NodeCaller:
+        der: bytes | None = getattr(request.state, "tls_peer_cert", None)
+        if not der:
+            raise StoreError(401, "a node certificate is required")
+        ident = _identity(der)
+        if ident is None:
+            raise StoreError(403, "not a node certificate")
+        serial, cluster, node, roles = ident
+        if not store.certificate_ok(serial, cluster, node):
+            raise StoreError(403, f"certificate {serial} of {cluster}/{node} is revoked")
+        return NodeCaller(cluster, node, roles)
+
+    def admin(request: Request) -> None:
+        cert = peer(request)
+        if cert is None:
+            raise StoreError(401, "an admin certificate is required")
+        if not is_admin(cert):
+            raise StoreError(403, "admin routes need the admin certificate")
+
+    Node = Annotated[NodeCaller, Depends(node_caller)]
+    Admin = Depends(admin)
+
+    # -- public -----------------------------------------------------------------------------
+
+    @app.get("/v1/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "ca_sha256": ca.fingerprint_sha256}
+
+    @app.get("/v1/crl")
+    async def crl() -> Response:
+        revoked = store.revoked()
+        pem = ca.build_crl(revoked, crl_number=len(revoked)).public_bytes(
+            serialization.Encoding.PEM
+        )
+        return Response(pem, media_type="application/pkix-crl")
+
+    @app.post("/v1/enrol")
+    async def enrol(body: EnrolRequest) -> dict[str, str]:
+        issued: list[x509.Certificate] = []
+
+        def sign(e: Enrolment) -> tuple[str, Any]:
+            cert = ca.sign_node_csr(
+                body.csr.encode(),
+                cluster=e.cluster,
+                node=e.node,
+                roles=e.roles,
+                addresses=[e.address] if e.address else [],
+                ttl=NODE_CERT_TTL,
+            )
+            issued.append(cert)
+            return format(cert.serial_number, "x"), cert.not_valid_after_utc
+
+        try:
+            revoked = store.enrol(body.cluster, body.node, body.token, sign)
+        except StoreError as e:
+            if e.status == 401:
+                log.warning("enrolment refused: %s", e)
+                raise StoreError(401, "invalid or expired bootstrap token") from None
+            raise
+        except PkiError as e:
+            log.warning("enrolment of %s/%s refused: %s", body.cluster, body.node, e)
+            raise StoreError(400, str(e)) from None
+        if revoked:
+            identities.clear()
+        log.info("enrolled %s/%s", body.cluster, body.node)
+        cluster_waiters.notify(body.cluster)
+        cert_pem = issued[0].public_bytes(serialization.Encoding.PEM).decode()
+        return {"certificate": cert_pem, "ca": ca.certificate_pem.decode()}
+
+    # -- nodes ------------------------------------------------------------------------------
+
+    @app.get("/v1/work")
+    async def work(
+        caller: Node,
+        after: Annotated[int, Query(ge=0)] = 0,
+        wait: Annotated[float, Query(ge=0, le=MAX_WAIT)] = 0,
+    ) -> dict[str, Any]:
+        key = (caller.cluster, caller.node)
+        store.touch(*key)
+
+        def changed() -> bool:
+            gen = store.generation(*key)
+            return gen is None or gen > after
+
+        await node_waiters.wait_until(key, changed, wait)
+        return store.work(*key)
+
+    @app.get("/v1/recipes")
+    async def recipes(caller: Node) -> Response:
+        row = store.require_cluster(caller.cluster)
+        return Response(
+            row.bundle, media_type="application/gzip", headers={"X-Crv-Bundle": row.bundle_digest}
+        )
+
+    def _readable_roles(caller: NodeCaller) -> set[str]:
+        spec = store.require_cluster(caller.cluster).roles
+        readable = set(caller.roles)
+        for role in caller.roles:
+            readable.update(d["role"] for d in spec.get(role, {}).get("depends_on", ()))
+        return readable
+
+    @app.put("/v1/attributes/{role}/{key}", status_code=204)
+    async def set_attribute(
+        caller: Node,
+        role: RolePath,
+        key: KeyPath,
+        body: AttributeValue,
+    ) -> None:
+        if role not in caller.roles:
+            raise StoreError(403, f"{caller.node} does not host role {role!r}")
+        if "\x00" in body.value:
+            raise StoreError(400, "value: contains a NUL character")
+        store.set_attribute(caller.cluster, caller.node, role, key, body.value)
+
+    @app.get("/v1/attributes/{role}/{key}")
+    async def get_attribute(
+        caller: Node,
+        role: RolePath,
+        key: KeyPath,
+    ) -> dict[str, Any]:
+        if role not in _readable_roles(caller):
+            raise StoreError(403, f"{caller.node} neither hosts nor depends on role {role!r}")
+        values = store.get_attribute(caller.cluster, role, key)
+        return {"role": role, "key": key, "values": [{"node": n, "value": v} for n, v in values]}
+
+    @app.post("/v1/status", status_code=204)
+    async def status_report(caller: Node, body: StatusReport) -> None:
+        if body.role not in caller.roles:
+            raise StoreError(403, f"{caller.node} does not host role {body.role!r}")
+        store.report_status(
+            caller.cluster,
+            caller.node,
+            body.role,
+            release=body.release,
+            state=body.state,
+            exit_code=body.exit_code,
+            output=body.output,
+        )
+        log.info("%s/%s %s: %s", caller.cluster, caller.node, body.role, body.state)
+        cluster_waiters.notify(caller.cluster)
+
+    # -- admin ------------------------------------------------------------------------------
+
+    @app.get("/v1/admin/clusters", dependencies=[Admin])
+    async def list_clusters() -> dict[str, Any]:
+        return {"clusters": store.list_clusters()}
+
+    @app.put("/v1/admin/clusters/{cluster}", dependencies=[Admin])
+    async def put_cluster(cluster: ClusterPath, body: ClusterSpec) -> dict[str, str]:
+        try:
+            bundle = base64.b64decode(body.bundle, validate=True)
+        except (binascii.Error, ValueError):
+            raise StoreError(400, "bundle: not base64") from None
+        for role, spec in body.roles.items():
+            for dep in spec.depends_on:
+                if dep.role not in body.roles:
+                    raise StoreError(400, f"roles.{role}.depends_on: unknown role {dep.role!r}")
+        digest, changed = store.put_cluster(
+            cluster,
+            appliance=body.appliance,
+            source=body.source,
+            pool=body.pool,
+            parameters=body.parameters,
+            roles={r: s.model_dump() for r, s in body.roles.items()},
+            bundle=bundle,
+        )
+        if changed:
+            await _wake_cluster_nodes(cluster)
+        return {"name": cluster, "bundle": digest}
+
+    async def _wake_cluster_nodes(cluster: str) -> None:
+        for node in store.status(cluster)["nodes"]:
+            node_waiters.notify((cluster, node["name"]))
+
+    @app.get("/v1/admin/clusters/{cluster}", dependencies=[Admin])
+    async def cluster_status(cluster: str) -> dict[str, Any]:
+        return store.status(cluster)
+
+    @app.put("/v1/admin/clusters/{cluster}/nodes", dependencies=[Admin])
+    async def put_nodes(cluster: str, body: NodesRequest) -> dict[str, int]:
+        store.require_cluster(cluster)
+        changed = store.put_nodes(cluster, [n.model_dump() for n in body.nodes])
+        for node in changed:
+            node_waiters.notify((cluster, node))
+        cluster_waiters.notify(cluster)
+        return {"nodes": len(body.nodes)}
+
+    @app.post("/v1/admin/clusters/{cluster}/tokens", dependencies=[Admin])
+    async def tokens(cluster: str, body: TokensRequest) -> dict[str, dict[str, str]]:
+        store.require_cluster(cluster)
+        return {"tokens": store.issue_tokens(cluster, body.nodes, timedelta(seconds=body.ttl))}
+
+    @app.post("/v1/admin/clusters/{cluster}/roles", dependencies=[Admin])
+    async def roles(cluster: str, body: RolesRequest) -> dict[str, Any]:
+        results, woken = store.update_roles(cluster, [u.model_dump() for u in body.updates])
+        for node in woken:
+            node_waiters.notify((cluster, node))
+        cluster_waiters.notify(cluster)
+        return {"results": results}
+
+    @app.get("/v1/admin/clusters/{cluster}/events", dependencies=[Admin])
+    async def cluster_events(
+        cluster: str,
+        after: Annotated[int, Query(ge=0)] = 0,
+        wait: Annotated[float, Query(ge=0, le=MAX_WAIT)] = 0,
+    ) -> dict[str, Any]:
+        await cluster_waiters.wait_until(cluster, lambda: store.last_event(cluster) > after, wait)
+        found = store.events_after(cluster, after)
+        return {"last": found[-1]["seq"] if found else after, "events": found}
+
+    async def _forget(cluster: str, delete: Callable[[], list[str]]) -> dict[str, list[str]]:
+        revoked = delete()
+        identities.clear()
+        cluster_waiters.notify(cluster)
+        return {"revoked": revoked}
+
+    @app.delete("/v1/admin/clusters/{cluster}/nodes/{node}", dependencies=[Admin])
+    async def delete_node(cluster: str, node: str) -> dict[str, list[str]]:
+        result = await _forget(cluster, lambda: store.delete_node(cluster, node))
+        node_waiters.notify((cluster, node))
+        return result
+
+    @app.delete("/v1/admin/clusters/{cluster}", dependencies=[Admin])
+    async def delete_cluster(cluster: str) -> dict[str, list[str]]:
+        nodes = (
+            [n["name"] for n in store.status(cluster)["nodes"]] if store.cluster(cluster) else []
+        )
+        result = await _forget(cluster, lambda: store.delete_cluster(cluster))
+        for node in nodes:
+            node_waiters.notify((cluster, node))
+        return result
+
+    return app
+
+
+__all__ = ["create_app"]

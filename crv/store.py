@@ -1,0 +1,802 @@
+"""The service's state: clusters, nodes, role states, attributes, certificates and events.
+
+SQLAlchemy Core over SQLite by default (WAL, one writer: the service process); the schema uses
+only portable types so the same tables work on PostgreSQL. Everything a deploy needs to resume
+lives here, so a restarted service carries on: attributes, node and role states, and which
+certificates are valid. Bootstrap tokens are stored as SHA-256 only.
+
+Every method is one transaction. The service calls them from its event loop: each is a few
+hundred microseconds of SQLite, cheaper than a hop to a thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+from crv.errors import CrvError
+
+METADATA = sa.MetaData()
+
+clusters = sa.Table(
+    "clusters",
+    METADATA,
+    sa.Column("name", sa.String(63), primary_key=True),
+    sa.Column("appliance", sa.String(63), nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("pool", sa.String(63), nullable=False),
+    sa.Column("parameters", sa.JSON, nullable=False),
+    sa.Column("roles", sa.JSON, nullable=False),  # role -> {recipe, appdir, env, depends_on}
+    sa.Column("bundle", sa.LargeBinary, nullable=False),
+    sa.Column("bundle_digest", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+nodes = sa.Table(
+    "nodes",
+    METADATA,
+    sa.Column("cluster", sa.String(63), primary_key=True),
+    sa.Column("name", sa.String(63), primary_key=True),
+    sa.Column("grp", sa.String(63), nullable=False),
+    sa.Column("roles", sa.JSON, nullable=False),
+    sa.Column("pool", sa.String(63), nullable=False),
+    sa.Column("address", sa.String(64)),
+    sa.Column("state", sa.String(32), nullable=False),
+    sa.Column("generation", sa.Integer, nullable=False, default=1),
+    sa.Column("token_hash", sa.String(64)),
+    sa.Column("token_expires", sa.DateTime(timezone=True)),
+    sa.Column("stop", sa.Boolean, nullable=False, default=False),
+    sa.Column("last_seen", sa.DateTime(timezone=True)),
+)
+
+role_states = sa.Table(
+    "role_states",
+    METADATA,
+    sa.Column("cluster", sa.String(63), primary_key=True),
+    sa.Column("node", sa.String(63), primary_key=True),
+    sa.Column("role", sa.String(63), primary_key=True),
+    sa.Column("state", sa.String(32), nullable=False),
+    sa.Column("release", sa.Integer, nullable=False),
+    sa.Column("exit_code", sa.Integer),
+    sa.Column("output", sa.Text, nullable=False, default=""),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+attributes = sa.Table(
+    "attributes",
+    METADATA,
+    sa.Column("cluster", sa.String(63), primary_key=True),
+    sa.Column("node", sa.String(63), primary_key=True),
+    sa.Column("role", sa.String(63), primary_key=True),
+    sa.Column("key", sa.String(63), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+certificates = sa.Table(
+    "certificates",
+    METADATA,
+    sa.Column("serial", sa.String(40), primary_key=True),  # hex
+    sa.Column("cluster", sa.String(63), nullable=False, index=True),
+    sa.Column("node", sa.String(63), nullable=False),
+    sa.Column("not_after", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("revoked_at", sa.DateTime(timezone=True)),
+)
+
+events = sa.Table(
+    "events",
+    METADATA,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("cluster", sa.String(63), nullable=False, index=True),
+    sa.Column("node", sa.String(63)),
+    sa.Column("role", sa.String(63)),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("state", sa.String(32)),
+    sa.Column("release", sa.Integer),
+    sa.Column("exit_code", sa.Integer),
+    sa.Column("output", sa.Text),
+    sa.Column("attributes", sa.JSON),
+)
+
+# Role states: pending -> released -> running -> done | failed; done -> verified | verify_failed.
+ROLE_STATES = ("pending", "released", "running", "done", "failed", "verified", "verify_failed")
+MAX_KEYS_PER_ROLE = 256
+OUTPUT_TAIL = 4096
+
+
+class StoreError(CrvError):
+    """A request the state forbids; `status` is the HTTP status the service answers with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def natural_key(name: str) -> tuple[Any, ...]:
+    """`web-2` before `web-10`: recipes that list backends expect the plan's order."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
+def token_hash(token: str) -> str:
+    # 256 random bits need no slow hash: nothing to brute-force, only to not store in clear.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    cluster: str
+    node: str
+    roles: tuple[str, ...]
+    address: str | None
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything stored is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+def open_engine(path: Path) -> Engine:
+    engine = sa.create_engine(f"sqlite:///{path}", future=True)
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn: Any, _: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=5000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    METADATA.create_all(engine)
+    return engine
+
+
+class Store:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # -- clusters ---------------------------------------------------------------------------
+
+    def put_cluster(
+        self,
+        name: str,
+        *,
+        appliance: str,
+        source: str,
+        pool: str,
+        parameters: Mapping[str, Any],
+        roles: Mapping[str, Any],
+        bundle: bytes,
+    ) -> tuple[str, bool]:
+        """Register or update; returns (bundle digest, whether the bundle changed). A changed
+        bundle bumps every node's generation so agents fetch it again."""
+        digest = hashlib.sha256(bundle).hexdigest()
+        values = {
+            "appliance": appliance,
+            "source": source,
+            "pool": pool,
+            "parameters": dict(parameters),
+            "roles": dict(roles),
+            "bundle": bundle,
+            "bundle_digest": digest,
+        }
+        with self.engine.begin() as c:
+            old = c.execute(
+                sa.select(clusters.c.bundle_digest, clusters.c.roles).where(clusters.c.name == name)
+            ).first()
+            if old is None:
+                c.execute(clusters.insert().values(name=name, created_at=now(), **values))
+                return digest, True
+            changed = old.bundle_digest != digest or old.roles != dict(roles)
+            c.execute(clusters.update().where(clusters.c.name == name).values(**values))
+            if changed:
+                c.execute(
+                    nodes.update()
+                    .where(nodes.c.cluster == name)
+                    .values(generation=nodes.c.generation + 1)
+                )
+            return digest, changed
+
+    def cluster(self, name: str) -> sa.Row[Any] | None:
+        with self.engine.connect() as c:
+            return c.execute(sa.select(clusters).where(clusters.c.name == name)).first()
+
+    def require_cluster(self, name: str) -> sa.Row[Any]:
+        row = self.cluster(name)
+        if row is None:
+            raise StoreError(404, f"no cluster {name!r}")
+        return row
+
+    def list_clusters(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as c:
+            rows = c.execute(
+                sa.select(clusters.c.name, clusters.c.appliance, clusters.c.pool).order_by(
+                    clusters.c.name
+                )
+            ).all()
+            out = []
+            for r in rows:
+                counts = self._role_counts(c, r.name)
+                out.append(
+                    {
+                        "name": r.name,
+                        "appliance": r.appliance,
+                        "pool": r.pool,
+                        "nodes": counts["nodes"],
+                        "ready": counts["ready"],
+                    }
+                )
+            return out
+
+    def _role_counts(self, c: Connection, cluster: str) -> dict[str, Any]:
+        n = c.execute(
+            sa.select(sa.func.count()).select_from(nodes).where(nodes.c.cluster == cluster)
+        ).scalar_one()
+        not_verified = c.execute(
+            sa.select(sa.func.count())
+            .select_from(role_states)
+            .where(role_states.c.cluster == cluster, role_states.c.state != "verified")
+        ).scalar_one()
+        return {"nodes": n, "ready": n > 0 and not_verified == 0}
+
+    def delete_cluster(self, name: str) -> list[str]:
+        with self.engine.begin() as c:
+            names = c.execute(sa.select(nodes.c.name).where(nodes.c.cluster == name)).scalars()
+            revoked = [s for n in list(names) for s in self._delete_node(c, name, n)]
+            c.execute(clusters.delete().where(clusters.c.name == name))
+            c.execute(events.delete().where(events.c.cluster == name))
+            return revoked
+
+    # -- nodes ------------------------------------------------------------------------------
+
+    def put_nodes(self, cluster: str, items: Sequence[Mapping[str, Any]]) -> set[str]:
+        """Upsert nodes (the flow's view of them); returns the nodes whose work changed."""
+        changed: set[str] = set()
+        with self.engine.begin() as c:
+            for item in items:
+                name, roles = item["name"], list(item["roles"])
+                row = c.execute(
+                    sa.select(nodes).where(nodes.c.cluster == cluster, nodes.c.name == name)
+                ).first()
+                if row is None:
+                    c.execute(
+                        nodes.insert().values(
+                            cluster=cluster,
+                            name=name,
+                            grp=item["group"],
+                            roles=roles,
+                            pool=item["pool"],
+                            address=item.get("address"),
+                            state=item.get("state") or "planned",
+                            generation=1,
+                            stop=False,
+                        )
+                    )
+                    changed.add(name)
+                else:
+                    values: dict[str, Any] = {"roles": roles, "grp": item["group"]}
+                    if item.get("address") is not None and item["address"] != row.address:
+                        values["address"] = item["address"]
+                        values["generation"] = row.generation + 1
+                        changed.add(name)
+                    state = item.get("state")
+                    # an enrolled node stays enrolled when the flow reports it provisioned again
+                    if (
+                        state
+                        and state != row.state
+                        and not (row.state == "enrolled" and state == "provisioned")
+                    ):
+                        values["state"] = state
+                        self._event(c, cluster, name, None, "node", state=state)
+                    c.execute(
+                        nodes.update()
+                        .where(nodes.c.cluster == cluster, nodes.c.name == name)
+                        .values(**values)
+                    )
+                have = set(
+                    c.execute(
+                        sa.select(role_states.c.role).where(
+                            role_states.c.cluster == cluster, role_states.c.node == name
+                        )
+                    ).scalars()
+                )
+                for role in roles:
+                    if role not in have:
+                        c.execute(
+                            role_states.insert().values(
+                                cluster=cluster,
+                                node=name,
+                                role=role,
+                                state="pending",
+                                release=0,
+                                output="",
+                                updated_at=now(),
+                            )
+                        )
+        return changed
+
+    def node(self, cluster: str, name: str) -> sa.Row[Any] | None:
+        with self.engine.connect() as c:
+            return c.execute(
+                sa.select(nodes).where(nodes.c.cluster == cluster, nodes.c.name == name)
+            ).first()
+
+    def issue_tokens(self, cluster: str, names: Iterable[str], ttl: timedelta) -> dict[str, str]:
+        tokens: dict[str, str] = {}
+        expires = now() + ttl
+        with self.engine.begin() as c:
+            for name in names:
+                token = secrets.token_urlsafe(32)  # 43 characters, 256 bits
+                result = c.execute(
+                    nodes.update()
+                    .where(nodes.c.cluster == cluster, nodes.c.name == name)
+                    .values(token_hash=token_hash(token), token_expires=expires)
+                )
+                if result.rowcount != 1:
+                    raise StoreError(404, f"no node {name!r} in cluster {cluster!r}")
+                tokens[name] = token
+        return tokens
+
+    def check_token(self, cluster: str, name: str, token: str) -> Enrolment:
+        """Checks without consuming; `enrol` consumes. Raises StoreError 401 with the real
+        reason (logged by the service; the node gets one message for all)."""
+        row = self.node(cluster, name)
+        if row is None:
+            raise StoreError(401, f"enrolment for unknown node {cluster}/{name}")
+        if row.token_hash is None:
+            raise StoreError(401, f"enrolment for {cluster}/{name}: no unused token (reused?)")
+        if not hmac.compare_digest(row.token_hash, token_hash(token)):
+            raise StoreError(401, f"enrolment for {cluster}/{name}: wrong token")
+        expires = _utc(row.token_expires)
+        if expires is None or expires <= now():
+            raise StoreError(401, f"enrolment for {cluster}/{name}: token expired")
+        if row.state not in ("provisioned", "enrolled") or row.stop:
+            raise StoreError(409, f"{cluster}/{name} is not provisioned yet")
+        return Enrolment(cluster, name, tuple(row.roles), row.address)
+
+    def enrol(
+        self,
+        cluster: str,
+        name: str,
+        token: str,
+        sign: Callable[[Enrolment], tuple[str, datetime]],
+    ) -> list[str]:
+        """Consume the token and record the certificate `sign` made (serial hex, not_after);
+        earlier certificates of the node are revoked. Returns the revoked serials."""
+        with self.engine.begin() as c:
+            enrolment = self.check_token(cluster, name, token)
+            consumed = c.execute(
+                nodes.update()
+                .where(
+                    nodes.c.cluster == cluster,
+                    nodes.c.name == name,
+                    nodes.c.token_hash == token_hash(token),
+                )
+                .values(
+                    token_hash=None,
+                    token_expires=None,
+                    state="enrolled",
+                    last_seen=now(),
+                    generation=nodes.c.generation + 1,
+                )
+            )
+            if consumed.rowcount != 1:  # a concurrent enrolment won the race
+                raise StoreError(401, f"enrolment for {cluster}/{name}: token already used")
+            serial, not_after = sign(enrolment)
+            revoked = self._revoke_node_certs(c, cluster, name)
+            c.execute(
+                certificates.insert().values(
+                    serial=serial, cluster=cluster, node=name, not_after=not_after
+                )
+            )
+            self._event(c, cluster, name, None, "enrolled", state="enrolled")
+            return revoked
+
+    def _revoke_node_certs(self, c: Connection, cluster: str, name: str) -> list[str]:
+        serials = list(
+            c.execute(
+                sa.select(certificates.c.serial).where(
+                    certificates.c.cluster == cluster,
+                    certificates.c.node == name,
+                    certificates.c.revoked_at.is_(None),
+                )
+            ).scalars()
+        )
+        if serials:
+            c.execute(
+                certificates.update()
+                .where(certificates.c.serial.in_(serials))
+                .values(revoked_at=now())
+            )
+        return serials
+
+    def delete_node(self, cluster: str, name: str) -> list[str]:
+        with self.engine.begin() as c:
+            return self._delete_node(c, cluster, name)
+
+    def _delete_node(self, c: Connection, cluster: str, name: str) -> list[str]:
+        revoked = self._revoke_node_certs(c, cluster, name)
+        for table in (attributes, role_states):
+            c.execute(table.delete().where(table.c.cluster == cluster, table.c.node == name))
+        deleted = c.execute(
+            nodes.delete().where(nodes.c.cluster == cluster, nodes.c.name == name)
+        ).rowcount
+        if deleted or revoked:
+            self._event(c, cluster, name, None, "revoked", state="deleted")
+        return revoked
+
+    def touch(self, cluster: str, name: str) -> None:
+        with self.engine.begin() as c:
+            c.execute(
+                nodes.update()
+                .where(nodes.c.cluster == cluster, nodes.c.name == name)
+                .values(last_seen=now())
+            )
+
+    # -- certificates -----------------------------------------------------------------------
+
+    def certificate_ok(self, serial: str, cluster: str, node: str) -> bool:
+        """The certificate is current: recorded for this node, not revoked, node still known."""
+        with self.engine.connect() as c:
+            row = c.execute(
+                sa.select(certificates.c.revoked_at).where(
+                    certificates.c.serial == serial,
+                    certificates.c.cluster == cluster,
+                    certificates.c.node == node,
+                )
+            ).first()
+            return row is not None and row.revoked_at is None
+
+    def revoked(self) -> list[tuple[int, datetime]]:
+        with self.engine.connect() as c:
+            rows = c.execute(
+                sa.select(certificates.c.serial, certificates.c.revoked_at).where(
+                    certificates.c.revoked_at.is_not(None)
+                )
+            ).all()
+        return [(int(r.serial, 16), _utc(r.revoked_at) or now()) for r in rows]
+
+    # -- roles ------------------------------------------------------------------------------
+
+    def work(self, cluster: str, name: str) -> dict[str, Any]:
+        with self.engine.connect() as c:
+            node = c.execute(
+                sa.select(nodes).where(nodes.c.cluster == cluster, nodes.c.name == name)
+            ).first()
+            if node is None:
+                raise StoreError(403, f"node {cluster}/{name} is not part of a cluster")
+            cl = c.execute(
+                sa.select(clusters.c.roles, clusters.c.bundle_digest).where(
+                    clusters.c.name == cluster
+                )
+            ).one()
+            states = {
+                r.role: r
+                for r in c.execute(
+                    sa.select(role_states).where(
+                        role_states.c.cluster == cluster, role_states.c.node == name
+                    )
+                )
+            }
+        roles = []
+        for role in node.roles:
+            spec, st = cl.roles[role], states.get(role)
+            roles.append(
+                {
+                    "role": role,
+                    "release": st.release if st else 0,
+                    "state": st.state if st else "pending",
+                    "recipe": spec["recipe"],
+                    "appdir": spec["appdir"],
+                    "env": spec["env"],
+                }
+            )
+        return {
+            "generation": node.generation,
+            "cluster": cluster,
+            "node": name,
+            "group": node.grp,
+            "address": node.address,
+            "stop": node.stop,
+            "bundle": cl.bundle_digest,
+            "roles": roles,
+        }
+
+    def generation(self, cluster: str, name: str) -> int | None:
+        with self.engine.connect() as c:
+            gen: int | None = c.execute(
+                sa.select(nodes.c.generation).where(
+                    nodes.c.cluster == cluster, nodes.c.name == name
+                )
+            ).scalar()
+            return gen
+
+    def update_roles(
+        self, cluster: str, updates: Sequence[Mapping[str, Any]]
+    ) -> tuple[list[dict[str, Any]], set[str]]:
+        """Apply release/verified/verify_failed in order, all or nothing. A release waits for
+        the role's dependencies to be verified (the DAG's edges, checked again here so that no
+        caller can contextualize a role early). Returns results and the nodes to wake."""
+        with self.engine.begin() as c:
+            cl = c.execute(sa.select(clusters.c.roles).where(clusters.c.name == cluster)).first()
+            if cl is None:
+                raise StoreError(404, f"no cluster {cluster!r}")
+            results, woken = [], set()
+            for u in updates:
+                node, role, op = u["node"], u["role"], u["op"]
+                row = c.execute(
+                    sa.select(role_states).where(
+                        role_states.c.cluster == cluster,
+                        role_states.c.node == node,
+                        role_states.c.role == role,
+                    )
+                ).first()
+                if row is None:
+                    raise StoreError(404, f"no role {role!r} on node {node!r}")
+                release, message = row.release, u.get("message") or ""
+                if op == "release":
+                    self._check_dependencies(c, cluster, node, cl.roles[role]["depends_on"])
+                    release, state = row.release + 1, "released"
+                    c.execute(
+                        nodes.update()
+                        .where(nodes.c.cluster == cluster, nodes.c.name == node)
+                        .values(generation=nodes.c.generation + 1)
+                    )
+                    woken.add(node)
+                elif op == "verified":
+                    state = "verified"
+                elif op == "verify_failed":
+                    state = "verify_failed"
+                else:
+                    raise StoreError(400, f"unknown op {op!r}")
+                c.execute(
+                    role_states.update()
+                    .where(
+                        role_states.c.cluster == cluster,
+                        role_states.c.node == node,
+                        role_states.c.role == role,
+                    )
+                    .values(
+                        state=state,
+                        release=release,
+                        updated_at=now(),
+                        **({"output": message[-OUTPUT_TAIL:]} if message else {}),
+                        **({"exit_code": None} if op == "release" else {}),
+                    )
+                )
+                if op != "release":
+                    self._event(c, cluster, node, role, "verified", state=state, output=message)
+                results.append({"node": node, "role": role, "release": release, "state": state})
+            return results, woken
+
+    def _check_dependencies(
+        self, c: Connection, cluster: str, node: str, depends_on: Sequence[Mapping[str, Any]]
+    ) -> None:
+        for dep in depends_on:
+            q = sa.select(role_states.c.node, role_states.c.state).where(
+                role_states.c.cluster == cluster, role_states.c.role == dep["role"]
+            )
+            if dep["local"]:
+                q = q.where(role_states.c.node == node)
+            rows = c.execute(q).all()
+            verified = sum(1 for r in rows if r.state == "verified")
+            needed = min(dep["min_ready"] or len(rows), len(rows)) if rows else 1
+            if verified < needed:
+                raise StoreError(
+                    409,
+                    f"{node}: dependency {dep['role']} is verified on {verified} of the "
+                    f"{needed} nodes it needs",
+                )
+
+    def report_status(
+        self,
+        cluster: str,
+        node: str,
+        role: str,
+        *,
+        release: int,
+        state: str,
+        exit_code: int | None,
+        output: str,
+    ) -> None:
+        with self.engine.begin() as c:
+            row = c.execute(
+                sa.select(role_states.c.release).where(
+                    role_states.c.cluster == cluster,
+                    role_states.c.node == node,
+                    role_states.c.role == role,
+                )
+            ).first()
+            if row is None:
+                raise StoreError(403, f"{node} does not host role {role!r}")
+            if row.release != release or release == 0:
+                raise StoreError(409, f"{node}/{role}: release {release} is not current")
+            tail = output[-OUTPUT_TAIL:]
+            c.execute(
+                role_states.update()
+                .where(
+                    role_states.c.cluster == cluster,
+                    role_states.c.node == node,
+                    role_states.c.role == role,
+                )
+                .values(state=state, exit_code=exit_code, output=tail, updated_at=now())
+            )
+            attrs = None
+            if state == "done":
+                attrs = dict(
+                    c.execute(
+                        sa.select(attributes.c.key, attributes.c.value).where(
+                            attributes.c.cluster == cluster,
+                            attributes.c.node == node,
+                            attributes.c.role == role,
+                        )
+                    ).all()
+                )
+            self._event(
+                c,
+                cluster,
+                node,
+                role,
+                "role",
+                state=state,
+                release=release,
+                exit_code=exit_code,
+                output=tail if state != "running" else None,
+                attributes=attrs,
+            )
+
+    # -- attributes -------------------------------------------------------------------------
+
+    def set_attribute(self, cluster: str, node: str, role: str, key: str, value: str) -> None:
+        with self.engine.begin() as c:
+            where = (
+                attributes.c.cluster == cluster,
+                attributes.c.node == node,
+                attributes.c.role == role,
+            )
+            exists = c.execute(
+                sa.select(attributes.c.value).where(*where, attributes.c.key == key)
+            ).first()
+            if exists is not None:
+                if exists.value != value:
+                    c.execute(
+                        attributes.update()
+                        .where(*where, attributes.c.key == key)
+                        .values(value=value)
+                    )
+                return
+            count = c.execute(
+                sa.select(sa.func.count()).select_from(attributes).where(*where)
+            ).scalar_one()
+            if count >= MAX_KEYS_PER_ROLE:
+                raise StoreError(413, f"{node}/{role} already has {count} attributes")
+            c.execute(
+                attributes.insert().values(
+                    cluster=cluster, node=node, role=role, key=key, value=value
+                )
+            )
+
+    def get_attribute(self, cluster: str, role: str, key: str) -> list[tuple[str, str]]:
+        with self.engine.connect() as c:
+            rows = c.execute(
+                sa.select(attributes.c.node, attributes.c.value).where(
+                    attributes.c.cluster == cluster,
+                    attributes.c.role == role,
+                    attributes.c.key == key,
+                )
+            ).all()
+        return sorted(((r.node, r.value) for r in rows), key=lambda nv: natural_key(nv[0]))
+
+    # -- status and events ------------------------------------------------------------------
+
+    def status(self, cluster: str) -> dict[str, Any]:
+        with self.engine.connect() as c:
+            cl = c.execute(sa.select(clusters).where(clusters.c.name == cluster)).first()
+            if cl is None:
+                raise StoreError(404, f"no cluster {cluster!r}")
+            node_rows = c.execute(sa.select(nodes).where(nodes.c.cluster == cluster)).all()
+            roles: dict[str, dict[str, Any]] = {}
+            for r in c.execute(sa.select(role_states).where(role_states.c.cluster == cluster)):
+                roles.setdefault(r.node, {})[r.role] = {
+                    "state": r.state,
+                    "release": r.release,
+                    "exit_code": r.exit_code,
+                    "output": r.output,
+                    "attributes": {},
+                }
+            for a in c.execute(sa.select(attributes).where(attributes.c.cluster == cluster)):
+                slot = roles.get(a.node, {}).get(a.role)
+                if slot is not None:
+                    slot["attributes"][a.key] = a.value
+            counts = self._role_counts(c, cluster)
+        out_nodes = []
+        for n in sorted(node_rows, key=lambda r: natural_key(r.name)):
+            seen = _utc(n.last_seen)
+            out_nodes.append(
+                {
+                    "name": n.name,
+                    "group": n.grp,
+                    "pool": n.pool,
+                    "address": n.address,
+                    "state": n.state,
+                    "last_seen": seen.isoformat() if seen else None,
+                    "roles": {
+                        r: roles.get(n.name, {}).get(r, {"state": "pending"}) for r in n.roles
+                    },
+                }
+            )
+        return {
+            "name": cl.name,
+            "appliance": cl.appliance,
+            "source": cl.source,
+            "pool": cl.pool,
+            "parameters": cl.parameters,
+            "ready": counts["ready"],
+            "nodes": out_nodes,
+        }
+
+    def events_after(self, cluster: str, after: int, limit: int = 5000) -> list[dict[str, Any]]:
+        with self.engine.connect() as c:
+            rows = c.execute(
+                sa.select(events)
+                .where(events.c.cluster == cluster, events.c.seq > after)
+                .order_by(events.c.seq)
+                .limit(limit)
+            ).all()
+        return [
+            {
+                "seq": r.seq,
+                "at": (_utc(r.at) or now()).isoformat(),
+                "node": r.node,
+                "role": r.role,
+                "kind": r.kind,
+                "state": r.state,
+                "release": r.release,
+                "exit_code": r.exit_code,
+                "output": r.output,
+                "attributes": r.attributes,
+            }
+            for r in rows
+        ]
+
+    def last_event(self, cluster: str) -> int:
+        with self.engine.connect() as c:
+            return int(
+                c.execute(
+                    sa.select(sa.func.coalesce(sa.func.max(events.c.seq), 0)).where(
+                        events.c.cluster == cluster
+                    )
+                ).scalar_one()
+            )
+
+    def _event(
+        self,
+        c: Connection,
+        cluster: str,
+        node: str | None,
+        role: str | None,
+        kind: str,
+        **fields: Any,
+    ) -> None:
+        c.execute(
+            events.insert().values(
+                at=now(), cluster=cluster, node=node, role=role, kind=kind, **fields
+            )
+        )

@@ -1,0 +1,72 @@
+"""The pool contract: five methods, plain data in and out, crv errors that say if a retry helps.
+
+`create_node` asks for a node and returns as soon as the pool has accepted it (a cloud API call,
+a spawned process); it does not wait for the node to boot. That waiting belongs to the flow: the
+node has booted when its agent enrols. Both `create_node` and `destroy_node` are idempotent on
+the node name, so a deploy that is killed and run again converges instead of duplicating.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from crv.errors import CrvError
+
+# Every resource a pool makes carries these tags, so a reconciler can find what a killed deploy
+# left behind (FAULTS F1, F11) by listing the pool, not by trusting a local record.
+TAG_CLUSTER = "crv-cluster"
+TAG_NODE = "crv-node"
+
+
+class PoolError(CrvError):
+    """A pool operation failed; `temporary` says whether the same call may succeed later."""
+
+    def __init__(self, pool: str, message: str, *, temporary: bool = False) -> None:
+        self.pool = pool
+        self.temporary = temporary
+        super().__init__(f"pool {pool}: {' '.join(message.split())}")
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """What a pool needs to make one node. `bootstrap` holds the one-time token: it goes to the
+    node only (user-data, a 0600 file), never into logs, task results or the pool's tags."""
+
+    name: str
+    cluster: str
+    group: str
+    bootstrap: Mapping[str, str] = field(repr=False)
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    name: str
+    cluster: str
+    state: str  # "pending" (accepted, not up), "running", "stopped", "error"
+    address: str | None  # as other nodes and crv reach it; None until the pool knows it
+    tags: Mapping[str, str] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)  # pool-specific, for `crv status`
+
+
+@runtime_checkable
+class Pool(Protocol):
+    name: str
+
+    def validate(self) -> None:
+        """Check the configuration without network calls; raise PoolError (permanent)."""
+
+    def list_nodes(self, cluster: str | None = None) -> list[NodeInfo]:
+        """Every node this pool holds that carries crv tags (of one cluster, if given)."""
+        ...
+
+    def get_node(self, name: str) -> NodeInfo | None: ...
+
+    def create_node(self, spec: NodeSpec) -> NodeInfo:
+        """Idempotent on spec.name: an existing node is returned as it is, not made twice."""
+        ...
+
+    def destroy_node(self, name: str) -> None:
+        """Idempotent: destroying a node that is not there succeeds."""

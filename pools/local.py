@@ -1,0 +1,390 @@
+"""The local pool: each node is a directory and a process tree on this machine.
+
+Every node gets its own loopback address (127.0.x.y; Linux routes all of 127/8 to lo), so the
+agent and the daemons its recipes start bind the ports they would bind on a real machine without
+colliding. Processes are found again through environment markers that every descendant inherits:
+a daemon that calls setsid or double-forks leaves the agent's process group, not its environment,
+so destroy (and a reconciler, through `list_nodes`) still finds it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+from pools.base import TAG_CLUSTER, TAG_NODE, NodeInfo, NodeSpec, PoolError
+
+NAME = "local"
+NODE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER", "LOGNAME")
+POOL_MARKER = "CRV_LOCAL_POOL"
+NODE_MARKER = "CRV_LOCAL_NODE"
+CLUSTER_MARKER = "CRV_LOCAL_CLUSTER"  # informative only: lets an orphan still name its cluster
+TERM_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
+KILL_GRACE = 5.0  # seconds after SIGKILL before giving up (a process stuck in the kernel)
+_TEMPORARY = {errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.EBUSY, errno.EINTR}
+
+Record = dict[str, Any]
+
+
+@contextmanager
+def _translated(action: str) -> Iterator[None]:
+    """OSError becomes PoolError at the boundary; only resource shortages are worth a retry."""
+    try:
+        yield
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        message = f"{action}: {exc.strerror or exc}{where}"
+        raise PoolError(NAME, message, temporary=exc.errno in _TEMPORARY) from exc
+
+
+@contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    """An exclusive flock on a fresh open file description. flock (unlike lockf, whose locks are
+    per process) also excludes other threads of this process that open the file themselves."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Readers see the old file or the new one, never half of it. O_EXCL|O_NOFOLLOW: the temp
+    file is ours, with `mode` from its first byte (a secret is never briefly world-readable)."""
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)  # whatever the umask says
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks) from /proc/<pid>/stat, None when the pid is gone.
+    The start time tells a recorded pid from a new process that reused the number."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2 :].split()  # comm may hold spaces and parentheses
+    return fields[0].decode(), int(fields[19])  # fields 3 (state) and 22 (starttime)
+
+
+def _running(pid: object, start: object) -> bool:
+    """Alive and the same process: a zombie is dead, a reused pid is someone else."""
+    stat = _proc_stat(pid) if isinstance(pid, int) and pid > 0 else None
+    return stat is not None and stat[0] not in ("Z", "X") and stat[1] == start
+
+
+def _marks(pid: int) -> dict[str, str]:
+    """The CRV_LOCAL_* variables a process started with; empty if it is gone, a zombie, or not
+    ours to read (EPERM) - all of which mean: not a process of ours to signal."""
+    try:
+        data = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    found: dict[str, str] = {}
+    for item in data.split(b"\0"):
+        if item.startswith(b"CRV_LOCAL_"):
+            key, _, value = item.partition(b"=")
+            found[key.decode(errors="replace")] = os.fsdecode(value)
+    return found
+
+
+class LocalPool:
+    """Nodes as process trees under `root`, each running `agent` with `python`."""
+
+    name = NAME
+
+    def __init__(self, root: Path, agent: Path, python: str = sys.executable) -> None:
+        self.root = Path(os.path.abspath(root))
+        self.agent = Path(agent)
+        self.python = python
+        self._lock = threading.Lock()  # the address table (with the flock) and `_children`
+        self._children: dict[str, subprocess.Popen[bytes]] = {}  # agents we spawned, to reap
+        self._scan_lock = threading.Lock()
+        self._scanned: tuple[float, dict[int, dict[str, str]]] = (0.0, {})  # (began, result)
+
+    # -- the contract --------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Permanent errors only: none of these fix themselves by waiting."""
+        if not sys.platform.startswith("linux"):
+            raise PoolError(NAME, f"needs Linux (127/8 routed to lo, /proc), not {sys.platform}")
+        if not self.agent.is_file():
+            raise PoolError(NAME, f"agent program {self.agent} not found")
+        if shutil.which(self.python) is None:
+            raise PoolError(NAME, f"python {self.python} not found or not executable")
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not os.access(self.root, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "not writable", str(self.root))
+        except OSError as exc:
+            raise PoolError(NAME, f"state directory {self.root}: {exc.strerror}") from exc
+
+    def list_nodes(self, cluster: str | None = None) -> list[NodeInfo]:
+        with _translated("list nodes"):
+            self._reap(None)
+            nodes = [info for name in self._node_names() if (info := self._describe(name))]
+            nodes += self._orphans({info.name for info in nodes})
+        return [n for n in nodes if cluster is None or n.cluster == cluster]
+
+    def get_node(self, name: str) -> NodeInfo | None:
+        self._dir(name)
+        with _translated(f"get node {name}"):
+            self._reap(name)
+            return self._describe(name)
+
+    def create_node(self, spec: NodeSpec) -> NodeInfo:
+        directory = self._dir(spec.name)
+        with _translated(f"create node {spec.name}"), _flock(self._lockfile(spec.name)):
+            self._reap(spec.name)
+            record = self._record(spec.name)
+            if record is not None and record.get("cluster") != spec.cluster:
+                message = f"node {spec.name} exists in cluster {record.get('cluster')!r}"
+                raise PoolError(NAME, f"{message}, not {spec.cluster!r}")
+            if record is not None and _running(record.get("pid"), record.get("start_time")):
+                return self._info(record, "running")
+            if directory.exists():  # a reboot: what the dead agent left running goes first
+                self._stop(spec.name, record)
+            return self._info(self._start(spec, directory, record), "running")
+
+    def destroy_node(self, name: str) -> None:
+        directory = self._dir(name)
+        with _translated(f"destroy node {name}"), _flock(self._lockfile(name)):
+            self._stop(name, self._record(name))
+            if directory.exists():
+                shutil.rmtree(directory)  # this frees the address
+            with self._lock:
+                self._children.pop(name, None)
+
+    # -- node state ------------------------------------------------------------------------------
+
+    def _dir(self, name: str) -> Path:
+        """A node name becomes a path component: refuse what could escape or hide in `root`."""
+        if not name or name.startswith(".") or "/" in name or "\0" in name or len(name) > 200:
+            raise PoolError(NAME, f"unusable node name {name!r}")
+        return self.root / name
+
+    def _lockfile(self, name: str) -> Path:
+        # One lock per name, so nodes are made and destroyed in parallel; never deleted, since
+        # unlinking a lock file races with whoever is waiting on it.
+        return self.root / ".locks" / name
+
+    def _node_names(self) -> list[str]:
+        try:
+            entries = sorted(os.listdir(self.root))
+        except FileNotFoundError:
+            return []
+        return [e for e in entries if not e.startswith(".") and (self.root / e).is_dir()]
+
+    def _record(self, name: str) -> Record | None:
+        try:
+            record = json.loads((self.root / name / "node.json").read_bytes())
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def _describe(self, name: str) -> NodeInfo | None:
+        record = self._record(name)
+        if record is None:  # a create killed between mkdir and node.json, or no node at all
+            gone = not (self.root / name).is_dir()
+            return None if gone else NodeInfo(name=name, cluster="", state="error", address=None)
+        running = _running(record.get("pid"), record.get("start_time"))
+        return self._info(record, "running" if running else "stopped")
+
+    def _info(self, record: Record, state: str) -> NodeInfo:
+        extra = {k: record.get(k) for k in ("group", "pid", "created", "started")}
+        extra["dir"] = str(self.root / record["name"])
+        tags = dict(record["tags"])
+        return NodeInfo(record["name"], record["cluster"], state, record["address"], tags, extra)
+
+    def _orphans(self, known: set[str]) -> list[NodeInfo]:
+        """Processes of this pool whose node dir is gone: a crash between steps, or a hand."""
+        clusters: dict[str, str] = {}
+        for marks in self._scan().values():
+            node = marks.get(NODE_MARKER, "")
+            if node and node not in known:
+                clusters.setdefault(node, marks.get(CLUSTER_MARKER, ""))
+        return [
+            NodeInfo(node, cluster, "orphan", None, tags={TAG_CLUSTER: cluster, TAG_NODE: node})
+            for node, cluster in sorted(clusters.items())
+            if not (self.root / node).exists()  # made after we listed the dirs: not an orphan
+        ]
+
+    def _start(self, spec: NodeSpec, directory: Path, old: Record | None) -> Record:
+        """Dir, address, files, agent; node.json is written before the spawn as well, so a
+        crash at any step leaves a node that shows its cluster to a reconciler."""
+        address = self._reserve(directory)
+        tags = {**spec.tags, TAG_CLUSTER: spec.cluster, TAG_NODE: spec.name}
+        record: Record = {"name": spec.name, "cluster": spec.cluster, "group": spec.group}
+        record.update(address=address, tags=tags, pid=None, start_time=None)
+        record["created"] = old.get("created", time.time()) if old else time.time()
+        _write_atomic(directory / "node.json", _dump(record), 0o600)
+        self._install(spec, directory)
+        proc = self._spawn(spec, directory)
+        stat = _proc_stat(proc.pid)
+        record.update(pid=proc.pid, start_time=stat[1] if stat else None, started=time.time())
+        _write_atomic(directory / "node.json", _dump(record), 0o600)
+        return record
+
+    def _reserve(self, directory: Path) -> str:
+        """The node's dir and address, under the pool-wide lock. The address is kept as the
+        symlink `<dir>/address`, so allocating reads one link per node, not every node.json."""
+        with self._lock, _flock(self.root / ".lock"):
+            directory.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(directory, 0o700)
+            with suppress(FileNotFoundError):
+                return os.readlink(directory / "address")
+            address = self._allocate()
+            os.symlink(address, directory / "address")
+            return address
+
+    def _allocate(self) -> str:
+        """The smallest free 127.0.x.y from 127.0.1.1 (host bytes 0 and 255 skipped; 127.0.0.x
+        is the host's own). A removed dir has freed its address."""
+        taken: set[str] = set()
+        root = str(self.root)  # plain strings: pathlib costs more than the syscall here
+        for entry in os.listdir(root):
+            with suppress(OSError):
+                taken.add(os.readlink(f"{root}/{entry}/address"))
+        for x in range(1, 256):
+            for y in range(1, 255):
+                if (address := f"127.0.{x}.{y}") not in taken:
+                    return address
+        raise PoolError(NAME, "no free loopback address left in 127.0.1.1-127.0.255.254")
+
+    def _install(self, spec: NodeSpec, directory: Path) -> None:
+        """The agent program, and the one-time bootstrap only while the node has not enrolled:
+        after that its certificate is its identity and the spent token must not come back."""
+        (directory / "bin").mkdir(mode=0o700, exist_ok=True)
+        _write_atomic(directory / "bin" / "crv-agent", self.agent.read_bytes(), 0o755)
+        if not (directory / "node.crt").exists():
+            payload = json.dumps(dict(spec.bootstrap)).encode()
+            _write_atomic(directory / "bootstrap.json", payload, 0o600)
+
+    # -- processes -------------------------------------------------------------------------------
+
+    def _spawn(self, spec: NodeSpec, directory: Path) -> subprocess.Popen[bytes]:
+        """The agent in its own session; the markers go into the environment every descendant
+        inherits. A node sees what a fresh machine would (PATH, HOME, locale), never crv's own
+        environment, which may hold cloud or BMC credentials (house rule 6)."""
+        env = {k: v for k, v in os.environ.items() if k in NODE_ENV}
+        env[POOL_MARKER] = str(self.root)
+        env[NODE_MARKER] = spec.name
+        env[CLUSTER_MARKER] = spec.cluster
+        env["PATH"] = f"{directory / 'bin'}{os.pathsep}{env.get('PATH', os.defpath)}"
+        agent = str(directory / "bin" / "crv-agent")
+        command = [self.python, agent, "run", "--home", str(directory)]
+        with open(directory / "agent.log", "ab") as log:
+            proc = subprocess.Popen(
+                command,
+                cwd=directory,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                close_fds=True,
+                start_new_session=True,
+            )
+        with self._lock:
+            self._children[spec.name] = proc
+        return proc
+
+    def _reap(self, name: str | None) -> None:
+        """Collect agents we spawned that have exited (all of them when `name` is None), so
+        they do not linger as zombies."""
+        with self._lock:
+            for key in list(self._children) if name is None else [name]:
+                proc = self._children.get(key)
+                if proc is not None and proc.poll() is not None:
+                    del self._children[key]
+
+    def _scan(self) -> dict[int, dict[str, str]]:
+        """Every live process that carries this pool's marker, with its markers. A walk of /proc
+        reads every process's environment, so threads share one: a walk that began after a
+        thread asked is as good as its own (destroying 1,000 nodes is not 1,000 walks a round)."""
+        asked = time.monotonic()
+        with self._scan_lock:
+            if self._scanned[0] <= asked:
+                began = time.monotonic()
+                self._scanned = (began, self._walk())
+            return self._scanned[1]
+
+    def _walk(self) -> dict[int, dict[str, str]]:
+        found: dict[int, dict[str, str]] = {}
+        me = os.getpid()  # we may run inside a node ourselves: never signal crv
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) != me:
+                marks = _marks(int(entry))
+                if marks.get(POOL_MARKER) == str(self.root):
+                    found[int(entry)] = marks
+        return found
+
+    def _stop(self, name: str, record: Record | None) -> None:
+        """SIGTERM the agent's group and every process marked as this node's, SIGKILL what is
+        left after TERM_GRACE, and return once none is alive. Each round scans again, so a
+        process forked meanwhile is caught too."""
+        start = record.get("start_time") if record else None
+        pid = record.get("pid") if record else None
+        # never signal a group whose leader we cannot vouch for (the pid may be reused)
+        leader = pid if isinstance(pid, int) and _running(pid, start) else None
+        group, sig, delay, began = leader, signal.SIGTERM, 0.005, time.monotonic()
+        while True:
+            self._reap(name)
+            pids = [p for p, marks in self._scan().items() if marks.get(NODE_MARKER) == name]
+            if not pids and not (leader is not None and _running(leader, start)):
+                return
+            if group is not None:
+                try:
+                    os.killpg(group, sig)
+                except OSError:  # the group is empty: from now on its number may be anyone's
+                    group = None
+            for target in pids:
+                _signal_marked(target, self.root, name, sig)
+            elapsed = time.monotonic() - began
+            if elapsed > TERM_GRACE + KILL_GRACE:
+                raise PoolError(NAME, f"node {name}: {pids} outlive SIGKILL", temporary=True)
+            if elapsed > TERM_GRACE:
+                sig = signal.SIGKILL
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+
+def _signal_marked(pid: int, root: Path, node: str, sig: int) -> None:
+    """Signal through a pidfd, after checking the markers on that very process: a pid that was
+    reused between the scan and the signal is never hit."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        marks = _marks(pid)
+        if marks.get(POOL_MARKER) == str(root) and marks.get(NODE_MARKER) == node:
+            signal.pidfd_send_signal(fd, sig)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _dump(record: Record) -> bytes:
+    return json.dumps(record, indent=2, sort_keys=True).encode() + b"\n"

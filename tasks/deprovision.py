@@ -1,0 +1,26 @@
+"""The deprovision task: one call that tears a whole cluster down (crv.teardown)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from crv import daemons
+from crv.client import Service
+from crv.home import Home
+from crv.teardown import teardown
+from pools import get_pool
+from tasks.policy import task_options
+
+
+@task(name="deprovision", cache_policy=NO_CACHE, persist_result=False, **task_options())
+def deprovision(cluster: str, pool: str) -> dict[str, Any]:
+    home = Home.from_env()
+    endpoints = daemons.running(home)
+    if endpoints is None:
+        raise daemons.DaemonError(f"the crv service is not running for {home.root}: run `crv up`")
+    service = Service(home, endpoints.service_url)
+    result = teardown(cluster, get_pool(pool, home.pool_dir(pool)), service)
+    return {"cluster": result.cluster, "destroyed": result.destroyed, "revoked": result.revoked}
