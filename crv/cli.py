@@ -175,7 +175,7 @@ def deploy(
 
     ui = endpoints.prefect_ui_url
     STARTED_LISTENERS.append(
-        lambda run_id: err_console.print(f"watch it: {ui}/runs/flow-run/{run_id}")
+        lambda run_id: err_console.print(f"watch it: {ui}/runs/flow-run/{run_id}", soft_wrap=True)
     )
     with Progress(
         TextColumn("{task.description}"),
@@ -205,12 +205,23 @@ def deploy(
     service = Service(home, endpoints.service_url)
     status = service.status(plan.cluster)
     if not state.is_completed():
-        print(f"error: deploy of {plan.cluster} failed: {state.message}", file=sys.stderr)
+        print(f"error: deploy of {plan.cluster} failed: {_reason(state)}", file=sys.stderr)
         raise typer.Exit(1)
     print(f"cluster {plan.cluster} is ready ({len(plan.nodes)} nodes)")
     for role, node, url in _entry_points(plan, status):
         print(f"{role} on {node}: {url}")
     print(f"Prefect UI: {ui}")
+
+
+def _reason(state: State[Any]) -> str:
+    """The flow's own one-line error, without Prefect's "Flow run encountered..." wrapping."""
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception:
+        error = None
+    if isinstance(error, CrvError):
+        return str(error)
+    return state.message or state.name or "failed"
 
 
 def _entry_points(plan: Plan, status: dict[str, Any] | None) -> list[tuple[str, str, str]]:
@@ -287,7 +298,7 @@ def destroy(
 
     state = destroy_cluster(name, pool_name, return_state=True)
     if not state.is_completed():
-        print(f"error: destroy of {name} failed: {state.message}", file=sys.stderr)
+        print(f"error: destroy of {name} failed: {_reason(state)}", file=sys.stderr)
         raise typer.Exit(1)
     result = state.result()
     print(

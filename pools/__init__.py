@@ -13,7 +13,7 @@ from crv.errors import SpecError
 from pools.base import Pool
 
 AGENT = Path(__file__).resolve().parent.parent / "agent" / "crv_agent.py"
-POOLS = ("local",)
+POOLS = ("local", "sim")
 
 
 def get_pool(name: str, state_dir: Path) -> Pool:
@@ -22,6 +22,10 @@ def get_pool(name: str, state_dir: Path) -> Pool:
         from pools.local import LocalPool
 
         pool: Pool = LocalPool(state_dir, AGENT)
+    elif name == "sim":
+        from pools.sim import SimPool
+
+        pool = SimPool(state_dir)
     else:
         raise SpecError("--pool", name, f"unknown pool; known pools: {', '.join(POOLS)}")
     pool.validate()

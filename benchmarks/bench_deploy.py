@@ -1,0 +1,204 @@
+"""Deploy at scale: the `deploy-appliance` flow for 100 and 1,000 nodes on the sim pool.
+
+Everything is real except the machines: a Prefect server and the crv service (`crv up` under a
+temporary CRV_HOME), the flow run in this process, and one simulated agent per node speaking
+the real protocol over mutual TLS from the sim host process (pools/sim.py), with the latencies
+of the appliance's estimates (benchmarks/appliances/scale: critical path 21 s). Prints the
+makespan (the flow call, wall clock), the plan's critical path, their ratio, and CPU seconds
+of the flow process per node-step, of the service, of the Prefect server and of the sim host.
+
+Target: makespan within 1.25x of the critical path at 1,000 nodes.
+
+    python -m benchmarks.bench_deploy [--nodes 100,1000] [--profile FILE] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from crv import daemons
+from crv.appliance import load_appliance
+from crv.client import Service
+from crv.home import Home
+from crv.plan import Plan, expand
+from crv.teardown import teardown
+from pools.sim import SimPool
+
+APPLIANCE = Path(__file__).resolve().parent / "appliances" / "scale"
+TARGET_RATIO = 1.25
+TARGET_NODES = 1000
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def sim_latency(plan: Plan) -> str:
+    """CRV_SIM_LATENCY from the plan's own step estimates, so the sim takes what the plan says."""
+    found: dict[str, float] = {}
+    for _, d in plan.steps():
+        key = d["kind"] if d["role"] is None else f"{d['kind']}.{d['role']}"
+        found[key] = max(found.get(key, 0.0), float(d["seconds"]))
+    return ",".join(f"{k}={v:g}" for k, v in sorted(found.items()))
+
+
+def session_cpu(leader: int | None) -> float:
+    """User + system CPU seconds of every live process in the session `leader` started (a
+    daemon and its children, e.g. Prefect's server workers)."""
+    if leader is None:
+        return 0.0
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[3]) == leader:  # field 6: session id
+            total += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
+    return total / TICK
+
+
+def self_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def daemon_pid(record: Path) -> int | None:
+    try:
+        return int(json.loads(record.read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def milestones(service: Service, cluster: str, began: float) -> str:
+    """When the service saw the last enrolment, the last web done/verified, and lb verified,
+    in seconds from the flow call (the plan says 11, 16, 17, 21)."""
+    events: list[dict[str, Any]] = []
+    after = 0
+    while True:
+        batch = service.call("GET", f"/v1/admin/clusters/{cluster}/events?after={after}&wait=0")
+        events += batch["events"]
+        if not batch["events"]:
+            break
+        after = batch["last"]
+    last: dict[str, float] = {}
+    first: dict[str, float] = {}
+    for ev in events:
+        at = datetime.fromisoformat(ev["at"]).timestamp() - began
+        key = ev["kind"] if ev["role"] is None else f"{ev['role']} {ev['kind']}:{ev['state']}"
+        last[key] = max(last.get(key, at), at)
+        first.setdefault(key, at)
+
+    def fmt(key: str) -> str:
+        return f"{first[key]:.1f}-{last[key]:.1f}" if key in last else "-"
+
+    return (
+        f"enrolled {fmt('enrolled')} | web running {fmt('web role:running')} done "
+        f"{fmt('web role:done')} verified {fmt('web verified:verified')} | lb running "
+        f"{fmt('lb role:running')} done {fmt('lb role:done')} verified "
+        f"{fmt('lb verified:verified')} (s after the flow call)"
+    )
+
+
+def run_one(home: Home, n: int, profile: str | None) -> float:
+    from flows.deploy import deploy_appliance
+
+    name = f"scale{n}"
+    plan = expand(load_appliance(APPLIANCE, {"nodes": str(n)}), name)
+    os.environ["CRV_SIM_LATENCY"] = sim_latency(plan)
+    endpoints = daemons.running(home)
+    assert endpoints is not None
+    service = Service(home, endpoints.service_url)
+    service_pid = daemon_pid(home.service_dir / "daemon.json")
+    prefect_pid = daemon_pid(home.prefect_dir / "daemon.json")
+    pool = SimPool(home.pool_dir("sim"))  # the flow's own driver reads the same variable
+    host = pool.host()
+    before = (
+        self_cpu(),
+        session_cpu(service_pid),
+        session_cpu(prefect_pid),
+        session_cpu(host["pid"] if host else None),
+    )
+    began_wall, began = time.time(), time.monotonic()
+    profiler = cProfile.Profile() if profile else None
+    if profiler:
+        profiler.enable()
+    try:
+        result = asyncio.run(
+            deploy_appliance(
+                appliance=str(APPLIANCE), pool="sim", name=name, parameters={"nodes": str(n)}
+            )
+        )
+    finally:
+        if profiler:
+            profiler.disable()
+            profiler.dump_stats(profile)  # type: ignore[arg-type]
+    makespan = time.monotonic() - began
+    host = pool.host()
+    flow_cpu = self_cpu() - before[0]
+    service_cpu = session_cpu(service_pid) - before[1]
+    prefect_cpu = session_cpu(prefect_pid) - before[2]
+    sim_cpu = session_cpu(host["pid"] if host else None) - before[3]
+    critical = float(result["critical_path_seconds"])
+    steps = int(result["steps"])
+    ratio = makespan / critical
+    print(
+        f"deploy {n:>5} nodes {steps:>5} steps: makespan {makespan:6.2f} s (deploy "
+        f"{result['seconds']:.2f} s), critical path {critical:g} s, ratio {ratio:.3f} | "
+        f"CPU s: flow {flow_cpu:6.2f} = {flow_cpu / steps * 1000:5.2f} ms/node-step, "
+        f"service {service_cpu:6.2f}, prefect {prefect_cpu:5.2f}, sim host {sim_cpu:5.2f}"
+    )
+    print(f"  {'':>5} {milestones(service, name, began_wall)}")
+    teardown(name, pool, service)
+    return ratio
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_deploy")
+    parser.add_argument("--nodes", default="100,1000", help="comma-separated sizes (100,1000)")
+    parser.add_argument("--profile", help="cProfile the flow process of the largest size to FILE")
+    parser.add_argument("--keep", action="store_true", help="leave CRV_HOME and the daemons")
+    args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    sizes = [int(s) for s in args.nodes.split(",") if s.strip()]
+
+    root = Path(tempfile.mkdtemp(prefix="crv-bench-"))
+    os.environ["CRV_HOME"] = str(root)
+    home = Home(root)
+    print(f"crv deploy benchmark: sim pool, {os.cpu_count()} CPUs, CRV_HOME {root}")
+    started = time.monotonic()
+    endpoints = daemons.up(home)
+    # Prefect reads its settings once, at import: set them first (prefect is not imported yet)
+    os.environ.update(daemons.prefect_env(home, endpoints.prefect_api_url))
+    print(f"  crv up: {time.monotonic() - started:.1f} s ({endpoints.prefect_api_url})")
+    ratios: dict[int, float] = {}
+    try:
+        for n in sizes:
+            profile = args.profile if args.profile and n == max(sizes) else None
+            ratios[n] = run_one(home, n, profile)
+    finally:
+        if not args.keep:
+            SimPool(home.pool_dir("sim")).shutdown()
+            daemons.down(home)
+            shutil.rmtree(root, ignore_errors=True)
+    checked = TARGET_NODES if TARGET_NODES in ratios else max(ratios)
+    verdict = "meets" if ratios[checked] <= TARGET_RATIO else "MISSES"
+    print(
+        f"deploy: {checked} nodes at {ratios[checked]:.2f}x the critical path: {verdict} the "
+        f"{TARGET_RATIO}x target"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""End to end through the CLI: a real Prefect server, the real service, the local pool and the
+real agent, each `crv` command a separate process, as a user runs them.
+
+One `crv up` serves the whole module (the Prefect server takes ~10 s to start).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+
+from tests.conftest import CATALOG, REPO, write_appliance
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Crv:
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.env = {**os.environ, "CRV_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+
+    def __call__(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "crv", *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=self.env,
+            timeout=timeout,
+        )
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "crv", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO,
+            env=self.env,
+        )
+
+    def status(self, name: str) -> dict:
+        r = self("status", name, "--json")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def node_processes(self) -> list[int]:
+        """Every live process the local pool of this home started (its env marker)."""
+        marker = f"CRV_LOCAL_POOL={self.home / 'pools' / 'local'}".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    stat = (entry / "stat").read_text()
+                    if stat[stat.rindex(")") + 2] != "Z":
+                        found.append(int(entry.name))
+            except OSError:
+                continue
+        return found
+
+
+@pytest.fixture(scope="module")
+def crv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crv]:
+    c = Crv(tmp_path_factory.mktemp("crv-home"))
+    up = c("up", timeout=300)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "Prefect UI:  http://127.0.0.1:" in up.stdout
+    yield c
+    for pid in c.node_processes():
+        os.kill(pid, signal.SIGKILL)
+    c("down")
+
+
+def prefect_api(crv: Crv) -> str:
+    record = json.loads((crv.home / "prefect" / "daemon.json").read_text())
+    return str(record["url"])
+
+
+def test_up_is_idempotent_and_prints_urls(crv: Crv) -> None:
+    before = json.loads((crv.home / "service" / "daemon.json").read_text())["pid"]
+    again = crv("up")
+    assert again.returncode == 0
+    assert "crv service: https://127.0.0.1:" in again.stdout
+    assert json.loads((crv.home / "service" / "daemon.json").read_text())["pid"] == before
+
+
+def test_webfarm_deploys_answers_round_robin_and_destroys_clean(crv: Crv) -> None:
+    port = free_port()
+    r = crv("deploy", str(CATALOG / "webfarm"), "--pool", "local", "--name", "farm",
+            "--set", "workers=3", "--set", f"port={port}")  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "cluster farm is ready (4 nodes)" in r.stdout
+    assert "Prefect UI: http://127.0.0.1:" in r.stdout
+    lb_url = next(line.split(": ", 1)[1] for line in r.stdout.splitlines() if line.startswith("lb"))
+
+    answers = set()
+    for _ in range(6):
+        with urllib.request.urlopen(lb_url + "/", timeout=5) as resp:
+            answers.add(resp.read().decode().strip())
+    assert answers == {f"hello from farm-worker-{i}" for i in range(3)}
+
+    status = crv.status("farm")
+    assert status["name"] == "farm" and status["appliance"] == "webfarm" and status["ready"]
+    assert [n["name"] for n in status["nodes"]] == [
+        "farm-front-0", "farm-worker-0", "farm-worker-1", "farm-worker-2",
+    ]  # fmt: skip
+    for n in status["nodes"]:
+        assert set(n) == {"name", "group", "pool", "address", "state", "roles"}
+        assert n["pool"] == "local" and n["address"].startswith("127.0.")
+        assert set(n["roles"].values()) == {"verified"}
+    listed = crv("list", "--json")
+    assert {"name": "farm", "appliance": "webfarm", "pool": "local", "nodes": 4, "ready": True} in (
+        json.loads(listed.stdout)["clusters"]
+    )
+
+    # the Prefect server has the run, its stage task runs and the cluster summary artifact
+    api = prefect_api(crv)
+    runs = httpx.post(f"{api}/task_runs/filter", json={"limit": 200}).json()
+    names = {t["name"] for t in runs}
+    assert {"provision[worker]", "certify[worker]", "contextualize[worker/web]",
+            "verify[worker/web]", "contextualize[front/lb]", "verify[front/lb]"} <= names  # fmt: skip
+    artifacts = httpx.post(f"{api}/artifacts/filter", json={"limit": 50}).json()
+    assert "cluster-farm" in {a["key"] for a in artifacts}
+    assert "deploy-farm" in {a["key"] for a in artifacts}
+
+    certs = sorted((crv.home / "pools" / "local").glob("farm-*/node.crt"))
+    serials = {x509.load_pem_x509_certificate(p.read_bytes()).serial_number for p in certs}
+    assert len(serials) == 4
+
+    d = crv("destroy", "farm")
+    assert d.returncode == 0, d.stderr
+    assert "4 nodes removed, 4 certificates revoked" in d.stdout
+    assert crv.node_processes() == []
+    assert not list((crv.home / "pools" / "local").glob("farm-*"))
+    assert crv("status", "farm").returncode == 2
+    ca = ssl.create_default_context(cafile=str(crv.home / "ca" / "ca.crt"))
+    service = json.loads((crv.home / "service" / "daemon.json").read_text())["url"]
+    crl = x509.load_pem_x509_crl(httpx.get(f"{service}/v1/crl", verify=ca).content)
+    assert serials <= {entry.serial_number for entry in crl}
+
+
+FLAKY = """\
+apiVersion: crv/v1
+name: flaky
+parameters:
+  bad: {type: string, default: flaky-node-1}
+nodes:
+  node: {count: 3, roles: [svc]}
+  head: {count: 1, roles: [top]}
+roles:
+  svc: {recipe: svc.sh}
+  top: {recipe: top.sh, depends_on: [svc]}
+"""
+
+
+def test_failing_recipe_is_retried_then_named_and_others_are_kept(
+    crv: Crv, tmp_path: Path
+) -> None:
+    app = write_appliance(tmp_path, "flaky", FLAKY, ("svc.sh", "top.sh"))
+    (app / "svc.sh").write_text(
+        '#!/bin/sh\necho "starting on $CRV_NODE"\n'
+        'if [ "$CRV_NODE" = "$CRV_PARAM_BAD" ]; then echo "disk on fire" >&2; exit 3; fi\n'
+    )
+    r = crv("deploy", str(app), "--retries", "1")
+    assert r.returncode == 1
+    err = r.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: deploy of flaky failed: flaky-node-1:contextualize:svc failed")
+    assert "recipe of svc on flaky-node-1 exited 3" in err and "disk on fire" in err
+    assert "Traceback" not in r.stderr.splitlines()[-1]
+
+    status = crv.status("flaky")
+    states = {n["name"]: n["roles"] for n in status["nodes"]}
+    assert states["flaky-node-1"] == {"svc": "failed"}
+    assert states["flaky-node-0"] == {"svc": "verified"} == states["flaky-node-2"]
+    assert states["flaky-head-0"] == {"top": "pending"}  # never released: its dependency failed
+    assert not status["ready"]
+    log = (crv.home / "pools/local/flaky-node-1/logs/svc.log").read_text()
+    assert log.count("disk on fire") == 2  # the first run and one retry
+
+    d = crv("destroy", "flaky")
+    assert d.returncode == 0, d.stderr
+    assert "4 nodes removed, 4 certificates revoked" in d.stdout
+    assert crv.node_processes() == []
+
+
+SLOW = """\
+apiVersion: crv/v1
+name: slow
+nodes:
+  node: {count: 4, roles: [svc]}
+roles:
+  svc: {recipe: svc.sh}
+"""
+
+
+def test_killed_deploy_converges_when_run_again(crv: Crv, tmp_path: Path) -> None:
+    app = write_appliance(tmp_path, "slow", SLOW, ("svc.sh",))
+    (app / "svc.sh").write_text("#!/bin/sh\nsleep 3\necho done >> runs.txt\n")
+    pools = crv.home / "pools" / "local"
+    deploying = crv.popen("deploy", str(app))
+    deadline = time.monotonic() + 120
+    while len(list(pools.glob("slow-*/node.crt"))) < 2:  # mid-way: nodes enrolled, recipes run
+        assert deploying.poll() is None, deploying.stdout.read() if deploying.stdout else ""
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    deploying.kill()
+    deploying.wait()
+
+    again = crv("deploy", str(app))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert sorted(p.name for p in pools.glob("slow-*")) == [f"slow-node-{i}" for i in range(4)]
+    status = crv.status("slow")
+    assert status["ready"]
+    agents = [p for p in crv.node_processes() if b"crv-agent" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(agents) == 4  # no duplicate agent for any node
+    for i in range(4):  # a recipe that finished before the kill is not run again
+        assert (pools / f"slow-node-{i}/work/runs.txt").read_text().count("done") == 1
+
+    assert crv("destroy", "slow").returncode == 0
+    assert crv.node_processes() == []
+
+
+def test_deploy_refuses_bad_input_before_anything(crv: Crv, tmp_path: Path) -> None:
+    r = crv("deploy", str(CATALOG / "webfarm"), "--set", "workers=0")
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and "workers" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = crv("deploy", str(CATALOG / "webfarm"), "--pool", "nowhere")
+    assert r.returncode == 2 and "unknown pool" in r.stderr
+    assert crv("status", "webfarm").returncode == 2  # nothing was registered
