@@ -52,7 +52,9 @@ def prefect_env(home: Home, api_url: str | None = None) -> dict[str, str]:
         "PREFECT_HOME": str(home.prefect_dir),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "true",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
+        # flow and task logs go to the Prefect UI; the terminal shows crv's own progress
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
     }
     if api_url:
         env["PREFECT_API_URL"] = api_url

@@ -142,6 +142,17 @@ def test_webfarm_deploys_answers_round_robin_and_destroys_clean(crv: Crv) -> Non
     assert "cluster-farm" in {a["key"] for a in artifacts}
     assert "deploy-farm" in {a["key"] for a in artifacts}
 
+    # nothing secret reached Prefect: flow parameters, task and flow logs, artifacts (F: secrets)
+    flow_runs = httpx.post(f"{api}/flow_runs/filter", json={"limit": 50}).json()
+    logs = httpx.post(f"{api}/logs/filter", json={"limit": 1000}).json()
+    seen = json.dumps([flow_runs, runs, logs, artifacts])
+    assert "-----BEGIN" not in seen and "PRIVATE KEY" not in seen
+    assert '"token"' not in seen.lower()
+    tokens_db = (crv.home / "service" / "state.db").read_bytes()
+    for log_file in crv.home.glob("pools/local/farm-*/agent.log"):
+        assert "token" not in log_file.read_text().lower()
+    assert b"-----BEGIN EC PRIVATE KEY" not in tokens_db
+
     certs = sorted((crv.home / "pools" / "local").glob("farm-*/node.crt"))
     serials = {x509.load_pem_x509_certificate(p.read_bytes()).serial_number for p in certs}
     assert len(serials) == 4
@@ -172,9 +183,7 @@ roles:
 """
 
 
-def test_failing_recipe_is_retried_then_named_and_others_are_kept(
-    crv: Crv, tmp_path: Path
-) -> None:
+def test_failing_recipe_is_retried_then_named_and_others_are_kept(crv: Crv, tmp_path: Path) -> None:
     app = write_appliance(tmp_path, "flaky", FLAKY, ("svc.sh", "top.sh"))
     (app / "svc.sh").write_text(
         '#!/bin/sh\necho "starting on $CRV_NODE"\n'
@@ -230,7 +239,9 @@ def test_killed_deploy_converges_when_run_again(crv: Crv, tmp_path: Path) -> Non
     assert sorted(p.name for p in pools.glob("slow-*")) == [f"slow-node-{i}" for i in range(4)]
     status = crv.status("slow")
     assert status["ready"]
-    agents = [p for p in crv.node_processes() if b"crv-agent" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    agents = [
+        p for p in crv.node_processes() if b"crv-agent" in Path(f"/proc/{p}/cmdline").read_bytes()
+    ]
     assert len(agents) == 4  # no duplicate agent for any node
     for i in range(4):  # a recipe that finished before the kill is not run again
         assert (pools / f"slow-node-{i}/work/runs.txt").read_text().count("done") == 1
