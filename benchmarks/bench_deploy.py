@@ -23,6 +23,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -82,6 +83,64 @@ def daemon_pid(record: Path) -> int | None:
         return None
 
 
+class Sampler(threading.Thread):
+    """CPU use of each party, once a second, for `--timeline`: who is saturated when."""
+
+    def __init__(self, parties: dict[str, int | None]) -> None:
+        super().__init__(daemon=True)
+        self.parties = parties
+        self.rows: list[tuple[float, dict[str, float]]] = []
+        self._stop_event = threading.Event()
+
+    @staticmethod
+    def machine() -> float:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return (sum(fields) - fields[3] - fields[4]) / TICK  # all but idle and iowait
+
+    def snapshot(self) -> dict[str, float]:
+        snap = {k: session_cpu(pid) for k, pid in self.parties.items() if k != "flow"}
+        snap["flow"] = self_cpu()
+        snap["machine"] = self.machine()
+        return snap
+
+    def run(self) -> None:
+        began, prev = time.monotonic(), self.snapshot()
+        while not self._stop_event.wait(1.0):
+            now = self.snapshot()
+            self.rows.append((time.monotonic() - began, {k: now[k] - prev[k] for k in now}))
+            prev = now
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+    def print(self) -> None:
+        names = ["flow", *[k for k in self.parties if k != "flow"]]
+        print("    t s  " + " ".join(f"{k:>8}" for k in names) + "    other  (% of one CPU)")
+        for t, d in self.rows:
+            other = d["machine"] - sum(d[k] for k in names)
+            cells = " ".join(f"{100 * d[k]:8.0f}" for k in names)
+            print(f"  {t:5.0f}  {cells} {100 * max(other, 0):8.0f}")
+
+
+def stage_spans(dag: Any, began: float) -> str:
+    """The flow's view: per step kind (and role), first start - last finish, in seconds after
+    the flow call."""
+    spans: dict[str, list[float]] = {}
+    for sid, r in dag.results.items():
+        d = dag.plan.graph.nodes[sid]
+        key = d["kind"] if d["role"] is None else f"{d['kind']}:{d['role']}"
+        if r.started is None or r.finished is None:
+            continue
+        span = spans.setdefault(key, [r.started, r.finished])
+        span[0], span[1] = min(span[0], r.started), max(span[1], r.finished)
+    order = ["provision", "certify", "contextualize:web", "verify:web"]
+    order += ["contextualize:lb", "verify:lb"]
+    keys = [k for k in order if k in spans] + sorted(k for k in spans if k not in order)
+    return " | ".join(f"{k} {spans[k][0] - began:.1f}-{spans[k][1] - began:.1f}" for k in keys)
+
+
 def milestones(service: Service, cluster: str, began: float) -> str:
     """When the service saw the last enrolment, the last web done/verified, and lb verified,
     in seconds from the flow call (the plan says 11, 16, 17, 21)."""
@@ -112,8 +171,8 @@ def milestones(service: Service, cluster: str, began: float) -> str:
     )
 
 
-def run_one(home: Home, n: int, profile: str | None) -> float:
-    from flows.deploy import deploy_appliance
+def run_one(home: Home, n: int, profile: str | None, timeline: bool) -> float:
+    from flows.deploy import PROGRESS_LISTENERS, deploy_appliance
 
     name = f"scale{n}"
     plan = expand(load_appliance(APPLIANCE, {"nodes": str(n)}), name)
@@ -124,14 +183,30 @@ def run_one(home: Home, n: int, profile: str | None) -> float:
     service_pid = daemon_pid(home.service_dir / "daemon.json")
     prefect_pid = daemon_pid(home.prefect_dir / "daemon.json")
     pool = SimPool(home.pool_dir("sim"))  # the flow's own driver reads the same variable
-    host = pool.host()
+    sim_pid = int(pool.start()["pid"])
     before = (
         self_cpu(),
         session_cpu(service_pid),
         session_cpu(prefect_pid),
-        session_cpu(host["pid"] if host else None),
+        session_cpu(sim_pid),
+    )
+    dags: list[Any] = []
+
+    def capture(dag: Any) -> None:
+        if not dags:
+            dags.append(dag)
+
+    PROGRESS_LISTENERS.append(capture)
+    sampler = Sampler(
+        {
+            "flow": None,
+            "service": service_pid,
+            "prefect": prefect_pid,
+            "sim": sim_pid,
+        }
     )
     began_wall, began = time.time(), time.monotonic()
+    sampler.start()
     profiler = cProfile.Profile() if profile else None
     if profiler:
         profiler.enable()
@@ -145,12 +220,13 @@ def run_one(home: Home, n: int, profile: str | None) -> float:
         if profiler:
             profiler.disable()
             profiler.dump_stats(profile)  # type: ignore[arg-type]
+        PROGRESS_LISTENERS.remove(capture)
     makespan = time.monotonic() - began
-    host = pool.host()
+    sampler.stop()
     flow_cpu = self_cpu() - before[0]
     service_cpu = session_cpu(service_pid) - before[1]
     prefect_cpu = session_cpu(prefect_pid) - before[2]
-    sim_cpu = session_cpu(host["pid"] if host else None) - before[3]
+    sim_cpu = session_cpu(sim_pid) - before[3]
     critical = float(result["critical_path_seconds"])
     steps = int(result["steps"])
     ratio = makespan / critical
@@ -160,7 +236,11 @@ def run_one(home: Home, n: int, profile: str | None) -> float:
         f"CPU s: flow {flow_cpu:6.2f} = {flow_cpu / steps * 1000:5.2f} ms/node-step, "
         f"service {service_cpu:6.2f}, prefect {prefect_cpu:5.2f}, sim host {sim_cpu:5.2f}"
     )
-    print(f"  {'':>5} {milestones(service, name, began_wall)}")
+    if dags:
+        print(f"  flow:    {stage_spans(dags[0], began)}")
+    print(f"  service: {milestones(service, name, began_wall)}")
+    if timeline:
+        sampler.print()
     teardown(name, pool, service)
     return ratio
 
@@ -169,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_deploy")
     parser.add_argument("--nodes", default="100,1000", help="comma-separated sizes (100,1000)")
     parser.add_argument("--profile", help="cProfile the flow process of the largest size to FILE")
+    parser.add_argument("--timeline", action="store_true", help="CPU use per second")
     parser.add_argument("--keep", action="store_true", help="leave CRV_HOME and the daemons")
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     sizes = [int(s) for s in args.nodes.split(",") if s.strip()]
@@ -186,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for n in sizes:
             profile = args.profile if args.profile and n == max(sizes) else None
-            ratios[n] = run_one(home, n, profile)
+            ratios[n] = run_one(home, n, profile, args.timeline)
     finally:
         if not args.keep:
             SimPool(home.pool_dir("sim")).shutdown()

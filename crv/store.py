@@ -317,6 +317,16 @@ class Store:
                         )
                     ).scalars()
                 )
+                gone = have - set(roles)
+                if gone:  # a node that left a role no longer feeds it (nor holds its state)
+                    for table in (attributes, role_states):
+                        c.execute(
+                            table.delete().where(
+                                table.c.cluster == cluster,
+                                table.c.node == name,
+                                table.c.role.in_(gone),
+                            )
+                        )
                 for role in roles:
                     if role not in have:
                         c.execute(
@@ -452,17 +462,25 @@ class Store:
 
     # -- certificates -----------------------------------------------------------------------
 
-    def certificate_ok(self, serial: str, cluster: str, node: str) -> bool:
-        """The certificate is current: recorded for this node, not revoked, node still known."""
+    def current_roles(self, serial: str, cluster: str, node: str) -> tuple[str, ...] | None:
+        """The node's roles if this certificate is current (recorded for the node, not
+        revoked, node still known), else None."""
         with self.engine.connect() as c:
             row = c.execute(
-                sa.select(certificates.c.revoked_at).where(
+                sa.select(nodes.c.roles)
+                .join(
+                    certificates,
+                    (certificates.c.cluster == nodes.c.cluster)
+                    & (certificates.c.node == nodes.c.name),
+                )
+                .where(
                     certificates.c.serial == serial,
                     certificates.c.cluster == cluster,
                     certificates.c.node == node,
+                    certificates.c.revoked_at.is_(None),
                 )
             ).first()
-            return row is not None and row.revoked_at is None
+            return tuple(row.roles) if row is not None else None
 
     def revoked(self) -> list[tuple[int, datetime]]:
         with self.engine.connect() as c:

@@ -180,6 +180,12 @@ class SimPool:
         """{pid, verify_port, nodes} of the running sim host, None when there is none."""
         return self._call({"op": "ping"}, start=False)
 
+    def start(self) -> Json:
+        """Start the sim host now rather than at the first create_node; {pid, ...} as host()."""
+        answer = self._call({"op": "ping"}, start=True)
+        assert answer is not None
+        return answer
+
     def shutdown(self) -> bool:
         """Stop the sim host (every node goes with it); False when none was running."""
         answer = self._call({"op": "shutdown"}, start=False)

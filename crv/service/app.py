@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -177,17 +177,11 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > limit:
-                raise _TooLarge
+                # raised inside FastAPI's body reading: an HTTPException is passed through
+                raise HTTPException(413, f"request body over {limit} bytes")
             return message
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await _too_large(send, limit)
-
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, limited, send)
 
 
 async def _too_large(send: Send, limit: int) -> None:
@@ -262,10 +256,12 @@ def create_app(store: Store, ca: CertificateAuthority) -> FastAPI:
         ident = _identity(der)
         if ident is None:
             raise StoreError(403, "not a node certificate")
-        serial, cluster, node, roles = ident
-        if not store.certificate_ok(serial, cluster, node):
-            raise StoreError(403, f"certificate {serial} of {cluster}/{node} is revoked")
-        return NodeCaller(cluster, node, roles)
+        serial, cluster, node, cert_roles = ident
+        current = store.current_roles(serial, cluster, node)
+        if current is None:
+            raise StoreError(403, f"certificate {serial} of {cluster}/{node} is not current")
+        # the plan decides today's roles; the certificate can only narrow them
+        return NodeCaller(cluster, node, tuple(r for r in cert_roles if r in current))
 
     def admin(request: Request) -> None:
         cert = peer(request)
@@ -367,6 +363,8 @@ def create_app(store: Store, ca: CertificateAuthority) -> FastAPI:
             raise StoreError(403, f"{caller.node} does not host role {role!r}")
         if "\x00" in body.value:
             raise StoreError(400, "value: contains a NUL character")
+        if len(body.value.encode()) > MAX_VALUE:
+            raise StoreError(413, f"value: more than {MAX_VALUE} bytes")
         store.set_attribute(caller.cluster, caller.node, role, key, body.value)
 
     @app.get("/v1/attributes/{role}/{key}")
