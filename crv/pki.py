@@ -154,17 +154,8 @@ class CertificateAuthority:
         cn = hostnames[0] if hostnames else str(ips[0])
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)] if len(cn) <= 64 else [])
         sans = [*(x509.DNSName(h) for h in hostnames), *(x509.IPAddress(ip) for ip in ips)]
-        builder = self._leaf(subject, key.public_key(), ttl)
         # RFC 5280: with an empty subject the SAN extension must be critical.
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=not subject)
-        eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
-        cert = builder.add_extension(eku, critical=False).sign(self._key, hashes.SHA256())
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        return key_pem, cert
+        return self._with_new_key(key, subject, sans, ExtendedKeyUsageOID.SERVER_AUTH, ttl)
 
     def issue_admin_certificate(
         self, ttl: timedelta = timedelta(days=365)
@@ -174,14 +165,23 @@ class CertificateAuthority:
         so it cannot serve TLS as the service."""
         if ttl <= timedelta(0):
             raise PkiError(f"admin certificate ttl {ttl} is not positive")
-        key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "crv admin")])
+        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(ADMIN_URI)]
+        key = ec.generate_private_key(ec.SECP256R1())
+        return self._with_new_key(key, subject, sans, ExtendedKeyUsageOID.CLIENT_AUTH, ttl)
+
+    def _with_new_key(
+        self,
+        key: ec.EllipticCurvePrivateKey,
+        subject: x509.Name,
+        sans: Sequence[x509.GeneralName],
+        usage: x509.ObjectIdentifier,
+        ttl: timedelta,
+    ) -> tuple[bytes, x509.Certificate]:
+        """For the service's own certificates, whose keys are made here (not on a node)."""
         builder = self._leaf(subject, key.public_key(), ttl)
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(ADMIN_URI)]),
-            critical=False,
-        )
-        eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=not subject)
+        eku = x509.ExtendedKeyUsage([usage])
         cert = builder.add_extension(eku, critical=False).sign(self._key, hashes.SHA256())
         key_pem = key.private_bytes(
             serialization.Encoding.PEM,

@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from crv.errors import PkiError
 from crv.home import Home
 from crv.pki import CertificateAuthority
 from crv.service.app import create_app
@@ -59,12 +60,13 @@ def ensure_credentials(home: Home, ca: CertificateAuthority) -> tuple[Path, Path
     home.ensure()
     server_crt, server_key = home.service_dir / "server.crt", home.service_dir / "server.key"
     if not _still_valid(server_crt):
-        names = ["localhost"]
-        host = socket.gethostname().lower()
-        with contextlib.suppress(Exception):
-            ca.issue_server_certificate([host])  # only if the hostname is a valid DNS name
-            names.append(host)
-        key_pem, cert = ca.issue_server_certificate(names, ["127.0.0.1", "::1"])
+        addresses = ["127.0.0.1", "::1"]
+        try:  # the host name too, when it is a valid DNS name
+            key_pem, cert = ca.issue_server_certificate(
+                ["localhost", socket.gethostname().lower()], addresses
+            )
+        except PkiError:
+            key_pem, cert = ca.issue_server_certificate(["localhost"], addresses)
         _write_private(server_key, key_pem)
         server_crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     if not _still_valid(home.admin_cert):
