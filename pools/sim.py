@@ -50,6 +50,7 @@ from pools.base import TAG_CLUSTER, TAG_NODE, NodeInfo, NodeSpec, PoolError
 
 NAME = "sim"
 ENV_LATENCY = "CRV_SIM_LATENCY"
+ENV_PROFILE = "CRV_SIM_PROFILE"  # cProfile the sim host to this file
 KINDS = ("provision", "certify", "contextualize", "verify")
 DEFAULT_LATENCY: Mapping[str, float] = {
     "provision": 10.0,
@@ -65,6 +66,8 @@ POLL_WAIT = 25  # as the real agent: the service holds a long poll for at most 3
 BACKOFF_CAP = 5.0
 MAX_VERIFY_SECONDS = 600.0
 REPO = Path(__file__).resolve().parent.parent
+HOST_ENV = {"PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "XDG_RUNTIME_DIR", "PYTHONPATH"}
+HOST_ENV.add(ENV_PROFILE)
 
 Json = dict[str, Any]
 
@@ -243,7 +246,8 @@ class SimPool:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             if self._ping(path):
                 return
-            env = dict(os.environ)
+            # what a node would see, never crv's own environment (it may hold credentials)
+            env = {k: v for k, v in os.environ.items() if k in HOST_ENV}
             env["PYTHONPATH"] = os.pathsep.join(
                 p for p in (str(REPO), env.get("PYTHONPATH", "")) if p
             )
@@ -405,7 +409,6 @@ class Agent:
         self.host, self.node = host, node
         self.boot = node.bootstrap
         self.service = self.boot["service"]
-        self.dir = host.root / "nodes" / node.name
 
     async def run(self) -> None:
         node = self.node
@@ -477,20 +480,21 @@ class Agent:
         if status != 200:
             raise Refused(f"enrolment refused: {status} {content[:200]!r}")
         self.boot.pop("token", None)  # single-use: nothing to keep
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        cert, key_file = self.dir / "node.crt", self.dir / "node.key"
         key_pem = key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key_pem)
-        cert.write_text(json.loads(content)["certificate"])
+        certificate = json.loads(content)["certificate"].encode()
         ctx = ssl.create_default_context(cadata=self.boot["ca"])
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(cert, key_file)
+        # the pair never touches a disk: ssl only loads from a path, so an anonymous memory file
+        fd = os.memfd_create(f"crv-sim-{name}", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, certificate + key_pem)
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
         return ctx
 
     async def serve(self, http: Http) -> None:
@@ -655,12 +659,6 @@ class Host:
             return
         if node.task is not None:
             node.task.cancel()
-        directory = self.root / "nodes" / name
-        for f in ("node.crt", "node.key"):
-            with contextlib.suppress(FileNotFoundError):
-                (directory / f).unlink()
-        with contextlib.suppress(OSError):
-            directory.rmdir()
 
     def _handle(self, request: Json) -> Json:
         op = request.get("op")
@@ -737,7 +735,15 @@ def main(argv: list[str]) -> int:
     if len(argv) != 3 or argv[0] != "host":
         sys.stderr.write("usage: python -m pools.sim host STATE_DIR SOCKET\n")
         return 2
-    asyncio.run(Host(Path(argv[1]), argv[2]).main())
+    profile = os.environ.get(ENV_PROFILE)
+    if profile:  # where the simulator's own CPU goes (benchmarks/bench_deploy.py --profile)
+        import cProfile
+
+        with cProfile.Profile() as profiler:
+            asyncio.run(Host(Path(argv[1]), argv[2]).main())
+        profiler.dump_stats(profile)
+    else:
+        asyncio.run(Host(Path(argv[1]), argv[2]).main())
     return 0
 
 
