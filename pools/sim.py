@@ -701,12 +701,13 @@ class Host:
             writer.close()
 
     async def _verify(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """`GET /verify/<seconds>/<node>`: 200 after that many seconds (404 for a node the host
-        does not hold); one request per connection."""
+        """`GET /verify/<seconds>/<node>[/anything]`: 200 after that many seconds (404 for a
+        node the host does not hold; a suffix such as `/health` is ignored); one request per
+        connection."""
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
             target = head.split(b"\r\n", 1)[0].split(b" ")[1].decode("latin-1")
-            m = re.fullmatch(r"/verify/([0-9.]+)/([a-z0-9-]+)", target)
+            m = re.fullmatch(r"/verify/([0-9.]+)/([a-z0-9-]+)(/[^?#]*)?([?#].*)?", target)
             if m and m.group(2) in self.nodes:
                 await asyncio.sleep(min(float(m.group(1)), MAX_VERIFY_SECONDS))
                 status, body = "200 OK", b"ok\n"

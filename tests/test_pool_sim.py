@@ -51,8 +51,9 @@ def test_verify_endpoint_answers_for_held_nodes_only(pool: SimPool) -> None:
     host = pool.host()
     assert host is not None
     base = f"http://127.0.0.1:{host['verify_port']}/verify/0.01"
-    with urllib.request.urlopen(f"{base}/c-worker-0", timeout=5) as r:
-        assert r.status == 200
+    for suffix in ("", "/health"):  # a verify template may add a path to `self.url`
+        with urllib.request.urlopen(f"{base}/c-worker-0{suffix}", timeout=5) as r:
+            assert r.status == 200
     with pytest.raises(urllib.error.HTTPError, match="404"):
         urllib.request.urlopen(f"{base}/c-worker-1", timeout=5)
 

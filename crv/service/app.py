@@ -249,7 +249,7 @@ def create_app(store: Store, ca: CertificateAuthority) -> FastAPI:
             identities.popitem(last=False)
         return ident
 
-    def node_caller(request: Request) -> NodeCaller:
+    async def node_caller(request: Request) -> NodeCaller:
         der: bytes | None = getattr(request.state, "tls_peer_cert", None)
         if not der:
             raise StoreError(401, "a node certificate is required")
@@ -263,7 +263,7 @@ def create_app(store: Store, ca: CertificateAuthority) -> FastAPI:
         # the plan decides today's roles; the certificate can only narrow them
         return NodeCaller(cluster, node, tuple(r for r in cert_roles if r in current))
 
-    def admin(request: Request) -> None:
+    async def admin(request: Request) -> None:
         cert = peer(request)
         if cert is None:
             raise StoreError(401, "an admin certificate is required")
