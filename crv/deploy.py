@@ -338,7 +338,7 @@ class ClusterRun:
         if current.get("state") in ("released", "running"):
             release = int(current["release"])
         else:
-            (result,) = [await self._roles.submit({"node": node, "role": role, "op": "release"})]
+            result = await self._roles.submit({"node": node, "role": role, "op": "release"})
             release = int(result["release"])
             self.mirror.roles.setdefault(key, {}).update(state="released", release=release)
 

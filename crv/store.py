@@ -342,6 +342,12 @@ class Store:
                         )
         return changed
 
+    def node_names(self, cluster: str) -> list[str]:
+        with self.engine.connect() as c:
+            return list(
+                c.execute(sa.select(nodes.c.name).where(nodes.c.cluster == cluster)).scalars()
+            )
+
     def node(self, cluster: str, name: str) -> sa.Row[Any] | None:
         with self.engine.connect() as c:
             return c.execute(

@@ -424,8 +424,8 @@ def create_app(store: Store, ca: CertificateAuthority) -> FastAPI:
         return {"name": cluster, "bundle": digest}
 
     async def _wake_cluster_nodes(cluster: str) -> None:
-        for node in store.status(cluster)["nodes"]:
-            node_waiters.notify((cluster, node["name"]))
+        for node in store.node_names(cluster):
+            node_waiters.notify((cluster, node))
 
     @app.get("/v1/admin/clusters/{cluster}", dependencies=[Admin])
     async def cluster_status(cluster: str) -> dict[str, Any]:
@@ -477,9 +477,7 @@ def create_app(store: Store, ca: CertificateAuthority) -> FastAPI:
 
     @app.delete("/v1/admin/clusters/{cluster}", dependencies=[Admin])
     async def delete_cluster(cluster: str) -> dict[str, list[str]]:
-        nodes = (
-            [n["name"] for n in store.status(cluster)["nodes"]] if store.cluster(cluster) else []
-        )
+        nodes = store.node_names(cluster)
         result = await _forget(cluster, lambda: store.delete_cluster(cluster))
         for node in nodes:
             node_waiters.notify((cluster, node))
