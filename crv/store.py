@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -113,6 +114,7 @@ events = sa.Table(
 ROLE_STATES = ("pending", "released", "running", "done", "failed", "verified", "verify_failed")
 MAX_KEYS_PER_ROLE = 256
 OUTPUT_TAIL = 4096
+TOUCH_EVERY = 10.0  # seconds between writes of a node's last_seen
 
 
 class StoreError(CrvError):
@@ -170,6 +172,7 @@ def open_engine(path: Path) -> Engine:
 
 class Store:
     def __init__(self, engine: Engine) -> None:
+        self._touched: dict[tuple[str, str], float] = {}
         self.engine = engine
 
     # -- clusters ---------------------------------------------------------------------------
@@ -267,56 +270,78 @@ class Store:
     # -- nodes ------------------------------------------------------------------------------
 
     def put_nodes(self, cluster: str, items: Sequence[Mapping[str, Any]]) -> set[str]:
-        """Upsert nodes (the flow's view of them); returns the nodes whose work changed."""
+        """Upsert nodes (the flow's view of them); returns the nodes whose work changed.
+        In bulk: one read of the cluster's nodes and roles, then one executemany per kind of
+        write (a deploy puts a thousand nodes at a time)."""
         changed: set[str] = set()
+        at = now()
+        new_nodes: list[dict[str, Any]] = []
+        updates: list[dict[str, Any]] = []
+        node_events: list[dict[str, Any]] = []
+        new_roles: list[dict[str, Any]] = []
         with self.engine.begin() as c:
+            rows = {
+                r.name: r for r in c.execute(sa.select(nodes).where(nodes.c.cluster == cluster))
+            }
+            held: dict[str, set[str]] = {}
+            for r in c.execute(
+                sa.select(role_states.c.node, role_states.c.role).where(
+                    role_states.c.cluster == cluster
+                )
+            ):
+                held.setdefault(r.node, set()).add(r.role)
             for item in items:
                 name, roles = item["name"], list(item["roles"])
-                row = c.execute(
-                    sa.select(nodes).where(nodes.c.cluster == cluster, nodes.c.name == name)
-                ).first()
+                row = rows.get(name)
                 if row is None:
-                    c.execute(
-                        nodes.insert().values(
-                            cluster=cluster,
-                            name=name,
-                            grp=item["group"],
-                            roles=roles,
-                            pool=item["pool"],
-                            address=item.get("address"),
-                            state=item.get("state") or "planned",
-                            generation=1,
-                            stop=False,
-                        )
+                    new_nodes.append(
+                        {
+                            "cluster": cluster,
+                            "name": name,
+                            "grp": item["group"],
+                            "roles": roles,
+                            "pool": item["pool"],
+                            "address": item.get("address"),
+                            "state": item.get("state") or "planned",
+                            "generation": 1,
+                            "stop": False,
+                        }
                     )
                     changed.add(name)
                 else:
-                    values: dict[str, Any] = {"roles": roles, "grp": item["group"]}
+                    address, generation, state = row.address, row.generation, row.state
                     if item.get("address") is not None and item["address"] != row.address:
-                        values["address"] = item["address"]
-                        values["generation"] = row.generation + 1
+                        address, generation = item["address"], row.generation + 1
                         changed.add(name)
-                    state = item.get("state")
+                    wanted = item.get("state")
                     # an enrolled node stays enrolled when the flow reports it provisioned again
                     if (
-                        state
-                        and state != row.state
-                        and not (row.state == "enrolled" and state == "provisioned")
+                        wanted
+                        and wanted != row.state
+                        and not (row.state == "enrolled" and wanted == "provisioned")
                     ):
-                        values["state"] = state
-                        self._event(c, cluster, name, None, "node", state=state)
-                    c.execute(
-                        nodes.update()
-                        .where(nodes.c.cluster == cluster, nodes.c.name == name)
-                        .values(**values)
-                    )
-                have = set(
-                    c.execute(
-                        sa.select(role_states.c.role).where(
-                            role_states.c.cluster == cluster, role_states.c.node == name
+                        state = wanted
+                        node_events.append(
+                            {
+                                "at": at,
+                                "cluster": cluster,
+                                "node": name,
+                                "role": None,
+                                "kind": "node",
+                                "state": state,
+                            }
                         )
-                    ).scalars()
-                )
+                    updates.append(
+                        {
+                            "_name": name,
+                            "_roles": roles,
+                            "_grp": item["group"],
+                            "_address": address,
+                            "_generation": generation,
+                            "_state": state,
+                        }
+                    )
+                have = held.get(name, set())
                 gone = have - set(roles)
                 if gone:  # a node that left a role no longer feeds it (nor holds its state)
                     for table in (attributes, role_states):
@@ -327,19 +352,38 @@ class Store:
                                 table.c.role.in_(gone),
                             )
                         )
-                for role in roles:
-                    if role not in have:
-                        c.execute(
-                            role_states.insert().values(
-                                cluster=cluster,
-                                node=name,
-                                role=role,
-                                state="pending",
-                                release=0,
-                                output="",
-                                updated_at=now(),
-                            )
-                        )
+                new_roles.extend(
+                    {
+                        "cluster": cluster,
+                        "node": name,
+                        "role": role,
+                        "state": "pending",
+                        "release": 0,
+                        "output": "",
+                        "updated_at": at,
+                    }
+                    for role in roles
+                    if role not in have
+                )
+            if new_nodes:
+                c.execute(nodes.insert(), new_nodes)
+            if updates:
+                c.execute(
+                    nodes.update()
+                    .where(nodes.c.cluster == cluster, nodes.c.name == sa.bindparam("_name"))
+                    .values(
+                        roles=sa.bindparam("_roles"),
+                        grp=sa.bindparam("_grp"),
+                        address=sa.bindparam("_address"),
+                        generation=sa.bindparam("_generation"),
+                        state=sa.bindparam("_state"),
+                    ),
+                    updates,
+                )
+            if node_events:
+                c.execute(events.insert(), node_events)
+            if new_roles:
+                c.execute(role_states.insert(), new_roles)
         return changed
 
     def node_names(self, cluster: str) -> list[str]:
@@ -448,6 +492,7 @@ class Store:
             return self._delete_node(c, cluster, name)
 
     def _delete_node(self, c: Connection, cluster: str, name: str) -> list[str]:
+        self._touched.pop((cluster, name), None)
         revoked = self._revoke_node_certs(c, cluster, name)
         for table in (attributes, role_states):
             c.execute(table.delete().where(table.c.cluster == cluster, table.c.node == name))
@@ -459,6 +504,12 @@ class Store:
         return revoked
 
     def touch(self, cluster: str, name: str) -> None:
+        """Record that the node called; written at most every TOUCH_EVERY seconds per node
+        (`last_seen` is a heartbeat, not a log: a busy agent must not cost a write a call)."""
+        at = time.monotonic()
+        if at - self._touched.get((cluster, name), -TOUCH_EVERY) < TOUCH_EVERY:
+            return
+        self._touched[(cluster, name)] = at
         with self.engine.begin() as c:
             c.execute(
                 nodes.update()

@@ -199,6 +199,14 @@ async def _too_large(send: Send, limit: int) -> None:
 def create_app(store: Store, ca: CertificateAuthority) -> FastAPI:
     node_waiters, cluster_waiters = Waiters(), Waiters()
     identities: OrderedDict[bytes, tuple[str, str, str, tuple[str, ...]] | None] = OrderedDict()
+    # serial -> the node's current roles, or None when the certificate is not current: every
+    # node request asks, so it is kept in memory and dropped whenever certificates or a node's
+    # roles change (enrolment, nodes, tokens, deletion)
+    current_roles: dict[str, tuple[str, ...] | None] = {}
+
+    def forget_identities() -> None:
+        identities.clear()
+        current_roles.clear()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -257,7 +265,12 @@ def create_app(store: Store, ca: CertificateAuthority) -> FastAPI:
         if ident is None:
             raise StoreError(403, "not a node certificate")
         serial, cluster, node, cert_roles = ident
-        current = store.current_roles(serial, cluster, node)
+        if serial in current_roles:
+            current = current_roles[serial]
+        else:
+            if len(current_roles) > 20_000:
+                current_roles.clear()
+            current = current_roles[serial] = store.current_roles(serial, cluster, node)
         if current is None:
             raise StoreError(403, f"certificate {serial} of {cluster}/{node} is not current")
         # the plan decides today's roles; the certificate can only narrow them
@@ -314,7 +327,7 @@ def create_app(store: Store, ca: CertificateAuthority) -> FastAPI:
             log.warning("enrolment of %s/%s refused: %s", body.cluster, body.node, e)
             raise StoreError(400, str(e)) from None
         if revoked:
-            identities.clear()
+            forget_identities()
         log.info("enrolled %s/%s", body.cluster, body.node)
         cluster_waiters.notify(body.cluster)
         cert_pem = issued[0].public_bytes(serialization.Encoding.PEM).decode()
@@ -330,6 +343,9 @@ def create_app(store: Store, ca: CertificateAuthority) -> FastAPI:
     ) -> dict[str, Any]:
         key = (caller.cluster, caller.node)
         store.touch(*key)
+        first = store.work(*key)
+        if first["generation"] > after or wait <= 0:
+            return first
 
         def changed() -> bool:
             gen = store.generation(*key)
@@ -435,6 +451,7 @@ def create_app(store: Store, ca: CertificateAuthority) -> FastAPI:
     async def put_nodes(cluster: str, body: NodesRequest) -> dict[str, int]:
         store.require_cluster(cluster)
         changed = store.put_nodes(cluster, [n.model_dump() for n in body.nodes])
+        current_roles.clear()
         for node in changed:
             node_waiters.notify((cluster, node))
         cluster_waiters.notify(cluster)
@@ -443,6 +460,7 @@ def create_app(store: Store, ca: CertificateAuthority) -> FastAPI:
     @app.post("/v1/admin/clusters/{cluster}/tokens", dependencies=[Admin])
     async def tokens(cluster: str, body: TokensRequest) -> dict[str, dict[str, str]]:
         store.require_cluster(cluster)
+        current_roles.clear()
         return {"tokens": store.issue_tokens(cluster, body.nodes, timedelta(seconds=body.ttl))}
 
     @app.post("/v1/admin/clusters/{cluster}/roles", dependencies=[Admin])
@@ -465,7 +483,7 @@ def create_app(store: Store, ca: CertificateAuthority) -> FastAPI:
 
     async def _forget(cluster: str, delete: Callable[[], list[str]]) -> dict[str, list[str]]:
         revoked = delete()
-        identities.clear()
+        forget_identities()
         cluster_waiters.notify(cluster)
         return {"revoked": revoked}
 

@@ -18,7 +18,7 @@ from typing import Any
 import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from crv.errors import PkiError
 from crv.home import Home
@@ -27,7 +27,10 @@ from crv.service.app import create_app
 from crv.store import Store, open_engine
 
 
-class TlsPeerH11Protocol(H11Protocol):
+class TlsPeerHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn does not pass the client certificate to the app: each connection puts the
+    verified peer certificate (DER) into its requests' state."""
+
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         ssl_object = transport.get_extra_info("ssl_object")
@@ -96,7 +99,8 @@ def serve(home: Home, host: str, port: int) -> None:
         create_app(store, ca),
         host=host,
         port=port,
-        http=TlsPeerH11Protocol,
+        http=TlsPeerHttpToolsProtocol,
+        loop="uvloop",
         log_level="warning",
         timeout_keep_alive=60,
         ssl_certfile=str(server_crt),  # makes uvicorn report https; the context is ours

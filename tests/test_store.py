@@ -1,0 +1,121 @@
+"""crv/store.py directly: the node upsert the flows rely on (done in bulk) and the throttled
+heartbeat. The service's routes over the store are tested through real TLS in
+test_service_security.py and end to end in test_deploy_e2e.py."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from crv import store as store_module
+from crv.store import Store, open_engine
+
+ROLES = {
+    "web": {"recipe": "roles/web.sh", "appdir": "a0", "env": {}, "depends_on": []},
+    "mon": {"recipe": "roles/mon.sh", "appdir": "a1", "env": {}, "depends_on": []},
+}
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Store:
+    s = Store(open_engine(tmp_path / "crv.sqlite"))
+    s.put_cluster(
+        "c", appliance="x", source="dir", pool="local", parameters={}, roles=ROLES, bundle=b"b"
+    )
+    return s
+
+
+def node(name: str, roles: list[str], **extra: Any) -> dict[str, Any]:
+    return {"name": name, "group": "g", "roles": roles, "pool": "local", **extra}
+
+
+def events(store: Store) -> list[tuple[str | None, str, str | None]]:
+    return [(e["node"], e["kind"], e.get("state")) for e in store.events_after("c", 0)]
+
+
+def test_put_nodes_inserts_updates_and_reports_changed_work(store: Store) -> None:
+    assert store.put_nodes("c", [node("c-g-0", ["web"]), node("c-g-1", ["web"])]) == {
+        "c-g-0",
+        "c-g-1",
+    }
+    # nothing new: no work changed, no generation bump
+    gen = store.generation("c", "c-g-0")
+    assert store.put_nodes("c", [node("c-g-0", ["web"])]) == set()
+    assert store.generation("c", "c-g-0") == gen
+    # a new address is new work (the agent must learn it); a state change is an event
+    changed = store.put_nodes(
+        "c", [node("c-g-0", ["web"], address="127.0.1.9", state="provisioned")]
+    )
+    assert changed == {"c-g-0"}
+    assert store.generation("c", "c-g-0") == gen + 1
+    work = store.work("c", "c-g-0")
+    assert work["address"] == "127.0.1.9"
+    assert [r["role"] for r in work["roles"]] == ["web"]
+    assert ("c-g-0", "node", "provisioned") in events(store)
+    assert store.status("c")["nodes"][0]["state"] == "provisioned"
+    assert store.status("c")["nodes"][1]["state"] == "planned"
+
+
+def test_put_nodes_gives_new_roles_pending_state_and_purges_roles_a_node_left(
+    store: Store,
+) -> None:
+    store.put_nodes("c", [node("c-g-0", ["web", "mon"])])
+    store.update_roles("c", [{"node": "c-g-0", "role": "mon", "op": "release"}])
+    store.set_attribute("c", "c-g-0", "mon", "port", "8649")
+    store.set_attribute("c", "c-g-0", "web", "url", "http://x")
+    assert store.get_attribute("c", "mon", "port") == [("c-g-0", "8649")]
+
+    store.put_nodes("c", [node("c-g-0", ["web"])])  # the node leaves `mon`
+    assert store.get_attribute("c", "mon", "port") == []  # it no longer feeds mon
+    assert store.get_attribute("c", "web", "url") == [("c-g-0", "http://x")]  # web kept
+    roles = store.status("c")["nodes"][0]["roles"]
+    assert set(roles) == {"web"} and roles["web"]["state"] == "pending"
+
+    store.put_nodes("c", [node("c-g-0", ["web", "mon"])])  # and comes back: fresh state
+    assert store.status("c")["nodes"][0]["roles"]["mon"]["state"] == "pending"
+
+
+def test_an_enrolled_node_stays_enrolled_when_the_flow_says_provisioned_again(
+    store: Store,
+) -> None:
+    store.put_nodes("c", [node("c-g-0", ["web"], address="127.0.1.2", state="provisioned")])
+    token = store.issue_tokens("c", ["c-g-0"], timedelta(minutes=5))
+    store.enrol("c", "c-g-0", token["c-g-0"], lambda e: ("abc1", store_module.now()))
+    assert store.status("c")["nodes"][0]["state"] == "enrolled"
+    store.put_nodes("c", [node("c-g-0", ["web"], address="127.0.1.2", state="provisioned")])
+    assert store.status("c")["nodes"][0]["state"] == "enrolled"
+    store.put_nodes("c", [node("c-g-0", ["web"], address="127.0.1.2", state="failed")])
+    assert store.status("c")["nodes"][0]["state"] == "failed"
+
+
+def test_put_nodes_in_bulk_keeps_every_node(store: Store) -> None:
+    items = [node(f"c-g-{i}", ["web"]) for i in range(500)]
+    assert len(store.put_nodes("c", items)) == 500
+    items = [
+        dict(n, address=f"127.0.2.{i % 250}", state="provisioned") for i, n in enumerate(items)
+    ]
+    assert len(store.put_nodes("c", items)) == 500
+    status = store.status("c")
+    assert [n["name"] for n in status["nodes"]] == [f"c-g-{i}" for i in range(500)]
+    assert {n["state"] for n in status["nodes"]} == {"provisioned"}
+    assert sum(1 for e in events(store) if e[1] == "node") == 500
+
+
+def test_touch_writes_last_seen_at_most_every_few_seconds(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.put_nodes("c", [node("c-g-0", ["web"])])
+    clock = [1000.0]
+    monkeypatch.setattr(store_module.time, "monotonic", lambda: clock[0])
+    store.touch("c", "c-g-0")
+    first = store.status("c")["nodes"][0]["last_seen"]
+    assert first is not None
+    clock[0] += store_module.TOUCH_EVERY / 2
+    store.touch("c", "c-g-0")
+    assert store.status("c")["nodes"][0]["last_seen"] == first  # throttled: no write
+    clock[0] += store_module.TOUCH_EVERY
+    store.touch("c", "c-g-0")
+    assert store.status("c")["nodes"][0]["last_seen"] != first
