@@ -472,3 +472,41 @@ class _Scope:
         raise SpecError(
             first.source, f"{first.field}.depends_on", f"dependency cycle: {' -> '.join(names)}"
         )
+
+
+def with_counts(appliance: Appliance, counts: Mapping[str, int]) -> Appliance:
+    """The appliance with some groups resized (`crv scale`, the scale-role flow, a resized
+    cluster deployed again); each count must lie within the group's `scale` bounds."""
+    if not counts:
+        return appliance
+    groups = dict(appliance.groups)
+    for name, count in counts.items():
+        group = groups.get(name)
+        if group is None:
+            known = ", ".join(groups) or "none"
+            raise SpecError("count", name, f"unknown node group (this appliance has: {known})")
+        if group.scale_min == group.scale_max == group.count and count != group.count:
+            raise SpecError(
+                group.source,
+                f"{group.field}.scale",
+                f"the group has no scale section: its count ({group.count}) is fixed",
+            )
+        if count < group.scale_min:
+            raise SpecError(
+                group.source,
+                f"{group.field}.scale.min",
+                f"{count} is below scale.min {group.scale_min}",
+            )
+        if count > group.scale_max:
+            raise SpecError(
+                group.source,
+                f"{group.field}.scale.max",
+                f"{count} is above scale.max {group.scale_max}",
+            )
+        groups[name] = replace(group, count=count)
+    resized = replace(appliance, groups=groups)
+    if resized.node_count > MAX_NODES:
+        raise SpecError(
+            appliance.source, "nodes", f"{resized.node_count} nodes in all; at most {MAX_NODES}"
+        )
+    return resized

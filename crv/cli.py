@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from crv import __version__, daemons
-from crv.appliance import load_appliance, locate, parse_overrides
+from crv.appliance import load_appliance, locate, parse_overrides, with_counts
 from crv.client import Service
 from crv.errors import CrvError, SpecError
 from crv.home import Home
@@ -171,7 +171,26 @@ def deploy(
         plan = expand(load_appliance(locate(directory), overrides), cluster=name)
         get_pool(pool, home.pool_dir(pool))
         endpoints = _ensure_up(home)
-    from flows.deploy import PROGRESS_LISTENERS, STARTED_LISTENERS, deploy_appliance
+    from flows.deploy import deploy_appliance
+
+    run = deploy_appliance(
+        appliance=str(locate(directory)),
+        pool=pool,
+        name=plan.cluster,
+        parameters=overrides,
+        boot_timeout=boot_timeout,
+        retries=retries,
+        return_state=True,
+    )
+    state = _run_with_progress(run, endpoints, f"deploying {plan.cluster}", plan)
+    _report(state, "deploy", home, endpoints, plan)
+
+
+def _run_with_progress(
+    run: Any, endpoints: daemons.Endpoints, label: str, plan: Plan
+) -> State[dict[str, Any]]:
+    """Run a flow in this process with a progress bar over the plan's steps."""
+    from flows.deploy import PROGRESS_LISTENERS, STARTED_LISTENERS
 
     ui = endpoints.prefect_ui_url
     STARTED_LISTENERS.append(
@@ -185,32 +204,61 @@ def deploy(
         console=err_console,
         transient=False,
     ) as progress:
-        bar = progress.add_task(f"deploying {plan.cluster}", total=plan.graph.number_of_nodes())
+        bar = progress.add_task(label, total=plan.graph.number_of_nodes())
         PROGRESS_LISTENERS.append(
             lambda dag: progress.update(bar, completed=sum(dag.counts().values()))
         )
-        run = cast(
-            "Coroutine[Any, Any, State[dict[str, Any]]]",
-            deploy_appliance(
-                appliance=str(locate(directory)),
-                pool=pool,
-                name=plan.cluster,
-                parameters=overrides,
-                boot_timeout=boot_timeout,
-                retries=retries,
-                return_state=True,
-            ),
-        )
-        state = asyncio.run(run)
-    service = Service(home, endpoints.service_url)
-    status = service.status(plan.cluster)
+        return asyncio.run(cast("Coroutine[Any, Any, State[dict[str, Any]]]", run))
+
+
+def _report(
+    state: State[dict[str, Any]], what: str, home: Home, endpoints: daemons.Endpoints, plan: Plan
+) -> None:
+    status = Service(home, endpoints.service_url).status(plan.cluster)
     if not state.is_completed():
-        print(f"error: deploy of {plan.cluster} failed: {_reason(state)}", file=sys.stderr)
+        print(f"error: {what} of {plan.cluster} failed: {_reason(state)}", file=sys.stderr)
         raise typer.Exit(1)
     print(f"cluster {plan.cluster} is ready ({len(plan.nodes)} nodes)")
     for role, node, url in _entry_points(plan, status):
         print(f"{role} on {node}: {url}")
-    print(f"Prefect UI: {ui}")
+    print(f"Prefect UI: {endpoints.prefect_ui_url}")
+
+
+@app.command()
+def scale(
+    name: Annotated[str, typer.Argument(help="Cluster name.")],
+    group: Annotated[str, typer.Argument(help="Node group (e.g. worker).")],
+    count: Annotated[int, typer.Argument(help="Nodes the group should have.", min=0)],
+    retries: Annotated[int, typer.Option(help="Retries per step (temporary errors).")] = 2,
+    boot_timeout: Annotated[float, typer.Option(help="Seconds for a node to enrol.")] = 300.0,
+) -> None:
+    """Resize a node group: new nodes go through every step, the roles that read the group are
+    contextualized again, removed nodes (newest first) are destroyed and their certificates
+    revoked. Nodes nothing changed for are not touched."""
+    home = _home()
+    with _user_errors():
+        endpoints = _ensure_up(home)
+        found = Service(home, endpoints.service_url).status(name)
+        if found is None:
+            raise SpecError("crv scale", "NAME", f"no cluster {name!r}")
+        parameters = {
+            k: str(v).lower() if isinstance(v, bool) else str(v)
+            for k, v in (found["parameters"] or {}).items()
+        }
+        counts = {**(found.get("counts") or {}), group: count}
+        plan = expand(with_counts(load_appliance(found["source"], parameters), counts), name)
+    from flows.scale import scale_role
+
+    run = scale_role(
+        name=name,
+        group=group,
+        count=count,
+        boot_timeout=boot_timeout,
+        retries=retries,
+        return_state=True,
+    )
+    state = _run_with_progress(run, endpoints, f"scaling {name} {group} to {count}", plan)
+    _report(state, "scale", home, endpoints, plan)
 
 
 def _reason(state: State[Any]) -> str:

@@ -195,8 +195,10 @@ class ClusterRun:
         ca_file: str,
         timeouts: Timeouts = Timeouts(),
         pool_threads: int = 32,
+        counts: Mapping[str, int] | None = None,
     ) -> None:
         self.plan, self.pool, self.service = plan, pool, service
+        self.counts = dict(counts or {})  # the resized groups, recorded with the cluster
         self.cluster = plan.cluster
         self.service_url, self.ca_pem, self.ca_sha256 = service_url, ca_pem, ca_sha256
         self.timeouts = timeouts
@@ -220,6 +222,7 @@ class ClusterRun:
                 "source": str(a.directory),
                 "pool": self.pool.name,
                 "parameters": dict(a.parameters),
+                "counts": self.counts,
                 "roles": bundle.roles,
                 "bundle": base64.b64encode(bundle.data).decode(),
             },
@@ -334,8 +337,16 @@ class ClusterRun:
         if current.get("state") in ("done", "verified", "verify_failed") and not current.get(
             "retry"
         ):
-            return  # converged in an earlier run; verify checks it again
-        if current.get("state") in ("released", "running"):
+            # converged in an earlier run; verify checks it again. A role that reads others
+            # runs again only if what it reads changed (a resize): the service compares.
+            if not self.plan.appliance.roles[role].depends_on:
+                return
+            result = await self._roles.submit({"node": node, "role": role, "op": "refresh"})
+            if not result["released"]:
+                return
+            release = int(result["release"])
+            self.mirror.roles.setdefault(key, {}).update(state="released", release=release)
+        elif current.get("state") in ("released", "running"):
             release = int(current["release"])
         else:
             result = await self._roles.submit({"node": node, "role": role, "op": "release"})

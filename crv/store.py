@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 import secrets
 import time
@@ -38,6 +39,7 @@ clusters = sa.Table(
     sa.Column("source", sa.Text, nullable=False),
     sa.Column("pool", sa.String(63), nullable=False),
     sa.Column("parameters", sa.JSON, nullable=False),
+    sa.Column("counts", sa.JSON),  # group -> node count chosen by a resize (none: the appliance's)
     sa.Column("roles", sa.JSON, nullable=False),  # role -> {recipe, appdir, env, depends_on}
     sa.Column("bundle", sa.LargeBinary, nullable=False),
     sa.Column("bundle_digest", sa.String(64), nullable=False),
@@ -72,6 +74,9 @@ role_states = sa.Table(
     sa.Column("exit_code", sa.Integer),
     sa.Column("output", sa.Text, nullable=False, default=""),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    # digest of what the role read when it was last released: its dependencies' nodes and
+    # their attributes. A `refresh` re-runs the role only when this changed (a resize).
+    sa.Column("inputs", sa.String(64)),
 )
 
 attributes = sa.Table(
@@ -114,6 +119,7 @@ events = sa.Table(
 ROLE_STATES = ("pending", "released", "running", "done", "failed", "verified", "verify_failed")
 MAX_KEYS_PER_ROLE = 256
 OUTPUT_TAIL = 4096
+LEAVING = "leaving"  # node state during a shrink: it still runs, but no longer feeds anyone
 TOUCH_EVERY = 10.0  # seconds between writes of a node's last_seen
 
 
@@ -167,7 +173,21 @@ def open_engine(path: Path) -> Engine:
         cur.close()
 
     METADATA.create_all(engine)
+    _add_missing_columns(engine)
     return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Columns added since a state directory was made (create_all only makes missing tables).
+    Each is nullable, so ADD COLUMN is all it takes, on SQLite and PostgreSQL alike."""
+    inspector = sa.inspect(engine)
+    with engine.begin() as c:
+        for table in METADATA.sorted_tables:
+            have = {col["name"] for col in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in have:
+                    kind = column.type.compile(dialect=engine.dialect)
+                    c.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}")
 
 
 class Store:
@@ -187,6 +207,7 @@ class Store:
         parameters: Mapping[str, Any],
         roles: Mapping[str, Any],
         bundle: bytes,
+        counts: Mapping[str, int] | None = None,
     ) -> tuple[str, bool]:
         """Register or update; returns (bundle digest, whether the bundle changed). A changed
         bundle bumps every node's generation so agents fetch it again."""
@@ -196,6 +217,7 @@ class Store:
             "source": source,
             "pool": pool,
             "parameters": dict(parameters),
+            "counts": dict(counts or {}),
             "roles": dict(roles),
             "bundle": bundle,
             "bundle_digest": digest,
@@ -626,9 +648,23 @@ class Store:
                 if row is None:
                     raise StoreError(404, f"no role {role!r} on node {node!r}")
                 release, message = row.release, u.get("message") or ""
-                if op == "release":
-                    self._check_dependencies(c, cluster, node, cl.roles[role]["depends_on"])
+                extra: dict[str, Any] = {}
+                if op in ("release", "refresh"):
+                    depends_on = cl.roles[role]["depends_on"]
+                    inputs = self._inputs(c, cluster, node, depends_on)
+                    if (
+                        op == "refresh"
+                        and row.state in ("done", "verified")
+                        and row.inputs == inputs
+                    ):  # converged, and what it read has not changed: leave it alone
+                        results.append(
+                            {"node": node, "role": role, "release": row.release,
+                             "state": row.state, "released": False}
+                        )  # fmt: skip
+                        continue
+                    self._check_dependencies(c, cluster, node, depends_on)
                     release, state = row.release + 1, "released"
+                    extra = {"exit_code": None, "inputs": inputs}
                     c.execute(
                         nodes.update()
                         .where(nodes.c.cluster == cluster, nodes.c.name == node)
@@ -653,20 +689,59 @@ class Store:
                         release=release,
                         updated_at=now(),
                         **({"output": message[-OUTPUT_TAIL:]} if message else {}),
-                        **({"exit_code": None} if op == "release" else {}),
+                        **extra,
                     )
                 )
-                if op != "release":
+                if state in ("verified", "verify_failed"):
                     self._event(c, cluster, node, role, "verified", state=state, output=message)
-                results.append({"node": node, "role": role, "release": release, "state": state})
+                results.append(
+                    {"node": node, "role": role, "release": release, "state": state,
+                     "released": state == "released"}
+                )  # fmt: skip
             return results, woken
+
+    def _inputs(
+        self, c: Connection, cluster: str, node: str, depends_on: Sequence[Mapping[str, Any]]
+    ) -> str:
+        """Digest of what a role on `node` can read: for each dependency, the nodes that feed
+        it (not leaving) and the attributes they published."""
+        if not depends_on:
+            return hashlib.sha256(b"[]").hexdigest()
+        view = []
+        for dep in depends_on:
+            q = (
+                sa.select(attributes.c.node, attributes.c.key, attributes.c.value)
+                .join(
+                    nodes,
+                    (nodes.c.cluster == attributes.c.cluster) & (nodes.c.name == attributes.c.node),
+                )
+                .where(
+                    attributes.c.cluster == cluster,
+                    attributes.c.role == dep["role"],
+                    nodes.c.state != LEAVING,
+                )
+            )
+            if dep["local"]:
+                q = q.where(attributes.c.node == node)
+            view.append([dep["role"], sorted((r.node, r.key, r.value) for r in c.execute(q))])
+        return hashlib.sha256(json.dumps(view).encode()).hexdigest()
 
     def _check_dependencies(
         self, c: Connection, cluster: str, node: str, depends_on: Sequence[Mapping[str, Any]]
     ) -> None:
         for dep in depends_on:
-            q = sa.select(role_states.c.node, role_states.c.state).where(
-                role_states.c.cluster == cluster, role_states.c.role == dep["role"]
+            q = (
+                sa.select(role_states.c.node, role_states.c.state)
+                .join(
+                    nodes,
+                    (nodes.c.cluster == role_states.c.cluster)
+                    & (nodes.c.name == role_states.c.node),
+                )
+                .where(
+                    role_states.c.cluster == cluster,
+                    role_states.c.role == dep["role"],
+                    nodes.c.state != LEAVING,
+                )
             )
             if dep["local"]:
                 q = q.where(role_states.c.node == node)
@@ -771,10 +846,16 @@ class Store:
     def get_attribute(self, cluster: str, role: str, key: str) -> list[tuple[str, str]]:
         with self.engine.connect() as c:
             rows = c.execute(
-                sa.select(attributes.c.node, attributes.c.value).where(
+                sa.select(attributes.c.node, attributes.c.value)
+                .join(
+                    nodes,
+                    (nodes.c.cluster == attributes.c.cluster) & (nodes.c.name == attributes.c.node),
+                )
+                .where(
                     attributes.c.cluster == cluster,
                     attributes.c.role == role,
                     attributes.c.key == key,
+                    nodes.c.state != LEAVING,  # a node being removed no longer feeds others
                 )
             ).all()
         return sorted(((r.node, r.value) for r in rows), key=lambda nv: natural_key(nv[0]))
@@ -823,6 +904,7 @@ class Store:
             "source": cl.source,
             "pool": cl.pool,
             "parameters": cl.parameters,
+            "counts": cl.counts or {},
             "ready": counts["ready"],
             "nodes": out_nodes,
         }

@@ -23,8 +23,8 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from crv import daemons
-from crv.appliance import load_appliance, locate
-from crv.client import AsyncService
+from crv.appliance import load_appliance, locate, with_counts
+from crv.client import AsyncService, ServiceError
 from crv.deploy import ClusterRun, Timeouts
 from crv.errors import CrvError
 from crv.executor import DagRun, stages
@@ -80,15 +80,62 @@ async def deploy_appliance(
     boot_timeout: Annotated[float, Field(gt=0, le=7200)] = 300.0,
     recipe_timeout: Annotated[float, Field(gt=0, le=86400)] = 1800.0,
     retries: Annotated[int, Field(ge=0, le=10)] = 2,
+    counts: Annotated[
+        dict[str, int] | None,
+        Field(description="Node count per group (default: a resized cluster keeps its counts)"),
+    ] = None,
 ) -> dict[str, Any]:
-    logger = get_run_logger()
     for listener in STARTED_LISTENERS:
         listener(str(flow_run.id))
+    home, endpoints = running_service()
+    loaded = load_appliance(locate(appliance), parameters or {})
+    cluster = name or loaded.name
+    if counts is None:  # a deploy again of a resized cluster keeps the size it was given
+        service = AsyncService(home, endpoints.service_url)
+        try:
+            counts = dict(await _recorded_counts(service, cluster, loaded.name))
+        finally:
+            await service.close()
+    plan = expand(with_counts(loaded, counts), cluster)
+    return await converge(
+        plan,
+        pool,
+        counts=counts,
+        timeouts=Timeouts(boot=boot_timeout, recipe=recipe_timeout),
+        retries=retries,
+    )
+
+
+def running_service() -> tuple[Home, daemons.Endpoints]:
     home = Home.from_env()
     endpoints = daemons.running(home)
     if endpoints is None:
         raise DeployFailed(f"the crv service is not running for {home.root}: run `crv up`")
-    plan = expand(load_appliance(locate(appliance), parameters or {}), name)
+    return home, endpoints
+
+
+async def _recorded_counts(service: AsyncService, cluster: str, appliance: str) -> dict[str, int]:
+    try:
+        status = await service.status(cluster)
+    except ServiceError as e:
+        if e.status == 404:
+            return {}
+        raise
+    return dict(status.get("counts") or {}) if status["appliance"] == appliance else {}
+
+
+async def converge(
+    plan: Plan,
+    pool: str,
+    *,
+    counts: dict[str, int],
+    timeouts: Timeouts,
+    retries: int,
+) -> dict[str, Any]:
+    """Bring the cluster to `plan`: every step along the DAG, skipping what is already done
+    (deploy, resume and resize all come here). Completed only when every verify passed."""
+    logger = get_run_logger()
+    home, endpoints = running_service()
     pool_driver = get_pool(pool, home.pool_dir(pool))
     ca = CertificateAuthority.create_or_load(home.ca_dir)
     service = AsyncService(home, endpoints.service_url)
@@ -100,7 +147,8 @@ async def deploy_appliance(
         ca_pem=ca.certificate_pem.decode(),
         ca_sha256=ca.fingerprint_sha256,
         ca_file=str(home.ca_file),
-        timeouts=Timeouts(boot=boot_timeout, recipe=recipe_timeout),
+        timeouts=timeouts,
+        counts=counts,
     )
     dag = DagRun(plan, RetryPolicy(retries=retries))
     logger.info(
@@ -118,13 +166,9 @@ async def deploy_appliance(
         await run.close()
         await service.close()
     elapsed = time.monotonic() - started
-    await acreate_table_artifact(
-        key=f"cluster-{plan.cluster}",
-        table=summary_rows(status),
-        description=f"Cluster {plan.cluster} ({plan.appliance.name}) on pool {pool}",
-    )
-    counts = dag.counts()
-    if counts.get("ok", 0) != dag.total:
+    await publish_summary(plan.cluster, status)
+    counted = dag.counts()
+    if counted.get("ok", 0) != dag.total:
         raise DeployFailed(failure_message(dag))
     logger.info("cluster %s verified in %.1f s", plan.cluster, elapsed)
     return {
@@ -134,6 +178,16 @@ async def deploy_appliance(
         "seconds": round(elapsed, 3),
         "critical_path_seconds": plan.critical_seconds,
     }
+
+
+async def publish_summary(cluster: str, status: dict[str, Any]) -> None:
+    """The cluster summary table artifact; every flow that changes the cluster updates it."""
+    await acreate_table_artifact(
+        key=f"cluster-{cluster}",
+        table=summary_rows(status),
+        description=f"Cluster {cluster} ({status['appliance']}) on pool {status['pool']}: "
+        f"{len(status['nodes'])} nodes, {'ready' if status['ready'] else 'not ready'}",
+    )
 
 
 async def _run_stages(plan: Plan, dag: DagRun, run: ClusterRun) -> dict[str, Any]:

@@ -87,6 +87,7 @@ class ClusterSpec(_Body):
     source: Annotated[str, Field(max_length=4096)]
     pool: Name
     parameters: dict[str, Any] = {}
+    counts: dict[Name, Annotated[int, Field(ge=0, le=100_000)]] = {}
     roles: dict[str, RoleSpec]
     bundle: str
 
@@ -97,7 +98,7 @@ class NodeItem(_Body):
     roles: list[Name]
     pool: Name
     address: Annotated[str, Field(max_length=64)] | None = None
-    state: Literal["planned", "provisioning", "provisioned", "failed"] | None = None
+    state: Literal["planned", "provisioning", "provisioned", "failed", "leaving"] | None = None
 
 
 class NodesRequest(_Body):
@@ -112,7 +113,7 @@ class TokensRequest(_Body):
 class RoleUpdate(_Body):
     node: Name
     role: Name
-    op: Literal["release", "verified", "verify_failed"]
+    op: Literal["release", "refresh", "verified", "verify_failed"]
     message: Annotated[str, Field(max_length=64 * 1024)] | None = None
 
 
@@ -432,6 +433,7 @@ def create_app(store: Store, ca: CertificateAuthority) -> FastAPI:
             source=body.source,
             pool=body.pool,
             parameters=body.parameters,
+            counts=body.counts,
             roles={r: s.model_dump() for r, s in body.roles.items()},
             bundle=bundle,
         )

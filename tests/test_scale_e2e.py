@@ -1,0 +1,150 @@
+"""Resize end to end through the CLI (`crv scale`, the scale-role flow): a real Prefect server,
+the real service, the local pool and the real agent.
+
+Growing adds nodes through every step and re-contextualizes only the load balancer (it reads
+the web nodes); the web nodes already there are not touched — their server process is the same
+one, their role was not released again. Shrinking removes the newest nodes after the load
+balancer let them go, destroys them and revokes their certificates.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+
+from crv import daemons
+from crv.client import Service
+from crv.home import Home
+from tests.conftest import CATALOG
+from tests.test_deploy_e2e import Crv, free_port
+
+
+@pytest.fixture(scope="module")
+def crv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crv]:
+    c = Crv(tmp_path_factory.mktemp("crv-home"))
+    up = c("up", timeout=300)
+    assert up.returncode == 0, up.stdout + up.stderr
+    yield c
+    c("destroy", "elastic")
+    c("down")
+
+
+def node_dir(crv: Crv, node: str) -> Path:
+    return crv.home / "pools" / "local" / node
+
+
+def web_pid(crv: Crv, node: str) -> str:
+    (pid,) = node_dir(crv, node).rglob("web.pid")
+    return pid.read_text().strip()
+
+
+def backends(crv: Crv) -> list[str]:
+    (path,) = node_dir(crv, "elastic-front-0").rglob("backends.txt")
+    return path.read_text().split()
+
+
+def answers(lb_url: str, n: int) -> set[str]:
+    seen = set()
+    for _ in range(n):
+        with urllib.request.urlopen(lb_url + "/", timeout=5) as resp:
+            seen.add(resp.read().decode().strip())
+    return seen
+
+
+def releases(crv: Crv) -> dict[str, int]:
+    """Each node's release of its role, from the service's admin status (a new release = the
+    recipe ran again)."""
+    home = Home(crv.home)
+    status = Service(home, daemons.running(home).service_url).status("elastic")
+    return {n["name"]: next(iter(n["roles"].values()))["release"] for n in status["nodes"]}
+
+
+def node_serial(crv: Crv, node: str) -> int:
+    cert = x509.load_pem_x509_certificate((node_dir(crv, node) / "node.crt").read_bytes())
+    return cert.serial_number
+
+
+def test_grow_then_shrink_touches_only_what_changed(crv: Crv) -> None:
+    port = free_port()
+    r = crv("deploy", str(CATALOG / "webfarm"), "--name", "elastic",
+            "--set", "workers=2", "--set", f"port={port}")  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    lb_url = next(line.split(": ", 1)[1] for line in r.stdout.splitlines() if line.startswith("lb"))
+    assert answers(lb_url, 4) == {"hello from elastic-worker-0", "hello from elastic-worker-1"}
+    pids = {n: web_pid(crv, n) for n in ("elastic-worker-0", "elastic-worker-1")}
+    before = releases(crv)
+
+    # grow 2 -> 4: two new nodes through every step, the lb again, the old web nodes untouched
+    r = crv("scale", "elastic", "worker", "4")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "cluster elastic is ready (5 nodes)" in r.stdout
+    status = crv.status("elastic")
+    assert [n["name"] for n in status["nodes"]] == [
+        "elastic-front-0", *(f"elastic-worker-{i}" for i in range(4))
+    ]  # fmt: skip
+    assert all(set(n["roles"].values()) == {"verified"} for n in status["nodes"])
+    after = releases(crv)
+    assert after["elastic-front-0"] == before["elastic-front-0"] + 1  # the lb ran again
+    for n, pid in pids.items():
+        assert after[n] == before[n]  # not released again
+        assert web_pid(crv, n) == pid  # the same server process
+    assert len(backends(crv)) == 4
+    assert answers(lb_url, 8) == {f"hello from elastic-worker-{i}" for i in range(4)}
+
+    # nothing changed: scaling to the same size runs nothing again
+    r = crv("scale", "elastic", "worker", "4")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert releases(crv) == after
+
+    # shrink 4 -> 1: the newest three go, after the lb let them go; certificates revoked
+    victims = [f"elastic-worker-{i}" for i in (1, 2, 3)]
+    serials = {node_serial(crv, v) for v in victims}
+    r = crv("scale", "elastic", "worker", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    status = crv.status("elastic")
+    assert [n["name"] for n in status["nodes"]] == ["elastic-front-0", "elastic-worker-0"]
+    assert status["ready"]
+    assert releases(crv)["elastic-front-0"] == after["elastic-front-0"] + 1
+    assert web_pid(crv, "elastic-worker-0") == pids["elastic-worker-0"]
+    assert backends(crv) == [f"http://{status['nodes'][1]['address']}:{port}"]
+    assert answers(lb_url, 3) == {"hello from elastic-worker-0"}
+    for v in victims:
+        assert not node_dir(crv, v).exists()
+    record = json.loads((crv.home / "service" / "daemon.json").read_text())
+    ca = ssl.create_default_context(cafile=str(crv.home / "ca" / "ca.crt"))
+    crl = x509.load_pem_x509_crl(httpx.get(f"{record['url']}/v1/crl", verify=ca).content)
+    assert serials <= {entry.serial_number for entry in crl}
+
+    # a later deploy of the same cluster keeps the size it was scaled to
+    r = crv("deploy", str(CATALOG / "webfarm"), "--name", "elastic",
+            "--set", "workers=2", "--set", f"port={port}")  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(crv.status("elastic")["nodes"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("elastic", "worker", "0"), "nodes.worker.scale.min: 0 is below scale.min 1"),
+        (("elastic", "worker", "1001"), "nodes.worker.scale.max: 1001 is above scale.max 1000"),
+        (("elastic", "front", "2"), "nodes.front.scale: the group has no scale section"),
+        (("elastic", "nosuch", "2"), "count: nosuch: unknown node group"),
+        (("ghost", "worker", "2"), "no cluster 'ghost'"),
+    ],
+)
+def test_scale_refuses_bad_input_before_anything(
+    crv: Crv, args: tuple[str, ...], message: str
+) -> None:
+    before = crv.node_processes()
+    r = crv("scale", *args)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert crv.node_processes() == before
