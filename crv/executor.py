@@ -77,6 +77,7 @@ class DagRun:
         }
         self.results: dict[str, StepResult] = {}
         self.listeners: list[Callable[[DagRun], None]] = []
+        self.step_listeners: list[Callable[[str, StepResult], None]] = []  # each finished step
         self.started = time.monotonic()
 
     @property
@@ -129,6 +130,8 @@ class DagRun:
         result.finished = time.monotonic()
         self.results[sid] = result
         self._done[sid].set_result(result.state == "ok")
+        for step_listener in self.step_listeners:
+            step_listener(sid, result)
         for listener in self.listeners:
             listener(self)
         return result

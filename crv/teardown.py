@@ -19,6 +19,7 @@ class Teardown:
     cluster: str
     destroyed: int
     revoked: int
+    appliance: str = ""
 
 
 def teardown(cluster: str, pool: Pool, service: Service) -> Teardown:
@@ -28,4 +29,4 @@ def teardown(cluster: str, pool: Pool, service: Service) -> Teardown:
     with ThreadPoolExecutor(min(32, max(1, len(names)))) as ex:
         list(ex.map(pool.destroy_node, sorted(names)))
     revoked = service.delete_cluster(cluster) if status else []
-    return Teardown(cluster, len(names), len(revoked))
+    return Teardown(cluster, len(names), len(revoked), status["appliance"] if status else "")

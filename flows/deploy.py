@@ -9,6 +9,7 @@ final state that is Completed only when every role on every node was verified.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -22,12 +23,12 @@ from prefect.artifacts import (
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from crv import daemons
+from crv import daemons, events
 from crv.appliance import load_appliance, locate, with_counts
 from crv.client import AsyncService, ServiceError
 from crv.deploy import ClusterRun, Timeouts
 from crv.errors import CrvError
-from crv.executor import DagRun, stages
+from crv.executor import DagRun, StepResult, stages
 from crv.home import Home
 from crv.pki import CertificateAuthority
 from crv.plan import Plan, expand
@@ -158,6 +159,9 @@ async def converge(
         dag.total,
         plan.critical_seconds,
     )
+    emit_cluster = functools.partial(events.cluster_event, plan.cluster, plan.appliance.name, pool)
+    emit_cluster("deploying", nodes=len(plan.nodes), steps=dag.total)
+    dag.step_listeners.append(_node_milestones(plan, pool))
     started = time.monotonic()
     try:
         await run.start()
@@ -169,7 +173,10 @@ async def converge(
     await publish_summary(plan.cluster, status)
     counted = dag.counts()
     if counted.get("ok", 0) != dag.total:
-        raise DeployFailed(failure_message(dag))
+        message = failure_message(dag)
+        emit_cluster("failed", error=message, seconds=round(elapsed, 3))
+        raise DeployFailed(message)
+    emit_cluster("ready", nodes=len(plan.nodes), seconds=round(elapsed, 3))
     logger.info("cluster %s verified in %.1f s", plan.cluster, elapsed)
     return {
         "cluster": plan.cluster,
@@ -178,6 +185,29 @@ async def converge(
         "seconds": round(elapsed, 3),
         "critical_path_seconds": plan.critical_seconds,
     }
+
+
+def _node_milestones(plan: Plan, pool: str) -> Callable[[str, StepResult], None]:
+    """A step listener that emits `crv.node.verified` when a node's last step passed and
+    `crv.node.failed` when one of its steps failed for good."""
+    left: dict[str, int] = {}
+    for _, d in plan.steps():
+        left[d["node"]] = left.get(d["node"], 0) + 1
+
+    def on_step(sid: str, result: StepResult) -> None:
+        d = plan.graph.nodes[sid]
+        node = d["node"]
+        if result.state == "ok":
+            left[node] -= 1
+            if left[node] == 0:
+                events.node_event(plan.cluster, plan.appliance.name, pool, node, "verified")
+        elif result.state == "failed":
+            events.node_event(
+                plan.cluster, plan.appliance.name, pool, node, "failed",
+                step=sid, attempts=result.attempts, error=result.error,
+            )  # fmt: skip
+
+    return on_step
 
 
 async def publish_summary(cluster: str, status: dict[str, Any]) -> None:

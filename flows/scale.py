@@ -19,6 +19,7 @@ from typing import Annotated, Any
 from prefect import flow, get_run_logger
 from pydantic import Field
 
+from crv import events
 from crv.appliance import load_appliance, with_counts
 from crv.client import AsyncService, ServiceError
 from crv.deploy import Timeouts
@@ -96,6 +97,12 @@ async def scale_role(
             retries=retries,
         )
         revoked = await _remove(service, home, name, victims)
+        for v in victims:
+            events.node_event(name, status["appliance"], pool, v["name"], "destroyed")
+        events.cluster_event(
+            name, status["appliance"], pool, "scaled",
+            group=group, before=before, after=count, removed=[v["name"] for v in victims],
+        )  # fmt: skip
         if victims:
             await publish_summary(name, await service.status(name))
     finally:

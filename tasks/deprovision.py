@@ -23,4 +23,9 @@ def deprovision(cluster: str, pool: str) -> dict[str, Any]:
         raise daemons.DaemonError(f"the crv service is not running for {home.root}: run `crv up`")
     service = Service(home, endpoints.service_url)
     result = teardown(cluster, get_pool(pool, home.pool_dir(pool)), service)
-    return {"cluster": result.cluster, "destroyed": result.destroyed, "revoked": result.revoked}
+    return {
+        "cluster": result.cluster,
+        "appliance": result.appliance,
+        "destroyed": result.destroyed,
+        "revoked": result.revoked,
+    }

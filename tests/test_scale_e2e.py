@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,6 +67,28 @@ def releases(crv: Crv) -> dict[str, int]:
     return {n["name"]: next(iter(n["roles"].values()))["release"] for n in status["nodes"]}
 
 
+def prefect_events(crv: Crv, names: set[str], deadline: float = 30.0) -> list[dict]:
+    """crv's events on the cluster, read back from the Prefect server (they arrive a moment
+    after the flow emitted them): waits until every name in `names` is there."""
+    api = daemons.running(Home(crv.home)).prefect_api_url
+    body = {
+        "filter": {
+            "event": {"prefix": ["crv."]},
+            "resource": {"id": ["crv.cluster.elastic"]},
+            "order": "ASC",
+        },
+        "limit": 50,  # the server's most per page
+    }
+    end = time.monotonic() + deadline
+    while True:
+        r = httpx.post(f"{api}/events/filter", json=body, timeout=10)
+        assert r.status_code == 200, r.text
+        found = r.json()["events"]
+        if names <= {e["event"] for e in found} or time.monotonic() > end:
+            return list(found)
+        time.sleep(0.5)
+
+
 def node_serial(crv: Crv, node: str) -> int:
     cert = x509.load_pem_x509_certificate((node_dir(crv, node) / "node.crt").read_bytes())
     return cert.serial_number
@@ -95,6 +118,19 @@ def test_grow_then_shrink_touches_only_what_changed(crv: Crv) -> None:
     for n, pid in pids.items():
         assert after[n] == before[n]  # not released again
         assert web_pid(crv, n) == pid  # the same server process
+    assert len(backends(crv)) == 4
+    seen = prefect_events(crv, {"crv.cluster.scaled", "crv.node.verified", "crv.cluster.ready"})
+    scaled = [e for e in seen if e["event"] == "crv.cluster.scaled"]
+    assert scaled and scaled[-1]["payload"]["after"] == 4
+    assert scaled[-1]["resource"]["crv.appliance"] == "webfarm"
+    verified = {
+        r["prefect.resource.id"]
+        for e in seen
+        if e["event"] == "crv.node.verified"
+        for r in e["related"]
+        if r.get("prefect.resource.role") == "node"
+    }
+    assert {"crv.node.elastic-worker-2", "crv.node.elastic-worker-3"} <= verified
     assert len(backends(crv)) == 4
     assert answers(lb_url, 8) == {f"hello from elastic-worker-{i}" for i in range(4)}
 
