@@ -53,6 +53,16 @@ Sets = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", metavar="KEY=VALUE", help="Set an appliance parameter."),
 ]
+Wait = Annotated[
+    float | None,
+    typer.Option(
+        "--wait",
+        metavar="SECONDS",
+        min=0,
+        help="How long to wait while another change of the cluster runs (default: as long as "
+        "it takes; 0: refuse at once).",
+    ),
+]
 ClusterName = Annotated[
     str | None, typer.Option("--name", "-n", help="Cluster name (default: the appliance's name).")
 ]
@@ -163,6 +173,7 @@ def deploy(
     name: ClusterName = None,
     retries: Annotated[int, typer.Option(help="Retries per step (temporary errors).")] = 2,
     boot_timeout: Annotated[float, typer.Option(help="Seconds for a node to enrol.")] = 300.0,
+    wait: Wait = None,
 ) -> None:
     """Deploy an appliance: provision, certify, contextualize and verify every node."""
     home = _home()
@@ -180,6 +191,7 @@ def deploy(
         parameters=overrides,
         boot_timeout=boot_timeout,
         retries=retries,
+        wait=wait,
         return_state=True,
     )
     state = _run_with_progress(run, endpoints, f"deploying {plan.cluster}", plan)
@@ -231,6 +243,7 @@ def scale(
     count: Annotated[int, typer.Argument(help="Nodes the group should have.", min=0)],
     retries: Annotated[int, typer.Option(help="Retries per step (temporary errors).")] = 2,
     boot_timeout: Annotated[float, typer.Option(help="Seconds for a node to enrol.")] = 300.0,
+    wait: Wait = None,
 ) -> None:
     """Resize a node group: new nodes go through every step, the roles that read the group are
     contextualized again, removed nodes (newest first) are destroyed and their certificates
@@ -255,6 +268,7 @@ def scale(
         count=count,
         boot_timeout=boot_timeout,
         retries=retries,
+        wait=wait,
         return_state=True,
     )
     state = _run_with_progress(run, endpoints, f"scaling {name} {group} to {count}", plan)
@@ -334,6 +348,7 @@ def destroy(
     pool: Annotated[
         str | None, typer.Option("--pool", "-p", help="Pool (default: the cluster's).")
     ] = None,
+    wait: Wait = None,
 ) -> None:
     """Remove every node of a cluster and revoke all its certificates."""
     home = _home()
@@ -344,7 +359,12 @@ def destroy(
         get_pool(pool_name, home.pool_dir(pool_name))
     from flows.destroy import destroy_cluster
 
-    state = destroy_cluster(name, pool_name, return_state=True)
+    state = asyncio.run(
+        cast(
+            "Coroutine[Any, Any, State[dict[str, Any]]]",
+            destroy_cluster(name, pool_name, wait=wait, return_state=True),
+        )
+    )
     if not state.is_completed():
         print(f"error: destroy of {name} failed: {_reason(state)}", file=sys.stderr)
         raise typer.Exit(1)

@@ -30,6 +30,7 @@ from crv.deploy import ClusterRun, Timeouts
 from crv.errors import CrvError
 from crv.executor import DagRun, StepResult, stages
 from crv.home import Home
+from crv.locks import cluster_change
 from crv.pki import CertificateAuthority
 from crv.plan import Plan, expand
 from crv.retry import RetryPolicy
@@ -43,6 +44,14 @@ STARTED_LISTENERS: list[Callable[[str], None]] = []
 
 class DeployFailed(CrvError):
     pass
+
+
+# Every flow that changes a cluster holds its change slot (crv.locks) for its whole run.
+WAIT = Field(
+    ge=0,
+    description="Seconds to wait while another change of this cluster runs (empty: as long as "
+    "it takes; 0: refuse at once)",
+)
 
 
 def failure_message(dag: DagRun) -> str:
@@ -85,26 +94,29 @@ async def deploy_appliance(
         dict[str, int] | None,
         Field(description="Node count per group (default: a resized cluster keeps its counts)"),
     ] = None,
+    wait: Annotated[float | None, WAIT] = None,
 ) -> dict[str, Any]:
     for listener in STARTED_LISTENERS:
         listener(str(flow_run.id))
     home, endpoints = running_service()
     loaded = load_appliance(locate(appliance), parameters or {})
     cluster = name or loaded.name
-    if counts is None:  # a deploy again of a resized cluster keeps the size it was given
-        service = AsyncService(home, endpoints.service_url)
-        try:
-            counts = dict(await _recorded_counts(service, cluster, loaded.name))
-        finally:
-            await service.close()
-    plan = expand(with_counts(loaded, counts), cluster)
-    return await converge(
-        plan,
-        pool,
-        counts=counts,
-        timeouts=Timeouts(boot=boot_timeout, recipe=recipe_timeout),
-        retries=retries,
-    )
+    expand(with_counts(loaded, counts or {}), cluster)  # bad input fails before the wait
+    async with cluster_change(cluster, wait=wait):
+        if counts is None:  # a deploy again of a resized cluster keeps the size it was given
+            service = AsyncService(home, endpoints.service_url)
+            try:
+                counts = dict(await _recorded_counts(service, cluster, loaded.name))
+            finally:
+                await service.close()
+        plan = expand(with_counts(loaded, counts), cluster)
+        return await converge(
+            plan,
+            pool,
+            counts=counts,
+            timeouts=Timeouts(boot=boot_timeout, recipe=recipe_timeout),
+            retries=retries,
+        )
 
 
 def running_service() -> tuple[Home, daemons.Endpoints]:

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow
+from pydantic import Field
 
 from crv import events
+from crv.locks import cluster_change
+from flows.deploy import WAIT
 from tasks.deprovision import deprovision
 
 
 @flow(name="destroy-cluster", persist_result=False)
-def destroy_cluster(name: str, pool: str = "local") -> dict[str, Any]:
-    result: dict[str, Any] = deprovision(name, pool)
-    events.cluster_event(
-        name,
-        result["appliance"],
-        pool,
-        "destroyed",
-        nodes=result["destroyed"],
-        revoked=result["revoked"],
-    )
+async def destroy_cluster(
+    name: Annotated[str, Field(description="Cluster name")],
+    pool: Annotated[str, Field(description="Resource pool")] = "local",
+    wait: Annotated[float | None, WAIT] = None,
+) -> dict[str, Any]:
+    async with cluster_change(name, wait=wait):
+        result: dict[str, Any] = deprovision(name, pool)
+        events.cluster_event(
+            name,
+            result["appliance"],
+            pool,
+            "destroyed",
+            nodes=result["destroyed"],
+            revoked=result["revoked"],
+        )
     return result

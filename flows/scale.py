@@ -24,9 +24,10 @@ from crv.appliance import load_appliance, with_counts
 from crv.client import AsyncService, ServiceError
 from crv.deploy import Timeouts
 from crv.home import Home
+from crv.locks import cluster_change
 from crv.plan import expand
 from crv.store import LEAVING
-from flows.deploy import DeployFailed, converge, publish_summary, running_service
+from flows.deploy import WAIT, DeployFailed, converge, publish_summary, running_service
 from pools import get_pool
 
 
@@ -42,10 +43,26 @@ async def scale_role(
     boot_timeout: Annotated[float, Field(gt=0, le=7200)] = 300.0,
     recipe_timeout: Annotated[float, Field(gt=0, le=86400)] = 1800.0,
     retries: Annotated[int, Field(ge=0, le=10)] = 2,
+    wait: Annotated[float | None, WAIT] = None,
 ) -> dict[str, Any]:
     logger = get_run_logger()
     home, endpoints = running_service()
     service = AsyncService(home, endpoints.service_url)
+    async with cluster_change(name, wait=wait):
+        timeouts = Timeouts(boot=boot_timeout, recipe=recipe_timeout)
+        return await _scale(logger, home, service, name, group, count, timeouts, retries)
+
+
+async def _scale(
+    logger: Any,
+    home: Home,
+    service: AsyncService,
+    name: str,
+    group: str,
+    count: int,
+    timeouts: Timeouts,
+    retries: int,
+) -> dict[str, Any]:
     try:
         try:
             status = await service.status(name)
@@ -93,7 +110,7 @@ async def scale_role(
             plan,
             pool,
             counts=counts,
-            timeouts=Timeouts(boot=boot_timeout, recipe=recipe_timeout),
+            timeouts=timeouts,
             retries=retries,
         )
         revoked = await _remove(service, home, name, victims)

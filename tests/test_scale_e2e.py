@@ -23,7 +23,7 @@ from cryptography import x509
 from crv import daemons
 from crv.client import Service
 from crv.home import Home
-from tests.conftest import CATALOG
+from tests.conftest import CATALOG, write_appliance
 from tests.test_deploy_e2e import Crv, free_port
 
 
@@ -163,6 +163,46 @@ def test_grow_then_shrink_touches_only_what_changed(crv: Crv) -> None:
             "--set", "workers=2", "--set", f"port={port}")  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert len(crv.status("elastic")["nodes"]) == 2
+
+
+SLOW = """\
+apiVersion: crv/v1
+name: slow
+nodes:
+  w: {count: 1, roles: [slow], scale: {min: 1, max: 4}}
+roles:
+  slow: {recipe: slow.sh}
+"""
+
+
+def test_one_change_per_cluster_at_a_time(crv: Crv, tmp_path: Path) -> None:
+    """Changes of one cluster triggered at once from separate processes: one told not to wait
+    is refused with a message naming the cluster, one that waits runs after; none interleave."""
+    directory = write_appliance(tmp_path, "slow", SLOW, ("slow.sh",))
+    (directory / "slow.sh").write_text("#!/bin/sh\nsleep 12\n")
+    r = crv("deploy", str(directory), "--name", "lockme", timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    first = crv.popen("scale", "lockme", "w", "2")
+    try:
+        deadline = time.monotonic() + 120
+        while len(crv.status("lockme")["nodes"]) < 2:  # the first is inside its change
+            assert first.poll() is None, first.communicate()[0]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        refused = crv("scale", "lockme", "w", "3", "--wait", "0")
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "cluster lockme is busy: another change to it is running" in refused.stderr
+        waiting = crv.popen("destroy", "lockme")  # waits for the scale, then destroys
+        out, _ = first.communicate(timeout=180)
+        assert first.returncode == 0, out
+        assert "cluster lockme is ready (2 nodes)" in out
+        gone, _ = waiting.communicate(timeout=180)
+        assert waiting.returncode == 0, gone
+        assert "destroyed lockme: 2 nodes removed" in gone
+    finally:
+        for p in (first, locals().get("waiting")):
+            if p is not None and p.poll() is None:
+                p.kill()
 
 
 @pytest.mark.parametrize(
