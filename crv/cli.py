@@ -147,20 +147,36 @@ def _ensure_up(home: Home, *, quiet: bool = False) -> daemons.Endpoints:
 
 @app.command()
 def up() -> None:
-    """Start the crv service and a Prefect server in the background (idempotent)."""
+    """Start the crv service, a Prefect server and the served deployments in the background
+    (idempotent)."""
     home = _home()
     with _user_errors():
         endpoints = _ensure_up(home)
     print(f"crv service: {endpoints.service_url}")
     print(f"Prefect UI:  {endpoints.prefect_ui_url}")
+    print(f"Prefect API: {endpoints.prefect_api_url}")
     print(f"state:       {home.root}")
+    with _user_errors():
+        pid = daemons.ensure_served(home, endpoints)
+    print(f"deployments: {', '.join(daemons.deployment_names())} (served by pid {pid})")
+    print(f"run forms:   {endpoints.prefect_ui_url}/deployments")
 
 
 @app.command()
 def down() -> None:
-    """Stop the crv service and the Prefect server (nodes keep running)."""
+    """Stop the served deployments, the crv service and the Prefect server (nodes keep
+    running)."""
     stopped = daemons.down(_home())
     print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@app.command()
+def serve() -> None:
+    """Serve the Prefect deployments (deploy-appliance, scale-role, destroy-cluster) in the
+    foreground until Ctrl-C; `crv up` already serves them in the background."""
+    home = _home()
+    with _user_errors():
+        daemons.serve_foreground(home)
 
 
 @app.command()

@@ -1,8 +1,16 @@
-"""`crv up` / `crv down`: the Prefect server and the crv service as background processes.
+"""`crv up` / `crv down`: the Prefect server, the crv service and the served deployments as
+background processes.
 
 Each daemon leaves `<dir>/daemon.json` (pid, its start time, url). "Running" means that pid is
 alive with the same start time (pids are reused) and answers its health check, so `up` is
 idempotent and a stale file after a reboot or a kill is simply replaced.
+
+The third process serves the Prefect deployments (`python -m deployments`: deploy-appliance,
+scale-role, destroy-cluster): it registers them with the Prefect server and runs the flow runs
+created from the UI, a schedule or the API, each as a child with this CRV_HOME in its
+environment. Its record is `prefect/serve.json`; its url is the Prefect API it serves against,
+and it counts as running while its process lives and that API is still the one `crv up` runs
+(`crv serve` in the foreground writes the same record, so `crv up` does not start a second).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +42,17 @@ START_TIMEOUT = 120.0
 
 class DaemonError(CrvError):
     temporary = True
+
+
+# The Prefect server's own settings (crv.locks): concurrency leases kept on disk, so a slot held
+# across a server restart is not taken for good (the default keeps leases in memory but the
+# count in the database), and a dead holder's slot freed within ~5 s of its lease running out.
+PREFECT_SERVER_SETTINGS: dict[str, str] = {
+    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": (
+        "prefect.server.concurrency.lease_storage.filesystem"
+    ),
+    "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "5",
+}
 
 
 @dataclass(frozen=True)
@@ -158,13 +178,16 @@ def _stop(record: Path) -> bool:
     if data is None:
         return False
     pid = int(data["pid"])
+    # a daemon leads its own process group (its children go with it); a foreground
+    # `crv serve` does not, and only the process itself is asked to stop
+    kill = os.killpg if data.get("group", True) else os.kill
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
+        kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 15
     while _start_time(pid) is not None and time.monotonic() < deadline:
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
+        kill(pid, signal.SIGKILL)
     return True
 
 
@@ -176,14 +199,19 @@ def _prefect_record(home: Home) -> Path:
     return home.prefect_dir / "daemon.json"
 
 
+def _serve_record(home: Home) -> Path:
+    return home.prefect_dir / "serve.json"
+
+
 def running(home: Home) -> Endpoints | None:
     service = _running(_service_record(home), lambda u: _service_healthy(home, u))
     prefect = _running(_prefect_record(home), _prefect_healthy)
     return Endpoints(service, prefect) if service and prefect else None
 
 
-def up(home: Home) -> Endpoints:
-    """Start what is not running (both start in parallel; Prefect takes ~10 s here)."""
+def up(home: Home, *, serve: bool = True) -> Endpoints:
+    """Start what is not running: the service and Prefect in parallel (Prefect takes ~10 s
+    here), then, unless `serve` is false, the process serving the deployments (~5 s)."""
     home.ensure()
     service = _running(_service_record(home), lambda u: _service_healthy(home, u))
     prefect = _running(_prefect_record(home), _prefect_healthy)
@@ -191,17 +219,23 @@ def up(home: Home) -> Endpoints:
     if prefect is None:
         port = _free_port(PREFECT_PORT)
         argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
-        pending.append(
-            functools.partial(
-                _start,
-                "prefect",
-                _prefect_record(home),
-                [*argv, "--port", str(port)],
-                prefect_env(home),
-                f"http://127.0.0.1:{port}/api",
-                _prefect_healthy,
-            )
+        api_url = f"http://127.0.0.1:{port}/api"
+        start_prefect = functools.partial(
+            _start,
+            "prefect",
+            _prefect_record(home),
+            [*argv, "--port", str(port)],
+            # the UI asks the server where the API is: this port, not the default 4200
+            {**prefect_env(home), **PREFECT_SERVER_SETTINGS, "PREFECT_UI_API_URL": api_url},
+            api_url,
+            _prefect_healthy,
         )
+        if serve:
+            pending.append(lambda: _start_serving(home, start_prefect()))
+        else:
+            pending.append(start_prefect)
+    elif serve and served(home, prefect) is None:
+        pending.append(functools.partial(_start_serving, home, prefect))
     if service is None:
         port = _free_port(SERVICE_PORT)
         pending.append(
@@ -233,8 +267,105 @@ def _in_parallel(calls: list[Callable[[], str]]) -> list[str]:
 
 def down(home: Home) -> list[str]:
     stopped = []
+    if _stop(_serve_record(home)):  # first: it runs flows against the other two
+        stopped.append("deployments")
     if _stop(_service_record(home)):
         stopped.append("service")
     if _stop(_prefect_record(home)):
         stopped.append("prefect")
     return stopped
+
+
+# -- the served deployments -----------------------------------------------------------------
+
+
+def deployment_names() -> list[str]:
+    from deployments import names
+
+    return names()
+
+
+def _deployments_polled(api_url: str, since: float) -> bool:
+    """Every deployment is registered and was polled for runs after `since` (by the process
+    just started, not one before it: Prefect keeps a deployment `READY` for a while)."""
+    for full_name in deployment_names():
+        try:
+            with urllib.request.urlopen(f"{api_url}/deployments/name/{full_name}", timeout=2) as r:
+                polled = json.load(r).get("last_polled")
+            if not polled or _timestamp(polled) < since:
+                return False
+        except (OSError, ValueError):
+            return False
+    return True
+
+
+def _timestamp(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()  # Z: Python < 3.11
+
+
+def served(home: Home, api_url: str) -> int | None:
+    """The pid serving the deployments against `api_url`, if one does."""
+    data = _read(_serve_record(home))
+    if data is None or data.get("url") != api_url:
+        return None
+    return int(data["pid"])
+
+
+def serve_env(home: Home, api_url: str) -> dict[str, str]:
+    """What the serving process and every flow run it starts see: this CRV_HOME, this Prefect
+    API; flow and runner logs at INFO on its console (the daemon's log file)."""
+    return {
+        **prefect_env(home, api_url),
+        "CRV_HOME": str(home.root),
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "INFO",
+    }
+
+
+def _start_serving(home: Home, api_url: str) -> str:
+    _stop(_serve_record(home))  # one that serves a Prefect server that is gone
+    since = time.time()
+    return _start(
+        "deployments",
+        _serve_record(home),
+        [sys.executable, "-m", "deployments"],
+        serve_env(home, api_url),
+        api_url,
+        lambda url: _deployments_polled(url, since),
+    )
+
+
+def ensure_served(home: Home, endpoints: Endpoints) -> int:
+    """Serve the deployments in the background unless something already does; the pid."""
+    pid = served(home, endpoints.prefect_api_url)
+    if pid is None:
+        _start_serving(home, endpoints.prefect_api_url)
+        pid = served(home, endpoints.prefect_api_url)
+    if pid is None:
+        raise DaemonError("the deployments are not served; see " + str(home.prefect_dir))
+    return pid
+
+
+def serve_foreground(home: Home) -> None:
+    """`crv serve`: the service and Prefect in the background if they are not running, the
+    deployments served by this process until Ctrl-C or `crv down`."""
+    endpoints = running(home) or up(home, serve=False)
+    pid = served(home, endpoints.prefect_api_url)
+    if pid is not None:
+        raise DaemonError(
+            f"the deployments are already served (pid {pid}, started by `crv up` or another "
+            "`crv serve`); `crv down` stops everything"
+        )
+    os.environ.update(serve_env(home, endpoints.prefect_api_url))
+    record = _serve_record(home)
+    me = os.getpid()
+    entry = {"pid": me, "started": _start_time(me), "url": endpoints.prefect_api_url}
+    record.write_text(json.dumps({**entry, "group": False}))
+    try:
+        from deployments.serve import serve
+
+        serve()
+    finally:
+        data = _read(record)
+        if data is not None and int(data["pid"]) == me:
+            with contextlib.suppress(FileNotFoundError):
+                record.unlink()

@@ -75,6 +75,7 @@ from prefect.concurrency.asyncio import (
 from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
+from crv.daemons import PREFECT_SERVER_SETTINGS
 from crv.errors import CrvError
 
 LIMIT_PREFIX = "crv-cluster-"
@@ -84,14 +85,8 @@ LEASE_SECONDS = 60.0
 # How long a bounded wait may overrun `wait` (first contact with the server, Prefect's queue).
 GRACE_SECONDS = 10.0
 
-# For the Prefect server's environment: leases that survive its restart, and a dead holder's
-# slot freed within ~5 s of its lease running out (instead of 15 s).
-SERVER_SETTINGS: dict[str, str] = {
-    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": (
-        "prefect.server.concurrency.lease_storage.filesystem"
-    ),
-    "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "5",
-}
+# The Prefect server's settings for these leases; `crv up` starts its server with them.
+SERVER_SETTINGS = PREFECT_SERVER_SETTINGS
 
 
 class ClusterBusy(CrvError):

@@ -1,1 +1,108 @@
-"""Prefect deployments: schedules, typed run forms and entry points for the flows; no logic."""
+"""Prefect deployments: schedules, typed run forms and entry points for the flows; no logic.
+
+`build()` returns the deployments `crv up` serves (`crv serve` in the foreground):
+`deploy-appliance/crv`, `scale-role/crv` and `destroy-cluster/crv`. Each enforces its parameter
+schema, completed by `deployments.forms` from the catalog and the pools, so the Prefect UI
+renders a real form and the API refuses bad input when a run is created. `DEPLOYMENTS` is the
+list to extend (the `autoscale` deployment goes there).
+
+Importing this package does not import Prefect: Prefect reads its settings when first
+imported, so the caller sets `PREFECT_API_URL` and `PREFECT_HOME` first (`crv.daemons`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from deployments import forms
+
+if TYPE_CHECKING:
+    from prefect.deployments.runner import RunnerDeployment
+
+NAME = "crv"  # every deployment is <flow name>/crv
+TAGS = ["crv"]
+
+Form = Callable[[forms.Schema, Mapping[str, forms.CatalogEntry], list[str]], forms.Schema]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One deployment: its flow's name, where the flow is, what the UI says about it and how
+    its run form is completed."""
+
+    flow_name: str
+    flow: str  # "module:attribute"
+    description: str
+    form: Form
+    catalog_in_description: bool = True
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.flow_name}/{NAME}"
+
+
+DEPLOYMENTS: list[Spec] = [
+    Spec(
+        "deploy-appliance",
+        "flows.deploy:deploy_appliance",
+        "Deploy an appliance from the catalog onto a resource pool: provision, certify, "
+        "contextualize and verify every node. Run again for the same cluster name, it "
+        "converges: finishes what is missing, keeps a resized cluster's counts.",
+        lambda schema, entries, pools: forms.deploy_form(schema, entries, pools),
+    ),
+    Spec(
+        "scale-role",
+        "flows.scale:scale_role",
+        "Resize one node group of a running cluster: new nodes go through every step, the "
+        "roles that read the group run again, removed nodes (newest first) are destroyed and "
+        "their certificates revoked.",
+        lambda schema, entries, pools: forms.scale_form(schema, entries),
+    ),
+    Spec(
+        "destroy-cluster",
+        "flows.destroy:destroy_cluster",
+        "Remove every node of a cluster and revoke all its certificates.",
+        lambda schema, entries, pools: forms.destroy_form(schema, pools),
+        catalog_in_description=False,
+    ),
+]
+
+
+def names() -> list[str]:
+    """`<flow name>/<deployment name>` of every deployment (without importing Prefect)."""
+    return [spec.full_name for spec in DEPLOYMENTS]
+
+
+def build(catalog: Mapping[str, forms.CatalogEntry] | None = None) -> list[RunnerDeployment]:
+    """The RunnerDeployments, their forms completed from the catalog and the known pools."""
+    from prefect.utilities.callables import ParameterSchema
+    from pydantic import ConfigDict
+
+    from pools import POOLS
+
+    class FormSchema(ParameterSchema):
+        # Prefect's model keeps only properties/required/definitions: the per-appliance
+        # rules (`allOf`) must reach the server too
+        model_config = ConfigDict(extra="allow")
+
+    entries = forms.catalog() if catalog is None else catalog
+    out = []
+    for spec in DEPLOYMENTS:
+        module, attribute = spec.flow.split(":")
+        flow: Any = getattr(importlib.import_module(module), attribute)
+        if flow.name != spec.flow_name:
+            raise RuntimeError(f"{spec.flow} is the flow {flow.name!r}, not {spec.flow_name!r}")
+        description = spec.description
+        if spec.catalog_in_description:
+            description += f"\n\nThe catalog:\n\n{forms.appliance_table(entries)}"
+        deployment: RunnerDeployment = flow.to_deployment(
+            name=NAME, description=description, tags=TAGS, enforce_parameter_schema=True
+        )
+        generated = deployment._parameter_openapi_schema.model_dump()
+        form = spec.form(generated, entries, list(POOLS))
+        deployment._parameter_openapi_schema = FormSchema(**form)
+        out.append(deployment)
+    return out

@@ -1,0 +1,337 @@
+"""The run forms of the deployments: Prefect's parameter schemas, made to say what crv accepts.
+
+Prefect derives a deployment's `parameter_openapi_schema` from the flow's signature; that gives
+`appliance: str` and `parameters: dict[str, str]`, which a form renders as a free text field and
+a JSON box. Here the generated schema is completed from the catalog and the pools (pure data in,
+JSON Schema out; nothing here imports Prefect):
+
+- `appliance` and `pool` become enums: the UI offers a choice, the API refuses anything else;
+- `parameters` and `counts` get a form field per parameter and per node group of the catalog's
+  appliances, each described (the appliance, the type, the bounds, the default);
+- one `if appliance == X then ...` rule per appliance checks the chosen appliance's parameters
+  (the text must read as the declared type, an enum one of its values, no unknown key) and its
+  counts (within each group's `scale` bounds).
+
+With `enforce_parameter_schema` the Prefect server checks a run's parameters against this schema
+when the run is created (the UI's form asks it too, and shows the answer under the field): bad
+input is refused at once, HTTP 409 `Validation failed for field 'parameters.workers'. Failure
+reason: ...`, and no flow run exists. What a schema cannot say (an integer's bounds inside a
+text value, the total node count) the flow checks first thing, before anything is provisioned.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crv.appliance import APPLIANCE_FILE, Appliance, default_search_path, load_appliance
+from crv.errors import CrvError
+from crv.spec import NAME_PATTERN, Parameter
+
+log = logging.getLogger(__name__)
+
+Schema = dict[str, Any]
+
+# `--set` text the loader reads as each type (crv.parameters._from_text), as JSON Schema
+# patterns that both Python's re and the browser's RegExp read, kept short: the UI shows them
+# in its error message. (The loader still checks the rest: bounds, 18 digits at most.)
+INTEGER_TEXT = r"^[+-]?[0-9]+$"
+NUMBER_TEXT = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
+BOOLEAN_TEXT = ["true", "false"]
+NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f-\x9f]*$"
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """An appliance the forms offer: `ref` is what the flow's `appliance` accepts (the
+    directory name on the search path), `appliance` it loaded with its defaults."""
+
+    ref: str
+    appliance: Appliance
+
+
+def catalog(search_path: Sequence[Path] | None = None) -> dict[str, CatalogEntry]:
+    """Every appliance on the search path (`$CRV_APPLIANCE_PATH`, then the built-in catalog),
+    by directory name; the first one of a name wins, as `crv.appliance.locate` picks it. One
+    that does not load with its defaults is left out of the forms (and logged)."""
+    paths = list(search_path) if search_path is not None else default_search_path()
+    found: dict[str, CatalogEntry] = {}
+    for base in paths:
+        if not base.is_dir():
+            continue
+        for directory in sorted(base.iterdir()):
+            ref = directory.name
+            if ref in found or not (directory / APPLIANCE_FILE).is_file():
+                continue
+            try:
+                appliance = load_appliance(directory, search_path=paths)
+            except CrvError as exc:
+                log.warning("appliance %s left out of the run forms: %s", directory, exc)
+                continue
+            found[ref] = CatalogEntry(ref, appliance)
+    return found
+
+
+# -- one appliance --------------------------------------------------------------------------
+
+
+def _text(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def describe_parameter(p: Parameter, default: object = None) -> str:
+    """`integer 1..1000, default 3: Number of web servers` (`default`: the resolved value, which
+    an including appliance may have bound)."""
+    what: str = p.type
+    if p.enum is not None:
+        what += " (one of " + ", ".join(_text(v) for v in p.enum) + ")"
+    if p.minimum is not None or p.maximum is not None:
+        low = "" if p.minimum is None else _text(p.minimum)
+        high = "" if p.maximum is None else _text(p.maximum)
+        what += f" {low}..{high}"
+    default = p.default if default is None else default
+    if default is not None:
+        what += f", default {_text(default)}"
+    text = p.description.strip().rstrip(".")
+    return f"{what}: {text}" if text else what
+
+
+def parameter_value_schema(p: Parameter) -> Schema:
+    """The JSON Schema of one parameter's value as the flow takes it: text that reads as the
+    declared type."""
+    if p.enum is not None:
+        return {"type": "string", "enum": [_text(v) for v in p.enum]}
+    if p.type == "integer":
+        return {"type": "string", "pattern": INTEGER_TEXT}
+    if p.type == "number":
+        return {"type": "string", "pattern": NUMBER_TEXT}
+    if p.type == "boolean":
+        return {"type": "string", "enum": BOOLEAN_TEXT}
+    return {"type": "string", "maxLength": p.max_length, "pattern": NO_CONTROL_CHARACTERS}
+
+
+def count_schema(appliance: Appliance, group: str) -> Schema:
+    g = appliance.groups[group]
+    if g.scale_min == g.scale_max == g.count:
+        return {"type": "integer", "const": g.count}
+    return {"type": "integer", "minimum": g.scale_min, "maximum": g.scale_max}
+
+
+def describe_group(appliance: Appliance, group: str) -> str:
+    g = appliance.groups[group]
+    roles = ", ".join(g.roles)
+    if g.scale_min == g.scale_max == g.count:
+        return f"{g.count} (fixed), roles {roles}"
+    return f"{g.scale_min}..{g.scale_max}, default {g.count}, roles {roles}"
+
+
+def appliance_rule(ref: str, appliance: Appliance) -> Schema:
+    """`if appliance == ref then` its parameters and counts are checked."""
+    return {
+        "if": {"properties": {"appliance": {"const": ref}}, "required": ["appliance"]},
+        "then": {
+            "properties": {
+                "parameters": {
+                    "type": ["object", "null"],
+                    "properties": {
+                        name: parameter_value_schema(p)
+                        for name, p in appliance.parameter_specs.items()
+                    },
+                    "additionalProperties": False,
+                },
+                "counts": {
+                    "type": ["object", "null"],
+                    "properties": {g: count_schema(appliance, g) for g in appliance.groups},
+                    "additionalProperties": False,
+                },
+            }
+        },
+    }
+
+
+def parameter_fields(appliance: Appliance) -> Schema:
+    """The form's fields for an appliance's parameters: text, described; a choice where the
+    parameter has one. (The exact checks are in `appliance_rule`.)"""
+    fields: Schema = {}
+    for name, p in appliance.parameter_specs.items():
+        field: Schema = {
+            "type": "string",
+            "title": name,
+            "description": describe_parameter(p, appliance.parameters.get(name)),
+        }
+        if p.enum is not None or p.type == "boolean":
+            field["enum"] = parameter_value_schema(p)["enum"]
+        fields[name] = field
+    return fields
+
+
+def count_fields(appliance: Appliance) -> Schema:
+    return {
+        g: {
+            "type": "integer",
+            "minimum": 0,
+            "title": g,
+            "description": describe_group(appliance, g),
+        }
+        for g in appliance.groups
+    }
+
+
+# -- the three forms ------------------------------------------------------------------------
+
+TUNING = {
+    "boot_timeout": "Seconds for a node to boot and enrol.",
+    "recipe_timeout": "Seconds a role's recipe may run.",
+    "retries": "Retries per step (temporary errors only).",
+}
+
+
+def _describe(props: Schema, descriptions: Mapping[str, str]) -> None:
+    for key, text in descriptions.items():
+        if key in props:  # a flow may drop a parameter; the form follows
+            props[key]["description"] = text
+
+
+def union_fields(per_appliance: Mapping[str, Schema]) -> Schema:
+    """One form field per name across the catalog, its description saying which appliance
+    uses it and how. (One set of fields per appliance would be nicer to read, but the UI picks
+    the set from the keys a value has, and appliances share names such as `workers`: the form
+    would jump to another appliance's set while one types.)"""
+    merged: Schema = {}
+    for ref, fields in per_appliance.items():
+        for name, field in fields.items():
+            line = f"{ref}: {field['description']}"
+            if name not in merged:
+                merged[name] = {**field, "description": line}
+                continue
+            known = merged[name]
+            known["description"] += f"; {line}"
+            if known.get("enum") != field.get("enum"):
+                known.pop("enum", None)
+    return merged
+
+
+def _nullable_fields(base: Schema, fields: Schema, description: str) -> None:
+    """Give `base` (Prefect's `anyOf: [object, null]` of a dict parameter) its fields, a JSON
+    box and none (the defaults). They shape the form; what is accepted is `appliance_rule`'s
+    to say. (A value no option matched would be refused as `not valid under any of the given
+    schemas`, without naming the key, so the JSON box takes any object and leaves it to the
+    rule to name the key.)"""
+    base.pop("type", None)
+    base["anyOf"] = [
+        {"type": "object", "title": "set", "properties": fields},
+        {"type": "object", "title": "JSON"},
+        {"type": "null", "title": "defaults"},
+    ]
+    base["description"] = description
+
+
+def appliance_table(entries: Mapping[str, CatalogEntry]) -> str:
+    """The catalog as a Markdown table (the deployment's description in the UI)."""
+    lines = ["| appliance | parameters | node groups (counts) |", "|---|---|---|"]
+    for ref, e in entries.items():
+        a = e.appliance
+        params = "<br>".join(
+            f"`{n}`: {describe_parameter(p, a.parameters.get(n))}"
+            for n, p in a.parameter_specs.items()
+        )
+        groups = "<br>".join(f"`{g}`: {describe_group(a, g)}" for g in a.groups)
+        title = f"**{ref}**" + (f": {a.description}" if a.description else "")
+        lines.append(f"| {_cell(title)} | {_cell(params) or '-'} | {_cell(groups)} |")
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def deploy_form(
+    generated: Schema, entries: Mapping[str, CatalogEntry], pools: Iterable[str]
+) -> Schema:
+    """The `deploy-appliance` form from Prefect's generated schema."""
+    schema = copy.deepcopy(generated)
+    props: Schema = schema["properties"]
+    described = (
+        f"{ref} ({e.appliance.description.rstrip('.')})" if e.appliance.description else ref
+        for ref, e in entries.items()
+    )
+    # each field only if the flow still has it: a changed signature loses a description, it
+    # does not stop the deployments from being served
+    if "appliance" in props:
+        props["appliance"].update(
+            {
+                "enum": list(entries),
+                "description": "The appliance, from the catalog: " + "; ".join(described),
+            }
+        )
+    if "pool" in props:
+        _pool_field(props["pool"], pools)
+    if "name" in props:
+        for option in props["name"].get("anyOf", []):
+            if option.get("type") == "string":
+                option.update({"pattern": NAME_PATTERN, "maxLength": 63})
+        props["name"]["description"] = (
+            "Cluster name (default: the appliance's name); lower case letters, digits and '-'."
+        )
+    if "parameters" in props:
+        _nullable_fields(
+            props["parameters"],
+            union_fields({ref: parameter_fields(e.appliance) for ref, e in entries.items()}),
+            "The appliance's parameters, as text (like `crv deploy --set KEY=VALUE`); leave "
+            "empty what keeps its default. Only the chosen appliance's parameters are accepted.",
+        )
+    if "counts" in props:
+        _nullable_fields(
+            props["counts"],
+            union_fields({ref: count_fields(e.appliance) for ref, e in entries.items()}),
+            "Nodes per group, within each group's scale bounds (default: the counts the "
+            "parameters give; a resized cluster keeps its own). Only the chosen appliance's "
+            "groups.",
+        )
+    _describe(props, TUNING)
+    schema["allOf"] = [appliance_rule(ref, e.appliance) for ref, e in entries.items()]
+    return schema
+
+
+def scale_form(generated: Schema, entries: Mapping[str, CatalogEntry]) -> Schema:
+    """The `scale-role` form: the cluster, the group and its new count, described."""
+    schema = copy.deepcopy(generated)
+    props: Schema = schema["properties"]
+    groups = "; ".join(
+        f"{ref}: " + ", ".join(f"{g} {describe_group(e.appliance, g)}" for g in e.appliance.groups)
+        for ref, e in entries.items()
+    )
+    _name_field(props, "name", "Cluster name (see `crv list`).")
+    _name_field(props, "group", f"Node group to resize. The catalog's groups: {groups}")
+    _describe(
+        props,
+        {
+            **TUNING,
+            "count": "Nodes the group should have, within its scale bounds (newest nodes go "
+            "first).",
+        },
+    )
+    return schema
+
+
+def destroy_form(generated: Schema, pools: Iterable[str]) -> Schema:
+    schema = copy.deepcopy(generated)
+    props: Schema = schema["properties"]
+    _name_field(props, "name", "Cluster name (see `crv list`).")
+    if "pool" in props:
+        _pool_field(props["pool"], pools)
+    return schema
+
+
+def _name_field(props: Schema, key: str, description: str) -> None:
+    if key in props:
+        props[key].update({"pattern": NAME_PATTERN, "maxLength": 63, "description": description})
+
+
+def _pool_field(field: Schema, pools: Iterable[str]) -> None:
+    known = list(pools)
+    field.update({"enum": known, "description": "Resource pool: " + ", ".join(known)})
