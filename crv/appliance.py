@@ -61,6 +61,7 @@ class Group:
     roles: tuple[str, ...]
     scale_min: int
     scale_max: int
+    scalable: bool = False  # it has a `scale` section: a resize may change its count
 
 
 @dataclass(frozen=True)
@@ -282,7 +283,7 @@ class _Resolver:
         for i, role in enumerate(g.roles):
             if role in g.roles[:i]:
                 raise SpecError(source, f"{at}.roles[{i}]", f"role {role!r} is listed twice")
-        return Group(name, source, at, count, tuple(g.roles), low, high)
+        return Group(name, source, at, count, tuple(g.roles), low, high, g.scale is not None)
 
     @staticmethod
     def _role(
@@ -485,7 +486,7 @@ def with_counts(appliance: Appliance, counts: Mapping[str, int]) -> Appliance:
         if group is None:
             known = ", ".join(groups) or "none"
             raise SpecError("count", name, f"unknown node group (this appliance has: {known})")
-        if group.scale_min == group.scale_max == group.count and count != group.count:
+        if not group.scalable and count != group.count:
             raise SpecError(
                 group.source,
                 f"{group.field}.scale",
@@ -510,3 +511,14 @@ def with_counts(appliance: Appliance, counts: Mapping[str, int]) -> Appliance:
             appliance.source, "nodes", f"{resized.node_count} nodes in all; at most {MAX_NODES}"
         )
     return resized
+
+
+def load_recorded(
+    source: str, parameters: Mapping[str, ParamValue], counts: Mapping[str, int]
+) -> Appliance:
+    """A deployed cluster's appliance again, from what the service recorded: its source, its
+    resolved parameters (given back as `--set` text) and the counts a resize chose."""
+    overrides = {
+        k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in parameters.items()
+    }
+    return with_counts(load_appliance(source, overrides), counts)

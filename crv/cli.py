@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from crv import __version__, daemons
-from crv.appliance import load_appliance, locate, parse_overrides, with_counts
+from crv.appliance import load_appliance, load_recorded, locate, parse_overrides
 from crv.client import Service
 from crv.errors import CrvError, SpecError
 from crv.home import Home
@@ -270,12 +270,8 @@ def scale(
         found = Service(home, endpoints.service_url).status(name)
         if found is None:
             raise SpecError("crv scale", "NAME", f"no cluster {name!r}")
-        parameters = {
-            k: str(v).lower() if isinstance(v, bool) else str(v)
-            for k, v in (found["parameters"] or {}).items()
-        }
         counts = {**(found.get("counts") or {}), group: count}
-        plan = expand(with_counts(load_appliance(found["source"], parameters), counts), name)
+        plan = expand(load_recorded(found["source"], found["parameters"] or {}, counts), name)
     from flows.scale import scale_role
 
     run = scale_role(

@@ -190,6 +190,16 @@ def _add_missing_columns(engine: Engine) -> None:
                     c.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}")
 
 
+def _feeding(table: sa.Table, cluster: str, role: str, *columns: Any) -> sa.Select[Any]:
+    """`columns` of `table` (attributes or role_states) for `role`, over the nodes that feed
+    others: a node `leaving` (a shrink's victim) still runs but no longer counts."""
+    return (
+        sa.select(*columns)
+        .join(nodes, (nodes.c.cluster == table.c.cluster) & (nodes.c.name == table.c.node))
+        .where(table.c.cluster == cluster, table.c.role == role, nodes.c.state != LEAVING)
+    )
+
+
 class Store:
     def __init__(self, engine: Engine) -> None:
         self._touched: dict[tuple[str, str], float] = {}
@@ -654,7 +664,7 @@ class Store:
                     inputs = self._inputs(c, cluster, node, depends_on)
                     if (
                         op == "refresh"
-                        and row.state in ("done", "verified")
+                        and row.state in ("done", "verified", "verify_failed")
                         and row.inputs == inputs
                     ):  # converged, and what it read has not changed: leave it alone
                         results.append(
@@ -709,18 +719,8 @@ class Store:
             return hashlib.sha256(b"[]").hexdigest()
         view = []
         for dep in depends_on:
-            q = (
-                sa.select(attributes.c.node, attributes.c.key, attributes.c.value)
-                .join(
-                    nodes,
-                    (nodes.c.cluster == attributes.c.cluster) & (nodes.c.name == attributes.c.node),
-                )
-                .where(
-                    attributes.c.cluster == cluster,
-                    attributes.c.role == dep["role"],
-                    nodes.c.state != LEAVING,
-                )
-            )
+            a = attributes.c
+            q = _feeding(attributes, cluster, dep["role"], a.node, a.key, a.value)
             if dep["local"]:
                 q = q.where(attributes.c.node == node)
             view.append([dep["role"], sorted((r.node, r.key, r.value) for r in c.execute(q))])
@@ -730,19 +730,7 @@ class Store:
         self, c: Connection, cluster: str, node: str, depends_on: Sequence[Mapping[str, Any]]
     ) -> None:
         for dep in depends_on:
-            q = (
-                sa.select(role_states.c.node, role_states.c.state)
-                .join(
-                    nodes,
-                    (nodes.c.cluster == role_states.c.cluster)
-                    & (nodes.c.name == role_states.c.node),
-                )
-                .where(
-                    role_states.c.cluster == cluster,
-                    role_states.c.role == dep["role"],
-                    nodes.c.state != LEAVING,
-                )
-            )
+            q = _feeding(role_states, cluster, dep["role"], role_states.c.node, role_states.c.state)
             if dep["local"]:
                 q = q.where(role_states.c.node == node)
             rows = c.execute(q).all()
@@ -846,16 +834,8 @@ class Store:
     def get_attribute(self, cluster: str, role: str, key: str) -> list[tuple[str, str]]:
         with self.engine.connect() as c:
             rows = c.execute(
-                sa.select(attributes.c.node, attributes.c.value)
-                .join(
-                    nodes,
-                    (nodes.c.cluster == attributes.c.cluster) & (nodes.c.name == attributes.c.node),
-                )
-                .where(
-                    attributes.c.cluster == cluster,
-                    attributes.c.role == role,
-                    attributes.c.key == key,
-                    nodes.c.state != LEAVING,  # a node being removed no longer feeds others
+                _feeding(attributes, cluster, role, attributes.c.node, attributes.c.value).where(
+                    attributes.c.key == key
                 )
             ).all()
         return sorted(((r.node, r.value) for r in rows), key=lambda nv: natural_key(nv[0]))

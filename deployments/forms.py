@@ -116,7 +116,7 @@ def parameter_value_schema(p: Parameter) -> Schema:
 
 def count_schema(appliance: Appliance, group: str) -> Schema:
     g = appliance.groups[group]
-    if g.scale_min == g.scale_max == g.count:
+    if not g.scalable:
         return {"type": "integer", "const": g.count}
     return {"type": "integer", "minimum": g.scale_min, "maximum": g.scale_max}
 
@@ -124,7 +124,7 @@ def count_schema(appliance: Appliance, group: str) -> Schema:
 def describe_group(appliance: Appliance, group: str) -> str:
     g = appliance.groups[group]
     roles = ", ".join(g.roles)
-    if g.scale_min == g.scale_max == g.count:
+    if not g.scalable:
         return f"{g.count} (fixed), roles {roles}"
     return f"{g.scale_min}..{g.scale_max}, default {g.count}, roles {roles}"
 

@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger
 from pydantic import Field
 
 from crv import events
-from crv.appliance import load_appliance, with_counts
+from crv.appliance import load_recorded
 from crv.client import AsyncService, ServiceError
 from crv.deploy import Timeouts
 from crv.home import Home
@@ -29,10 +29,6 @@ from crv.plan import expand
 from crv.store import LEAVING
 from flows.deploy import WAIT, DeployFailed, converge, publish_summary, running_service
 from pools import get_pool
-
-
-def _as_text(value: Any) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 @flow(name="scale-role", persist_result=False, log_prints=True)
@@ -70,11 +66,8 @@ async def _scale(
             if e.status == 404:
                 raise DeployFailed(f"no cluster {name!r}") from None
             raise
-        parameters = {k: _as_text(v) for k, v in (status["parameters"] or {}).items()}
-        appliance = load_appliance(status["source"], parameters)
-        counts = dict(status.get("counts") or {})
-        counts[group] = count
-        plan = expand(with_counts(appliance, counts), name)
+        counts = {**(status.get("counts") or {}), group: count}
+        plan = expand(load_recorded(status["source"], status["parameters"] or {}, counts), name)
         wanted = set(plan.nodes)
         members = [n for n in status["nodes"] if n["group"] == group]
         victims = sorted(

@@ -119,3 +119,32 @@ def test_touch_writes_last_seen_at_most_every_few_seconds(
     clock[0] += store_module.TOUCH_EVERY
     store.touch("c", "c-g-0")
     assert store.status("c")["nodes"][0]["last_seen"] != first
+
+
+def test_refresh_reruns_a_converged_role_only_when_its_inputs_changed(store: Store) -> None:
+    roles = {**ROLES, "lb": {**ROLES["web"], "depends_on": [{"role": "web", "local": False,
+                                                              "min_ready": None}]}}  # fmt: skip
+    store.put_cluster(
+        "c", appliance="x", source="dir", pool="local", parameters={}, roles=roles, bundle=b"b"
+    )
+    store.put_nodes("c", [node("c-g-0", ["web"]), node("c-g-1", ["web"]), node("c-f-0", ["lb"])])
+    for n in ("c-g-0", "c-g-1"):
+        store.update_roles("c", [{"node": n, "role": "web", "op": "release"}])
+        store.set_attribute("c", n, "web", "url", f"http://{n}")
+        store.update_roles("c", [{"node": n, "role": "web", "op": "verified"}])
+    (first,), _ = store.update_roles("c", [{"node": "c-f-0", "role": "lb", "op": "release"}])
+    store.report_status("c", "c-f-0", "lb", release=first["release"], state="done",
+                        exit_code=0, output="")  # fmt: skip
+
+    def refresh() -> dict[str, Any]:
+        (r,), _ = store.update_roles("c", [{"node": "c-f-0", "role": "lb", "op": "refresh"}])
+        return r
+
+    assert refresh()["released"] is False  # nothing it reads changed
+    store.update_roles("c", [{"node": "c-f-0", "role": "lb", "op": "verify_failed"}])
+    assert refresh()["released"] is False  # verify checks it again; the recipe is not re-run
+    # a web node leaves (a shrink): the lb's inputs changed, so it runs again
+    store.put_nodes("c", [node("c-g-1", ["web"], state="leaving")])
+    again = refresh()
+    assert again["released"] is True and again["release"] == first["release"] + 1
+    assert store.get_attribute("c", "web", "url") == [("c-g-0", "http://c-g-0")]
