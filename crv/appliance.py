@@ -45,6 +45,7 @@ class Role:
     field: str  # its path inside that file, `roles.<name as written>`
     directory: Path  # its own appliance's directory (resolved): what the node receives
     recipe: Path
+    drain: Path | None  # run on a node before a shrink removes it
     depends_on: tuple[Dependency, ...]
     publishes: tuple[str, ...]
     verify: spec.Verify | None
@@ -74,6 +75,7 @@ class Appliance:
     parameter_specs: Mapping[str, spec.Parameter]
     groups: Mapping[str, Group]  # in document order, own groups first
     roles: Mapping[str, Role]
+    on_failure: str = "keep"  # the top appliance's; an included one's is not used
 
     @property
     def node_count(self) -> int:
@@ -195,6 +197,7 @@ class _Resolver:
                 parameter_specs=scope.param_specs,
                 groups=scope.groups,
                 roles=scope.roles,
+                on_failure=s.on_failure,
             ),
             used,
         )
@@ -295,6 +298,7 @@ class _Resolver:
     ) -> Role:
         at = f"roles.{name}"
         recipe = _recipe_path(directory, r.recipe, source, f"{at}.recipe")
+        drain = _recipe_path(directory, r.drain, source, f"{at}.drain") if r.drain else None
         if r.verify is not None:
             _check_verify(source, f"{at}.verify.{r.verify.kind}", r.verify.template, r, params)
         seen: set[str] = set()
@@ -311,6 +315,7 @@ class _Resolver:
             field=at,
             directory=directory.resolve(),
             recipe=recipe,
+            drain=drain,
             depends_on=tuple(Dependency(d.role, d.local, d.min_ready) for d in r.depends_on),
             publishes=tuple(r.publishes),
             verify=r.verify,

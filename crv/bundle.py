@@ -15,7 +15,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from crv.appliance import Appliance
+from crv.appliance import Appliance, Role
 from crv.errors import SpecError
 from crv.spec import ParamValue
 
@@ -26,7 +26,7 @@ SKIPPED = {".git", "__pycache__", ".venv"}
 @dataclass(frozen=True)
 class Bundle:
     data: bytes  # gzip tar
-    roles: dict[str, dict[str, object]]  # role -> {recipe, appdir, env, depends_on}
+    roles: dict[str, dict[str, object]]  # role -> {recipe, drain, appdir, env, depends_on}
 
 
 def param_env(params: dict[str, ParamValue]) -> dict[str, str]:
@@ -55,8 +55,13 @@ def build(appliance: Appliance) -> Bundle:
     roles: dict[str, dict[str, object]] = {}
     for name, role in appliance.roles.items():
         prefix = dirs[role.directory]
+
+        def shipped(path: Path, prefix: str = prefix, role: Role = role) -> str:
+            return f"{prefix}/{path.relative_to(role.directory).as_posix()}"
+
         roles[name] = {
-            "recipe": f"{prefix}/{role.recipe.relative_to(role.directory).as_posix()}",
+            "recipe": shipped(role.recipe),
+            "drain": shipped(role.drain) if role.drain else None,
             "appdir": prefix,
             "env": param_env(dict(role.params)),
             "depends_on": [

@@ -7,6 +7,7 @@ Exit codes are a contract: 0 success, 2 bad input (one line on stderr,
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import os
 import sys
@@ -61,6 +62,22 @@ Wait = Annotated[
         min=0,
         help="How long to wait while another change of the cluster runs (default: as long as "
         "it takes; 0: refuse at once).",
+    ),
+]
+
+
+class OnFailureChoice(str, enum.Enum):
+    keep = "keep"
+    rollback = "rollback"
+
+
+OnFailureOption = Annotated[
+    OnFailureChoice | None,
+    typer.Option(
+        "--on-failure",
+        help="If the change fails: keep what it made (run it again to resume) or roll back "
+        "what it added (default: the appliance's on_failure, else keep).",
+        show_default=False,
     ),
 ]
 ClusterName = Annotated[
@@ -190,6 +207,7 @@ def deploy(
     retries: Annotated[int, typer.Option(help="Retries per step (temporary errors).")] = 2,
     boot_timeout: Annotated[float, typer.Option(help="Seconds for a node to enrol.")] = 300.0,
     wait: Wait = None,
+    on_failure: OnFailureOption = None,
 ) -> None:
     """Deploy an appliance: provision, certify, contextualize and verify every node."""
     home = _home()
@@ -208,6 +226,7 @@ def deploy(
         boot_timeout=boot_timeout,
         retries=retries,
         wait=wait,
+        on_failure=on_failure.value if on_failure else None,
         return_state=True,
     )
     state = _run_with_progress(run, endpoints, f"deploying {plan.cluster}", plan)
@@ -260,10 +279,11 @@ def scale(
     retries: Annotated[int, typer.Option(help="Retries per step (temporary errors).")] = 2,
     boot_timeout: Annotated[float, typer.Option(help="Seconds for a node to enrol.")] = 300.0,
     wait: Wait = None,
+    on_failure: OnFailureOption = None,
 ) -> None:
     """Resize a node group: new nodes go through every step, the roles that read the group are
-    contextualized again, removed nodes (newest first) are destroyed and their certificates
-    revoked. Nodes nothing changed for are not touched."""
+    contextualized again, removed nodes (newest first) are drained, let go by their dependents,
+    destroyed and their certificates revoked. Nodes nothing changed for are not touched."""
     home = _home()
     with _user_errors():
         endpoints = _ensure_up(home)
@@ -281,6 +301,7 @@ def scale(
         boot_timeout=boot_timeout,
         retries=retries,
         wait=wait,
+        on_failure=on_failure.value if on_failure else None,
         return_state=True,
     )
     state = _run_with_progress(run, endpoints, f"scaling {name} {group} to {count}", plan)

@@ -25,6 +25,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,6 +91,10 @@ def _start_time(pid: int) -> str | None:
     return None if fields[0] == "Z" else fields[19]
 
 
+class ExitedAtStart(DaemonError):
+    """The daemon stopped before it answered (its port taken in the meantime, bad settings)."""
+
+
 def _free_port(preferred: int) -> int:
     for port in (preferred, 0):
         with socket.socket() as s:
@@ -143,6 +148,8 @@ def _start(
     env: dict[str, str],
     url: str,
     healthy: Callable[[str], bool],
+    *,
+    listens: bool = False,  # `url` is its own listener: check that it is ours that answers
 ) -> str:
     log = record.parent / f"{name}.log"
     with open(log, "ab") as out:
@@ -163,12 +170,40 @@ def _start(
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-            raise DaemonError(f"{name} exited at start ({'; '.join(tail)}); see {log}")
-        if healthy(url):
+            raise ExitedAtStart(f"{name} exited at start ({'; '.join(tail)}); see {log}")
+        if healthy(url) and (not listens or _serves(proc.pid, url)):
             return url
         time.sleep(0.2)
     _stop(record)
     raise DaemonError(f"{name} did not answer within {START_TIMEOUT:.0f} s; see {log}")
+
+
+def _serves(session: int, url: str) -> bool:
+    """Whether a process of `session` (the daemon we started) listens on the url's port, and not
+    another crv home's daemon that took the port first (two `crv up` at once both find it
+    free; ours then fails to bind while the other one answers). Linux /proc; elsewhere: yes."""
+    port = urllib.parse.urlsplit(url).port
+    try:
+        table = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return True
+    inodes = {
+        f"socket:[{cols[9]}]"
+        for cols in (line.split() for line in table)
+        if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port  # 0A: LISTEN
+    }
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            if int(stat[stat.rindex(")") + 2 :].split()[3]) != session:  # field 6: session id
+                continue
+            if any(os.readlink(fd) in inodes for fd in (entry / "fd").iterdir()):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
 
 
 def _stop(record: Path) -> bool:
@@ -217,19 +252,32 @@ def up(home: Home, *, serve: bool = True) -> Endpoints:
     prefect = _running(_prefect_record(home), _prefect_healthy)
     pending: list[Callable[[], str]] = []
     if prefect is None:
-        port = _free_port(PREFECT_PORT)
-        argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
-        api_url = f"http://127.0.0.1:{port}/api"
-        start_prefect = functools.partial(
-            _start,
-            "prefect",
-            _prefect_record(home),
-            [*argv, "--port", str(port)],
-            # the UI asks the server where the API is: this port, not the default 4200
-            {**prefect_env(home), **PREFECT_SERVER_SETTINGS, "PREFECT_UI_API_URL": api_url},
-            api_url,
-            _prefect_healthy,
-        )
+
+        def start_prefect() -> str:
+            argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+            for preferred in (PREFECT_PORT, 0):  # 4200, or any port if another took it first
+                port = _free_port(preferred)
+                api_url = f"http://127.0.0.1:{port}/api"
+                try:
+                    return _start(
+                        "prefect",
+                        _prefect_record(home),
+                        [*argv, "--port", str(port)],
+                        # the UI asks the server where the API is: this port, not 4200
+                        {
+                            **prefect_env(home),
+                            **PREFECT_SERVER_SETTINGS,
+                            "PREFECT_UI_API_URL": api_url,
+                        },
+                        api_url,
+                        _prefect_healthy,
+                        listens=True,
+                    )
+                except ExitedAtStart:
+                    if preferred == 0:
+                        raise
+            raise AssertionError("unreachable")
+
         if serve:
             pending.append(lambda: _start_serving(home, start_prefect()))
         else:

@@ -17,16 +17,17 @@ import asyncio
 import base64
 import contextlib
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from crv import verify
-from crv.bundle import build
+from crv.bundle import Bundle, build
 from crv.client import AsyncService, ServiceError
 from crv.errors import CrvError
 from crv.plan import Plan
+from crv.store import DRAIN_STATES, LEAVING
 from pools.base import NodeSpec, Pool
 
 T = TypeVar("T")
@@ -208,13 +209,23 @@ class ClusterRun:
         self._node_updates: Batcher[dict[str, Any], None] | None = None
         self._tokens: Batcher[str, str] | None = None
         self._roles: Batcher[dict[str, Any], dict[str, Any]] | None = None
+        self._bundle: Bundle | None = None
 
     # -- set-up and tear-down of the run ----------------------------------------------------
 
-    async def start(self) -> None:
-        """Register the cluster and its nodes (idempotent), then follow its events."""
+    async def open(self) -> None:
+        """Register the cluster (idempotent: its appliance, recipes and counts), then follow its
+        events and start the batchers the steps share."""
+        await self.put_cluster()
+        await self.mirror.start()
+        self._node_updates = Batcher(self._send_nodes)
+        self._tokens = Batcher(self._send_tokens)
+        self._roles = Batcher(self._send_roles)
+
+    async def put_cluster(self) -> None:
         a = self.plan.appliance
-        bundle = build(a)
+        if self._bundle is None:
+            self._bundle = build(a)
         await self.service.put_cluster(
             self.cluster,
             {
@@ -223,25 +234,38 @@ class ClusterRun:
                 "pool": self.pool.name,
                 "parameters": dict(a.parameters),
                 "counts": self.counts,
-                "roles": bundle.roles,
-                "bundle": base64.b64encode(bundle.data).decode(),
+                "roles": self._bundle.roles,
+                "bundle": base64.b64encode(self._bundle.data).decode(),
             },
         )
-        nodes = [
+
+    async def register(self, plan: Plan, leaving: Iterable[Mapping[str, Any]] = ()) -> None:
+        """Record the nodes of `plan` (new ones as planned; a member that was leaving becomes a
+        member again) and mark `leaving` the nodes about to go: they stop feeding others."""
+        self.plan = plan
+        a = plan.appliance
+        nodes: list[dict[str, Any]] = [
             {
                 "name": n.name,
                 "group": n.group,
                 "roles": list(a.groups[n.group].roles),
                 "pool": self.pool.name,
+                **({"state": "provisioned"} if self.mirror.nodes.get(n.name) == LEAVING else {}),
             }
-            for n in self.plan.nodes.values()
+            for n in plan.nodes.values()
+        ]
+        nodes += [
+            {
+                "name": v["name"],
+                "group": v["group"],
+                "roles": list(v["roles"]),
+                "pool": v["pool"],
+                "state": LEAVING,
+            }
+            for v in leaving
         ]
         for i in range(0, len(nodes), BATCH_MAX):
             await self.service.put_nodes(self.cluster, nodes[i : i + BATCH_MAX])
-        await self.mirror.start()
-        self._node_updates = Batcher(self._send_nodes)
-        self._tokens = Batcher(self._send_tokens)
-        self._roles = Batcher(self._send_roles)
 
     async def close(self) -> None:
         self.mirror.close()
@@ -386,3 +410,29 @@ class ClusterRun:
                 raise err from None
         await self._roles.submit({"node": node, "role": role, "op": "verified"})
         self.mirror.roles.setdefault((node, role), {})["state"] = "verified"
+
+    async def drain(self, node: str, roles: Iterable[str]) -> str | None:
+        """Run the drain recipe of each of `roles` on `node`, one after another (a node about
+        to be removed); None when all drained, else why not. A drain already done (a shrink
+        run again) is not run twice."""
+        assert self._roles is not None
+        for role in roles:
+            result = await self._roles.submit({"node": node, "role": role, "op": "drain"})
+            if result["state"] == "drained":
+                continue
+            release, key = int(result["release"]), (node, role)
+            self.mirror.roles.setdefault(key, {}).update(state="draining", release=release)
+
+            def finished(key: tuple[str, str] = key, release: int = release) -> bool:
+                r = self.mirror.roles.get(key, {})
+                return r.get("release") == release and r.get("state") in DRAIN_STATES[1:]
+
+            try:
+                await self.mirror.wait(node, finished, self.timeouts.recipe, f"for {role}'s drain")
+            except StepError as e:
+                return str(e)
+            r = self.mirror.roles[key]
+            if r["state"] != "drained":
+                failed = RecipeFailed(node, role, r.get("exit_code"), r.get("output") or "")
+                return f"drain {str(failed).removeprefix('recipe ')}"
+        return None

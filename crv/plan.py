@@ -10,7 +10,7 @@ edges and order, which is what makes re-running a deploy converge instead of dup
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +77,7 @@ class Plan:
         }
 
 
-def _check_names(appliance: Appliance, cluster: str) -> None:
+def _check_names(appliance: Appliance, cluster: str, members: Mapping[str, Sequence[int]]) -> None:
     if not re.fullmatch(NAME_PATTERN, cluster):
         raise PlanError(
             "--name",
@@ -85,7 +85,8 @@ def _check_names(appliance: Appliance, cluster: str) -> None:
             f"not a valid cluster name: {NAME_RULE}",
         )
     for g in appliance.groups.values():
-        longest = node_name(cluster, g.name, max(g.count, g.scale_max, 1) - 1)
+        top = max(g.count, g.scale_max, 1) - 1
+        longest = node_name(cluster, g.name, max([top, *members.get(g.name, ())]))
         if len(longest) > 63:
             raise PlanError(
                 g.source,
@@ -128,9 +129,24 @@ def _estimate(appliance: Appliance, roles: tuple[str, ...], kind: str) -> float:
     return max(given) if given else DEFAULT_ESTIMATES[kind]
 
 
-def expand(appliance: Appliance, cluster: str | None = None) -> Plan:
+def expand(
+    appliance: Appliance,
+    cluster: str | None = None,
+    members: Mapping[str, Sequence[int]] | None = None,
+) -> Plan:
+    """The plan of `appliance` as `cluster`. A group's nodes are indices 0..count-1, or the
+    indices `members` gives for it (a resized cluster: the nodes it keeps and the new ones)."""
     cluster = cluster or appliance.name
-    _check_names(appliance, cluster)
+    members = members or {}
+    for name, indices in members.items():
+        group = appliance.groups.get(name)
+        if group is None:
+            raise PlanError("members", name, "unknown node group")
+        if len(set(indices)) != group.count or min(indices, default=0) < 0:
+            raise PlanError(
+                "members", name, f"{sorted(indices)}: not {group.count} distinct node indices"
+            )
+    _check_names(appliance, cluster, members)
     _check_size(appliance)
 
     steps: list[tuple[str, dict[str, Any]]] = []
@@ -150,7 +166,7 @@ def expand(appliance: Appliance, cluster: str | None = None) -> Plan:
             )
             for r in g.roles
         ]
-        for i in range(g.count):
+        for i in sorted(members[g.name]) if g.name in members else range(g.count):
             n = node_name(cluster, g.name, i)
             nodes[n] = PlanNode(n, g.name, i)
             p, c = step_id(n, "provision"), step_id(n, "certify")
@@ -209,3 +225,38 @@ def _critical_path(graph: nx.DiGraph[str]) -> tuple[tuple[str, ...], float]:
         path.append(last)
         last = via[last]
     return tuple(reversed(path)), total
+
+
+@dataclass(frozen=True)
+class Members:
+    """Which nodes a cluster keeps, gains and loses when it is brought to an appliance's counts:
+    per group the indices of its nodes after the change, and the nodes to remove."""
+
+    indices: Mapping[str, tuple[int, ...]]
+    victims: tuple[str, ...]  # newest (highest index) first, in group order
+
+
+def members(appliance: Appliance, cluster: str, existing: Iterable[tuple[str, str]]) -> Members:
+    """From the cluster's recorded nodes (name, group): each group keeps its oldest nodes up to
+    its count and fills the lowest free indices; the rest of its nodes, and every node of a
+    group the appliance no longer has, are victims, newest first."""
+    have: dict[str, list[int]] = {}
+    strays: list[str] = []
+    for name, group in existing:
+        prefix = f"{cluster}-{group}-"
+        tail = name[len(prefix) :] if name.startswith(prefix) else ""
+        if group in appliance.groups and tail.isdigit():
+            have.setdefault(group, []).append(int(tail))
+        else:
+            strays.append(name)
+    indices: dict[str, tuple[int, ...]] = {}
+    victims: list[str] = []
+    for g in appliance.groups.values():
+        mine = sorted(have.get(g.name, ()))
+        keep = mine[: g.count]
+        taken = set(mine)
+        free = (i for i in range(g.count + len(mine)) if i not in taken)
+        keep += [next(free) for _ in range(g.count - len(keep))]
+        indices[g.name] = tuple(sorted(keep))
+        victims += [node_name(cluster, g.name, i) for i in reversed(mine[g.count :])]
+    return Members(indices, (*victims, *sorted(strays, reverse=True)))

@@ -232,6 +232,8 @@ class Role(_Model):
     """A CloudCRV RoleDef: a recipe run on the node, the attributes it publishes, its checks."""
 
     recipe: Annotated[str, Field(min_length=1, max_length=1024)]
+    # run on a node before a shrink removes it (stop taking work, hand it over); optional
+    drain: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
     description: Text = ""
     depends_on: list[DependencyEntry] = Field(default_factory=list, max_length=64)
     publishes: list[AttributeName] = Field(default_factory=list, max_length=64)
@@ -253,6 +255,8 @@ class ApplianceSpec(_Model):
     api_version: Literal["crv/v1"] = Field(alias="apiVersion")
     name: Name
     description: Text = ""
+    # a deploy or resize that fails: keep what it made (run it again to resume), or roll back
+    on_failure: Literal["keep", "rollback"] = "keep"
     parameters: dict[Name, Parameter] = Field(default_factory=dict, max_length=256)
     include: list[Include] = Field(default_factory=list, max_length=32)
     nodes: dict[Name, NodeGroup] = Field(default_factory=dict, max_length=256)

@@ -40,7 +40,7 @@ clusters = sa.Table(
     sa.Column("pool", sa.String(63), nullable=False),
     sa.Column("parameters", sa.JSON, nullable=False),
     sa.Column("counts", sa.JSON),  # group -> node count chosen by a resize (none: the appliance's)
-    sa.Column("roles", sa.JSON, nullable=False),  # role -> {recipe, appdir, env, depends_on}
+    sa.Column("roles", sa.JSON, nullable=False),  # role -> {recipe, drain, appdir, env, depends_on}
     sa.Column("bundle", sa.LargeBinary, nullable=False),
     sa.Column("bundle_digest", sa.String(64), nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
@@ -116,7 +116,12 @@ events = sa.Table(
 )
 
 # Role states: pending -> released -> running -> done | failed; done -> verified | verify_failed.
-ROLE_STATES = ("pending", "released", "running", "done", "failed", "verified", "verify_failed")
+# Before a shrink removes a node: draining -> drained | drain_failed (the role's drain recipe).
+ROLE_STATES = (
+    "pending", "released", "running", "done", "failed", "verified", "verify_failed",
+    "draining", "drained", "drain_failed",
+)  # fmt: skip
+DRAIN_STATES = ("draining", "drained", "drain_failed")
 MAX_KEYS_PER_ROLE = 256
 OUTPUT_TAIL = 4096
 LEAVING = "leaving"  # node state during a shrink: it still runs, but no longer feeds anyone
@@ -346,6 +351,12 @@ class Store:
                         address, generation = item["address"], row.generation + 1
                         changed.add(name)
                     wanted = item.get("state")
+                    if (
+                        row.state == LEAVING
+                        and wanted == "provisioned"
+                        and self._has_cert(c, cluster, name)
+                    ):
+                        wanted = "enrolled"  # a member again (a rollback, or a resize undone)
                     # an enrolled node stays enrolled when the flow reports it provisioned again
                     if (
                         wanted
@@ -417,6 +428,20 @@ class Store:
             if new_roles:
                 c.execute(role_states.insert(), new_roles)
         return changed
+
+    @staticmethod
+    def _has_cert(c: Connection, cluster: str, name: str) -> bool:
+        """The node enrolled and its certificate still stands."""
+        return (
+            c.execute(
+                sa.select(certificates.c.serial).where(
+                    certificates.c.cluster == cluster,
+                    certificates.c.node == name,
+                    certificates.c.revoked_at.is_(None),
+                )
+            ).first()
+            is not None
+        )
 
     def node_names(self, cluster: str) -> list[str]:
         with self.engine.connect() as c:
@@ -605,14 +630,16 @@ class Store:
         roles = []
         for role in node.roles:
             spec, st = cl.roles[role], states.get(role)
+            draining = st is not None and st.state in DRAIN_STATES and spec.get("drain")
             roles.append(
                 {
                     "role": role,
                     "release": st.release if st else 0,
                     "state": st.state if st else "pending",
-                    "recipe": spec["recipe"],
+                    # a drain is a release like any other whose recipe is the drain recipe
+                    "recipe": spec["drain"] if draining else spec["recipe"],
                     "appdir": spec["appdir"],
-                    "env": spec["env"],
+                    "env": {**spec["env"], "CRV_ACTION": "drain"} if draining else spec["env"],
                 }
             )
         return {
@@ -681,6 +708,23 @@ class Store:
                         .values(generation=nodes.c.generation + 1)
                     )
                     woken.add(node)
+                elif op == "drain":
+                    if not cl.roles[role].get("drain"):
+                        raise StoreError(409, f"role {role!r} has no drain recipe")
+                    if row.state in ("draining", "drained"):  # asked again (a resumed shrink)
+                        results.append(
+                            {"node": node, "role": role, "release": row.release,
+                             "state": row.state, "released": False}
+                        )  # fmt: skip
+                        continue
+                    release, state = row.release + 1, "draining"
+                    extra = {"exit_code": None}
+                    c.execute(
+                        nodes.update()
+                        .where(nodes.c.cluster == cluster, nodes.c.name == node)
+                        .values(generation=nodes.c.generation + 1)
+                    )
+                    woken.add(node)
                 elif op == "verified":
                     state = "verified"
                 elif op == "verify_failed":
@@ -706,7 +750,7 @@ class Store:
                     self._event(c, cluster, node, role, "verified", state=state, output=message)
                 results.append(
                     {"node": node, "role": role, "release": release, "state": state,
-                     "released": state == "released"}
+                     "released": state in ("released", "draining")}
                 )  # fmt: skip
             return results, woken
 
@@ -756,7 +800,7 @@ class Store:
     ) -> None:
         with self.engine.begin() as c:
             row = c.execute(
-                sa.select(role_states.c.release).where(
+                sa.select(role_states.c.release, role_states.c.state).where(
                     role_states.c.cluster == cluster,
                     role_states.c.node == node,
                     role_states.c.role == role,
@@ -766,6 +810,8 @@ class Store:
                 raise StoreError(403, f"{node} does not host role {role!r}")
             if row.release != release or release == 0:
                 raise StoreError(409, f"{node}/{role}: release {release} is not current")
+            if row.state in DRAIN_STATES:  # the agent ran this release's drain recipe
+                state = {"running": "draining", "done": "drained"}.get(state, "drain_failed")
             tail = output[-OUTPUT_TAIL:]
             c.execute(
                 role_states.update()

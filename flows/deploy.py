@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable
-from typing import Annotated, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -24,18 +24,20 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from crv import daemons, events
-from crv.appliance import load_appliance, locate, with_counts
-from crv.client import AsyncService, ServiceError
+from crv.appliance import Appliance, load_appliance, load_recorded, locate, with_counts
+from crv.client import AsyncService, Service, ServiceError
 from crv.deploy import ClusterRun, Timeouts
 from crv.errors import CrvError
 from crv.executor import DagRun, StepResult, stages
 from crv.home import Home
 from crv.locks import cluster_change
 from crv.pki import CertificateAuthority
-from crv.plan import Plan, expand
+from crv.plan import Plan, expand, members
 from crv.retry import RetryPolicy
+from crv.store import LEAVING, natural_key
+from crv.teardown import teardown
 from pools import get_pool
-from tasks.stages import BY_KIND
+from tasks.stages import BY_KIND, drain
 
 # In-process observers (the CLI's progress bar); a flow started from the UI has none.
 PROGRESS_LISTENERS: list[Callable[[DagRun], None]] = []
@@ -51,6 +53,13 @@ WAIT = Field(
     ge=0,
     description="Seconds to wait while another change of this cluster runs (empty: as long as "
     "it takes; 0: refuse at once)",
+)
+
+
+OnFailure = Literal["keep", "rollback"]
+ON_FAILURE = Field(
+    description="When the change fails: keep what it made (run it again to resume) or roll "
+    "back what it added (empty: the appliance's on_failure, else keep)",
 )
 
 
@@ -95,6 +104,7 @@ async def deploy_appliance(
         Field(description="Node count per group (default: a resized cluster keeps its counts)"),
     ] = None,
     wait: Annotated[float | None, WAIT] = None,
+    on_failure: Annotated[OnFailure | None, ON_FAILURE] = None,
 ) -> dict[str, Any]:
     for listener in STARTED_LISTENERS:
         listener(str(flow_run.id))
@@ -109,14 +119,26 @@ async def deploy_appliance(
                 counts = dict(await _recorded_counts(service, cluster, loaded.name))
             finally:
                 await service.close()
-        plan = expand(with_counts(loaded, counts), cluster)
-        return await converge(
-            plan,
+        result = await converge(
+            loaded,
+            cluster,
             pool,
             counts=counts,
+            on_failure=on_failure,
             timeouts=Timeouts(boot=boot_timeout, recipe=recipe_timeout),
             retries=retries,
         )
+    raise_if_kept(result)
+    return result
+
+
+def raise_if_kept(result: dict[str, Any]) -> None:
+    """A node whose drain failed was kept: the change is not what was asked; say so."""
+    if result["kept"]:
+        node, why = next(iter(result["kept"].items()))
+        more = f" (and {len(result['kept']) - 1} more)" if len(result["kept"]) > 1 else ""
+        counts = ", ".join(f"{g}={n}" for g, n in sorted(result["counts"].items()))
+        raise DeployFailed(f"{node} was kept{more}: its {why}; the cluster now has {counts}")
 
 
 def running_service() -> tuple[Home, daemons.Endpoints]:
@@ -138,65 +160,233 @@ async def _recorded_counts(service: AsyncService, cluster: str, appliance: str) 
 
 
 async def converge(
-    plan: Plan,
+    loaded: Appliance,
+    cluster: str,
     pool: str,
     *,
     counts: dict[str, int],
+    on_failure: str | None,
     timeouts: Timeouts,
     retries: int,
 ) -> dict[str, Any]:
-    """Bring the cluster to `plan`: every step along the DAG, skipping what is already done
-    (deploy, resume and resize all come here). Completed only when every verify passed."""
-    logger = get_run_logger()
+    """Bring `cluster` to `loaded` with `counts` (deploy, resume and resize all come here):
+    every step along the DAG, skipping what is already done; nodes beyond the counts are
+    drained, let go by their dependents, then removed. Completed only when every verify passed.
+
+    On failure, `on_failure` (default: the appliance's) says what stays: `keep` leaves
+    everything for a run again to resume from; `rollback` removes what this run added and
+    converges the cluster back to what was recorded before it (or removes it, if it is new)."""
     home, endpoints = running_service()
-    pool_driver = get_pool(pool, home.pool_dir(pool))
-    ca = CertificateAuthority.create_or_load(home.ca_dir)
     service = AsyncService(home, endpoints.service_url)
-    run = ClusterRun(
-        plan,
-        pool_driver,
-        service,
-        service_url=endpoints.service_url,
-        ca_pem=ca.certificate_pem.decode(),
-        ca_sha256=ca.fingerprint_sha256,
-        ca_file=str(home.ca_file),
-        timeouts=timeouts,
-        counts=counts,
-    )
-    dag = DagRun(plan, RetryPolicy(retries=retries))
-    logger.info(
-        "cluster %s: %d nodes, %d steps, critical path %.1f s",
-        plan.cluster,
-        len(plan.nodes),
-        dag.total,
-        plan.critical_seconds,
-    )
-    emit_cluster = functools.partial(events.cluster_event, plan.cluster, plan.appliance.name, pool)
-    emit_cluster("deploying", nodes=len(plan.nodes), steps=dag.total)
-    dag.step_listeners.append(_node_milestones(plan, pool))
-    started = time.monotonic()
     try:
-        await run.start()
-        status = await _run_stages(plan, dag, run)
+        before = await _status(service, cluster)
+        appliance = with_counts(loaded, counts)
+        existing = [(n["name"], n["group"]) for n in before["nodes"]] if before else []
+        target = members(appliance, cluster, existing)
+        change = _Change(home, endpoints, service, cluster, pool, timeouts, retries)
+        try:
+            return await change.run(loaded, counts, target.indices, drain=True)
+        except DeployFailed as e:
+            if (on_failure or loaded.on_failure) != "rollback":
+                raise
+            undone = await change.roll_back(before)
+            raise DeployFailed(f"{e}; rolled back: {undone}") from None
     finally:
-        await run.close()
         await service.close()
-    elapsed = time.monotonic() - started
-    await publish_summary(plan.cluster, status)
-    counted = dag.counts()
-    if counted.get("ok", 0) != dag.total:
-        message = failure_message(dag)
-        emit_cluster("failed", error=message, seconds=round(elapsed, 3))
-        raise DeployFailed(message)
-    emit_cluster("ready", nodes=len(plan.nodes), seconds=round(elapsed, 3))
-    logger.info("cluster %s verified in %.1f s", plan.cluster, elapsed)
-    return {
-        "cluster": plan.cluster,
-        "nodes": len(plan.nodes),
-        "steps": dag.total,
-        "seconds": round(elapsed, 3),
-        "critical_path_seconds": plan.critical_seconds,
+
+
+async def _status(service: AsyncService, cluster: str) -> dict[str, Any] | None:
+    try:
+        return await service.status(cluster)
+    except ServiceError as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+class _Change:
+    """One converge of a cluster: its pool, CA, service connection and options."""
+
+    def __init__(
+        self,
+        home: Home,
+        endpoints: daemons.Endpoints,
+        service: AsyncService,
+        cluster: str,
+        pool: str,
+        timeouts: Timeouts,
+        retries: int,
+    ) -> None:
+        self.home, self.endpoints, self.service = home, endpoints, service
+        self.cluster, self.pool = cluster, pool
+        self.timeouts, self.retries = timeouts, retries
+        self.logger = get_run_logger()
+
+    async def run(
+        self,
+        loaded: Appliance,
+        counts: dict[str, int],
+        indices: Mapping[str, Sequence[int]],
+        *,
+        drain: bool,
+    ) -> dict[str, Any]:
+        counts = dict(counts)
+        plan = expand(with_counts(loaded, counts), self.cluster, indices)
+        ca = CertificateAuthority.create_or_load(self.home.ca_dir)
+        run = ClusterRun(
+            plan,
+            get_pool(self.pool, self.home.pool_dir(self.pool)),
+            self.service,
+            service_url=self.endpoints.service_url,
+            ca_pem=ca.certificate_pem.decode(),
+            ca_sha256=ca.fingerprint_sha256,
+            ca_file=str(self.home.ca_file),
+            timeouts=self.timeouts,
+            counts=counts,
+        )
+        emit_cluster = functools.partial(
+            events.cluster_event, self.cluster, plan.appliance.name, self.pool
+        )
+        started = time.monotonic()
+        kept: dict[str, str] = {}
+        try:
+            await run.open()
+            victims = sorted(
+                (n for n in (await self.service.status(self.cluster))["nodes"]
+                 if n["name"] not in plan.nodes),
+                key=lambda n: natural_key(n["name"]),
+                reverse=True,  # newest first
+            )  # fmt: skip
+            if drain and victims:
+                kept = await drain_nodes(run, victims)
+            if kept:  # a node whose drain failed stays a member; its group keeps one more
+                grown = {g: list(ix) for g, ix in plan_indices(plan).items()}
+                for v in victims:
+                    if v["name"] in kept:
+                        grown[v["group"]].append(_index(v["name"]))
+                counts.update({g: len(grown[g]) for g in {v["group"] for v in victims}})
+                plan = expand(with_counts(loaded, counts), self.cluster, grown)
+                run.counts = counts
+                await run.put_cluster()
+            victims = [v for v in victims if v["name"] not in kept]
+            await run.register(plan, leaving=victims)
+            dag = DagRun(plan, RetryPolicy(retries=self.retries))
+            self.logger.info(
+                "cluster %s: %d nodes, %d steps, critical path %.1f s%s",
+                self.cluster,
+                len(plan.nodes),
+                dag.total,
+                plan.critical_seconds,
+                f"; removing {', '.join(v['name'] for v in victims)}" if victims else "",
+            )
+            emit_cluster("deploying", nodes=len(plan.nodes), steps=dag.total)
+            dag.step_listeners.append(_node_milestones(plan, self.pool))
+            status = await _run_stages(plan, dag, run)
+        finally:
+            await run.close()
+        elapsed = time.monotonic() - started
+        if dag.counts().get("ok", 0) != dag.total:
+            await publish_summary(self.cluster, status)
+            message = failure_message(dag)
+            emit_cluster("failed", error=message, seconds=round(elapsed, 3))
+            raise DeployFailed(message)  # the victims stay, leaving: a run again removes them
+        revoked = await remove_nodes(self.service, self.home, self.cluster, victims)
+        for v in victims:
+            events.node_event(self.cluster, plan.appliance.name, v["pool"], v["name"], "destroyed")
+        if victims:
+            status = await self.service.status(self.cluster)
+        await publish_summary(self.cluster, status)
+        elapsed = time.monotonic() - started
+        emit_cluster("ready", nodes=len(plan.nodes), seconds=round(elapsed, 3))
+        self.logger.info("cluster %s verified in %.1f s", self.cluster, elapsed)
+        return {
+            "cluster": self.cluster,
+            "nodes": len(plan.nodes),
+            "steps": dag.total,
+            "seconds": round(elapsed, 3),
+            "critical_path_seconds": plan.critical_seconds,
+            "counts": counts,
+            "removed": [v["name"] for v in victims],
+            "revoked": revoked,
+            "kept": kept,
+        }
+
+    async def roll_back(self, before: dict[str, Any] | None) -> str:
+        """Undo a failed run: a cluster that did not exist goes entirely; otherwise the nodes
+        this run added go and the cluster converges back to the appliance, parameters and
+        counts recorded before the run (the dependents let the added nodes go first)."""
+        self.logger.warning("cluster %s: rolling back", self.cluster)
+        if before is None:
+            pool = get_pool(self.pool, self.home.pool_dir(self.pool))
+            sync = Service(self.home, self.endpoints.service_url)
+            gone = await asyncio.to_thread(teardown, self.cluster, pool, sync)
+            what = f"removed the new cluster ({gone.destroyed} nodes, {gone.revoked} certificates)"
+            events.cluster_event(self.cluster, gone.appliance, self.pool, "rolled-back", to="none")
+        else:
+            counts = dict(before.get("counts") or {})
+            loaded = load_recorded(before["source"], before["parameters"] or {}, counts)
+            existing = [(n["name"], n["group"]) for n in before["nodes"]]
+            indices = members(with_counts(loaded, counts), self.cluster, existing).indices
+            try:
+                result = await self.run(loaded, counts, indices, drain=False)
+            except DeployFailed as e:
+                raise DeployFailed(f"the rollback failed too: {e}") from None
+            what = f"removed {len(result['removed'])} nodes this run added" + (
+                f" ({', '.join(result['removed'])})" if result["removed"] else ""
+            )
+            events.cluster_event(
+                self.cluster, before["appliance"], self.pool, "rolled-back",
+                to="previous", removed=result["removed"],
+            )  # fmt: skip
+        self.logger.warning("cluster %s: %s", self.cluster, what)
+        return what
+
+
+def plan_indices(plan: Plan) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {g: [] for g in plan.appliance.groups}
+    for n in plan.nodes.values():
+        out[n.group].append(n.index)
+    return out
+
+
+def _index(node: str) -> int:
+    tail = node.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+async def drain_nodes(run: ClusterRun, victims: list[dict[str, Any]]) -> dict[str, str]:
+    """Run the drain recipes of the victims that have a running agent and roles that ran, all
+    victims at once; the nodes whose drain failed, and why (they are kept)."""
+    appliance = run.plan.appliance
+    todo = {
+        v["name"]: [
+            role
+            for role, r in v["roles"].items()
+            if role in appliance.roles
+            and appliance.roles[role].drain is not None
+            and r["state"] not in ("pending", "released", "running", "failed", "drained")
+        ]
+        for v in victims
+        if v["state"] in ("enrolled", LEAVING) and v["group"] in appliance.groups
     }
+    todo = {node: roles for node, roles in todo.items() if roles}
+    if not todo:
+        return {}
+    return await drain(run, todo)
+
+
+async def remove_nodes(
+    service: AsyncService, home: Home, cluster: str, victims: list[dict[str, Any]]
+) -> int:
+    """Destroy the victims in their pools, then forget them (which revokes their certificates
+    and purges their attributes). In that order: a node is never gone from crv's records while
+    its pool still holds it."""
+    revoked = 0
+    for v in victims:
+        driver = get_pool(v["pool"], home.pool_dir(v["pool"]))
+        await asyncio.to_thread(driver.destroy_node, v["name"])
+        revoked += len(await service.delete_node(cluster, v["name"]))
+    return revoked
 
 
 def _node_milestones(plan: Plan, pool: str) -> Callable[[str, StepResult], None]:

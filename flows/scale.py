@@ -5,15 +5,16 @@ certify -> contextualize -> verify, the nodes already verified are left alone, a
 reads the group (the web farm's load balancer) runs again because what it reads changed — the
 service compares a digest of each role's inputs (`refresh`), so only those dependents run.
 
-Shrinking takes the newest nodes (highest index) as victims. It marks them `leaving` (they keep
-running, but the service leaves them out of every read), converges the cluster onto the
-smaller plan (the dependents run again without them), then destroys the victims in the pool
-and revokes their certificates. A victim goes only after its dependents have let it go.
+Shrinking takes the newest nodes (highest index) as victims and runs their roles' `drain`
+recipes first (a node whose drain fails is kept and reported, and the group keeps it). Then it
+marks the victims `leaving` (they keep running, but the service leaves them out of every read),
+converges the cluster onto the smaller plan (the dependents run again without them), and only
+then destroys the victims in the pool and revokes their certificates. The machinery is
+flows.deploy.converge, the same as a deploy's: this flow picks the counts and reports.
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
@@ -23,12 +24,16 @@ from crv import events
 from crv.appliance import load_recorded
 from crv.client import AsyncService, ServiceError
 from crv.deploy import Timeouts
-from crv.home import Home
 from crv.locks import cluster_change
-from crv.plan import expand
-from crv.store import LEAVING
-from flows.deploy import WAIT, DeployFailed, converge, publish_summary, running_service
-from pools import get_pool
+from flows.deploy import (
+    ON_FAILURE,
+    WAIT,
+    DeployFailed,
+    OnFailure,
+    converge,
+    raise_if_kept,
+    running_service,
+)
 
 
 @flow(name="scale-role", persist_result=False, log_prints=True)
@@ -40,115 +45,45 @@ async def scale_role(
     recipe_timeout: Annotated[float, Field(gt=0, le=86400)] = 1800.0,
     retries: Annotated[int, Field(ge=0, le=10)] = 2,
     wait: Annotated[float | None, WAIT] = None,
+    on_failure: Annotated[OnFailure | None, ON_FAILURE] = None,
 ) -> dict[str, Any]:
     logger = get_run_logger()
     home, endpoints = running_service()
-    service = AsyncService(home, endpoints.service_url)
     async with cluster_change(name, wait=wait):
-        timeouts = Timeouts(boot=boot_timeout, recipe=recipe_timeout)
-        return await _scale(logger, home, service, name, group, count, timeouts, retries)
-
-
-async def _scale(
-    logger: Any,
-    home: Home,
-    service: AsyncService,
-    name: str,
-    group: str,
-    count: int,
-    timeouts: Timeouts,
-    retries: int,
-) -> dict[str, Any]:
-    try:
+        service = AsyncService(home, endpoints.service_url)
         try:
             status = await service.status(name)
         except ServiceError as e:
             if e.status == 404:
                 raise DeployFailed(f"no cluster {name!r}") from None
             raise
+        finally:
+            await service.close()
         counts = {**(status.get("counts") or {}), group: count}
-        plan = expand(load_recorded(status["source"], status["parameters"] or {}, counts), name)
-        wanted = set(plan.nodes)
-        members = [n for n in status["nodes"] if n["group"] == group]
-        victims = sorted(
-            (n for n in members if n["name"] not in wanted),
-            key=lambda n: _index(n["name"]),
-            reverse=True,  # newest first
-        )
-        pool = status["pool"]
-        before = len(members)
-        logger.info(
-            "cluster %s: group %s from %d to %d nodes%s",
-            name,
-            group,
-            before,
-            count,
-            f" (victims: {', '.join(v['name'] for v in victims)})" if victims else "",
-        )
-        if victims:  # they stop feeding their dependents before these run again
-            await service.put_nodes(
-                name,
-                [
-                    {
-                        "name": v["name"],
-                        "group": group,
-                        "roles": list(v["roles"]),
-                        "pool": v["pool"],
-                        "state": LEAVING,
-                    }
-                    for v in victims
-                ],
-            )
+        loaded = load_recorded(status["source"], status["parameters"] or {}, counts)
+        before = sum(1 for n in status["nodes"] if n["group"] == group)
+        logger.info("cluster %s: group %s from %d to %d nodes", name, group, before, count)
         result = await converge(
-            plan,
-            pool,
+            loaded,
+            name,
+            status["pool"],
             counts=counts,
-            timeouts=timeouts,
+            on_failure=on_failure,
+            timeouts=Timeouts(boot=boot_timeout, recipe=recipe_timeout),
             retries=retries,
         )
-        revoked = await _remove(service, home, name, victims)
-        for v in victims:
-            events.node_event(name, status["appliance"], pool, v["name"], "destroyed")
+        after = result["counts"].get(group, count)
         events.cluster_event(
-            name, status["appliance"], pool, "scaled",
-            group=group, before=before, after=count, removed=[v["name"] for v in victims],
+            name, status["appliance"], status["pool"], "scaled",
+            group=group, before=before, after=after, removed=result["removed"],
         )  # fmt: skip
-        if victims:
-            await publish_summary(name, await service.status(name))
-    finally:
-        await service.close()
     logger.info(
-        "cluster %s: group %s now has %d nodes (%d added, %d removed, %d certificates revoked)",
+        "cluster %s: group %s now has %d nodes (%d removed, %d certificates revoked)",
         name,
         group,
-        count,
-        max(0, count - before),
-        len(victims),
-        revoked,
+        after,
+        len(result["removed"]),
+        result["revoked"],
     )
-    return {
-        **result,
-        "group": group,
-        "before": before,
-        "after": count,
-        "removed": [v["name"] for v in victims],
-    }
-
-
-def _index(node: str) -> int:
-    tail = node.rsplit("-", 1)[-1]
-    return int(tail) if tail.isdigit() else -1
-
-
-async def _remove(
-    service: AsyncService, home: Home, cluster: str, victims: list[dict[str, Any]]
-) -> int:
-    """Destroy the victims in their pools, then forget them (which revokes their certificates
-    and purges their attributes)."""
-    revoked = 0
-    loop = asyncio.get_running_loop()
-    for v in victims:
-        driver = get_pool(v["pool"], home.pool_dir(v["pool"]))
-        await loop.run_in_executor(None, driver.destroy_node, v["name"])
-        revoked += len(await service.delete_node(cluster, v["name"]))
-    return revoked
+    raise_if_kept(result)
+    return {**result, "group": group, "before": before, "after": after}

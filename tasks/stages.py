@@ -4,9 +4,10 @@ run per node). A stage's task run fails when any of its nodes failed, naming the
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from crv.deploy import ClusterRun
@@ -41,3 +42,18 @@ BY_KIND = {
     "contextualize": contextualize,
     "verify": verify,
 }
+
+
+@task(name="drain", cache_policy=NO_CACHE, retries=0, persist_result=False)
+async def drain(run: ClusterRun, todo: dict[str, list[str]]) -> dict[str, str]:
+    """Drain the nodes a shrink removes, all at once; the nodes whose drain failed, and why
+    (they are kept). Node output stays in the store, not in the task's result."""
+    logger = get_run_logger()
+    results = await asyncio.gather(*(run.drain(node, roles) for node, roles in todo.items()))
+    kept = {node: why for node, why in zip(todo, results, strict=True) if why is not None}
+    for node in todo:
+        if node in kept:
+            logger.warning("%s is kept: %s", node, kept[node])
+        else:
+            logger.info("%s drained (%s)", node, ", ".join(todo[node]))
+    return kept

@@ -59,11 +59,16 @@ def answers(lb_url: str, n: int) -> set[str]:
     return seen
 
 
+def service_status(crv: Crv, cluster: str) -> dict:
+    """The service's admin status of a cluster (more than `crv status --json` shows: counts)."""
+    home = Home(crv.home)
+    return dict(Service(home, daemons.running(home).service_url).status(cluster))
+
+
 def releases(crv: Crv) -> dict[str, int]:
     """Each node's release of its role, from the service's admin status (a new release = the
     recipe ran again)."""
-    home = Home(crv.home)
-    status = Service(home, daemons.running(home).service_url).status("elastic")
+    status = service_status(crv, "elastic")
     return {n["name"]: next(iter(n["roles"].values()))["release"] for n in status["nodes"]}
 
 
@@ -224,3 +229,156 @@ def test_scale_refuses_bad_input_before_anything(
     assert message in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert crv.node_processes() == before
+
+
+# Workers publish their name; the head reads them all (it re-runs when the set changes). A
+# worker's drain writes where it ran to a shared log; it fails on a node whose flag file exists.
+DRAINY = """\
+apiVersion: crv/v1
+name: drainy
+parameters:
+  flags: {type: string, default: /nonexistent, max_length: 1024}
+nodes:
+  head: {count: 1, roles: [head]}
+  worker: {count: 3, roles: [work], scale: {min: 1, max: 6}}
+roles:
+  work: {recipe: work.sh, drain: drain.sh, publishes: [id]}
+  head: {recipe: head.sh, depends_on: [work]}
+"""
+WORK = """#!/bin/sh
+set -eu
+if [ -e "$CRV_PARAM_FLAGS/fail-$CRV_NODE" ]; then echo "cannot start work" >&2; exit 4; fi
+crv-agent set id "$CRV_NODE"
+"""
+DRAIN = """#!/bin/sh
+echo "$CRV_NODE $CRV_ACTION" >> "$CRV_PARAM_FLAGS/drained.log"
+if [ -e "$CRV_PARAM_FLAGS/nodrain-$CRV_NODE" ]; then echo "jobs still running" >&2; exit 3; fi
+"""
+HEAD = """#!/bin/sh
+set -eu
+crv-agent list work id | sort > "$CRV_PARAM_FLAGS/head-view.txt"
+"""
+
+
+def drainy(tmp_path: Path) -> tuple[Path, Path]:
+    directory = write_appliance(tmp_path, "drainy", DRAINY, ("work.sh", "drain.sh", "head.sh"))
+    for name, text in (("work.sh", WORK), ("drain.sh", DRAIN), ("head.sh", HEAD)):
+        (directory / name).write_text(text)
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    return directory, flags
+
+
+def pool_nodes(crv: Crv, cluster: str) -> set[str]:
+    from pools import get_pool
+
+    return {n.name for n in get_pool("local", crv.home / "pools" / "local").list_nodes(cluster)}
+
+
+def crl_serials(crv: Crv) -> set[int]:
+    record = json.loads((crv.home / "service" / "daemon.json").read_text())
+    ca = ssl.create_default_context(cafile=str(crv.home / "ca" / "ca.crt"))
+    crl = x509.load_pem_x509_crl(httpx.get(f"{record['url']}/v1/crl", verify=ca).content)
+    return {entry.serial_number for entry in crl}
+
+
+def test_shrink_drains_victims_and_keeps_a_node_whose_drain_fails(crv: Crv, tmp_path: Path) -> None:
+    directory, flags = drainy(tmp_path)
+    r = crv("deploy", str(directory), "--name", "dr", "--set", f"flags={flags}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    workers = [f"dr-worker-{i}" for i in range(3)]
+    serials = {n: node_serial(crv, n) for n in workers}
+    (flags / "nodrain-dr-worker-1").touch()
+
+    r = crv("scale", "dr", "worker", "1")
+    assert r.returncode == 1, r.stdout + r.stderr
+    err = r.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: scale of dr failed: dr-worker-1 was kept: its drain of work ")
+    assert "exited 3: jobs still running; the cluster now has worker=2" in err
+    # both victims were drained at once, with CRV_ACTION=drain; only the one that drained
+    # went, after the head let it go
+    assert sorted((flags / "drained.log").read_text().splitlines()) == [
+        "dr-worker-1 drain",
+        "dr-worker-2 drain",
+    ]
+    status = service_status(crv, "dr")
+    assert status["ready"] and status["counts"] == {"worker": 2}
+    assert sorted(n["name"] for n in status["nodes"]) == ["dr-head-0", *workers[:2]]
+    assert pool_nodes(crv, "dr") == {"dr-head-0", *workers[:2]}
+    assert (flags / "head-view.txt").read_text().split() == workers[:2]
+    revoked = crl_serials(crv)
+    assert serials["dr-worker-2"] in revoked
+    assert serials["dr-worker-1"] not in revoked
+    # the kept node's role ran again after the failed drain: a full member, verified
+    kept = next(n for n in status["nodes"] if n["name"] == "dr-worker-1")
+    assert kept["roles"]["work"]["state"] == "verified"
+    assert kept["roles"]["work"]["release"] == 3  # deploy, drain, contextualized again
+
+    # the drain works now: the same shrink finishes (the kept node runs its drain again)
+    (flags / "nodrain-dr-worker-1").unlink()
+    r = crv("scale", "dr", "worker", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert pool_nodes(crv, "dr") == {"dr-head-0", "dr-worker-0"}
+    assert (flags / "head-view.txt").read_text().split() == ["dr-worker-0"]
+    assert serials["dr-worker-1"] in crl_serials(crv)
+    assert service_status(crv, "dr")["counts"] == {"worker": 1}
+    assert crv("destroy", "dr").returncode == 0
+
+
+def test_rollback_removes_what_the_run_added_and_keeps_what_was_there(
+    crv: Crv, tmp_path: Path
+) -> None:
+    directory, flags = drainy(tmp_path)
+    r = crv("deploy", str(directory), "--name", "rb", "--set", f"flags={flags}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    before = crv.status("rb")
+    processes = set(crv.node_processes())
+    serial0 = node_serial(crv, "rb-worker-0")
+
+    # grow 3 -> 5 where one new node cannot start: the run fails and is rolled back
+    (flags / "fail-rb-worker-4").touch()
+    r = crv("scale", "rb", "worker", "5", "--on-failure", "rollback", "--retries", "0")
+    assert r.returncode == 1, r.stdout + r.stderr
+    err = r.stderr.strip().splitlines()[-1]
+    assert "rb-worker-4:contextualize:work failed" in err
+    assert "rolled back: removed 2 nodes this run added (rb-worker-4, rb-worker-3)" in err
+    after = service_status(crv, "rb")
+    assert after["ready"] and after["counts"] == {}  # as recorded before: never resized
+    assert [n["name"] for n in after["nodes"]] == [n["name"] for n in before["nodes"]]
+    assert pool_nodes(crv, "rb") == {n["name"] for n in before["nodes"]}
+    assert (flags / "head-view.txt").read_text().split() == [f"rb-worker-{i}" for i in range(3)]
+    assert serial0 not in crl_serials(crv)  # what was there is kept, untouched
+    assert processes <= set(crv.node_processes())
+    assert not (flags / "drained.log").exists()  # nodes a rollback removes are not drained
+    assert crv("destroy", "rb").returncode == 0
+
+
+ROLLBACK = DRAINY.replace("name: drainy\n", "name: drainy\non_failure: rollback\n")
+
+
+def test_failed_first_deploy_with_rollback_leaves_nothing(crv: Crv, tmp_path: Path) -> None:
+    directory, flags = drainy(tmp_path)
+    (directory / "appliance.yaml").write_text(ROLLBACK)  # the appliance asks for rollback
+    (flags / "fail-fresh-worker-1").touch()
+    before = crv.node_processes()
+    r = crv("deploy", str(directory), "--name", "fresh", "--set", f"flags={flags}",
+            "--retries", "0")  # fmt: skip
+    assert r.returncode == 1, r.stdout + r.stderr
+    err = r.stderr.strip().splitlines()[-1]
+    assert "fresh-worker-1:contextualize:work failed" in err
+    assert "rolled back: removed the new cluster (4 nodes, 4 certificates)" in err
+    gone = crv("status", "fresh")
+    assert gone.returncode == 2 and "fresh" in gone.stderr  # no such cluster any more
+    assert pool_nodes(crv, "fresh") == set()
+    assert crv.node_processes() == before
+
+    # --on-failure keep overrides the appliance: what was made stays, and a run again resumes
+    r = crv("deploy", str(directory), "--name", "fresh", "--set", f"flags={flags}",
+            "--retries", "0", "--on-failure", "keep")  # fmt: skip
+    assert r.returncode == 1
+    assert "rolled back" not in r.stderr
+    assert len(pool_nodes(crv, "fresh")) == 4
+    (flags / "fail-fresh-worker-1").unlink()
+    r = crv("deploy", str(directory), "--name", "fresh", "--set", f"flags={flags}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert crv("destroy", "fresh").returncode == 0

@@ -77,6 +77,7 @@ class DependsOn(_Body):
 
 class RoleSpec(_Body):
     recipe: Annotated[str, Field(max_length=1024)]
+    drain: Annotated[str, Field(max_length=1024)] | None = None
     appdir: Annotated[str, Field(max_length=64)]
     env: dict[str, str] = {}
     depends_on: list[DependsOn] = []
@@ -113,7 +114,7 @@ class TokensRequest(_Body):
 class RoleUpdate(_Body):
     node: Name
     role: Name
-    op: Literal["release", "refresh", "verified", "verify_failed"]
+    op: Literal["release", "refresh", "verified", "verify_failed", "drain"]
     message: Annotated[str, Field(max_length=64 * 1024)] | None = None
 
 
