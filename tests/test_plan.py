@@ -311,3 +311,25 @@ def test_a_very_deep_dependency_chain_plans_without_recursion_limits(tmp_path: P
     assert len(data["critical_path"]["steps"]) == 2 + 2 * depth
     human = crv("plan", str(directory))
     assert human.exit_code == 0
+
+
+def test_members_keep_the_oldest_fill_the_lowest_free_and_give_victims_newest_first() -> None:
+    from crv.appliance import with_counts
+    from crv.plan import members
+
+    app = load_appliance(CATALOG / "webfarm")
+    existing = [("w-front-0", "front"), *((f"w-worker-{i}", "worker") for i in (0, 2, 5, 7))]
+    existing.append(("w-old-0", "old"))  # a group the appliance no longer has
+    shrunk = members(with_counts(app, {"worker": 2}), "w", existing)
+    assert shrunk.indices == {"front": (0,), "worker": (0, 2)}
+    assert shrunk.victims == ("w-worker-7", "w-worker-5", "w-old-0")
+    grown = members(with_counts(app, {"worker": 6}), "w", existing)
+    assert grown.indices["worker"] == (0, 1, 2, 3, 5, 7) and grown.victims == ("w-old-0",)
+    plan = expand(with_counts(app, {"worker": 6}), "w", grown.indices)
+    assert sorted(n for n in plan.nodes if "worker" in n) == [
+        f"w-worker-{i}" for i in (0, 1, 2, 3, 5, 7)
+    ]
+    assert "w-worker-7:verify:web" in plan.graph  # the lb waits for the kept node too
+    assert plan.graph.has_edge("w-worker-7:verify:web", "w-front-0:contextualize:lb")
+    with pytest.raises(Exception, match="not 6 distinct node indices"):
+        expand(with_counts(app, {"worker": 6}), "w", {"worker": (0, 1)})

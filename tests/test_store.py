@@ -148,3 +148,63 @@ def test_refresh_reruns_a_converged_role_only_when_its_inputs_changed(store: Sto
     again = refresh()
     assert again["released"] is True and again["release"] == first["release"] + 1
     assert store.get_attribute("c", "web", "url") == [("c-g-0", "http://c-g-0")]
+
+
+def test_a_drain_is_a_release_of_the_drain_recipe_and_its_outcome_is_drained(
+    store: Store,
+) -> None:
+    roles = {**ROLES, "web": {**ROLES["web"], "drain": "roles/web-drain.sh"}}
+    store.put_cluster(
+        "c", appliance="x", source="dir", pool="local", parameters={}, roles=roles, bundle=b"b"
+    )
+    store.put_nodes("c", [node("c-g-0", ["web", "mon"])])
+    (rel,), _ = store.update_roles("c", [{"node": "c-g-0", "role": "web", "op": "release"}])
+    store.report_status("c", "c-g-0", "web", release=rel["release"], state="done",
+                        exit_code=0, output="")  # fmt: skip
+    # a role without a drain recipe cannot be drained
+    with pytest.raises(store_module.StoreError, match="no drain recipe"):
+        store.update_roles("c", [{"node": "c-g-0", "role": "mon", "op": "drain"}])
+
+    gen = store.generation("c", "c-g-0")
+    (d,), woken = store.update_roles("c", [{"node": "c-g-0", "role": "web", "op": "drain"}])
+    assert d == {"node": "c-g-0", "role": "web", "release": rel["release"] + 1,
+                 "state": "draining", "released": True}  # fmt: skip
+    assert woken == {"c-g-0"} and store.generation("c", "c-g-0") == gen + 1
+    work = {r["role"]: r for r in store.work("c", "c-g-0")["roles"]}
+    assert work["web"]["recipe"] == "roles/web-drain.sh"
+    assert work["web"]["env"]["CRV_ACTION"] == "drain"
+    assert work["mon"]["recipe"] == "roles/mon.sh" and "CRV_ACTION" not in work["mon"]["env"]
+    # asked again while it runs (a resumed shrink): the same release, nothing new
+    (again,), _ = store.update_roles("c", [{"node": "c-g-0", "role": "web", "op": "drain"}])
+    assert again["release"] == d["release"] and again["released"] is False
+
+    # the agent reports as for any release; the store records what it was
+    for reported, recorded in (("running", "draining"), ("failed", "drain_failed")):
+        store.report_status("c", "c-g-0", "web", release=d["release"], state=reported,
+                            exit_code=None if reported == "running" else 3, output="busy")  # fmt: skip
+        assert store.status("c")["nodes"][0]["roles"]["web"]["state"] == recorded
+    # a failed drain can be tried again; this time it drains
+    (d2,), _ = store.update_roles("c", [{"node": "c-g-0", "role": "web", "op": "drain"}])
+    assert d2["release"] == d["release"] + 1
+    store.report_status("c", "c-g-0", "web", release=d2["release"], state="done",
+                        exit_code=0, output="")  # fmt: skip
+    assert store.status("c")["nodes"][0]["roles"]["web"]["state"] == "drained"
+    (done,), _ = store.update_roles("c", [{"node": "c-g-0", "role": "web", "op": "drain"}])
+    assert done["state"] == "drained" and done["released"] is False  # not run twice
+    # a drained role that is wanted again (the node is kept) runs its recipe again
+    (back,), _ = store.update_roles("c", [{"node": "c-g-0", "role": "web", "op": "refresh"}])
+    assert back["released"] is True
+    work = {r["role"]: r for r in store.work("c", "c-g-0")["roles"]}
+    assert work["web"]["recipe"] == "roles/web.sh" and "CRV_ACTION" not in work["web"]["env"]
+
+
+def test_a_leaving_node_that_is_wanted_again_is_enrolled_again_only_if_it_had_enrolled(
+    store: Store,
+) -> None:
+    store.put_nodes("c", [node(n, ["web"], state="provisioned") for n in ("c-g-0", "c-g-1")])
+    token = store.issue_tokens("c", ["c-g-0"], timedelta(minutes=5))["c-g-0"]
+    store.enrol("c", "c-g-0", token, lambda _: ("abc123", store_module.now() + timedelta(days=1)))
+    store.put_nodes("c", [node(n, ["web"], state="leaving") for n in ("c-g-0", "c-g-1")])
+    store.put_nodes("c", [node(n, ["web"], state="provisioned") for n in ("c-g-0", "c-g-1")])
+    states = {n["name"]: n["state"] for n in store.status("c")["nodes"]}
+    assert states == {"c-g-0": "enrolled", "c-g-1": "provisioned"}
