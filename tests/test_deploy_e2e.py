@@ -46,6 +46,14 @@ class Crv:
             timeout=timeout,
         )
 
+    def up(self) -> subprocess.CompletedProcess[str]:
+        """`crv up`; if it fails, stop what it did start, so that no daemon outlives the test."""
+        r = self("up", timeout=300)
+        if r.returncode != 0:
+            self("down")
+            pytest.fail(f"crv up failed: {r.stdout}{r.stderr}")
+        return r
+
     def popen(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
             [sys.executable, "-m", "crv", *args],
@@ -81,8 +89,7 @@ class Crv:
 @pytest.fixture(scope="module")
 def crv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crv]:
     c = Crv(tmp_path_factory.mktemp("crv-home"))
-    up = c("up", timeout=300)
-    assert up.returncode == 0, up.stdout + up.stderr
+    up = c.up()
     assert "Prefect UI:  http://127.0.0.1:" in up.stdout
     yield c
     for pid in c.node_processes():

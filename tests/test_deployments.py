@@ -137,8 +137,7 @@ def test_catalog_on_the_search_path_fills_the_forms(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def crv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crv]:
     c = Crv(tmp_path_factory.mktemp("crv-home"))
-    up = c("up", timeout=300)
-    assert up.returncode == 0, up.stdout + up.stderr
+    c.up()
     yield c
     for pid in c.node_processes():
         os.kill(pid, signal.SIGKILL)

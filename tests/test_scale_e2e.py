@@ -30,8 +30,7 @@ from tests.test_deploy_e2e import Crv, free_port
 @pytest.fixture(scope="module")
 def crv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crv]:
     c = Crv(tmp_path_factory.mktemp("crv-home"))
-    up = c("up", timeout=300)
-    assert up.returncode == 0, up.stdout + up.stderr
+    c.up()
     yield c
     c("destroy", "elastic")
     c("down")
