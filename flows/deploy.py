@@ -12,6 +12,7 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger
@@ -113,12 +114,12 @@ async def deploy_appliance(
     cluster = name or loaded.name
     expand(with_counts(loaded, counts or {}), cluster)  # bad input fails before the wait
     async with cluster_change(cluster, wait=wait):
-        if counts is None:  # a deploy again of a resized cluster keeps the size it was given
-            service = AsyncService(home, endpoints.service_url)
-            try:
-                counts = dict(await _recorded_counts(service, cluster, loaded.name))
-            finally:
-                await service.close()
+        # a deploy again of a resized cluster keeps the sizes it was given, but those asked for
+        service = AsyncService(home, endpoints.service_url)
+        try:
+            counts = {**await _recorded_counts(service, cluster, loaded.name), **(counts or {})}
+        finally:
+            await service.close()
         result = await converge(
             loaded,
             cluster,
@@ -150,13 +151,9 @@ def running_service() -> tuple[Home, daemons.Endpoints]:
 
 
 async def _recorded_counts(service: AsyncService, cluster: str, appliance: str) -> dict[str, int]:
-    try:
-        status = await service.status(cluster)
-    except ServiceError as e:
-        if e.status == 404:
-            return {}
-        raise
-    return dict(status.get("counts") or {}) if status["appliance"] == appliance else {}
+    status = await _status(service, cluster)
+    same = status is not None and status["appliance"] == appliance
+    return dict(status.get("counts") or {}) if status and same else {}
 
 
 async def converge(
@@ -264,8 +261,17 @@ class _Change:
                 for v in victims:
                     if v["name"] in kept:
                         grown[v["group"]].append(_index(v["name"]))
-                counts.update({g: len(grown[g]) for g in {v["group"] for v in victims}})
-                plan = expand(with_counts(loaded, counts), self.cluster, grown)
+                groups = {g: len(grown[g]) for g in {v["group"] for v in victims} & set(grown)}
+                a = plan.appliance
+                plan = expand(
+                    replace(a, groups={**a.groups, **{
+                        g: replace(a.groups[g], count=n) for g, n in groups.items()
+                    }}),
+                    self.cluster,
+                    grown,
+                )  # fmt: skip
+                # recorded for a resizable group; a fixed one tries again at the next deploy
+                counts.update({g: n for g, n in groups.items() if a.groups[g].scalable})
                 run.counts = counts
                 await run.put_cluster()
             victims = [v for v in victims if v["name"] not in kept]
