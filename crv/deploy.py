@@ -323,9 +323,10 @@ class ClusterRun:
                 self._node_item(node, address=existing.address, state="provisioned")
             )
             return
+        # recorded first: while the node is remade, status never claims one the pool lacks
+        await self._node_updates.submit(self._node_item(node, state="provisioning"))
         if existing is not None:  # held by the pool but never enrolled: its token is spent
             await self._in_thread(self.pool.destroy_node, node)
-        await self._node_updates.submit(self._node_item(node, state="provisioning"))
         token = await self._tokens.submit(node)
         spec = NodeSpec(
             name=node,

@@ -765,9 +765,17 @@ class Store:
         for dep in depends_on:
             a = attributes.c
             q = _feeding(attributes, cluster, dep["role"], a.node, a.key, a.value)
+            hosts = _feeding(role_states, cluster, dep["role"], role_states.c.node)
             if dep["local"]:
                 q = q.where(attributes.c.node == node)
-            view.append([dep["role"], sorted((r.node, r.key, r.value) for r in c.execute(q))])
+                hosts = hosts.where(role_states.c.node == node)
+            view.append(
+                [
+                    dep["role"],
+                    sorted(r.node for r in c.execute(hosts)),  # a role may publish nothing
+                    sorted((r.node, r.key, r.value) for r in c.execute(q)),
+                ]
+            )
         return hashlib.sha256(json.dumps(view).encode()).hexdigest()
 
     def _check_dependencies(

@@ -10,6 +10,8 @@ balancer let them go, destroys them and revokes their certificates.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import ssl
 import time
 import urllib.request
@@ -33,6 +35,8 @@ def crv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crv]:
     c.up()
     yield c
     c("destroy", "elastic")
+    for pid in c.node_processes():  # what a failed test left behind
+        os.kill(pid, signal.SIGKILL)
     c("down")
 
 

@@ -208,3 +208,22 @@ def test_a_leaving_node_that_is_wanted_again_is_enrolled_again_only_if_it_had_en
     store.put_nodes("c", [node(n, ["web"], state="provisioned") for n in ("c-g-0", "c-g-1")])
     states = {n["name"]: n["state"] for n in store.status("c")["nodes"]}
     assert states == {"c-g-0": "enrolled", "c-g-1": "provisioned"}
+
+
+def test_refresh_sees_a_change_of_nodes_even_when_they_publish_nothing(store: Store) -> None:
+    roles = {**ROLES, "top": {**ROLES["web"], "depends_on": [{"role": "web", "local": False,
+                                                               "min_ready": None}]}}  # fmt: skip
+    store.put_cluster(
+        "c", appliance="x", source="dir", pool="local", parameters={}, roles=roles, bundle=b"b"
+    )
+    store.put_nodes("c", [node("c-g-0", ["web"]), node("c-g-1", ["web"]), node("c-h-0", ["top"])])
+    for n in ("c-g-0", "c-g-1"):  # web publishes no attribute at all
+        store.update_roles("c", [{"node": n, "role": "web", "op": "release"}])
+        store.update_roles("c", [{"node": n, "role": "web", "op": "verified"}])
+    (first,), _ = store.update_roles("c", [{"node": "c-h-0", "role": "top", "op": "release"}])
+    store.report_status("c", "c-h-0", "top", release=first["release"], state="done",
+                        exit_code=0, output="")  # fmt: skip
+    refresh = {"node": "c-h-0", "role": "top", "op": "refresh"}
+    assert store.update_roles("c", [refresh])[0][0]["released"] is False
+    store.put_nodes("c", [node("c-g-1", ["web"], state="leaving")])
+    assert store.update_roles("c", [refresh])[0][0]["released"] is True
