@@ -443,5 +443,52 @@ def _root(
     """crv: virtual cluster appliances, deployed as Prefect flows."""
 
 
+pools_app = typer.Typer(
+    no_args_is_help=True,
+    help="The resource pools: built in (local, sim) and configured in pools.yaml.",
+)
+app.add_typer(pools_app, name="pools")
+
+
+@pools_app.command("list")
+def pools_list() -> None:
+    """List the pools a deploy may name, with their driver and where they are configured."""
+    from pools import config
+
+    home = _home()
+    with _user_errors():
+        found = config.load(config.config_file(home.root))
+    table = Table("pool", "driver", "configured in", "description", box=None)
+    for p in found.values():
+        table.add_row(p.name, p.driver, p.source, p.description)
+    console.print(table)
+
+
+@pools_app.command("check")
+def pools_check(
+    name: Annotated[str, typer.Argument(help="Pool name.")],
+    connect: Annotated[
+        bool,
+        typer.Option("--connect", help="Also make one read-only call: list the pool's crv nodes."),
+    ] = False,
+) -> None:
+    """Check a pool's configuration without side effects (no network call unless --connect).
+    Exit 2: the configuration is wrong; exit 1: --connect could not reach the pool."""
+    home = _home()
+    with _user_errors():
+        pool = get_pool(name, home.pool_dir(name))
+    print(f"ok: pool {name}: configuration valid")
+    if connect:
+        try:
+            nodes = pool.list_nodes()
+        except CrvError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise typer.Exit(1 if exc.temporary else EXIT_BAD_INPUT) from None
+        clusters = sorted({n.cluster for n in nodes})
+        print(f"ok: pool {name}: reachable; {len(nodes)} crv nodes" + (
+            f" of {len(clusters)} clusters ({', '.join(clusters)})" if clusters else ""
+        ))  # fmt: skip
+
+
 def main() -> None:
     app()

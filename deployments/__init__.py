@@ -81,7 +81,8 @@ def build(catalog: Mapping[str, forms.CatalogEntry] | None = None) -> list[Runne
     from prefect.utilities.callables import ParameterSchema
     from pydantic import ConfigDict
 
-    from pools import POOLS
+    from crv.home import Home
+    from pools import pool_names
 
     class FormSchema(ParameterSchema):
         # Prefect's model keeps only properties/required/definitions: the per-appliance
@@ -89,6 +90,7 @@ def build(catalog: Mapping[str, forms.CatalogEntry] | None = None) -> list[Runne
         model_config = ConfigDict(extra="allow")
 
     entries = forms.catalog() if catalog is None else catalog
+    pools = pool_names(Home.from_env().root)  # the configured pools are the form's choices
     out = []
     for spec in DEPLOYMENTS:
         module, attribute = spec.flow.split(":")
@@ -102,7 +104,7 @@ def build(catalog: Mapping[str, forms.CatalogEntry] | None = None) -> list[Runne
             name=NAME, description=description, tags=TAGS, enforce_parameter_schema=True
         )
         generated = deployment._parameter_openapi_schema.model_dump()
-        form = spec.form(generated, entries, list(POOLS))
+        form = spec.form(generated, entries, pools)
         deployment._parameter_openapi_schema = FormSchema(**form)
         out.append(deployment)
     return out

@@ -7,17 +7,19 @@ crv errors that say whether a retry can help.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from crv.errors import SpecError
 from pools.base import Pool
 
 AGENT = Path(__file__).resolve().parent.parent / "agent" / "crv_agent.py"
-POOLS = ("local", "sim")
+POOLS = ("local", "sim")  # built in; pools.yaml adds more (pools/config.py)
 
 
 def get_pool(name: str, state_dir: Path) -> Pool:
-    """A pool by name, its state under `state_dir` (CRV_HOME/pools/<name>)."""
+    """A pool by name, its state under `state_dir` (CRV_HOME/pools/<name>): a built-in one, or
+    one that pools.yaml (pools/config.py) names. Checked with `validate()`, no network call."""
     if name == "local":
         from pools.local import LocalPool
 
@@ -27,6 +29,20 @@ def get_pool(name: str, state_dir: Path) -> Pool:
 
         pool = SimPool(state_dir)
     else:
-        raise SpecError("--pool", name, f"unknown pool; known pools: {', '.join(POOLS)}")
+        from pools import config
+
+        configs = config.load(config.config_file(state_dir.parent.parent))
+        found = configs.get(name)
+        if found is None:
+            raise SpecError("--pool", name, f"unknown pool; known pools: {', '.join(configs)}")
+        module, cls, _ = config.DRIVERS[found.driver]
+        pool = getattr(importlib.import_module(module), cls)(name, state_dir, found.options)
     pool.validate()
     return pool
+
+
+def pool_names(home_root: Path) -> list[str]:
+    """The pools a deploy may name: the built-in ones and those of pools.yaml."""
+    from pools import config
+
+    return list(config.load(config.config_file(home_root)))
