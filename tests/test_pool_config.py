@@ -79,3 +79,41 @@ def test_an_unknown_pool_names_the_known_ones(tmp_path: Path) -> None:
         get_pool("nowhere", tmp_path / "pools" / "nowhere")
     r = run(tmp_path, "pools", "check", "nowhere")
     assert r.returncode == 2 and "unknown pool" in r.stderr
+
+
+CONFIGURED = """\
+pools:
+  vm:
+    driver: libvirt
+    description: libvirt's test driver
+    options: {uri: "test:///default", base_image: /default-pool/base.qcow2,
+              storage_pool: default-pool, memory_mb: 512}
+  ec2:
+    driver: libcloud
+    options: {provider: ec2, region: us-east-1, key: {env: CRV_TEST_NO_SUCH_KEY},
+              secret: {env: CRV_TEST_NO_SUCH_SECRET}, image: ami-1e749f67, size: t2.micro}
+"""
+
+
+def test_configured_pools_are_listed_checked_and_reached(tmp_path: Path) -> None:
+    (tmp_path / "pools.yaml").write_text(CONFIGURED)
+    assert pool_names(tmp_path) == ["local", "sim", "vm", "ec2"]
+    r = run(tmp_path, "pools", "list")
+    assert r.returncode == 0 and "libvirt's test driver" in r.stdout and "libcloud" in r.stdout
+    r = run(tmp_path, "pools", "check", "vm", "--connect")
+    assert r.returncode == 0, r.stderr
+    assert "ok: pool vm: reachable; 0 crv nodes" in r.stdout
+    # a credential is a reference; an unset one is named, with its option, and nothing is called
+    r = run(tmp_path, "pools", "check", "ec2")
+    assert r.returncode == 2
+    assert r.stderr.strip() == (
+        "error: pool ec2: option key: environment variable CRV_TEST_NO_SUCH_KEY is unset or empty"
+    )
+
+
+def test_an_option_the_driver_refuses_names_pool_and_option(tmp_path: Path) -> None:
+    (tmp_path / "pools.yaml").write_text(CONFIGURED.replace("memory_mb: 512", "memory_mb: 1"))
+    r = run(tmp_path, "pools", "check", "vm")
+    assert r.returncode == 2
+    assert "pools.yaml: pools.vm.options.memory_mb: " in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
