@@ -339,10 +339,13 @@ def running_svc(crv: Crv, nodes: list[str]) -> list[str]:
 
 
 def nothing_enrolled(crv: Crv, nodes: list[str]) -> list[str]:
+    """Killed inside the provision stage: a node made, and not all of them enrolled. (Agents
+    enrol on their own once the flow recorded their node, frozen flow or not, so on a loaded
+    machine the first nodes may have enrolled before the freeze: that is still this stage.)"""
     made = [n for n in nodes if created(crv, n)]
     problems = [] if made else ["no node had been created in the pool"]
-    if enrolled(crv, nodes):
-        problems.append(f"nodes had enrolled already: {enrolled(crv, nodes)}")
+    if set(enrolled(crv, nodes)) == set(nodes):
+        problems.append(f"every node had enrolled already: {enrolled(crv, nodes)}")
     return problems
 
 
@@ -460,7 +463,7 @@ def scenarios() -> list[Scenario]:
         ),
         Scenario(
             "c", "deploy, dependent role running after its dependencies were verified", "kill-c",
-            ("workers=2", "top-sleep=10"), None,
+            ("workers=2", "top-sleep=40"), None,
             reached=top_started, freeze=False, frozen=no_problems,
             after_kill=top_runs_after_svc_verified,
             wanted=cluster("kill-c", 2), victims=[], top_runs=1,
@@ -480,7 +483,7 @@ def scenarios() -> list[Scenario]:
         ),
         Scenario(
             "e1", "shrink 3 -> 1, victims leaving, dependent role running again", "kill-e1",
-            ("workers=3", "top-sleep=10", "top-from=2"), ("w", 1),
+            ("workers=3", "top-sleep=30", "top-from=2"), ("w", 1),
             reached=top_started_again, freeze=False, frozen=no_problems,
             after_kill=victims_leaving_top_running,
             wanted=cluster("kill-e1", 1), victims=names("kill-e1", "w", range(2, 0, -1)),
