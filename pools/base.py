@@ -8,8 +8,10 @@ the node name, so a deploy that is killed and run again converges instead of dup
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from crv.errors import CrvError
@@ -70,3 +72,18 @@ class Pool(Protocol):
 
     def destroy_node(self, name: str) -> None:
         """Idempotent: destroying a node that is not there succeeds."""
+
+
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Readers see the old file or the new one, never half of it. O_EXCL|O_NOFOLLOW: the temp
+    file is ours, with `mode` from its first byte (a secret is never briefly world-readable)."""
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)  # whatever the umask says
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -45,7 +45,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pools import cloudinit
-from pools.base import TAG_CLUSTER, TAG_NODE, NodeInfo, NodeSpec, PoolError
+from pools.base import TAG_CLUSTER, TAG_NODE, NodeInfo, NodeSpec, PoolError, write_atomic
 
 NAMESPACE = "https://crv.dev/xmlns/libvirt-node/1"  # crv's <metadata> element (a URI only)
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -582,12 +582,4 @@ def _undefine(dom: Any) -> None:
 def _write_private(path: Path, data: bytes) -> None:
     """The seed holds the bootstrap token: mode 0600 from the first byte, replaced atomically."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, 0o600)

@@ -24,7 +24,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from pools.base import TAG_CLUSTER, TAG_NODE, NodeInfo, NodeSpec, PoolError
+from pools.base import TAG_CLUSTER, TAG_NODE, NodeInfo, NodeSpec, PoolError, write_atomic
 
 NAME = "local"
 NODE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER", "LOGNAME")
@@ -60,21 +60,6 @@ def _flock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Readers see the old file or the new one, never half of it. O_EXCL|O_NOFOLLOW: the temp
-    file is ours, with `mode` from its first byte (a secret is never briefly world-readable)."""
-    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)  # whatever the umask says
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -238,12 +223,12 @@ class LocalPool:
         record: Record = {"name": spec.name, "cluster": spec.cluster, "group": spec.group}
         record.update(address=address, tags=tags, pid=None, start_time=None)
         record["created"] = old.get("created", time.time()) if old else time.time()
-        _write_atomic(directory / "node.json", _dump(record), 0o600)
+        write_atomic(directory / "node.json", _dump(record), 0o600)
         self._install(spec, directory)
         proc = self._spawn(spec, directory)
         stat = _proc_stat(proc.pid)
         record.update(pid=proc.pid, start_time=stat[1] if stat else None, started=time.time())
-        _write_atomic(directory / "node.json", _dump(record), 0o600)
+        write_atomic(directory / "node.json", _dump(record), 0o600)
         return record
 
     def _reserve(self, directory: Path) -> str:
@@ -276,10 +261,10 @@ class LocalPool:
         """The agent program, and the one-time bootstrap only while the node has not enrolled:
         after that its certificate is its identity and the spent token must not come back."""
         (directory / "bin").mkdir(mode=0o700, exist_ok=True)
-        _write_atomic(directory / "bin" / "crv-agent", self.agent.read_bytes(), 0o755)
+        write_atomic(directory / "bin" / "crv-agent", self.agent.read_bytes(), 0o755)
         if not (directory / "node.crt").exists():
             payload = json.dumps(dict(spec.bootstrap)).encode()
-            _write_atomic(directory / "bootstrap.json", payload, 0o600)
+            write_atomic(directory / "bootstrap.json", payload, 0o600)
 
     # -- processes -------------------------------------------------------------------------------
 

@@ -69,6 +69,13 @@ class Crv:
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 
+    def revoked_serials(self) -> set[int]:
+        """The serials on the service's CRL, fetched as a node would (HTTPS, our CA)."""
+        record = json.loads((self.home / "service" / "daemon.json").read_text())
+        ca = ssl.create_default_context(cafile=str(self.home / "ca" / "ca.crt"))
+        crl = x509.load_pem_x509_crl(httpx.get(f"{record['url']}/v1/crl", verify=ca).content)
+        return {entry.serial_number for entry in crl}
+
     def node_processes(self) -> list[int]:
         """Every live process the local pool of this home started (its env marker)."""
         marker = f"CRV_LOCAL_POOL={self.home / 'pools' / 'local'}".encode()

@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import signal
-import ssl
 import subprocess
 import sys
 import threading
@@ -34,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from cryptography import x509
 
@@ -238,13 +236,6 @@ def agents_per_node(crv: Crv, cluster: str) -> Counter[str]:
         if m is not None and b"crv-agent" in cmdline:
             count[m.get("CRV_LOCAL_NODE", "?")] += 1
     return count
-
-
-def revoked_serials(crv: Crv) -> set[int]:
-    record = json.loads((crv.home / "service" / "daemon.json").read_text())
-    ca = ssl.create_default_context(cafile=str(crv.home / "ca" / "ca.crt"))
-    crl = x509.load_pem_x509_crl(httpx.get(f"{record['url']}/v1/crl", verify=ca).content)
-    return {entry.serial_number for entry in crl}
 
 
 def serial(crv: Crv, node: str) -> int:
@@ -594,7 +585,7 @@ def run(s: Scenario, crv: Crv, app: Path, logs: Path, procs: Processes, o: Outco
     o.svc_runs = {n: work_text(crv, n, "svc.txt").count("start") for n in s.wanted if "-w-" in n}
     o.top_runs = work_text(crv, f"{s.cluster}-head-0", "top.txt").count("start")
     o.dirs = sorted(d.name for d in pool_dir(crv).glob(f"{s.cluster}-*"))
-    o.crl = revoked_serials(crv)
+    o.crl = crv.revoked_serials()
 
     o.phase = "destroying"
     d = crv("destroy", s.cluster, timeout=300)

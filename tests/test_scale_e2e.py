@@ -9,10 +9,8 @@ balancer let them go, destroys them and revokes their certificates.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import ssl
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -161,10 +159,7 @@ def test_grow_then_shrink_touches_only_what_changed(crv: Crv) -> None:
     assert answers(lb_url, 3) == {"hello from elastic-worker-0"}
     for v in victims:
         assert not node_dir(crv, v).exists()
-    record = json.loads((crv.home / "service" / "daemon.json").read_text())
-    ca = ssl.create_default_context(cafile=str(crv.home / "ca" / "ca.crt"))
-    crl = x509.load_pem_x509_crl(httpx.get(f"{record['url']}/v1/crl", verify=ca).content)
-    assert serials <= {entry.serial_number for entry in crl}
+    assert serials <= crv.revoked_serials()
 
     # a later deploy of the same cluster keeps the size it was scaled to
     r = crv("deploy", str(CATALOG / "webfarm"), "--name", "elastic",
@@ -278,13 +273,6 @@ def pool_nodes(crv: Crv, cluster: str) -> set[str]:
     return {n.name for n in get_pool("local", crv.home / "pools" / "local").list_nodes(cluster)}
 
 
-def crl_serials(crv: Crv) -> set[int]:
-    record = json.loads((crv.home / "service" / "daemon.json").read_text())
-    ca = ssl.create_default_context(cafile=str(crv.home / "ca" / "ca.crt"))
-    crl = x509.load_pem_x509_crl(httpx.get(f"{record['url']}/v1/crl", verify=ca).content)
-    return {entry.serial_number for entry in crl}
-
-
 def test_shrink_drains_victims_and_keeps_a_node_whose_drain_fails(crv: Crv, tmp_path: Path) -> None:
     directory, flags = drainy(tmp_path)
     r = crv("deploy", str(directory), "--name", "dr", "--set", f"flags={flags}")
@@ -309,7 +297,7 @@ def test_shrink_drains_victims_and_keeps_a_node_whose_drain_fails(crv: Crv, tmp_
     assert sorted(n["name"] for n in status["nodes"]) == ["dr-head-0", *workers[:2]]
     assert pool_nodes(crv, "dr") == {"dr-head-0", *workers[:2]}
     assert (flags / "head-view.txt").read_text().split() == workers[:2]
-    revoked = crl_serials(crv)
+    revoked = crv.revoked_serials()
     assert serials["dr-worker-2"] in revoked
     assert serials["dr-worker-1"] not in revoked
     # the kept node's role ran again after the failed drain: a full member, verified
@@ -323,7 +311,7 @@ def test_shrink_drains_victims_and_keeps_a_node_whose_drain_fails(crv: Crv, tmp_
     assert r.returncode == 0, r.stdout + r.stderr
     assert pool_nodes(crv, "dr") == {"dr-head-0", "dr-worker-0"}
     assert (flags / "head-view.txt").read_text().split() == ["dr-worker-0"]
-    assert serials["dr-worker-1"] in crl_serials(crv)
+    assert serials["dr-worker-1"] in crv.revoked_serials()
     assert service_status(crv, "dr")["counts"] == {"worker": 1}
     assert crv("destroy", "dr").returncode == 0
 
@@ -350,7 +338,7 @@ def test_rollback_removes_what_the_run_added_and_keeps_what_was_there(
     assert [n["name"] for n in after["nodes"]] == [n["name"] for n in before["nodes"]]
     assert pool_nodes(crv, "rb") == {n["name"] for n in before["nodes"]}
     assert (flags / "head-view.txt").read_text().split() == [f"rb-worker-{i}" for i in range(3)]
-    assert serial0 not in crl_serials(crv)  # what was there is kept, untouched
+    assert serial0 not in crv.revoked_serials()  # what was there is kept, untouched
     assert processes <= set(crv.node_processes())
     assert not (flags / "drained.log").exists()  # nodes a rollback removes are not drained
     assert crv("destroy", "rb").returncode == 0
