@@ -38,6 +38,13 @@ def node_name(cluster: str, group: str, index: int) -> str:
     return f"{cluster}-{group}-{index}"
 
 
+def node_index(cluster: str, group: str, name: str) -> int | None:
+    """The index in `<cluster>-<group>-<index>`; None for a name not of that form."""
+    prefix = f"{cluster}-{group}-"
+    tail = name[len(prefix) :] if name.startswith(prefix) else ""
+    return int(tail) if tail.isdigit() else None
+
+
 @dataclass(frozen=True)
 class PlanNode:
     name: str
@@ -227,30 +234,19 @@ def _critical_path(graph: nx.DiGraph[str]) -> tuple[tuple[str, ...], float]:
     return tuple(reversed(path)), total
 
 
-@dataclass(frozen=True)
-class Members:
-    """Which nodes a cluster keeps, gains and loses when it is brought to an appliance's counts:
-    per group the indices of its nodes after the change, and the nodes to remove."""
-
-    indices: Mapping[str, tuple[int, ...]]
-    victims: tuple[str, ...]  # newest (highest index) first, in group order
-
-
-def members(appliance: Appliance, cluster: str, existing: Iterable[tuple[str, str]]) -> Members:
-    """From the cluster's recorded nodes (name, group): each group keeps its oldest nodes up to
-    its count and fills the lowest free indices; the rest of its nodes, and every node of a
-    group the appliance no longer has, are victims, newest first."""
+def members(
+    appliance: Appliance, cluster: str, existing: Iterable[tuple[str, str]]
+) -> dict[str, tuple[int, ...]]:
+    """The node indices of each group after the change, from the cluster's recorded nodes
+    (name, group): a group keeps its oldest nodes up to its count and fills the lowest free
+    indices. Its other nodes, and those of groups the appliance no longer has, are left out of
+    the plan: they are the change's victims."""
     have: dict[str, list[int]] = {}
-    strays: list[str] = []
     for name, group in existing:
-        prefix = f"{cluster}-{group}-"
-        tail = name[len(prefix) :] if name.startswith(prefix) else ""
-        if group in appliance.groups and tail.isdigit():
-            have.setdefault(group, []).append(int(tail))
-        else:
-            strays.append(name)
+        index = node_index(cluster, group, name)
+        if group in appliance.groups and index is not None:
+            have.setdefault(group, []).append(index)
     indices: dict[str, tuple[int, ...]] = {}
-    victims: list[str] = []
     for g in appliance.groups.values():
         mine = sorted(have.get(g.name, ()))
         keep = mine[: g.count]
@@ -258,5 +254,4 @@ def members(appliance: Appliance, cluster: str, existing: Iterable[tuple[str, st
         free = (i for i in range(g.count + len(mine)) if i not in taken)
         keep += [next(free) for _ in range(g.count - len(keep))]
         indices[g.name] = tuple(sorted(keep))
-        victims += [node_name(cluster, g.name, i) for i in reversed(mine[g.count :])]
-    return Members(indices, (*victims, *sorted(strays, reverse=True)))
+    return indices

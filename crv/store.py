@@ -205,6 +205,27 @@ def _feeding(table: sa.Table, cluster: str, role: str, *columns: Any) -> sa.Sele
     )
 
 
+def _as_is(row: sa.Row[Any]) -> dict[str, Any]:
+    """The answer to a release (refresh, drain) that changed nothing: the role as it is."""
+    return {
+        "node": row.node,
+        "role": row.role,
+        "release": row.release,
+        "state": row.state,
+        "released": False,
+    }
+
+
+def _new_work(c: Connection, cluster: str, node: str) -> str:
+    """Bump the node's work generation, so that its agent's long poll answers; the node."""
+    c.execute(
+        nodes.update()
+        .where(nodes.c.cluster == cluster, nodes.c.name == node)
+        .values(generation=nodes.c.generation + 1)
+    )
+    return node
+
+
 class Store:
     def __init__(self, engine: Engine) -> None:
         self._touched: dict[tuple[str, str], float] = {}
@@ -694,37 +715,21 @@ class Store:
                         and row.state in ("done", "verified", "verify_failed")
                         and row.inputs == inputs
                     ):  # converged, and what it read has not changed: leave it alone
-                        results.append(
-                            {"node": node, "role": role, "release": row.release,
-                             "state": row.state, "released": False}
-                        )  # fmt: skip
+                        results.append(_as_is(row))
                         continue
                     self._check_dependencies(c, cluster, node, depends_on)
                     release, state = row.release + 1, "released"
                     extra = {"exit_code": None, "inputs": inputs}
-                    c.execute(
-                        nodes.update()
-                        .where(nodes.c.cluster == cluster, nodes.c.name == node)
-                        .values(generation=nodes.c.generation + 1)
-                    )
-                    woken.add(node)
+                    woken.add(_new_work(c, cluster, node))
                 elif op == "drain":
                     if not cl.roles[role].get("drain"):
                         raise StoreError(409, f"role {role!r} has no drain recipe")
                     if row.state in ("draining", "drained"):  # asked again (a resumed shrink)
-                        results.append(
-                            {"node": node, "role": role, "release": row.release,
-                             "state": row.state, "released": False}
-                        )  # fmt: skip
+                        results.append(_as_is(row))
                         continue
                     release, state = row.release + 1, "draining"
                     extra = {"exit_code": None}
-                    c.execute(
-                        nodes.update()
-                        .where(nodes.c.cluster == cluster, nodes.c.name == node)
-                        .values(generation=nodes.c.generation + 1)
-                    )
-                    woken.add(node)
+                    woken.add(_new_work(c, cluster, node))
                 elif op == "verified":
                     state = "verified"
                 elif op == "verify_failed":

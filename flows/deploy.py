@@ -33,7 +33,7 @@ from crv.executor import DagRun, StepResult, stages
 from crv.home import Home
 from crv.locks import cluster_change
 from crv.pki import CertificateAuthority
-from crv.plan import Plan, expand, members
+from crv.plan import Plan, expand, members, node_index
 from crv.retry import RetryPolicy
 from crv.store import LEAVING, natural_key
 from crv.teardown import teardown
@@ -179,10 +179,10 @@ async def converge(
         before = await _status(service, cluster)
         appliance = with_counts(loaded, counts)
         existing = [(n["name"], n["group"]) for n in before["nodes"]] if before else []
-        target = members(appliance, cluster, existing)
+        indices = members(appliance, cluster, existing)
         change = _Change(home, endpoints, service, cluster, pool, timeouts, retries)
         try:
-            return await change.run(loaded, counts, target.indices, drain=True)
+            return await change.run(loaded, counts, indices, drain=True)
         except DeployFailed as e:
             if (on_failure or loaded.on_failure) != "rollback":
                 raise
@@ -259,8 +259,9 @@ class _Change:
             if kept:  # a node whose drain failed stays a member; its group keeps one more
                 grown = {g: list(ix) for g, ix in plan_indices(plan).items()}
                 for v in victims:
-                    if v["name"] in kept:
-                        grown[v["group"]].append(_index(v["name"]))
+                    index = node_index(self.cluster, v["group"], v["name"])
+                    if v["name"] in kept and index is not None:
+                        grown[v["group"]].append(index)
                 groups = {g: len(grown[g]) for g in {v["group"] for v in victims} & set(grown)}
                 a = plan.appliance
                 plan = expand(
@@ -332,7 +333,7 @@ class _Change:
             counts = dict(before.get("counts") or {})
             loaded = load_recorded(before["source"], before["parameters"] or {}, counts)
             existing = [(n["name"], n["group"]) for n in before["nodes"]]
-            indices = members(with_counts(loaded, counts), self.cluster, existing).indices
+            indices = members(with_counts(loaded, counts), self.cluster, existing)
             try:
                 result = await self.run(loaded, counts, indices, drain=False)
             except DeployFailed as e:
@@ -353,11 +354,6 @@ def plan_indices(plan: Plan) -> dict[str, list[int]]:
     for n in plan.nodes.values():
         out[n.group].append(n.index)
     return out
-
-
-def _index(node: str) -> int:
-    tail = node.rsplit("-", 1)[-1]
-    return int(tail) if tail.isdigit() else -1
 
 
 async def drain_nodes(run: ClusterRun, victims: list[dict[str, Any]]) -> dict[str, str]:

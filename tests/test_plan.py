@@ -313,7 +313,7 @@ def test_a_very_deep_dependency_chain_plans_without_recursion_limits(tmp_path: P
     assert human.exit_code == 0
 
 
-def test_members_keep_the_oldest_fill_the_lowest_free_and_give_victims_newest_first() -> None:
+def test_members_keep_the_oldest_and_fill_the_lowest_free_indices() -> None:
     from crv.appliance import with_counts
     from crv.plan import members
 
@@ -321,11 +321,14 @@ def test_members_keep_the_oldest_fill_the_lowest_free_and_give_victims_newest_fi
     existing = [("w-front-0", "front"), *((f"w-worker-{i}", "worker") for i in (0, 2, 5, 7))]
     existing.append(("w-old-0", "old"))  # a group the appliance no longer has
     shrunk = members(with_counts(app, {"worker": 2}), "w", existing)
-    assert shrunk.indices == {"front": (0,), "worker": (0, 2)}
-    assert shrunk.victims == ("w-worker-7", "w-worker-5", "w-old-0")
+    assert shrunk == {"front": (0,), "worker": (0, 2)}
+    planned = expand(with_counts(app, {"worker": 2}), "w", shrunk).nodes
+    assert [n for n, _ in existing if n not in planned] == ["w-worker-5", "w-worker-7", "w-old-0"]
     grown = members(with_counts(app, {"worker": 6}), "w", existing)
-    assert grown.indices["worker"] == (0, 1, 2, 3, 5, 7) and grown.victims == ("w-old-0",)
-    plan = expand(with_counts(app, {"worker": 6}), "w", grown.indices)
+    assert grown["worker"] == (0, 1, 2, 3, 5, 7)
+    planned = expand(with_counts(app, {"worker": 6}), "w", grown).nodes
+    assert [n for n, _ in existing if n not in planned] == ["w-old-0"]
+    plan = expand(with_counts(app, {"worker": 6}), "w", grown)
     assert sorted(n for n in plan.nodes if "worker" in n) == [
         f"w-worker-{i}" for i in (0, 1, 2, 3, 5, 7)
     ]
