@@ -63,6 +63,7 @@ class Group:
     scale_min: int
     scale_max: int
     scalable: bool = False  # it has a `scale` section: a resize may change its count
+    pool: str | None = None  # the pool its nodes go to; None: the deploy's default pool
 
 
 @dataclass(frozen=True)
@@ -286,7 +287,9 @@ class _Resolver:
         for i, role in enumerate(g.roles):
             if role in g.roles[:i]:
                 raise SpecError(source, f"{at}.roles[{i}]", f"role {role!r} is listed twice")
-        return Group(name, source, at, count, tuple(g.roles), low, high, g.scale is not None)
+        return Group(
+            name, source, at, count, tuple(g.roles), low, high, g.scale is not None, g.pool
+        )
 
     @staticmethod
     def _role(

@@ -26,6 +26,7 @@ from crv.appliance import load_appliance, load_recorded, locate, parse_overrides
 from crv.client import Service
 from crv.errors import CrvError, SpecError
 from crv.home import Home
+from crv.placement import Drift, Drivers, check, drift, place, pools_of
 from crv.plan import Plan, expand
 from crv.plan_view import describe
 from crv.spec import json_schema
@@ -78,6 +79,15 @@ OnFailureOption = Annotated[
         help="If the change fails: keep what it made (run it again to resume) or roll back "
         "what it added (default: the appliance's on_failure, else keep).",
         show_default=False,
+    ),
+]
+PoolFor = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--pool-for",
+        metavar="GROUP=POOL",
+        help="Put a node group's nodes in another pool (repeatable); the default for a group "
+        "is its pool in the appliance, else --pool.",
     ),
 ]
 ClusterName = Annotated[
@@ -201,7 +211,10 @@ def deploy(
     directory: Annotated[
         str, typer.Argument(metavar="DIR", help="An appliance directory, or a catalog name.")
     ],
-    pool: Annotated[str, typer.Option("--pool", "-p", help="Resource pool.")] = "local",
+    pool: Annotated[
+        str, typer.Option("--pool", "-p", help="Resource pool of the node groups.")
+    ] = "local",
+    pool_for: PoolFor = None,
     set_: Sets = None,
     name: ClusterName = None,
     retries: Annotated[int, typer.Option(help="Retries per step (temporary errors).")] = 2,
@@ -214,7 +227,8 @@ def deploy(
     overrides = parse_overrides(set_ or []) if set_ else {}
     with _user_errors():
         plan = expand(load_appliance(locate(directory), overrides), cluster=name)
-        get_pool(pool, home.pool_dir(pool))
+        groups = _pool_for(pool_for)
+        check(home, plan.appliance, place(plan.appliance, pool, groups), groups)
         endpoints = _ensure_up(home)
     from flows.deploy import deploy_appliance
 
@@ -227,10 +241,23 @@ def deploy(
         retries=retries,
         wait=wait,
         on_failure=on_failure.value if on_failure else None,
+        pools=groups or None,
         return_state=True,
     )
     state = _run_with_progress(run, endpoints, f"deploying {plan.cluster}", plan)
     _report(state, "deploy", home, endpoints, plan)
+
+
+def _pool_for(given: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in given or []:
+        group, sep, pool = item.partition("=")
+        if not sep or not group.strip() or not pool.strip():
+            raise SpecError("--pool-for", item, "expected GROUP=POOL")
+        if group.strip() in out:
+            raise SpecError("--pool-for", item, f"group {group.strip()!r} is given twice")
+        out[group.strip()] = pool.strip()
+    return out
 
 
 def _run_with_progress(
@@ -336,31 +363,52 @@ def status(
     name: Annotated[str, typer.Argument(help="Cluster name.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Show a cluster's nodes and the state of every role on them."""
+    """Show a cluster's nodes, their pools and the state of every role on them, and where the
+    pools disagree with crv's records (drift: `crv repair` converges it)."""
     home = _home()
     with _user_errors():
         endpoints = _ensure_up(home, quiet=as_json)
         found = Service(home, endpoints.service_url).status(name)
         if found is None:
             raise SpecError("cluster", name, "no such cluster (see `crv list`)")
+        found_drift = drift(found, Drivers(home))
     if as_json:
-        sys.stdout.write(json.dumps(status_json(found)) + "\n")
+        sys.stdout.write(json.dumps(status_json(found, found_drift)) + "\n")
         return
     table = Table(title=f"{found['name']} ({found['appliance']}) ready={found['ready']}")
-    for column in ("node", "group", "address", "state", "roles"):
+    for column in ("node", "group", "pool", "address", "state", "roles"):
         table.add_column(column)
     for n in found["nodes"]:
         roles = ", ".join(f"{r}={v['state']}" for r, v in n["roles"].items())
-        table.add_row(n["name"], n["group"], n["address"] or "-", n["state"], roles)
+        table.add_row(n["name"], n["group"], n["pool"], n["address"] or "-", n["state"], roles)
     console.print(table)
+    for line in _drift_lines(name, found_drift):
+        print(line)
 
 
-def status_json(found: dict[str, Any]) -> dict[str, Any]:
+def _drift_lines(cluster: str, found: Drift) -> list[str]:
+    lines = [
+        f"drift: {n['name']} is missing from pool {n['pool']} ({n['state']})" for n in found.missing
+    ]
+    lines += [
+        f"drift: {n['name']} in pool {n['pool']} is tagged for {cluster} but not in its records"
+        for n in found.orphans
+    ]
+    lines += [f"drift: pool {p} could not be asked: {why}" for p, why in found.unreachable.items()]
+    if found.missing or found.orphans:
+        lines.append(f"run `crv repair {cluster}` to converge")
+    return lines
+
+
+def status_json(found: dict[str, Any], found_drift: Drift | None = None) -> dict[str, Any]:
     """The `crv status --json` contract: add fields, never rename them."""
     return {
         "name": found["name"],
         "appliance": found["appliance"],
         "ready": found["ready"],
+        "pool": found["pool"],
+        "pools": found.get("pools") or {},
+        "drift": (found_drift or Drift()).to_json(),
         "nodes": [
             {
                 "name": n["name"],
@@ -389,7 +437,8 @@ def destroy(
         endpoints = _ensure_up(home)
         found = Service(home, endpoints.service_url).status(name)
         pool_name = pool or (found["pool"] if found else "local")
-        get_pool(pool_name, home.pool_dir(pool_name))
+        for used in pools_of(found, pool_name):  # every pool its nodes are in
+            get_pool(used, home.pool_dir(used))
     from flows.destroy import destroy_cluster
 
     state = asyncio.run(
@@ -406,6 +455,49 @@ def destroy(
         f"destroyed {name}: {result['destroyed']} nodes removed, "
         f"{result['revoked']} certificates revoked"
     )
+
+
+@app.command()
+def repair(
+    name: Annotated[str, typer.Argument(help="Cluster name.")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only say what the pools and the records disagree on.")
+    ] = False,
+    retries: Annotated[int, typer.Option(help="Retries per step (temporary errors).")] = 2,
+    boot_timeout: Annotated[float, typer.Option(help="Seconds for a node to enrol.")] = 300.0,
+    wait: Wait = None,
+) -> None:
+    """Converge a cluster whose pools drifted from crv's records: destroy the nodes its pools
+    hold for it that crv does not know (after saying so), make again the nodes missing from
+    their pools through every step, and re-run the roles that read them."""
+    home = _home()
+    with _user_errors():
+        endpoints = _ensure_up(home)
+        found = Service(home, endpoints.service_url).status(name)
+        if found is None:
+            raise SpecError("cluster", name, "no such cluster (see `crv list`)")
+        found_drift = drift(found, Drivers(home))
+        counts = dict(found.get("counts") or {})
+        plan = expand(load_recorded(found["source"], found["parameters"] or {}, counts), name)
+    for n in found_drift.orphans:
+        print(f"destroying {n['name']} in pool {n['pool']}: tagged for {name}, not in its records")
+    for n in found_drift.missing:
+        print(f"making {n['name']} again in pool {n['pool']}: missing ({n['state']})")
+    for pool, why in found_drift.unreachable.items():
+        print(f"error: pool {pool} could not be asked: {why}", file=sys.stderr)
+    if found_drift.unreachable:
+        raise typer.Exit(1)
+    if not found_drift:
+        print(f"no drift: the pools hold what crv recorded for {name}")
+    if dry_run:
+        return
+    from flows.repair import repair_cluster
+
+    run = repair_cluster(
+        name=name, boot_timeout=boot_timeout, retries=retries, wait=wait, return_state=True
+    )
+    state = _run_with_progress(run, endpoints, f"repairing {name}", plan)
+    _report(state, "repair", home, endpoints, plan)
 
 
 @app.command("list")

@@ -26,6 +26,7 @@ from crv import verify
 from crv.bundle import Bundle, build
 from crv.client import AsyncService, ServiceError
 from crv.errors import CrvError
+from crv.placement import Placement
 from crv.plan import Plan
 from crv.store import DRAIN_STATES, LEAVING
 from pools.base import NodeSpec, Pool
@@ -98,6 +99,7 @@ class Mirror:
         self.service, self.cluster = service, cluster
         self.nodes: dict[str, str] = {}
         self.addresses: dict[str, str | None] = {}
+        self.pools: dict[str, str] = {}  # the pool each recorded node was made in
         self.roles: dict[tuple[str, str], dict[str, Any]] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = defaultdict(list)
         self._task: asyncio.Task[None] | None = None
@@ -110,6 +112,7 @@ class Mirror:
         for n in status["nodes"]:
             self.nodes[n["name"]] = n["state"]
             self.addresses[n["name"]] = n["address"]
+            self.pools[n["name"]] = n["pool"]
             for role, r in n["roles"].items():
                 self.roles[(n["name"], role)] = dict(r)
         self._task = asyncio.get_running_loop().create_task(self._follow(after))
@@ -187,7 +190,8 @@ class ClusterRun:
     def __init__(
         self,
         plan: Plan,
-        pool: Pool,
+        placement: Placement,
+        drivers: Callable[[str], Pool],
         service: AsyncService,
         *,
         service_url: str,
@@ -198,7 +202,7 @@ class ClusterRun:
         pool_threads: int = 32,
         counts: Mapping[str, int] | None = None,
     ) -> None:
-        self.plan, self.pool, self.service = plan, pool, service
+        self.plan, self.placement, self.drivers, self.service = plan, placement, drivers, service
         self.counts = dict(counts or {})  # the resized groups, recorded with the cluster
         self.cluster = plan.cluster
         self.service_url, self.ca_pem, self.ca_sha256 = service_url, ca_pem, ca_sha256
@@ -231,7 +235,8 @@ class ClusterRun:
             {
                 "appliance": a.name,
                 "source": str(a.directory),
-                "pool": self.pool.name,
+                "pool": self.placement.default,
+                "pools": dict(self.placement.groups),
                 "parameters": dict(a.parameters),
                 "counts": self.counts,
                 "roles": self._bundle.roles,
@@ -249,7 +254,7 @@ class ClusterRun:
                 "name": n.name,
                 "group": n.group,
                 "roles": list(a.groups[n.group].roles),
-                "pool": self.pool.name,
+                "pool": self.pool_of(n.name),
                 **({"state": "provisioned"} if self.mirror.nodes.get(n.name) == LEAVING else {}),
             }
             for n in plan.nodes.values()
@@ -266,6 +271,12 @@ class ClusterRun:
         ]
         for i in range(0, len(nodes), BATCH_MAX):
             await self.service.put_nodes(self.cluster, nodes[i : i + BATCH_MAX])
+        for n in nodes:
+            self.mirror.pools.setdefault(n["name"], n["pool"])
+
+    def pool_of(self, node: str) -> str:
+        """The pool a node was made in (its record), else where its group's nodes go."""
+        return self.mirror.pools.get(node) or self.placement.of(self.plan.nodes[node].group)
 
     async def close(self) -> None:
         self.mirror.close()
@@ -292,7 +303,7 @@ class ClusterRun:
             "name": node,
             "group": group,
             "roles": list(self.plan.appliance.groups[group].roles),
-            "pool": self.pool.name,
+            "pool": self.pool_of(node),
             **extra,
         }
 
@@ -315,7 +326,8 @@ class ClusterRun:
 
     async def provision(self, node: str) -> None:
         assert self._node_updates is not None and self._tokens is not None
-        existing = await self._in_thread(self.pool.get_node, node)
+        pool = self.drivers(self.pool_of(node))
+        existing = await self._in_thread(pool.get_node, node)
         alive = existing is not None and existing.state in ("running", "pending")
         if existing is not None and alive and self.mirror.nodes.get(node) == "enrolled":
             self.mirror.addresses[node] = existing.address
@@ -325,8 +337,12 @@ class ClusterRun:
             return
         # recorded first: while the node is remade, status never claims one the pool lacks
         await self._node_updates.submit(self._node_item(node, state="provisioning"))
+        for (n, _), r in self.mirror.roles.items():
+            if n == node:  # a new machine: every role runs on it again (the store reset them)
+                r.update(state="pending", attributes={}, output="")
+                r.pop("retry", None)
         if existing is not None:  # held by the pool but never enrolled: its token is spent
-            await self._in_thread(self.pool.destroy_node, node)
+            await self._in_thread(pool.destroy_node, node)
         token = await self._tokens.submit(node)
         spec = NodeSpec(
             name=node,
@@ -341,7 +357,7 @@ class ClusterRun:
                 "token": token,
             },
         )
-        info = await self._in_thread(self.pool.create_node, spec)
+        info = await self._in_thread(pool.create_node, spec)
         self.mirror.addresses[node] = info.address
         await self._node_updates.submit(
             self._node_item(node, address=info.address, state="provisioned")

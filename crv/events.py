@@ -50,6 +50,7 @@ __all__ = [
     "CLUSTER_EVENTS",
     "CLUSTER_FAILED",
     "CLUSTER_READY",
+    "CLUSTER_REPAIRED",
     "CLUSTER_ROLLED_BACK",
     "CLUSTER_SCALED",
     "NODE_DESTROYED",
@@ -79,6 +80,7 @@ CLUSTER_FAILED = "crv.cluster.failed"
 CLUSTER_SCALED = "crv.cluster.scaled"
 CLUSTER_DESTROYED = "crv.cluster.destroyed"
 CLUSTER_ROLLED_BACK = "crv.cluster.rolled-back"
+CLUSTER_REPAIRED = "crv.cluster.repaired"
 CLUSTER_EVENTS = frozenset(
     {
         CLUSTER_DEPLOYING,
@@ -87,6 +89,7 @@ CLUSTER_EVENTS = frozenset(
         CLUSTER_SCALED,
         CLUSTER_DESTROYED,
         CLUSTER_ROLLED_BACK,
+        CLUSTER_REPAIRED,
     }
 )
 

@@ -150,6 +150,9 @@ class NodeGroup(_Model):
     count: Count = 1
     roles: list[Name] = Field(min_length=1, max_length=64)
     scale: Scale | None = None  # none: the group keeps its count (resize refuses to change it)
+    # the resource pool its nodes go to (one named in pools.yaml, or local/sim); none: the
+    # deploy's --pool. `crv deploy --pool-for GROUP=POOL` overrides it.
+    pool: Name | None = None
     description: Text = ""
 
 

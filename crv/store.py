@@ -40,6 +40,7 @@ clusters = sa.Table(
     sa.Column("pool", sa.String(63), nullable=False),
     sa.Column("parameters", sa.JSON, nullable=False),
     sa.Column("counts", sa.JSON),  # group -> node count chosen by a resize (none: the appliance's)
+    sa.Column("pools", sa.JSON),  # group -> the pool its new nodes go to (none: `pool`)
     sa.Column("roles", sa.JSON, nullable=False),  # role -> {recipe, drain, appdir, env, depends_on}
     sa.Column("bundle", sa.LargeBinary, nullable=False),
     sa.Column("bundle_digest", sa.String(64), nullable=False),
@@ -125,6 +126,8 @@ DRAIN_STATES = ("draining", "drained", "drain_failed")
 MAX_KEYS_PER_ROLE = 256
 OUTPUT_TAIL = 4096
 LEAVING = "leaving"  # node state during a shrink: it still runs, but no longer feeds anyone
+# a node recorded `provisioning` again from these states has lost its machine: it is remade
+REMADE_FROM = ("provisioned", "enrolled", LEAVING)
 TOUCH_EVERY = 10.0  # seconds between writes of a node's last_seen
 
 
@@ -244,6 +247,7 @@ class Store:
         roles: Mapping[str, Any],
         bundle: bytes,
         counts: Mapping[str, int] | None = None,
+        pools: Mapping[str, str] | None = None,
     ) -> tuple[str, bool]:
         """Register or update; returns (bundle digest, whether the bundle changed). A changed
         bundle bumps every node's generation so agents fetch it again."""
@@ -254,6 +258,7 @@ class Store:
             "pool": pool,
             "parameters": dict(parameters),
             "counts": dict(counts or {}),
+            "pools": dict(pools or {}),
             "roles": dict(roles),
             "bundle": bundle,
             "bundle_digest": digest,
@@ -337,6 +342,7 @@ class Store:
         updates: list[dict[str, Any]] = []
         node_events: list[dict[str, Any]] = []
         new_roles: list[dict[str, Any]] = []
+        remade: list[str] = []
         with self.engine.begin() as c:
             rows = {
                 r.name: r for r in c.execute(sa.select(nodes).where(nodes.c.cluster == cluster))
@@ -384,6 +390,8 @@ class Store:
                         and wanted != row.state
                         and not (row.state == "enrolled" and wanted == "provisioned")
                     ):
+                        if wanted == "provisioning" and row.state in REMADE_FROM:
+                            remade.append(name)
                         state = wanted
                         node_events.append(
                             {
@@ -448,7 +456,33 @@ class Store:
                 c.execute(events.insert(), node_events)
             if new_roles:
                 c.execute(role_states.insert(), new_roles)
+            for name in remade:
+                self._forget_machine(c, cluster, name)
         return changed
+
+    def _forget_machine(self, c: Connection, cluster: str, name: str) -> None:
+        """The node is being made again (its machine was lost: drift, repair): the old machine's
+        certificate is revoked, what its roles published is purged, and every role runs again
+        on the new machine (the release counter goes on, so a late report of the old one is
+        refused)."""
+        self._revoke_node_certs(c, cluster, name)
+        c.execute(
+            attributes.delete().where(attributes.c.cluster == cluster, attributes.c.node == name)
+        )
+        c.execute(
+            role_states.update()
+            .where(role_states.c.cluster == cluster, role_states.c.node == name)
+            .values(state="pending", exit_code=None, output="", inputs=None, updated_at=now())
+        )
+        for r in c.execute(
+            sa.select(role_states.c.role, role_states.c.release).where(
+                role_states.c.cluster == cluster, role_states.c.node == name
+            )
+        ).all():
+            self._event(
+                c, cluster, name, r.role, "role",
+                state="pending", release=r.release, output="", attributes={},
+            )  # fmt: skip
 
     @staticmethod
     def _has_cert(c: Connection, cluster: str, name: str) -> bool:
@@ -944,6 +978,7 @@ class Store:
             "pool": cl.pool,
             "parameters": cl.parameters,
             "counts": cl.counts or {},
+            "pools": cl.pools or {},
             "ready": counts["ready"],
             "nodes": out_nodes,
         }

@@ -1,10 +1,10 @@
 """Prefect deployments: schedules, typed run forms and entry points for the flows; no logic.
 
 `build()` returns the deployments `crv up` serves (`crv serve` in the foreground):
-`deploy-appliance/crv`, `scale-role/crv` and `destroy-cluster/crv`. Each enforces its parameter
-schema, completed by `deployments.forms` from the catalog and the pools, so the Prefect UI
-renders a real form and the API refuses bad input when a run is created. `DEPLOYMENTS` is the
-list to extend (the `autoscale` deployment goes there).
+`deploy-appliance/crv`, `scale-role/crv`, `destroy-cluster/crv` and `repair-cluster/crv`.
+Each enforces its parameter schema, completed by `deployments.forms` from the catalog and the
+pools, so the Prefect UI renders a real form and the API refuses bad input when a run is
+created. `DEPLOYMENTS` is the list to extend (the `autoscale` deployment goes there).
 
 Importing this package does not import Prefect: Prefect reads its settings when first
 imported, so the caller sets `PREFECT_API_URL` and `PREFECT_HOME` first (`crv.daemons`).
@@ -66,6 +66,15 @@ DEPLOYMENTS: list[Spec] = [
         "flows.destroy:destroy_cluster",
         "Remove every node of a cluster and revoke all its certificates.",
         lambda schema, entries, pools: forms.destroy_form(schema, pools),
+        catalog_in_description=False,
+    ),
+    Spec(
+        "repair-cluster",
+        "flows.repair:repair_cluster",
+        "Bring a cluster back to its records: destroy the nodes its pools hold for it that crv "
+        "has no record of, make again the nodes missing from their pools (through every step), "
+        "and re-run the roles that read them.",
+        lambda schema, entries, pools: forms.repair_form(schema),
         catalog_in_description=False,
     ),
 ]

@@ -148,6 +148,10 @@ def appliance_rule(ref: str, appliance: Appliance) -> Schema:
                     "properties": {g: count_schema(appliance, g) for g in appliance.groups},
                     "additionalProperties": False,
                 },
+                "pools": {
+                    "type": ["object", "null"],
+                    "propertyNames": {"enum": list(appliance.groups)},
+                },
             }
         },
     }
@@ -167,6 +171,13 @@ def parameter_fields(appliance: Appliance) -> Schema:
             field["enum"] = parameter_value_schema(p)["enum"]
         fields[name] = field
     return fields
+
+
+def group_fields(appliance: Appliance) -> Schema:
+    return {
+        g: {"description": f"roles {', '.join(a.roles)}" + (f", pool {a.pool}" if a.pool else "")}
+        for g, a in appliance.groups.items()
+    }
 
 
 def count_fields(appliance: Appliance) -> Schema:
@@ -268,8 +279,22 @@ def deploy_form(
                 "description": "The appliance, from the catalog: " + "; ".join(described),
             }
         )
+    pools = list(pools)
     if "pool" in props:
         _pool_field(props["pool"], pools)
+    if "pools" in props:
+        _nullable_fields(
+            props["pools"],
+            {
+                g: {"type": "string", "title": g, "enum": pools, **field}
+                for g, field in union_fields(
+                    {ref: group_fields(e.appliance) for ref, e in entries.items()}
+                ).items()
+            },
+            "The pool of a node group, where it is not `pool` (like `crv deploy --pool-for "
+            "GROUP=POOL`; default: the group's pool in the appliance, else `pool`). Only the "
+            "chosen appliance's groups.",
+        )
     if "name" in props:
         for option in props["name"].get("anyOf", []):
             if option.get("type") == "string":
@@ -294,6 +319,14 @@ def deploy_form(
         )
     _describe(props, TUNING)
     schema["allOf"] = [appliance_rule(ref, e.appliance) for ref, e in entries.items()]
+    if "pools" in props:  # whatever the appliance, a group's pool is a known one
+        schema["allOf"].append(
+            {
+                "properties": {
+                    "pools": {"type": ["object", "null"], "additionalProperties": {"enum": pools}}
+                }
+            }
+        )
     return schema
 
 
@@ -324,6 +357,14 @@ def destroy_form(generated: Schema, pools: Iterable[str]) -> Schema:
     _name_field(props, "name", "Cluster name (see `crv list`).")
     if "pool" in props:
         _pool_field(props["pool"], pools)
+    return schema
+
+
+def repair_form(generated: Schema) -> Schema:
+    schema = copy.deepcopy(generated)
+    props: Schema = schema["properties"]
+    _name_field(props, "name", "Cluster name (see `crv list`).")
+    _describe(props, TUNING)
     return schema
 
 

@@ -33,11 +33,11 @@ from crv.executor import DagRun, StepResult, stages
 from crv.home import Home
 from crv.locks import cluster_change
 from crv.pki import CertificateAuthority
+from crv.placement import Drivers, Placement, check, place, recorded
 from crv.plan import Plan, expand, members, node_index
 from crv.retry import RetryPolicy
 from crv.store import LEAVING, natural_key
 from crv.teardown import teardown
-from pools import get_pool
 from tasks.stages import BY_KIND, drain
 
 # In-process observers (the CLI's progress bar); a flow started from the UI has none.
@@ -79,6 +79,7 @@ def summary_rows(status: dict[str, Any]) -> list[dict[str, Any]]:
         {
             "node": n["name"],
             "group": n["group"],
+            "pool": n["pool"],
             "address": n["address"] or "",
             "state": n["state"],
             "roles": ", ".join(f"{r}={v['state']}" for r, v in n["roles"].items()),
@@ -90,7 +91,9 @@ def summary_rows(status: dict[str, Any]) -> list[dict[str, Any]]:
 @flow(name="deploy-appliance", persist_result=False, log_prints=True)
 async def deploy_appliance(
     appliance: Annotated[str, Field(description="Appliance directory or catalog name (webfarm)")],
-    pool: Annotated[str, Field(description="Resource pool")] = "local",
+    pool: Annotated[
+        str, Field(description="Resource pool of the node groups no other choice names")
+    ] = "local",
     name: Annotated[
         str | None, Field(description="Cluster name (default: the appliance's)")
     ] = None,
@@ -106,6 +109,13 @@ async def deploy_appliance(
     ] = None,
     wait: Annotated[float | None, WAIT] = None,
     on_failure: Annotated[OnFailure | None, ON_FAILURE] = None,
+    pools: Annotated[
+        dict[str, str] | None,
+        Field(
+            description="Resource pool per node group, like --pool-for GROUP=POOL (default: "
+            "the group's pool in the appliance, else `pool`)"
+        ),
+    ] = None,
 ) -> dict[str, Any]:
     for listener in STARTED_LISTENERS:
         listener(str(flow_run.id))
@@ -113,6 +123,8 @@ async def deploy_appliance(
     loaded = load_appliance(locate(appliance), parameters or {})
     cluster = name or loaded.name
     expand(with_counts(loaded, counts or {}), cluster)  # bad input fails before the wait
+    placement = place(loaded, pool, pools)
+    check(home, loaded, placement, pools)
     async with cluster_change(cluster, wait=wait):
         # a deploy again of a resized cluster keeps the sizes it was given, but those asked for
         service = AsyncService(home, endpoints.service_url)
@@ -123,7 +135,7 @@ async def deploy_appliance(
         result = await converge(
             loaded,
             cluster,
-            pool,
+            placement,
             counts=counts,
             on_failure=on_failure,
             timeouts=Timeouts(boot=boot_timeout, recipe=recipe_timeout),
@@ -159,7 +171,7 @@ async def _recorded_counts(service: AsyncService, cluster: str, appliance: str) 
 async def converge(
     loaded: Appliance,
     cluster: str,
-    pool: str,
+    placement: Placement,
     *,
     counts: dict[str, int],
     on_failure: str | None,
@@ -169,6 +181,7 @@ async def converge(
     """Bring `cluster` to `loaded` with `counts` (deploy, resume and resize all come here):
     every step along the DAG, skipping what is already done; nodes beyond the counts are
     drained, let go by their dependents, then removed. Completed only when every verify passed.
+    New nodes go to their group's pool (`placement`); a node stays in the pool it was made in.
 
     On failure, `on_failure` (default: the appliance's) says what stays: `keep` leaves
     everything for a run again to resume from; `rollback` removes what this run added and
@@ -180,7 +193,7 @@ async def converge(
         appliance = with_counts(loaded, counts)
         existing = [(n["name"], n["group"]) for n in before["nodes"]] if before else []
         indices = members(appliance, cluster, existing)
-        change = _Change(home, endpoints, service, cluster, pool, timeouts, retries)
+        change = _Change(home, endpoints, service, cluster, placement, timeouts, retries)
         try:
             return await change.run(loaded, counts, indices, drain=True)
         except DeployFailed as e:
@@ -202,7 +215,7 @@ async def _status(service: AsyncService, cluster: str) -> dict[str, Any] | None:
 
 
 class _Change:
-    """One converge of a cluster: its pool, CA, service connection and options."""
+    """One converge of a cluster: its pools, CA, service connection and options."""
 
     def __init__(
         self,
@@ -210,12 +223,13 @@ class _Change:
         endpoints: daemons.Endpoints,
         service: AsyncService,
         cluster: str,
-        pool: str,
+        placement: Placement,
         timeouts: Timeouts,
         retries: int,
     ) -> None:
         self.home, self.endpoints, self.service = home, endpoints, service
-        self.cluster, self.pool = cluster, pool
+        self.cluster, self.placement = cluster, placement
+        self.drivers = Drivers(home)
         self.timeouts, self.retries = timeouts, retries
         self.logger = get_run_logger()
 
@@ -232,7 +246,8 @@ class _Change:
         ca = CertificateAuthority.create_or_load(self.home.ca_dir)
         run = ClusterRun(
             plan,
-            get_pool(self.pool, self.home.pool_dir(self.pool)),
+            self.placement,
+            self.drivers,
             self.service,
             service_url=self.endpoints.service_url,
             ca_pem=ca.certificate_pem.decode(),
@@ -242,7 +257,7 @@ class _Change:
             counts=counts,
         )
         emit_cluster = functools.partial(
-            events.cluster_event, self.cluster, plan.appliance.name, self.pool
+            events.cluster_event, self.cluster, plan.appliance.name, self.placement.default
         )
         started = time.monotonic()
         kept: dict[str, str] = {}
@@ -287,7 +302,7 @@ class _Change:
                 f"; removing {', '.join(v['name'] for v in victims)}" if victims else "",
             )
             emit_cluster("deploying", nodes=len(plan.nodes), steps=dag.total)
-            dag.step_listeners.append(_node_milestones(plan, self.pool))
+            dag.step_listeners.append(_node_milestones(plan, run.pool_of))
             status = await _run_stages(plan, dag, run)
         finally:
             await run.close()
@@ -297,7 +312,7 @@ class _Change:
             message = failure_message(dag)
             emit_cluster("failed", error=message, seconds=round(elapsed, 3))
             raise DeployFailed(message)  # the victims stay, leaving: a run again removes them
-        revoked = await remove_nodes(self.service, self.home, self.cluster, victims)
+        revoked = await remove_nodes(self.service, self.drivers, self.cluster, victims)
         for v in victims:
             events.node_event(self.cluster, plan.appliance.name, v["pool"], v["name"], "destroyed")
         if victims:
@@ -324,12 +339,16 @@ class _Change:
         counts recorded before the run (the dependents let the added nodes go first)."""
         self.logger.warning("cluster %s: rolling back", self.cluster)
         if before is None:
-            pool = get_pool(self.pool, self.home.pool_dir(self.pool))
             sync = Service(self.home, self.endpoints.service_url)
-            gone = await asyncio.to_thread(teardown, self.cluster, pool, sync)
+            gone = await asyncio.to_thread(
+                teardown, self.cluster, self.drivers, sync, self.placement.names()
+            )
             what = f"removed the new cluster ({gone.destroyed} nodes, {gone.revoked} certificates)"
-            events.cluster_event(self.cluster, gone.appliance, self.pool, "rolled-back", to="none")
+            events.cluster_event(
+                self.cluster, gone.appliance, self.placement.default, "rolled-back", to="none"
+            )
         else:
+            self.placement = recorded(before)
             counts = dict(before.get("counts") or {})
             loaded = load_recorded(before["source"], before["parameters"] or {}, counts)
             existing = [(n["name"], n["group"]) for n in before["nodes"]]
@@ -342,7 +361,7 @@ class _Change:
                 f" ({', '.join(result['removed'])})" if result["removed"] else ""
             )
             events.cluster_event(
-                self.cluster, before["appliance"], self.pool, "rolled-back",
+                self.cluster, before["appliance"], self.placement.default, "rolled-back",
                 to="previous", removed=result["removed"],
             )  # fmt: skip
         self.logger.warning("cluster %s: %s", self.cluster, what)
@@ -378,20 +397,21 @@ async def drain_nodes(run: ClusterRun, victims: list[dict[str, Any]]) -> dict[st
 
 
 async def remove_nodes(
-    service: AsyncService, home: Home, cluster: str, victims: list[dict[str, Any]]
+    service: AsyncService, drivers: Drivers, cluster: str, victims: list[dict[str, Any]]
 ) -> int:
     """Destroy the victims in their pools, then forget them (which revokes their certificates
     and purges their attributes). In that order: a node is never gone from crv's records while
     its pool still holds it."""
     revoked = 0
     for v in victims:
-        driver = get_pool(v["pool"], home.pool_dir(v["pool"]))
-        await asyncio.to_thread(driver.destroy_node, v["name"])
+        await asyncio.to_thread(drivers(v["pool"]).destroy_node, v["name"])
         revoked += len(await service.delete_node(cluster, v["name"]))
     return revoked
 
 
-def _node_milestones(plan: Plan, pool: str) -> Callable[[str, StepResult], None]:
+def _node_milestones(
+    plan: Plan, pool_of: Callable[[str], str]
+) -> Callable[[str, StepResult], None]:
     """A step listener that emits `crv.node.verified` when a node's last step passed and
     `crv.node.failed` when one of its steps failed for good."""
     left: dict[str, int] = {}
@@ -404,10 +424,12 @@ def _node_milestones(plan: Plan, pool: str) -> Callable[[str, StepResult], None]
         if result.state == "ok":
             left[node] -= 1
             if left[node] == 0:
-                events.node_event(plan.cluster, plan.appliance.name, pool, node, "verified")
+                events.node_event(
+                    plan.cluster, plan.appliance.name, pool_of(node), node, "verified"
+                )
         elif result.state == "failed":
             events.node_event(
-                plan.cluster, plan.appliance.name, pool, node, "failed",
+                plan.cluster, plan.appliance.name, pool_of(node), node, "failed",
                 step=sid, attempts=result.attempts, error=result.error,
             )  # fmt: skip
 
@@ -419,9 +441,15 @@ async def publish_summary(cluster: str, status: dict[str, Any]) -> None:
     await acreate_table_artifact(
         key=f"cluster-{cluster}",
         table=summary_rows(status),
-        description=f"Cluster {cluster} ({status['appliance']}) on pool {status['pool']}: "
+        description=f"Cluster {cluster} ({status['appliance']}) on "
+        f"{_pools_text(status)}: "
         f"{len(status['nodes'])} nodes, {'ready' if status['ready'] else 'not ready'}",
     )
+
+
+def _pools_text(status: dict[str, Any]) -> str:
+    used = sorted({n["pool"] for n in status["nodes"]} or {status["pool"]})
+    return f"pool{'s' if len(used) > 1 else ''} {', '.join(used)}"
 
 
 async def _run_stages(plan: Plan, dag: DagRun, run: ClusterRun) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from crv.appliance import load_recorded
 from crv.client import AsyncService, ServiceError
 from crv.deploy import Timeouts
 from crv.locks import cluster_change
+from crv.placement import recorded
 from flows.deploy import (
     ON_FAILURE,
     WAIT,
@@ -66,7 +67,7 @@ async def scale_role(
         result = await converge(
             loaded,
             name,
-            status["pool"],
+            recorded(status),
             counts=counts,
             on_failure=on_failure,
             timeouts=Timeouts(boot=boot_timeout, recipe=recipe_timeout),

@@ -10,19 +10,20 @@ from prefect.cache_policies import NO_CACHE
 from crv import daemons
 from crv.client import Service
 from crv.home import Home
+from crv.placement import Drivers
 from crv.teardown import teardown
-from pools import get_pool
 from tasks.policy import task_options
 
 
 @task(name="deprovision", cache_policy=NO_CACHE, persist_result=False, **task_options())
 def deprovision(cluster: str, pool: str) -> dict[str, Any]:
+    """Every pool the cluster's record names is swept, and `pool` too."""
     home = Home.from_env()
     endpoints = daemons.running(home)
     if endpoints is None:
         raise daemons.DaemonError(f"the crv service is not running for {home.root}: run `crv up`")
     service = Service(home, endpoints.service_url)
-    result = teardown(cluster, get_pool(pool, home.pool_dir(pool)), service)
+    result = teardown(cluster, Drivers(home), service, [pool])
     return {
         "cluster": result.cluster,
         "appliance": result.appliance,

@@ -57,7 +57,12 @@ CLIENT = textwrap.dedent(
     """
 )
 
-DEPLOYMENTS = ("deploy-appliance/crv", "scale-role/crv", "destroy-cluster/crv")
+DEPLOYMENTS = (
+    "deploy-appliance/crv",
+    "scale-role/crv",
+    "destroy-cluster/crv",
+    "repair-cluster/crv",
+)
 
 
 def api_url(crv: Crv) -> str:
@@ -169,6 +174,11 @@ def test_up_serves_the_deployments_with_typed_forms(crv: Crv) -> None:
     assert scale["properties"]["count"]["minimum"] == 0
     destroy = deployment(crv, "destroy-cluster/crv")["parameter_openapi_schema"]
     assert destroy["properties"]["pool"]["enum"] == ["local", "sim"]
+    pools = props["pools"]["anyOf"][0]["properties"]
+    assert pools["worker"]["enum"] == ["local", "sim"]
+    assert "webfarm: roles web" in pools["worker"]["description"]
+    repair = deployment(crv, "repair-cluster/crv")["parameter_openapi_schema"]
+    assert repair["required"] == ["name"]
 
     # `crv serve` will not start a second one
     second = crv("serve", timeout=60)
@@ -201,6 +211,13 @@ def test_up_serves_the_deployments_with_typed_forms(crv: Crv) -> None:
             "'counts.worker'",
         ),
         ("deploy-appliance/crv", {"appliance": "webfarm", "name": "No Such"}, "'name'"),
+        (
+            "deploy-appliance/crv",
+            {"appliance": "webfarm", "pools": {"worker": "cloud9"}},
+            "'pools.worker'",
+        ),
+        ("deploy-appliance/crv", {"appliance": "webfarm", "pools": {"nosuch": "sim"}}, "'pools'"),
+        ("repair-cluster/crv", {"name": "No Such"}, "'name'"),
         ("scale-role/crv", {"name": "apifarm", "group": "worker", "count": -1}, "'count'"),
         ("destroy-cluster/crv", {"name": "apifarm", "pool": "cloud9"}, "'pool'"),
     ],

@@ -89,6 +89,7 @@ class ClusterSpec(_Body):
     pool: Name
     parameters: dict[str, Any] = {}
     counts: dict[Name, Annotated[int, Field(ge=0, le=100_000)]] = {}
+    pools: dict[Name, Name] = {}  # group -> pool, where it is not `pool`
     roles: dict[str, RoleSpec]
     bundle: str
 
@@ -435,6 +436,7 @@ def create_app(store: Store, ca: CertificateAuthority) -> FastAPI:
             pool=body.pool,
             parameters=body.parameters,
             counts=body.counts,
+            pools=body.pools,
             roles={r: s.model_dump() for r, s in body.roles.items()},
             bundle=bundle,
         )

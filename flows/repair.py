@@ -1,0 +1,90 @@
+"""The `repair-cluster` flow: bring a cluster back to its records when its pools drifted.
+
+Drift (crv.placement.drift) is what the pools hold for the cluster against what crv recorded:
+a node missing from its pool (deleted by hand, lost with its host, stopped) and a node its pool
+holds tagged for the cluster that crv has no record of (an orphan). Repair says what it found,
+destroys the orphans, then converges the cluster on its recorded appliance, parameters, counts
+and placement: a missing node is made again through the normal steps (provision, certify with a
+new certificate - the lost machine's is revoked - contextualize, verify), and the roles that read
+it run again if what they read changed. It holds the cluster's change slot like any change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from prefect import flow, get_run_logger
+from pydantic import Field
+
+from crv import events
+from crv.appliance import load_recorded
+from crv.client import AsyncService, ServiceError
+from crv.deploy import Timeouts
+from crv.locks import cluster_change
+from crv.placement import Drivers, drift, recorded
+from flows.deploy import WAIT, DeployFailed, converge, raise_if_kept, running_service
+
+
+@flow(name="repair-cluster", persist_result=False, log_prints=True)
+async def repair_cluster(
+    name: Annotated[str, Field(description="Cluster name")],
+    boot_timeout: Annotated[float, Field(gt=0, le=7200)] = 300.0,
+    recipe_timeout: Annotated[float, Field(gt=0, le=86400)] = 1800.0,
+    retries: Annotated[int, Field(ge=0, le=10)] = 2,
+    wait: Annotated[float | None, WAIT] = None,
+) -> dict[str, Any]:
+    logger = get_run_logger()
+    home, endpoints = running_service()
+    drivers = Drivers(home)
+    async with cluster_change(name, wait=wait):
+        service = AsyncService(home, endpoints.service_url)
+        try:
+            status = await service.status(name)
+        except ServiceError as e:
+            if e.status == 404:
+                raise DeployFailed(f"no cluster {name!r}") from None
+            raise
+        finally:
+            await service.close()
+        found = await asyncio.to_thread(drift, status, drivers)
+        if found.unreachable:
+            pool, why = next(iter(found.unreachable.items()))
+            raise DeployFailed(f"cannot repair {name}: pool {pool} was not reachable: {why}")
+        for n in found.missing:
+            logger.warning(
+                "%s is missing from pool %s (%s): it will be made again", n["name"], n["pool"],
+                n["state"],
+            )  # fmt: skip
+        for n in found.orphans:
+            logger.warning(
+                "%s in pool %s is tagged for cluster %s but crv has no record of it: destroying it",
+                n["name"], n["pool"], name,
+            )  # fmt: skip
+            await asyncio.to_thread(drivers(n["pool"]).destroy_node, n["name"])
+            events.node_event(name, status["appliance"], n["pool"], n["name"], "destroyed")
+        counts = dict(status.get("counts") or {})
+        result = await converge(
+            load_recorded(status["source"], status["parameters"] or {}, counts),
+            name,
+            recorded(status),
+            counts=counts,
+            on_failure="keep",  # a repair that fails leaves what it made for a run again
+            timeouts=Timeouts(boot=boot_timeout, recipe=recipe_timeout),
+            retries=retries,
+        )
+        events.cluster_event(
+            name, status["appliance"], status["pool"], "repaired",
+            remade=[n["name"] for n in found.missing],
+            orphans_destroyed=[n["name"] for n in found.orphans],
+        )  # fmt: skip
+    raise_if_kept(result)
+    logger.info(
+        "cluster %s repaired: %d nodes made again, %d orphans destroyed",
+        name, len(found.missing), len(found.orphans),
+    )  # fmt: skip
+    return {
+        **result,
+        "remade": [n["name"] for n in found.missing],
+        "orphans_destroyed": [n["name"] for n in found.orphans],
+    }
