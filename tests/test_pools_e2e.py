@@ -7,8 +7,8 @@ bootstrap the pool handed over (EC2's `userData` attribute; the seed ISO on the 
 and runs the agent it carries. So certify, contextualize and verify pass for nodes provisioned
 through those pools only if what the pool delivered is all a machine needs. The workers'
 recipes publish an attribute the head's recipe reads and the verify checks: they do not listen
-on the network, since the machines have no address of their own here (made-up ones from moto, none from
-the test driver).
+on the network, since the machines have no address of their own here (made-up ones from moto,
+none from the test driver).
 """
 
 from __future__ import annotations
