@@ -63,7 +63,9 @@ crv-agent list work id | sort > "$CRV_PARAM_OUT/head-view.txt"
 def crv(tmp_path_factory: pytest.TempPathFactory, moto_ec2: MotoServer) -> Iterator[Crv]:
     home = tmp_path_factory.mktemp("crv-home")
     vm = libvirt_options().model_dump(mode="json", exclude_defaults=True)
+    bad_image = ec2_options(moto_ec2.port, image="ami-00000000deadbeef")
     pools = {"ec2": {"driver": "libcloud", "options": ec2_options(moto_ec2.port)},
+             "ec2-noimage": {"driver": "libcloud", "options": bad_image},
              "vm": {"driver": "libvirt", "options": vm}}  # fmt: skip
     (home / "pools.yaml").write_text(yaml.safe_dump({"pools": pools}))
     c = Crv(home)
@@ -149,3 +151,38 @@ def test_workers_on_libvirt_deploy_through_every_step(crv: Crv, tmp_path: Path) 
         "virty-worker-0-on-ok", "virty-worker-1-on-ok",
     ]  # fmt: skip
     assert "destroyed virty: 3 nodes removed" in outputs[2]
+
+
+def test_missing_credentials_are_bad_input_and_nothing_is_made(crv: Crv, tmp_path: Path) -> None:
+    directory, _ = anywhere(tmp_path)
+    env = {k: v for k, v in crv.env.items() if k != KEY_VAR}
+    r = subprocess.run(
+        [sys.executable, "-m", "crv", "deploy", str(directory), "--name", "nocreds",
+         "--pool-for", "worker=ec2"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
+    )  # fmt: skip
+    assert (r.returncode, r.stderr) == (
+        2, f"error: pool ec2: option key: environment variable {KEY_VAR} is unset or empty\n"
+    )  # fmt: skip
+    assert "nocreds" not in crv("list").stdout
+
+
+def test_an_image_the_cloud_lacks_fails_at_once_and_rolls_back_every_pool(
+    crv: Crv, moto_ec2: MotoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from crv.home import Home
+    from crv.placement import Drivers
+
+    directory, out = anywhere(tmp_path)
+    r = crv("deploy", str(directory), "--name", "noimage", "--set", f"out={out}",
+            "--pool-for", "worker=ec2-noimage", "--on-failure", "rollback")  # fmt: skip
+    assert r.returncode == 1
+    error = r.stderr.strip().splitlines()[-1]
+    assert "noimage-worker-0:provision failed after 1 attempts" in error  # permanent: no retry
+    assert "option image" in error and "rolled back: removed the new cluster" in error
+    monkeypatch.setenv(KEY_VAR, "testing")
+    monkeypatch.setenv(SECRET_VAR, "testing")
+    drivers = Drivers(Home(crv.home))
+    assert drivers("ec2-noimage").list_nodes("noimage") == []
+    assert drivers("local").list_nodes("noimage") == []
+    assert "noimage" not in crv("list").stdout
