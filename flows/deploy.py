@@ -205,6 +205,19 @@ async def converge(
         await service.close()
 
 
+async def require_cluster(name: str) -> dict[str, Any]:
+    """The cluster's recorded status (a resize and a repair start from it)."""
+    home, endpoints = running_service()
+    service = AsyncService(home, endpoints.service_url)
+    try:
+        status = await _status(service, name)
+    finally:
+        await service.close()
+    if status is None:
+        raise DeployFailed(f"no cluster {name!r}")
+    return status
+
+
 async def _status(service: AsyncService, cluster: str) -> dict[str, Any] | None:
     try:
         return await service.status(cluster)

@@ -19,11 +19,17 @@ from pydantic import Field
 
 from crv import events
 from crv.appliance import load_recorded
-from crv.client import AsyncService, ServiceError
 from crv.deploy import Timeouts
 from crv.locks import cluster_change
 from crv.placement import Drivers, drift, recorded
-from flows.deploy import WAIT, DeployFailed, converge, raise_if_kept, running_service
+from flows.deploy import (
+    WAIT,
+    DeployFailed,
+    converge,
+    raise_if_kept,
+    require_cluster,
+    running_service,
+)
 
 
 @flow(name="repair-cluster", persist_result=False, log_prints=True)
@@ -35,18 +41,10 @@ async def repair_cluster(
     wait: Annotated[float | None, WAIT] = None,
 ) -> dict[str, Any]:
     logger = get_run_logger()
-    home, endpoints = running_service()
+    home, _ = running_service()
     drivers = Drivers(home)
     async with cluster_change(name, wait=wait):
-        service = AsyncService(home, endpoints.service_url)
-        try:
-            status = await service.status(name)
-        except ServiceError as e:
-            if e.status == 404:
-                raise DeployFailed(f"no cluster {name!r}") from None
-            raise
-        finally:
-            await service.close()
+        status = await require_cluster(name)
         found = await asyncio.to_thread(drift, status, drivers)
         if found.unreachable:
             pool, why = next(iter(found.unreachable.items()))

@@ -22,19 +22,10 @@ from pydantic import Field
 
 from crv import events
 from crv.appliance import load_recorded
-from crv.client import AsyncService, ServiceError
 from crv.deploy import Timeouts
 from crv.locks import cluster_change
 from crv.placement import recorded
-from flows.deploy import (
-    ON_FAILURE,
-    WAIT,
-    DeployFailed,
-    OnFailure,
-    converge,
-    raise_if_kept,
-    running_service,
-)
+from flows.deploy import ON_FAILURE, WAIT, OnFailure, converge, raise_if_kept, require_cluster
 
 
 @flow(name="scale-role", persist_result=False, log_prints=True)
@@ -49,17 +40,8 @@ async def scale_role(
     on_failure: Annotated[OnFailure | None, ON_FAILURE] = None,
 ) -> dict[str, Any]:
     logger = get_run_logger()
-    home, endpoints = running_service()
     async with cluster_change(name, wait=wait):
-        service = AsyncService(home, endpoints.service_url)
-        try:
-            status = await service.status(name)
-        except ServiceError as e:
-            if e.status == 404:
-                raise DeployFailed(f"no cluster {name!r}") from None
-            raise
-        finally:
-            await service.close()
+        status = await require_cluster(name)
         counts = {**(status.get("counts") or {}), group: count}
         loaded = load_recorded(status["source"], status["parameters"] or {}, counts)
         before = sum(1 for n in status["nodes"] if n["group"] == group)

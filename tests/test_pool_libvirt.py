@@ -9,14 +9,9 @@ check the storage pool or network a domain names, so the pool looks both up itse
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import ssl
 import stat
-import subprocess
-import sys
-import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -27,7 +22,6 @@ import pycdlib
 import pytest
 from pydantic import ValidationError
 
-from crv.home import Home
 from pools import cloudinit
 from pools.base import TAG_CLUSTER, TAG_NODE, NodeSpec, Pool, PoolError
 from pools.libvirt import NAMESPACE, LibvirtOptions, LibvirtPool
@@ -466,62 +460,5 @@ def test_node_names_are_checked(pool: LibvirtPool) -> None:
         assert not exc.value.temporary
 
 
-# -- bootstrap data proven end to end ----------------------------------------------------------
-
-
-def test_seed_iso_bootstraps_the_real_agent_against_the_real_service(tmp_path: Path) -> None:
-    """What the pool put on the seed ISO is all a node needs: the agent and bootstrap.json
-    taken from its user-data, run as cloud-init would lay them out, enrol with the real
-    service (python -m crv.service, its own CRV_HOME) and the token is spent."""
-    from tests.test_service_security import Service, _free_port, node_state, setup_cluster
-
-    root = tmp_path / "crv-home"
-    root.mkdir()
-    svc = Service(Home(root), _free_port(), root / "service.log")
-    svc.start()
-    agent_proc: subprocess.Popen[bytes] | None = None
-    pool = make_pool(tmp_path)
-    cluster = unique("t-e2e")
-    name = f"{cluster}-web-0"
-    try:
-        with svc.admin() as admin:
-            token = setup_cluster(svc, admin, cluster, nodes=[(name, "web")])[name]
-            ca_pem = svc.home.ca_file.read_text()
-            bootstrap = {
-                "service": svc.url,
-                "ca": ca_pem,
-                "ca_sha256": hashlib.sha256(ssl.PEM_cert_to_DER_cert(ca_pem)).hexdigest(),
-                "cluster": cluster,
-                "node": name,
-                "token": token,
-            }
-            pool.create_node(NodeSpec(name, cluster, "web", bootstrap=bootstrap))
-            _, files = read_iso((pool.state_dir / "seeds" / f"{name}-seed.iso").read_bytes())
-            written = cloudinit.parse(files["user-data"])
-
-            agent = tmp_path / "crv-agent"
-            agent.write_bytes(written[cloudinit.AGENT_PATH])
-            home = tmp_path / "agent-home"
-            home.mkdir(mode=0o700)
-            (home / "bootstrap.json").write_bytes(written[cloudinit.BOOTSTRAP_PATH])
-            (home / "bootstrap.json").chmod(0o600)
-            with open(tmp_path / "agent.log", "wb") as log:
-                agent_proc = subprocess.Popen(
-                    [sys.executable, str(agent), "run", "--home", str(home), "--deadline", "30"],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            deadline = time.monotonic() + 30
-            while node_state(admin, cluster, name)["state"] != "enrolled":
-                assert agent_proc.poll() is None, (tmp_path / "agent.log").read_text()
-                assert time.monotonic() < deadline, (tmp_path / "agent.log").read_text()
-                time.sleep(0.1)
-            assert TOKEN not in svc.log_since(0) and token not in svc.log_since(0)
-            assert token not in (tmp_path / "agent.log").read_text()
-    finally:
-        if agent_proc is not None:
-            agent_proc.terminate()
-            agent_proc.wait(10)
-        svc.stop()
-        pool.destroy_node(name)
+# The bootstrap data proven end to end (the real agent enrolling from the seed ISO) is in
+# tests/test_machines.py; a whole deploy through this pool is in tests/test_pools_e2e.py.
