@@ -38,12 +38,17 @@ CLIENT = textwrap.dedent(
     with httpx.Client(base_url=api, timeout=30) as http:
         found = http.get(f"/deployments/name/{deployment}")
         found.raise_for_status()
-        created = http.post(
-            f"/deployments/{found.json()['id']}/create_flow_run",
-            json={"parameters": parameters},
-        )
+        for attempt in range(4):  # a server error (SQLite busy under load) is worth a retry
+            created = http.post(
+                f"/deployments/{found.json()['id']}/create_flow_run",
+                json={"parameters": parameters},
+            )
+            if created.status_code < 500:
+                break
+            time.sleep(1 + attempt)
         if created.status_code >= 400:
-            print(json.dumps({"http": created.status_code, "detail": created.json()["detail"]}))
+            body = created.json()
+            print(json.dumps({"http": created.status_code, "detail": body.get("detail", body)}))
             sys.exit(0)
         run_id = created.json()["id"]
         deadline = time.monotonic() + 120
