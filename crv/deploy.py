@@ -26,7 +26,7 @@ from crv import verify
 from crv.bundle import Bundle, build
 from crv.client import AsyncService, ServiceError
 from crv.errors import CrvError
-from crv.placement import Placement
+from crv.placement import ALIVE, Placement
 from crv.plan import Plan
 from crv.store import DRAIN_STATES, LEAVING
 from pools.base import NodeSpec, Pool
@@ -328,7 +328,7 @@ class ClusterRun:
         assert self._node_updates is not None and self._tokens is not None
         pool = self.drivers(self.pool_of(node))
         existing = await self._in_thread(pool.get_node, node)
-        alive = existing is not None and existing.state in ("running", "pending")
+        alive = existing is not None and existing.state in ALIVE
         if existing is not None and alive and self.mirror.nodes.get(node) == "enrolled":
             self.mirror.addresses[node] = existing.address
             await self._node_updates.submit(

@@ -10,7 +10,7 @@ pool about it, whatever the group's pool is now.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,7 +109,7 @@ class Drift:
         return {"missing": self.missing, "orphans": self.orphans, "unreachable": self.unreachable}
 
 
-def drift(status: Mapping[str, Any], drivers: Drivers, also: Iterable[str] = ()) -> Drift:
+def drift(status: Mapping[str, Any], drivers: Drivers) -> Drift:
     """Ask each pool the cluster uses for the nodes tagged with it (one list call per pool) and
     compare with the records. A recorded node is missing when its pool does not hold it, or holds
     it stopped; nodes still `planned` or `provisioning` are a change under way, not drift. A node
@@ -118,7 +118,7 @@ def drift(status: Mapping[str, Any], drivers: Drivers, also: Iterable[str] = ())
     cluster = status["name"]
     recorded_nodes = {n["name"]: n for n in status["nodes"]}
     out = Drift()
-    for name in pools_of(status, *also):
+    for name in pools_of(status):
         try:
             held = {n.name: n for n in drivers(name).list_nodes(cluster)}
         except CrvError as exc:
