@@ -343,6 +343,97 @@ def install_ca(home: Path, boot: dict) -> Path:
     return path
 
 
+# A network-booted machine (bare metal) has no user-data: its bootstrap comes on the kernel
+# command line as crv.KEY=VALUE words. The line is short (2 KiB on x86), so it carries the CA's
+# fingerprint, not the CA: the CA is fetched from the service and trusted only if it matches.
+CMDLINE_KEYS = ("service", "ca_sha256", "cluster", "node", "token", "callback")
+CMDLINE_VALUE_RE = re.compile(r"[A-Za-z0-9._~:/?#@!$&'()*+,;=%-]{1,512}")
+
+
+def parse_cmdline(text: str) -> dict:
+    """The crv.* words of a kernel command line; anything else on it is the OS's business."""
+    boot = {}
+    for word in text.split():
+        key, sep, value = word.partition("=")
+        if not key.startswith("crv.") or not sep:
+            continue
+        name = key[4:]
+        if name not in CMDLINE_KEYS:
+            raise ConfigError(f"kernel command line: unknown parameter {key!r}")
+        if not CMDLINE_VALUE_RE.fullmatch(value):
+            raise ConfigError(f"kernel command line: {key} has characters a URL or name lacks")
+        boot[name] = value
+    return boot
+
+
+def fetch_ca(service_url: str, deadline: float) -> str:
+    """The service's CA certificate, over TLS that cannot be verified yet: what comes back is
+    trusted only after install_ca has matched it against the pinned fingerprint."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    service = Service(service_url, context)
+    try:
+        resp = call(service, "GET", "/v1/ca", deadline=deadline, limit=64 << 10)
+    except Unreachable as e:
+        raise Unreachable(f"could not fetch the CA before the deadline: {e}") from None
+    finally:
+        service.close()
+    if resp.status != 200:
+        raise Refused(f"GET /v1/ca: {resp.detail()}")
+    return resp.body.decode("ascii", "replace")
+
+
+def bootstrap_from_cmdline(home: Path, cmdline: Path, deadline: float) -> None:
+    """Writes bootstrap.json from the kernel command line, once: after a restart the file (with
+    the token scrubbed) is what counts, never the command line's spent token."""
+    if (home / "bootstrap.json").exists():
+        return
+    try:
+        text = cmdline.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise ConfigError(f"{cmdline}: cannot read: {e.strerror or e}") from None
+    boot = parse_cmdline(text)
+    for field in ("service", "ca_sha256", "cluster", "node", "token"):
+        if field not in boot:
+            raise ConfigError(f"{cmdline}: no crv.{field}= on the kernel command line")
+    boot["ca"] = fetch_ca(boot["service"], deadline)
+    write_file(home / "bootstrap.json", json.dumps(boot, indent=1).encode(), 0o600)
+
+
+def call_back(home: Path, boot: dict, deadline: float) -> None:
+    """Tells whoever booted this machine (the bare-metal pool's boot service) that it came up
+    and enrolled, so the machine is not written off as one that never booted. Best effort: the
+    service already knows the node enrolled; the URL carries a one-boot nonce."""
+    url = boot.get("callback")
+    if not url:
+        return
+    parts = urllib.parse.urlsplit(url)
+    backoff = Backoff(cap=2.0)
+    while True:
+        try:
+            https = parts.scheme == "https"
+            kind = http.client.HTTPSConnection if https else http.client.HTTPConnection
+            conn = kind(parts.hostname, parts.port, timeout=10)
+            try:
+                target = parts.path + (f"?{parts.query}" if parts.query else "")
+                conn.request("POST", target, body=b"", headers={"User-Agent": "crv-agent"})
+                status = conn.getresponse().status
+            finally:
+                conn.close()
+            if status < 500:
+                if status >= 300:
+                    log(f"the boot service answered the call-back with HTTP {status}")
+                break
+        except (OSError, http.client.HTTPException) as e:
+            if time.monotonic() + 1 > deadline:
+                log(f"could not call back the boot service: {e}")
+                break
+        time.sleep(backoff.next())
+    del boot["callback"]
+    write_file(home / "bootstrap.json", json.dumps(boot, indent=1).encode(), 0o600)
+
+
 def forget_token(home: Path, boot: dict) -> None:
     """The token is single-use; once enrolled it is only something to steal."""
     if "token" in boot:
@@ -965,9 +1056,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{home} is not a directory")
     signal.signal(signal.SIGTERM, _on_sigterm)
     _lock(home)
+    deadline = time.monotonic() + args.deadline
+    if args.cmdline:
+        bootstrap_from_cmdline(home, Path(args.cmdline), deadline)
     boot = load_bootstrap(home)
     install_ca(home, boot)
-    enrol(home, boot, time.monotonic() + args.deadline)
+    enrol(home, boot, deadline)
+    call_back(home, boot, deadline)
     return serve(home, boot, args.recipe_timeout)
 
 
@@ -1045,6 +1140,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[home], help="enrol, then run this node's recipes")
     run.add_argument("--deadline", type=float, default=600.0, help="seconds to enrol (600)")
     run.add_argument("--recipe-timeout", type=float, default=1800.0, help="seconds (1800)")
+    run.add_argument(
+        "--cmdline",
+        metavar="FILE",
+        help="take the bootstrap from crv.* words of a kernel command line (/proc/cmdline)",
+    )
     run.set_defaults(func=cmd_run)
 
     setp = sub.add_parser("set", parents=[home], help="publish KEY=VALUE for $CRV_ROLE")

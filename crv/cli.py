@@ -168,6 +168,8 @@ def _ensure_up(home: Home, *, quiet: bool = False) -> daemons.Endpoints:
         if not quiet:
             err_console.print(f"starting the crv service and a Prefect server in {home.root} ...")
         endpoints = daemons.up(home)
+    else:
+        daemons.ensure_boot_services(home)  # a bare-metal pool added since `crv up`
     os.environ.update(daemons.prefect_env(home, endpoints.prefect_api_url))
     return endpoints
 
@@ -580,6 +582,12 @@ def pools_check(
         print(f"ok: pool {name}: reachable; {len(nodes)} crv nodes" + (
             f" of {len(clusters)} clusters ({', '.join(clusters)})" if clusters else ""
         ))  # fmt: skip
+
+
+from crv.baremetal_cli import baremetal_app, pxe_app  # noqa: E402  (it uses the helpers above)
+
+app.add_typer(baremetal_app, name="baremetal")
+app.add_typer(pxe_app, name="pxe")
 
 
 def main() -> None:

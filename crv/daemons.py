@@ -301,7 +301,58 @@ def up(home: Home, *, serve: bool = True) -> Endpoints:
     ep = running(home)
     if ep is None:
         raise DaemonError(f"crv did not come up: {results}")
+    ensure_boot_services(home)
     return ep
+
+
+# -- the boot services of bare-metal pools ---------------------------------------------------
+
+
+def _boot_record(home: Home, pool: str) -> Path:
+    return home.pool_dir(pool) / "boot-service.json"
+
+
+def _boot_healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=2) as r:
+            return bool(r.status == 200)
+    except (OSError, ValueError):
+        return False
+
+
+def ensure_boot_services(home: Home) -> list[str]:
+    """Start the boot service (TFTP + HTTP, pools/baremetal/boot.py) of every bare-metal pool
+    in pools.yaml that lacks one; the pools whose service was started. Cheap when all run: one
+    health request per bare-metal pool."""
+    from pools import config
+
+    started = []
+    for pool in config.load(config.config_file(home.root)).values():
+        if pool.driver != "baremetal":
+            continue
+        from pools.baremetal.pool import BaremetalPool
+
+        url = BaremetalPool(pool.name, home.pool_dir(pool.name), pool.options).http_url
+        record = _boot_record(home, pool.name)
+        data = _read(record)
+        if data is not None and data.get("url") == url and _boot_healthy(url):
+            continue
+        _stop(record)
+        record.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        env = {"CRV_HOME": str(home.root)}
+        argv = [sys.executable, "-m", "pools.baremetal.boot", "--pool", pool.name]
+        _start(f"boot-{pool.name}", record, argv, env, url, _boot_healthy)
+        started.append(pool.name)
+    return started
+
+
+def _stop_boot_services(home: Home) -> list[str]:
+    stopped = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in sorted((home.root / "pools").iterdir()):
+            if _stop(entry / "boot-service.json"):
+                stopped.append(f"boot service of {entry.name}")
+    return stopped
 
 
 def _in_parallel(calls: list[Callable[[], str]]) -> list[str]:
@@ -321,6 +372,10 @@ def down(home: Home) -> list[str]:
         stopped.append("service")
     if _stop(_prefect_record(home)):
         stopped.append("prefect")
+    stopped += _stop_boot_services(home)
+    from pools.baremetal import simrack
+
+    stopped += simrack.stop_all(home)
     return stopped
 
 

@@ -180,6 +180,9 @@ class Mirror:
             self._task.cancel()
 
 
+TEND_EVERY = 2.0  # seconds between a tending pool's looks at a node that has not enrolled
+
+
 @dataclass(frozen=True)
 class Timeouts:
     boot: float = 300.0  # provision returned -> the agent enrolled
@@ -364,12 +367,43 @@ class ClusterRun:
         )
 
     async def certify(self, node: str) -> None:
-        await self.mirror.wait(
-            node,
-            lambda: self.mirror.nodes.get(node) == "enrolled",
-            self.timeouts.boot,
-            "waiting for its agent to enrol",
-        )
+        """Wait for the node's agent to enrol. A pool with a `tend` method (bare metal) is
+        asked every TEND_EVERY seconds meanwhile: it may move the node to another machine
+        (one that did not boot is written off), which then gets a full boot time of its own
+        and its own address."""
+
+        def enrolled() -> bool:
+            return self.mirror.nodes.get(node) == "enrolled"
+
+        what = "waiting for its agent to enrol"
+        tend = getattr(self.drivers(self.pool_of(node)), "tend", None)
+        if tend is None:
+            await self.mirror.wait(node, enrolled, self.timeouts.boot, what)
+            return
+        loop = asyncio.get_running_loop()
+        deadline, machine = loop.time() + self.timeouts.boot, None
+        while True:
+            try:
+                left = deadline - loop.time()
+                await self.mirror.wait(node, enrolled, max(0.0, min(TEND_EVERY, left)), what)
+                return
+            except StepError:
+                if self.mirror.error is not None:
+                    raise
+                if loop.time() >= deadline:
+                    message = f"{node}: timed out after {self.timeouts.boot:.0f} s {what}"
+                    raise StepError(message, temporary=True) from None
+            info = await self._in_thread(tend, node)
+            if info is None:
+                continue
+            moved = info.extra.get("machine")
+            if machine is not None and moved != machine:
+                deadline = loop.time() + self.timeouts.boot
+                self.mirror.addresses[node] = info.address
+                await self._node_updates.submit(
+                    self._node_item(node, address=info.address, state="provisioned")
+                )
+            machine = moved
 
     async def contextualize(self, node: str, role: str) -> None:
         assert self._roles is not None

@@ -42,6 +42,7 @@ BUILTIN = ("local", "sim")
 DRIVERS: Mapping[str, tuple[str, str, str]] = {
     "libvirt": ("pools.libvirt", "LibvirtPool", "LibvirtOptions"),
     "libcloud": ("pools.cloud", "CloudPool", "CloudOptions"),
+    "baremetal": ("pools.baremetal.pool", "BaremetalPool", "BaremetalOptions"),
 }
 
 

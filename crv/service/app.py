@@ -295,6 +295,13 @@ def create_app(store: Store, ca: CertificateAuthority) -> FastAPI:
     async def health() -> dict[str, str]:
         return {"status": "ok", "ca_sha256": ca.fingerprint_sha256}
 
+    @app.get("/v1/ca")
+    async def ca_certificate() -> Response:
+        """Public, as a CA certificate is. A machine whose bootstrap channel is too small for it
+        (a kernel command line) fetches it here and trusts it only if its SHA-256 matches the
+        fingerprint that channel carried."""
+        return Response(ca.certificate_pem, media_type="application/x-pem-file")
+
     @app.get("/v1/crl")
     async def crl() -> Response:
         revoked = store.revoked()

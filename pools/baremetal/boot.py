@@ -1,0 +1,310 @@
+"""Network boot for the bare-metal pool: per-machine iPXE scripts and the service that serves
+them (TFTP for the boot loader, HTTP for the scripts and the boot artefacts).
+
+The chain a machine follows (`docs/pools.md`, "Bare metal"):
+
+1. its firmware PXE-boots; DHCP (the site's own, with dnsmasq as proxy-DHCP: `crv pxe
+   dnsmasq-config`) names this service's TFTP server and the boot loader (iPXE);
+2. iPXE asks DHCP again and is told to chain `http://<boot>/ipxe/${mac:hexhyp}`;
+3. that script - rendered by the pool from `pools/templates/ipxe-boot.ipxe.j2`, strictly -
+   loads the kernel and initrd from the pool's configured URLs with a command line carrying
+   the service URL, the CA's fingerprint, the node's one-time token and a call-back URL;
+4. the booted OS runs `crv-agent run --cmdline /proc/cmdline`: it fetches the CA, checks the
+   fingerprint, enrols with the token and then calls back, which ends the provisioning: the
+   script is deleted, so the token is never served again.
+
+The files under `<state_dir>/boot/` are the only interface between the pool (which writes a
+machine's script when it powers it on) and the service (which reads them): the service holds
+no BMC credential and needs no database. A script exists only while its machine is being
+provisioned; anything else asked for by MAC is a 404.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Sequence
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from pools.base import PoolError, write_atomic
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+SCRIPT_TEMPLATE = "ipxe-boot.ipxe.j2"
+# A word of an iPXE command: no whitespace, no `$` (iPXE expands ${...} settings), no `#`
+# (a comment) and no quotes - whatever a value holds, it stays one inert word.
+_WORD = re.compile(r"^[A-Za-z0-9._~:/?@!&()*+,;=%-]{1,1024}$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_MAC_HYPHENS = re.compile(r"^[0-9a-f]{2}(-[0-9a-f]{2}){5}$")
+_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+_JINJA = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(TEMPLATES),
+    undefined=jinja2.StrictUndefined,
+    autoescape=False,
+    keep_trailing_newline=True,
+)
+
+
+def url_mac(mac: str) -> str:
+    """52:54:00:12:34:56 -> 52-54-00-12-34-56, as iPXE's ${mac:hexhyp} spells it in a URL."""
+    return mac.lower().replace(":", "-")
+
+
+def render_script(
+    pool: str,
+    *,
+    machine: str,
+    node: str,
+    cluster: str,
+    kernel: str,
+    initrd: str,
+    cmdline: Sequence[str],
+) -> str:
+    """The iPXE script; every value is checked to be one inert word first (a name or URL that
+    could break out of its place in the script is refused, never escaped)."""
+    for label, value in (("machine", machine), ("node", node), ("cluster", cluster)):
+        if not _NAME.fullmatch(value):
+            raise PoolError(pool, f"{label} name {value!r} cannot go into a boot script")
+    for label, value in (
+        ("kernel", kernel),
+        ("initrd", initrd),
+        *(("cmdline", w) for w in cmdline),
+    ):
+        if not _WORD.fullmatch(value):
+            raise PoolError(pool, f"boot script: {label} word {value!r} has unsafe characters")
+    return _JINJA.get_template(SCRIPT_TEMPLATE).render(
+        machine=machine,
+        node=node,
+        cluster=cluster,
+        kernel=kernel,
+        initrd=initrd,
+        cmdline=list(cmdline),
+    )
+
+
+class BootFiles:
+    """`<state_dir>/boot/<machine>/` (script.ipxe, nonce, booted) and `by-mac/<mac>` links."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir / "boot"
+
+    def _dir(self, machine: str) -> Path:
+        if not _NAME.fullmatch(machine):
+            raise ValueError(f"bad machine name {machine!r}")
+        return self.root / machine
+
+    def write(self, machine: str, macs: Sequence[str], script: str, nonce: str) -> None:
+        """The script every NIC of the machine will be served, and the nonce its call-back
+        must carry; anything from an earlier boot (a call-back) is cleared first."""
+        directory = self._dir(machine)
+        (self.root / "by-mac").mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, exist_ok=True)
+        (directory / "booted").unlink(missing_ok=True)
+        write_atomic(directory / "nonce", nonce.encode(), 0o600)
+        write_atomic(directory / "script.ipxe", script.encode(), 0o600)
+        for mac in macs:
+            link = self.root / "by-mac" / url_mac(mac)
+            with suppress(FileNotFoundError):
+                if os.readlink(link) == f"../{machine}":
+                    continue
+                link.unlink()
+            os.symlink(f"../{machine}", link)
+
+    def remove(self, machine: str, macs: Sequence[str]) -> None:
+        for mac in macs:
+            (self.root / "by-mac" / url_mac(mac)).unlink(missing_ok=True)
+        shutil.rmtree(self._dir(machine), ignore_errors=True)
+
+    def booted(self, machine: str, nonce: str) -> bool:
+        """Whether the OS on the machine called back for this boot (this nonce)."""
+        try:
+            seen = (self._dir(machine) / "booted").read_text()
+        except OSError:
+            return False
+        return bool(nonce) and hmac.compare_digest(seen, nonce)
+
+    # -- what the boot service does --------------------------------------------------------
+
+    def script_for(self, mac: str) -> bytes | None:
+        if not _MAC_HYPHENS.fullmatch(mac):
+            return None
+        try:
+            return (self.root / "by-mac" / mac / "script.ipxe").read_bytes()
+        except OSError:
+            return None
+
+    def call_back(self, machine: str, nonce: str) -> bool:
+        """The OS of `machine` enrolled: its script goes (the token in it is spent), and the
+        pool will see `booted`. A wrong nonce changes nothing."""
+        if not _NAME.fullmatch(machine):
+            return False
+        directory = self._dir(machine)
+        try:
+            expected = (directory / "nonce").read_text()
+        except OSError:
+            return False
+        if not nonce or not hmac.compare_digest(expected, nonce):
+            return False
+        (directory / "script.ipxe").unlink(missing_ok=True)
+        write_atomic(directory / "booted", nonce.encode(), 0o600)
+        return True
+
+
+# -- the boot service ----------------------------------------------------------------------------
+
+
+def split_listen(pool: str, value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise PoolError(pool, f"listen address {value!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def make_app(files: BootFiles, artefacts: Path | None) -> Any:
+    """The HTTP side: scripts by MAC, call-backs, and (optionally) the artefacts directory."""
+    from fastapi import FastAPI, Response
+
+    app = FastAPI(title="crv boot service", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ipxe/{mac}")
+    def script(mac: str) -> Response:
+        data = files.script_for(mac.lower())
+        if data is None:
+            return Response("#!ipxe\necho crv: no boot script for this machine\nexit 1\n", 404)
+        return Response(data, media_type="text/plain", headers={"Cache-Control": "no-store"})
+
+    @app.post("/callback/{machine}/{nonce}")
+    def call_back(machine: str, nonce: str) -> Response:
+        return Response(status_code=204 if files.call_back(machine, nonce) else 404)
+
+    @app.get("/files/{name}")
+    def artefact(name: str) -> Response:
+        if artefacts is None or not _FILE.fullmatch(name) or not (artefacts / name).is_file():
+            return Response(status_code=404)
+        from fastapi.responses import FileResponse
+
+        return FileResponse(artefacts / name)
+
+    return app
+
+
+def serve(
+    pool: str,
+    state_dir: Path,
+    *,
+    http_listen: str,
+    tftp_listen: str | None,
+    tftp_root: Path | None,
+    artefacts: Path | None,
+    ready: threading.Event | None = None,
+) -> None:
+    """Run the boot service until SIGTERM/SIGINT: TFTP in a thread (tftpy, downloads only),
+    HTTP in the foreground (FastAPI on uvicorn)."""
+    import tftpy
+    import uvicorn
+
+    files = BootFiles(state_dir)
+    tftp = None
+    if tftp_listen and tftp_root is not None:
+        host, port = split_listen(pool, tftp_listen)
+        # upload_open refusing everything: tftpy writes uploads into its root otherwise
+        tftp = tftpy.TftpServer(str(tftp_root), upload_open=lambda path, context: None)
+        threading.Thread(target=tftp.listen, args=(host, port), daemon=True).start()
+    host, port = split_listen(pool, http_listen)
+    config = uvicorn.Config(
+        make_app(files, artefacts), host=host, port=port, log_level="warning", access_log=False
+    )
+    server = uvicorn.Server(config)
+    if ready is not None:
+        threading.Thread(target=_signal_when_started, args=(server, ready), daemon=True).start()
+    try:
+        server.run()
+    finally:
+        if tftp is not None:
+            tftp.stop(now=True)
+
+
+def _signal_when_started(server: Any, ready: threading.Event) -> None:
+    while not server.started and not server.should_exit:
+        time.sleep(0.02)
+    ready.set()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m pools.baremetal.boot --pool NAME`: what `crv up` runs for each bare-metal pool
+    (CRV_HOME and CRV_POOLS_FILE from the environment)."""
+    import argparse
+
+    from crv.home import Home
+    from pools import get_pool
+    from pools.baremetal.pool import BaremetalPool
+
+    parser = argparse.ArgumentParser(prog="python -m pools.baremetal.boot")
+    parser.add_argument("--pool", required=True)
+    args = parser.parse_args(argv)
+    home = Home.from_env()
+    pool = get_pool(args.pool, home.root / "pools" / args.pool)
+    if not isinstance(pool, BaremetalPool):
+        raise SystemExit(f"pool {args.pool} is not a bare-metal pool")
+    pool.serve_boot()
+    return 0
+
+
+def dnsmasq_config(pool: Any, *, network: str, interface: str | None) -> str:
+    """A dnsmasq configuration adding PXE/iPXE boot to an existing DHCP network as a proxy
+    (the site's DHCP server keeps handing out addresses; dnsmasq adds only the boot part)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    try:
+        ipaddress.ip_address(network)
+    except ValueError:
+        raise PoolError(pool.name, f"--network {network!r} is not an IP address") from None
+    if interface is not None and not re.fullmatch(r"[A-Za-z0-9_.:-]{1,15}", interface):
+        raise PoolError(pool.name, f"--interface {interface!r} is not an interface name")
+    http = pool.http_url
+    tftp_host = urlsplit(http).hostname
+    if pool.options.tftp_listen:
+        host, port = split_listen(pool.name, pool.options.tftp_listen)
+        if host not in ("0.0.0.0", "::"):
+            tftp_host = host
+        if port != 69:
+            raise PoolError(
+                pool.name, f"PXE firmware asks TFTP on port 69; tftp_listen uses {port}"
+            )
+    o = pool.options
+    lines = [
+        f"# crv: PXE/iPXE boot for the bare-metal pool {pool.name!r} (`crv pxe dnsmasq-config`).",
+        "# proxy-DHCP: the site's DHCP server keeps handing out the addresses (reserve one per",
+        "# MAC: the machines file's `address`); dnsmasq adds only the boot information.",
+        "port=0",
+        "log-dhcp",
+        *([f"interface={interface}", "bind-interfaces"] if interface else []),
+        f"dhcp-range={network},proxy",
+        "# iPXE identifies itself with DHCP option 175; the firmware's PXE does not",
+        "dhcp-match=set:ipxe,175",
+        f"# firmware PXE: load iPXE over TFTP from {tftp_host}",
+        f'pxe-service=tag:!ipxe,x86PC,"crv: iPXE (BIOS)",{o.boot_file},{tftp_host}',
+        f'pxe-service=tag:!ipxe,X86-64_EFI,"crv: iPXE (UEFI)",{o.efi_boot_file},{tftp_host}',
+        "# iPXE: the machine's own script, served only while crv provisions it",
+        f"dhcp-boot=tag:ipxe,{http}/ipxe/${{mac:hexhyp}}",
+        "# (an iPXE built with EMBED= a script of `#!ipxe`, `dhcp`,",
+        f"#  `chain {http}/ipxe/${{mac:hexhyp}}` needs no second DHCP answer at all)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
