@@ -68,6 +68,9 @@ def baremetal_list(pool: PoolOption = None, as_json: JsonOption = False) -> None
     rows = []
     for m in machines.values():
         lease = ledger.holder(m.name)
+        lease_state = lease.state if lease else None
+        if lease and lease.state == "booting" and bm.files.booted(lease.machine, lease.nonce):
+            lease_state = "up"  # it called back; the ledger learns it on the pool's next look
         row: dict[str, Any] = {
             "machine": m.name,
             "class": m.machine_class,
@@ -78,7 +81,8 @@ def baremetal_list(pool: PoolOption = None, as_json: JsonOption = False) -> None
             "state": ledger.state_of(m.name),
             "node": lease.node if lease else None,
             "cluster": lease.cluster if lease else None,
-            "lease": lease.state if lease else None,
+            "lease": lease_state,
+            "ipmi_commands": ledger.commands.get(m.name, 0),
         }
         if m.name in ledger.failed:
             row["failure"] = ledger.failed[m.name].get("reason")

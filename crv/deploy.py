@@ -398,6 +398,7 @@ class ClusterRun:
                 continue
             moved = info.extra.get("machine")
             if machine is not None and moved != machine:
+                assert self._node_updates is not None
                 deadline = loop.time() + self.timeouts.boot
                 self.mirror.addresses[node] = info.address
                 await self._node_updates.submit(

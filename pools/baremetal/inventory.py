@@ -173,10 +173,11 @@ class Lease:
 
 @dataclass
 class Ledger:
-    """`leases.json`: node -> lease, machine -> why it failed."""
+    """`leases.json`: node -> lease, machine -> why it failed, machine -> IPMI commands."""
 
     leases: dict[str, Lease] = field(default_factory=dict)
     failed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    commands: dict[str, int] = field(default_factory=dict)  # IPMI commands sent, per machine
 
     def holder(self, machine: str) -> Lease | None:
         return next((le for le in self.leases.values() if le.machine == machine), None)
@@ -201,7 +202,7 @@ class Leases:
         except FileNotFoundError:
             return Ledger()
         leases = {name: Lease(**value) for name, value in raw.get("leases", {}).items()}
-        return Ledger(leases, dict(raw.get("failed", {})))
+        return Ledger(leases, dict(raw.get("failed", {})), dict(raw.get("commands", {})))
 
     @contextmanager
     def open(self) -> Iterator[Ledger]:
@@ -215,6 +216,7 @@ class Leases:
             doc = {
                 "leases": {n: le.to_json() for n, le in sorted(ledger.leases.items())},
                 "failed": dict(sorted(ledger.failed.items())),
+                "commands": dict(sorted(ledger.commands.items())),
             }
             write_atomic(self.path, json.dumps(doc, indent=1).encode() + b"\n", 0o600)
         finally:

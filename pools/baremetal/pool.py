@@ -19,11 +19,14 @@ without a lease or a failure record that says so.
 
 from __future__ import annotations
 
+import collections
 import os
 import secrets
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +108,7 @@ class BaremetalPool:
         self.files = boot.BootFiles(self.state_dir)
         self.power = Power(name, min_interval=options.min_interval, window=options.power_window)
         self._machines: tuple[float, dict[str, Machine]] | None = None
+        self._counted: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
 
     # -- configuration -------------------------------------------------------------------
@@ -182,7 +186,7 @@ class BaremetalPool:
     def create_node(self, spec: NodeSpec) -> NodeInfo:
         self._boot_service_up()
         machines = self.machines()
-        with self.leases.open() as ledger:
+        with self._ledger() as ledger:
             lease = ledger.leases.get(spec.name)
             if lease is not None and lease.cluster != spec.cluster:
                 raise PoolError(self.name, f"node {spec.name} is leased to cluster {lease.cluster}")
@@ -202,7 +206,7 @@ class BaremetalPool:
         if machine is not None:
             self.power.off(machine.name, self.bmc(machine))  # raises: the lease stays
             self.files.remove(machine.name, machine.macs)
-        with self.leases.open() as ledger:
+        with self._ledger() as ledger:
             ledger.leases.pop(name, None)
 
     def tend(self, name: str, bootstrap: Any = None) -> NodeInfo | None:
@@ -213,7 +217,7 @@ class BaremetalPool:
         if lease is None or lease.state != "booting":
             return None if lease is None else self._info(lease, machines, ledger)
         if self.files.booted(lease.machine, lease.nonce):
-            with self.leases.open() as ledger:
+            with self._ledger() as ledger:
                 current = ledger.leases.get(name)
                 if current is not None and current.machine == lease.machine:
                     current.state = "up"
@@ -228,7 +232,7 @@ class BaremetalPool:
         self._write_off(lease, machines, f"did not call back within {waited} s of power-on")
         tried = [*lease.tried, lease.machine]
         if len(tried) >= self.options.attempts:
-            with self.leases.open() as ledger:
+            with self._ledger() as ledger:
                 ledger.leases.pop(name, None)
             raise PoolError(
                 self.name,
@@ -241,6 +245,18 @@ class BaremetalPool:
         return self._info(new, machines, self.leases.read())
 
     # -- allocation and power --------------------------------------------------------------
+
+    @contextmanager
+    def _ledger(self) -> Iterator[Ledger]:
+        """The ledger for a change, with the IPMI commands sent since the last one counted in
+        (`crv baremetal list --json` shows them per machine)."""
+        with self.leases.open() as ledger:
+            yield ledger
+            with self._lock:
+                sent = self.power.commands - self._counted
+                self._counted.update(sent)
+            for machine, count in sent.items():
+                ledger.commands[machine] = ledger.commands.get(machine, 0) + count
 
     def _wanted(self, group: str) -> tuple[str | None, dict[str, str]]:
         chosen = self.options.groups.get(group)
@@ -279,7 +295,7 @@ class BaremetalPool:
     def _reallocate(self, lease: Lease, machines: dict[str, Machine], tried: list[str]) -> Lease:
         """The node's lease dropped and another free machine taken; the drop stands (is
         written) even when no machine is free."""
-        with self.leases.open() as ledger:
+        with self._ledger() as ledger:
             ledger.leases.pop(lease.node, None)
             try:
                 return self._allocate(
@@ -334,7 +350,7 @@ class BaremetalPool:
                     text = _retarget(script, lease, machine, self.http_url)
                 bmc = self.bmc(machine)
             except PoolError:
-                with self.leases.open() as ledger:
+                with self._ledger() as ledger:
                     ledger.leases.pop(lease.node, None)
                 raise
             self.files.write(machine.name, machine.macs, text, lease.nonce)
@@ -346,7 +362,7 @@ class BaremetalPool:
                 self._write_off(lease, machines, errors[-1])
                 tried = [*lease.tried, lease.machine]
                 if len(tried) >= self.options.attempts:
-                    with self.leases.open() as ledger:
+                    with self._ledger() as ledger:
                         ledger.leases.pop(lease.node, None)
                     message = f"node {lease.node}: no machine could be powered on"
                     raise PoolError(
@@ -358,7 +374,7 @@ class BaremetalPool:
                     rest = str(none_left).removeprefix(f"pool {self.name}: ")
                     raise PoolError(self.name, f"{'; '.join(errors)}; {rest}") from None
                 continue
-            with self.leases.open() as ledger:
+            with self._ledger() as ledger:
                 lease.state = "booting"
                 lease.since = time.time()
                 lease.deadline = lease.since + self.options.boot_timeout
@@ -378,7 +394,7 @@ class BaremetalPool:
                 powered = "unknown (the BMC did not answer)"
         else:
             powered = "unknown (not in the machines file)"
-        with self.leases.open() as ledger:
+        with self._ledger() as ledger:
             ledger.failed[lease.machine] = {
                 "reason": reason,
                 "node": lease.node,
@@ -438,7 +454,7 @@ class BaremetalPool:
         if machine_name not in ledger.failed:
             raise PoolError(self.name, f"machine {machine_name} is {ledger.state_of(machine_name)}")
         self.power.off(machine.name, self.bmc(machine))
-        with self.leases.open() as ledger:
+        with self._ledger() as ledger:
             ledger.failed.pop(machine_name, None)
 
 

@@ -36,8 +36,8 @@ import yaml
 from crv.errors import CrvError
 from crv.home import Home
 from pools import AGENT
-from pools.base import write_atomic
 from pools.baremetal import simbmc
+from pools.base import write_atomic
 
 DESCRIPTION = "simulated rack (crv baremetal simulate-rack)"
 USER = "crv"
@@ -108,10 +108,14 @@ def create(
     pools_file = config.config_file(home.root)
     existing = config.load(pools_file).get(pool)
     if existing is not None and existing.description != DESCRIPTION:
-        raise RackError(f"pool {pool} is configured in {existing.source} and is not a simulated rack")
+        raise RackError(
+            f"pool {pool} is configured in {existing.source} and is not a simulated rack"
+        )
     classes = dict(classes or {})
     if sum(classes.values()) > machines:
-        raise RackError(f"--class-of: {sum(classes.values())} machines of a class, {machines} in all")
+        raise RackError(
+            f"--class-of: {sum(classes.values())} machines of a class, {machines} in all"
+        )
     stop(home, pool)
     root = rack_dir(home, pool)
     for sub in ("machines", "secrets", "tftp", "files"):
@@ -133,7 +137,7 @@ def create(
         password = secrets.token_urlsafe(12)
         write_atomic(root / "secrets" / f"{name}.pass", password.encode() + b"\n", 0o600)
         mac = f"52:54:00:{rack_byte:02x}:{i // 256:02x}:{i % 256:02x}"
-        entry = {
+        entry: dict[str, Any] = {
             "name": name,
             "macs": [mac],
             "address": f"127.1.{rack_byte}.{i}",
@@ -162,18 +166,24 @@ def create(
         command = [sys.executable, "-m", "pools.baremetal.simmachine", "--machine-dir"]
         command.append(str(machine_dir))
         write_atomic(machine_dir / "machine-command.json", json.dumps(command).encode(), 0o644)
-        spec = simbmc.SimBmcSpec(name, bmc_address, entry["bmc"]["port"], USER, password, machine_dir)
+        spec = simbmc.SimBmcSpec(
+            name, bmc_address, entry["bmc"]["port"], USER, password, machine_dir
+        )
         simbmc.write_config(spec)
         specs.append(spec)
     doc = {"machines": entries}
     header = "# a simulated rack, written by `crv baremetal simulate-rack`\n"
-    write_atomic(root / "machines.yaml", (header + yaml.safe_dump(doc, sort_keys=False)).encode(), 0o600)
+    write_atomic(
+        root / "machines.yaml", (header + yaml.safe_dump(doc, sort_keys=False)).encode(), 0o600
+    )
 
     started: list[dict[str, Any]] = []
     try:
         for spec in specs:
             proc = simbmc.start(spec)
-            started.append({"machine": spec.machine, "pid": proc.pid, "start": _start_time(proc.pid)})
+            started.append(
+                {"machine": spec.machine, "pid": proc.pid, "start": _start_time(proc.pid)}
+            )
     except RuntimeError as exc:
         _stop_bmcs(started)
         raise RackError(str(exc)) from None
@@ -261,4 +271,3 @@ def stop_all(home: Home) -> list[str]:
                 stop(home, entry.name)
                 racks.append(f"simulated rack {entry.name}")
     return racks
-
