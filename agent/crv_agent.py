@@ -51,6 +51,7 @@ ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Inherited variables that look like credentials stay out of recipes: a recipe's output ends
 # up in the service and in flow results.
 SECRET_ENV_RE = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|PRIVATE|AUTH|(^|_)KEY(_|$)", re.I)
+PROCESS_TAGS = ("CRV_LOCAL_", "CRV_RACK_")  # inherited by recipes (see recipe_env)
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
 
 POLL_WAIT = 25  # seconds; the service holds a long poll for at most 30
@@ -848,12 +849,13 @@ def install_shim(home: Path) -> None:
 def recipe_env(home: Path, boot: dict, work: Work, role: Role) -> dict:
     """The agent's environment without anything secret or crv-specific it inherited, the
     role's env from the service, then the crv variables (which the role's env cannot
-    override: they are this node's identity). A pool's process tags (CRV_LOCAL_*) are kept:
-    they are how the pool finds every process of the node, daemons included, at teardown."""
+    override: they are this node's identity). The process tags of the local pool and of the
+    simulated rack (CRV_LOCAL_*, CRV_RACK_*) are kept: they are how the pool (or the simulated
+    BMC's power-off) finds every process of the node, daemons included."""
     env = {
         k: v
         for k, v in os.environ.items()
-        if (k.startswith("CRV_LOCAL_") or not k.startswith("CRV_")) and not SECRET_ENV_RE.search(k)
+        if (k.startswith(PROCESS_TAGS) or not k.startswith("CRV_")) and not SECRET_ENV_RE.search(k)
     }
     env.update(role.env)
     appliance = home / "appliance"
