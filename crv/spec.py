@@ -297,6 +297,10 @@ def _field_path(loc: Sequence[int | str]) -> str:
     return path
 
 
+# fields whose value is a credential: an error about them never quotes what was given
+_SECRET_FIELD = re.compile(r"(\w+_)?(password|secret|token|key|credentials?)", re.I)
+
+
 def validation_error(source: str, exc: ValidationError) -> SpecError:
     """The first pydantic error as one line naming the field; the count of the others."""
     errors = exc.errors()
@@ -313,7 +317,11 @@ def validation_error(source: str, exc: ValidationError) -> SpecError:
         message = first["msg"].removeprefix("Value error, ")
         given = first.get("input")
         if kind != "value_error" and isinstance(given, int | float | str | bool):
-            message += f" (got {brief(given)})"
+            if any(isinstance(item, str) and _SECRET_FIELD.fullmatch(item) for item in loc):
+                # a credential written where a reference belongs: never repeat it
+                message = "must be a reference such as {env: NAME} or {file: PATH}, not a value"
+            else:
+                message += f" (got {brief(given)})"
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problems)"
     return SpecError(source, _field_path(loc), message)

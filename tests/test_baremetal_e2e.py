@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import time
 import urllib.error
@@ -19,11 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import needs_ipmi_sim
 from tests.test_deploy_e2e import Crv
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("ipmi_sim") is None, reason="OpenIPMI's ipmi_sim is not installed (openipmi)"
-)
+pytestmark = needs_ipmi_sim
 
 MACHINES = 6
 BOOT_TIMEOUT = 15  # seconds a machine has to call back: generous for a loaded CI machine

@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import random
 import socket
 import subprocess
@@ -23,11 +22,9 @@ import pytest
 from pools.baremetal import simbmc
 from pools.baremetal.ipmi import Bmc, Power
 from pools.base import PoolError
+from tests.conftest import needs_ipmi_sim
 
-pytestmark = pytest.mark.skipif(
-    not os.access(simbmc.IPMI_SIM, os.X_OK),
-    reason="OpenIPMI's ipmi_sim (Debian package openipmi) is not installed",
-)
+pytestmark = needs_ipmi_sim
 
 PASSWORD = "Sekr1t-pw-for-test"  # distinctive, so a leak anywhere is found
 WRONG = "Wr0ng-pw-distinct"

@@ -390,8 +390,8 @@ class BaremetalPool:
             try:
                 self.power.off(machine.name, self.bmc(machine))
                 powered = "off"
-            except PoolError:
-                powered = "unknown (the BMC did not answer)"
+            except PoolError as exc:  # it may still be on: the record says so
+                powered = "unknown: " + str(exc).removeprefix(f"pool {self.name}: ")
         else:
             powered = "unknown (not in the machines file)"
         with self._ledger() as ledger:
