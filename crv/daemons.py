@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import json
 import os
 import signal
@@ -95,15 +96,26 @@ class ExitedAtStart(DaemonError):
     """The daemon stopped before it answered (its port taken in the meantime, bad settings)."""
 
 
-def _free_port(preferred: int) -> int:
+def _free_port(preferred: int, address: str = "127.0.0.1") -> int:
     for port in (preferred, 0):
-        with socket.socket() as s:
+        with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as s:
             try:
-                s.bind(("127.0.0.1", port))
+                s.bind((address, port))
             except OSError:
                 continue
             return int(s.getsockname()[1])
-    raise DaemonError("no free TCP port on 127.0.0.1")
+    raise DaemonError(f"no free TCP port on {address}")
+
+
+def service_address() -> str:
+    """Where the service listens and what machines dial: loopback, unless CRV_SERVICE_ADDRESS
+    names an address of this host that real machines (a rack, VMs on a bridge) can reach."""
+    address = os.environ.get("CRV_SERVICE_ADDRESS", "").strip() or "127.0.0.1"
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise DaemonError(f"CRV_SERVICE_ADDRESS={address!r} is not an IP address") from None
+    return address
 
 
 def _read(record: Path) -> dict[str, Any] | None:
@@ -285,15 +297,17 @@ def up(home: Home, *, serve: bool = True) -> Endpoints:
     elif serve and served(home, prefect) is None:
         pending.append(functools.partial(_start_serving, home, prefect))
     if service is None:
-        port = _free_port(SERVICE_PORT)
+        address = service_address()
+        port = _free_port(SERVICE_PORT, address)
+        host = f"[{address}]" if ":" in address else address
         pending.append(
             functools.partial(
                 _start,
                 "service",
                 _service_record(home),
-                [sys.executable, "-m", "crv.service", "--port", str(port)],
-                {"CRV_HOME": str(home.root)},
-                f"https://127.0.0.1:{port}",
+                [sys.executable, "-m", "crv.service", "--host", address, "--port", str(port)],
+                {"CRV_HOME": str(home.root), "CRV_SERVICE_ADDRESS": address},
+                f"https://{host}:{port}",
                 functools.partial(_service_healthy, home),
             )
         )

@@ -1101,3 +1101,35 @@ def test_no_token_ever_reaches_the_service_log(svc: Service, admin: httpx.Client
     assert "enrolment refused" in log and "enrolled logscan/logscan-web-0" in log  # the real log
     leaked = [t for t in svc.tokens if t in log]
     assert (leaked, len(svc.tokens) >= 3) == ([], True)
+
+
+def test_service_on_the_address_real_machines_dial_serves_its_ca(tmp_path: Path) -> None:
+    """CRV_SERVICE_ADDRESS (a rack's provisioning network): the service listens there, its
+    certificate names that address, and GET /v1/ca - what a network-booted machine fetches and
+    pins by fingerprint - answers the CA itself, without a client certificate."""
+    address = "127.0.0.5"
+    home = Home(tmp_path / "home")
+    with socket.socket() as s:
+        s.bind((address, 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "CRV_HOME": str(home.root), "CRV_SERVICE_ADDRESS": address}
+    log = tmp_path / "service.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "crv.service", "--host", address, "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+        )  # fmt: skip
+    try:
+        deadline, answer = time.monotonic() + START_TIMEOUT, None
+        while answer is None and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            if home.ca_file.exists():
+                ctx = ssl.create_default_context(cafile=str(home.ca_file))  # checks the IP SAN
+                with contextlib.suppress(httpx.TransportError, OSError):
+                    answer = httpx.get(f"https://{address}:{port}/v1/ca", verify=ctx, timeout=2)
+            time.sleep(0.05)
+        assert answer is not None and answer.status_code == 200, log.read_text()
+        assert answer.content == home.ca_file.read_bytes()
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -7,6 +7,7 @@ puts the verified peer certificate (DER) into each request's state; routes then 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
@@ -57,13 +58,24 @@ def _still_valid(cert_path: Path, margin: timedelta = timedelta(days=7)) -> bool
     return cert.not_valid_after_utc > datetime.now(timezone.utc) + margin
 
 
+def _names(cert_path: Path, address: str) -> bool:
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return False
+    return ipaddress.ip_address(address) in san.get_values_for_type(x509.IPAddress)
+
+
 def ensure_credentials(home: Home, ca: CertificateAuthority) -> tuple[Path, Path]:
     """The server's TLS pair and the admin client pair, renewed when near expiry. The server
-    certificate names localhost, 127.0.0.1 and this host, which is what agents dial."""
+    certificate names localhost, 127.0.0.1 and this host, which is what agents dial, and the
+    address in CRV_SERVICE_ADDRESS (where real machines reach the service), if set."""
     home.ensure()
     server_crt, server_key = home.service_dir / "server.crt", home.service_dir / "server.key"
-    if not _still_valid(server_crt):
-        addresses = ["127.0.0.1", "::1"]
+    extra = os.environ.get("CRV_SERVICE_ADDRESS", "").strip()
+    if not _still_valid(server_crt) or (extra and not _names(server_crt, extra)):
+        addresses = ["127.0.0.1", "::1", *([extra] if extra else [])]
         try:  # the host name too, when it is a valid DNS name
             key_pem, cert = ca.issue_server_certificate(
                 ["localhost", socket.gethostname().lower()], addresses
