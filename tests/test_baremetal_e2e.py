@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from pools.baremetal import simbmc
 from tests.conftest import needs_ipmi_sim
 from tests.test_deploy_e2e import Crv
 
@@ -179,6 +180,33 @@ def test_a_machine_that_never_network_boots_is_written_off_and_replaced(crv: Crv
     r = crv("destroy", "late", timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     r = crv("baremetal", "clear", "rack-m01")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_rack_free_and_off(crv)
+
+
+def test_a_machine_powered_off_behind_crvs_back_is_drift_and_repair_boots_it_again(
+    crv: Crv,
+) -> None:
+    r = crv(
+        "deploy", "appliances/webfarm", "--name", "pulled", "--pool", "rack",
+        "--set", "workers=1", "--boot-timeout", "120", timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    victim = next(m for m in machines(crv) if m["node"] == "pulled-worker-0")
+    simbmc.machine_off(crv.home / "racks/rack/machines" / victim["machine"])  # a hand on the plug
+    status = crv.status("pulled")
+    assert [(n["name"], n["state"]) for n in status["drift"]["missing"]] == [
+        ("pulled-worker-0", "stopped")
+    ]
+    r = crv("repair", "pulled", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    status = crv.status("pulled")
+    assert status["drift"]["missing"] == [] and status["ready"]
+    assert (
+        power(crv)[next(m["machine"] for m in machines(crv) if m["node"] == "pulled-worker-0")]
+        == "on"
+    )
+    r = crv("destroy", "pulled", timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     assert_rack_free_and_off(crv)
 

@@ -26,7 +26,9 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -170,18 +172,40 @@ class BaremetalPool:
     # -- the contract ----------------------------------------------------------------------
 
     def list_nodes(self, cluster: str | None = None) -> list[NodeInfo]:
+        """Every lease; a node whose machine booted is `running` only if its BMC says the
+        power is on (asked in parallel, one BMC each), `stopped` if it is off."""
         ledger = self.leases.read()
         machines = self.machines()
-        return [
+        infos = [
             self._info(lease, machines, ledger)
             for lease in ledger.leases.values()
             if cluster is None or lease.cluster == cluster
         ]
+        if len(infos) < 2:
+            return [self._confirmed(info, machines) for info in infos]
+        with ThreadPoolExecutor(min(16, len(infos))) as pool:
+            return list(pool.map(lambda info: self._confirmed(info, machines), infos))
 
     def get_node(self, name: str) -> NodeInfo | None:
         ledger = self.leases.read()
         lease = ledger.leases.get(name)
-        return None if lease is None else self._info(lease, self.machines(), ledger)
+        if lease is None:
+            return None
+        machines = self.machines()
+        return self._confirmed(self._info(lease, machines, ledger), machines)
+
+    def _confirmed(self, info: NodeInfo, machines: dict[str, Machine]) -> NodeInfo:
+        """A node that booted, checked against its machine's power state (a machine powered
+        off behind crv's back is drift, which `crv repair` mends)."""
+        machine = machines.get(str(info.extra.get("machine")))
+        if info.state != "running" or machine is None:
+            return info
+        try:
+            power = self.power.state(machine.name, self.bmc(machine))
+        except PoolError as exc:
+            power = "unknown: " + str(exc).removeprefix(f"pool {self.name}: ")
+        state = {"on": "running", "off": "stopped"}.get(power, "error")
+        return replace(info, state=state, extra={**info.extra, "power": power})
 
     def create_node(self, spec: NodeSpec) -> NodeInfo:
         self._boot_service_up()
