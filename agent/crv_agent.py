@@ -374,12 +374,7 @@ def fetch_ca(service_url: str, deadline: float) -> str:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     service = Service(service_url, context)
-    try:
-        resp = call(service, "GET", "/v1/ca", deadline=deadline, limit=64 << 10)
-    except Unreachable as e:
-        raise Unreachable(f"could not fetch the CA before the deadline: {e}") from None
-    finally:
-        service.close()
+    resp = call_once(service, "could not fetch the CA", "GET", "/v1/ca", deadline, limit=64 << 10)
     if resp.status != 200:
         raise Refused(f"GET /v1/ca: {resp.detail()}")
     return resp.body.decode("ascii", "replace")
@@ -587,6 +582,25 @@ def _retry_after(resp: Response) -> float | None:
         return None
 
 
+def call_once(
+    service: Service,
+    failing: str,
+    method: str,
+    path: str,
+    deadline: float,
+    body: dict | None = None,
+    **options: object,
+) -> Response:
+    """`call` on a connection used for this one request (closed after it); a service that
+    stays unreachable until the deadline is reported as `<failing> before the deadline`."""
+    try:
+        return call(service, method, path, body, deadline=deadline, **options)
+    except Unreachable as e:
+        raise Unreachable(f"{failing} before the deadline: {e}") from None
+    finally:
+        service.close()
+
+
 def call(
     service: Service,
     method: str,
@@ -652,12 +666,9 @@ def enrol(home: Path, boot: dict, deadline: float) -> None:
         "csr": make_csr(boot["node"], key).decode("ascii"),
     }
     service = Service(boot["service"], tls_context(home / "ca.crt"))
-    try:
-        resp = call(service, "POST", "/v1/enrol", body, deadline=deadline, retry_statuses=(409,))
-    except Unreachable as e:
-        raise Unreachable(f"not enrolled before the deadline: {e}") from None
-    finally:
-        service.close()
+    resp = call_once(
+        service, "not enrolled", "POST", "/v1/enrol", deadline, body, retry_statuses=(409,)
+    )
     if resp.status != 200:
         raise Refused(f"enrolment refused: {resp.detail()}")
     pem = resp.json().get("certificate")

@@ -1,5 +1,6 @@
 """One contract, every driver: the same tests over the local pool, the sim pool, libvirt's
-test driver and EC2 on moto's server (pools/base.py says what the contract is).
+test driver, EC2 on moto's server and a bare-metal pool on a simulated rack (pools/base.py
+says what the contract is).
 
 - create is idempotent on the node name: created twice, one node;
 - destroy is idempotent: destroying a node that is gone (or never was) succeeds;
@@ -15,7 +16,9 @@ Each driver's own tests (test_pool_<driver>.py) go deeper into what only it does
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +31,7 @@ from pools import AGENT
 from pools.base import TAG_CLUSTER, TAG_NODE, NodeSpec, Pool, PoolError
 from tests.moto_server import moto_ec2  # noqa: F401  (a fixture the ec2 driver needs)
 
-DRIVERS = ("local", "sim", "libvirt", "ec2")
+DRIVERS = ("local", "sim", "libvirt", "ec2", "baremetal")
 
 
 def _local(tmp_path: Path, request: pytest.FixtureRequest) -> Pool:
@@ -58,11 +61,42 @@ def _ec2(tmp_path: Path, request: pytest.FixtureRequest) -> Pool:
     return make_pool(tmp_path)
 
 
+def _baremetal(tmp_path: Path, request: pytest.FixtureRequest) -> Pool:
+    pool: Pool = request.getfixturevalue("rack_pool")
+    return pool
+
+
+@pytest.fixture(scope="module")
+def rack_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    """A 4-machine simulated rack (ipmi_sim BMCs) and its boot service in a thread; the
+    machines network-boot for real but never call back (nobody answers at the service URL)."""
+    if not os.access("/usr/bin/ipmi_sim", os.X_OK) and os.environ.get("CI") != "true":
+        pytest.skip("OpenIPMI's ipmi_sim (Debian package openipmi) is not installed")
+    from crv.home import Home
+    from pools import get_pool
+    from pools.baremetal import simrack
+
+    home = Home(tmp_path_factory.mktemp("rack-home"))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CRV_HOME", str(home.root))
+        env.delenv("CRV_POOLS_FILE", raising=False)
+        simrack.create(home, "rack", machines=4)
+        try:
+            pool = get_pool("rack", home.pool_dir("rack"))
+            ready = threading.Event()
+            threading.Thread(target=pool.serve_boot, args=(ready,), daemon=True).start()  # type: ignore[attr-defined]
+            assert ready.wait(10), "the boot service did not start"
+            yield pool
+        finally:
+            simrack.stop(home, "rack")
+
+
 MAKERS: dict[str, Callable[[Path, pytest.FixtureRequest], Pool]] = {
     "local": _local,
     "sim": _sim,
     "libvirt": _libvirt,
     "ec2": _ec2,
+    "baremetal": _baremetal,
 }
 
 
