@@ -21,6 +21,7 @@ import ast
 import base64
 import gzip
 import json
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,10 +52,26 @@ WantedBy=multi-user.target
 """
 
 
+_SOURCE_LOCK = threading.Lock()
+_source: tuple[int, str] | None = None  # (the agent file's mtime, its stripped source)
+
+
 def agent_source() -> str:
     """The agent without comments and docstrings (the same program, 40 % smaller, so that the
-    document stays well under EC2's 16 KiB with room for the agent to grow)."""
-    tree = ast.parse(AGENT.read_text())
+    document stays well under EC2's 16 KiB with room for the agent to grow). Made once per
+    version of the file, under a lock: CPython 3.11's `ast` keeps its recursion depth per
+    interpreter, so two threads converting at once fail with "AST constructor recursion depth
+    mismatch" (seen when several nodes were provisioned in parallel)."""
+    global _source
+    mtime = AGENT.stat().st_mtime_ns
+    with _SOURCE_LOCK:
+        if _source is None or _source[0] != mtime:
+            _source = (mtime, _strip(AGENT.read_text()))
+        return _source[1]
+
+
+def _strip(source: str) -> str:
+    tree = ast.parse(source)
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if (

@@ -2,9 +2,12 @@
 
 Every node gets its own loopback address (127.0.x.y; Linux routes all of 127/8 to lo), so the
 agent and the daemons its recipes start bind the ports they would bind on a real machine without
-colliding. Processes are found again through environment markers that every descendant inherits:
-a daemon that calls setsid or double-forks leaves the agent's process group, not its environment,
-so destroy (and a reconciler, through `list_nodes`) still finds it.
+colliding. Two crv homes on one host allocate independently: give each its own 127.N.0.0/16
+with CRV_LOCAL_NET=127.N (the test-suite does, one per parallel worker).
+
+Processes are found again through environment markers that every descendant inherits: a daemon
+that calls setsid or double-forks leaves the agent's process group, not its environment, so
+destroy (and a reconciler, through `list_nodes`) still finds it.
 """
 
 from __future__ import annotations
@@ -99,8 +102,14 @@ class LocalPool:
 
     name = NAME
 
-    def __init__(self, root: Path, agent: Path, python: str = sys.executable) -> None:
+    def __init__(
+        self, root: Path, agent: Path, python: str = sys.executable, net: str | None = None
+    ) -> None:
         self.root = Path(os.path.abspath(root))
+        self.net = net or os.environ.get("CRV_LOCAL_NET") or "127.0"
+        first, _, second = self.net.partition(".")
+        if first != "127" or not second.isdigit() or not 0 <= int(second) <= 255:
+            raise PoolError(NAME, f"CRV_LOCAL_NET={self.net!r}: expected 127.N with N in 0-255")
         self.agent = Path(agent)
         self.python = python
         self._lock = threading.Lock()  # the address table (with the flock) and `_children`
@@ -244,8 +253,9 @@ class LocalPool:
             return address
 
     def _allocate(self) -> str:
-        """The smallest free 127.0.x.y from 127.0.1.1 (host bytes 0 and 255 skipped; 127.0.0.x
-        is the host's own). A removed dir has freed its address."""
+        """The smallest free 127.N.x.y from 127.N.1.1 (N from CRV_LOCAL_NET, default 0; host
+        bytes 0 and 255 skipped; 127.0.0.x is the host's own). A removed dir has freed its
+        address."""
         taken: set[str] = set()
         root = str(self.root)  # plain strings: pathlib costs more than the syscall here
         for entry in os.listdir(root):
@@ -253,9 +263,10 @@ class LocalPool:
                 taken.add(os.readlink(f"{root}/{entry}/address"))
         for x in range(1, 256):
             for y in range(1, 255):
-                if (address := f"127.0.{x}.{y}") not in taken:
+                if (address := f"{self.net}.{x}.{y}") not in taken:
                     return address
-        raise PoolError(NAME, "no free loopback address left in 127.0.1.1-127.0.255.254")
+        last = f"{self.net}.255.254"
+        raise PoolError(NAME, f"no free loopback address left in {self.net}.1.1-{last}")
 
     def _install(self, spec: NodeSpec, directory: Path) -> None:
         """The agent program, and the one-time bootstrap only while the node has not enrolled:

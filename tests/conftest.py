@@ -14,6 +14,13 @@ from typer.testing import CliRunner
 
 from crv.cli import app
 
+# Parallel workers (pytest-xdist, `-n` in pyproject.toml) each give their local pools their own
+# 127.N.0.0/16, so two tests' nodes never share a loopback address (and a port on it).
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _WORKER.startswith("gw") and _WORKER[2:].isdigit():
+    os.environ["CRV_LOCAL_NET"] = f"127.{20 + int(_WORKER[2:])}"
+LOCAL_NET = os.environ.get("CRV_LOCAL_NET", "127.0")
+
 REPO = Path(__file__).resolve().parent.parent
 CATALOG = REPO / "appliances"
 

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from cryptography import x509
 
-from tests.conftest import CATALOG, REPO, write_appliance
+from tests.conftest import CATALOG, LOCAL_NET, REPO, write_appliance
 
 
 def free_port() -> int:
@@ -139,7 +139,7 @@ def test_webfarm_deploys_answers_round_robin_and_destroys_clean(crv: Crv) -> Non
     ]  # fmt: skip
     for n in status["nodes"]:
         assert set(n) == {"name", "group", "pool", "address", "state", "roles"}
-        assert n["pool"] == "local" and n["address"].startswith("127.0.")
+        assert n["pool"] == "local" and n["address"].startswith(f"{LOCAL_NET}.")
         assert set(n["roles"].values()) == {"verified"}
     listed = crv("list", "--json")
     assert {"name": "farm", "appliance": "webfarm", "pool": "local", "nodes": 4, "ready": True} in (

@@ -21,6 +21,7 @@ import pytest
 from pools import local
 from pools.base import TAG_CLUSTER, TAG_NODE, NodeSpec, Pool, PoolError
 from pools.local import LocalPool
+from tests.conftest import LOCAL_NET
 
 TOKEN = "tok-3c1f9a7e5d2b48e6"
 
@@ -119,12 +120,12 @@ def test_create_is_idempotent_and_nodes_get_distinct_addresses(pool: LocalPool) 
     record = (pool.root / "n1" / "node.json").read_bytes()
     again = pool.create_node(spec("n1", role="db"))
     assert first == again
-    assert first.state == "running" and first.address == "127.0.1.1"
+    assert first.state == "running" and first.address == f"{LOCAL_NET}.1.1"
     assert (pool.root / "n1" / "node.json").read_bytes() == record
     assert first.tags == {"role": "db", TAG_CLUSTER: "c1", TAG_NODE: "n1"}
     assert agents_of(pool, "n1") == [json.loads(record)["pid"]]
     second = pool.create_node(spec("n2"))
-    assert second.address == "127.0.1.2"
+    assert second.address == f"{LOCAL_NET}.1.2"
     for node in (first, second):
         assert node.address is not None
         with socket.socket() as s:
@@ -165,7 +166,7 @@ def test_destroy_leaves_no_process_and_frees_the_address(pool: LocalPool) -> Non
     assert pool.get_node("n1") is None
     pool.destroy_node("n1")
     pool.destroy_node("never-made")
-    assert pool.create_node(spec("n3")).address == "127.0.1.1"
+    assert pool.create_node(spec("n3")).address == f"{LOCAL_NET}.1.1"
 
 
 def test_what_ignores_sigterm_gets_sigkill(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -225,7 +226,7 @@ def test_concurrent_creates_get_distinct_addresses(pool: LocalPool) -> None:
         nodes = list(executor.map(pool.create_node, [spec(f"n{i}") for i in range(20)]))
     addresses = {node.address for node in nodes}
     assert len(addresses) == 20
-    assert all(a is not None and a.startswith("127.0.1.") for a in addresses)
+    assert all(a is not None and a.startswith(f"{LOCAL_NET}.1.") for a in addresses)
     with ThreadPoolExecutor(max_workers=20) as executor:
         list(executor.map(pool.destroy_node, [f"n{i}" for i in range(20)]))
     assert pool.list_nodes() == []
