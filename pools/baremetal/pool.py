@@ -233,7 +233,7 @@ class BaremetalPool:
         with self._ledger() as ledger:
             ledger.leases.pop(name, None)
 
-    def tend(self, name: str, bootstrap: Any = None) -> NodeInfo | None:
+    def tend(self, name: str) -> NodeInfo | None:
         """Move a node whose machine did not call back in time to another machine."""
         machines = self.machines()
         ledger = self.leases.read()
