@@ -64,6 +64,7 @@ class Group:
     scale_max: int
     scalable: bool = False  # it has a `scale` section: a resize may change its count
     pool: str | None = None  # the pool its nodes go to; None: the deploy's default pool
+    scaling: spec.Scaling | None = None  # how the autoscale flow sizes it
 
 
 @dataclass(frozen=True)
@@ -287,8 +288,21 @@ class _Resolver:
         for i, role in enumerate(g.roles):
             if role in g.roles[:i]:
                 raise SpecError(source, f"{at}.roles[{i}]", f"role {role!r} is listed twice")
+        if g.scaling is not None and g.scale is None:
+            raise SpecError(
+                source, f"{at}.scaling", "autoscaling needs bounds: add scale: {min: N, max: M}"
+            )
         return Group(
-            name, source, at, count, tuple(g.roles), low, high, g.scale is not None, g.pool
+            name,
+            source,
+            at,
+            count,
+            tuple(g.roles),
+            low,
+            high,
+            g.scale is not None,
+            g.pool,
+            g.scaling,
         )
 
     @staticmethod
@@ -406,8 +420,14 @@ class _Scope:
             self.param_values[rename(name)] = child.parameters[name]
         for g in child.groups.values():
             self._claim("node group", rename(g.name), at)
+            scaling = g.scaling
+            attribute = scaling.metric.attribute if scaling else None
+            if scaling is not None and attribute is not None:  # its role is renamed too
+                renamed = attribute.model_copy(update={"role": rename(attribute.role)})
+                metric = scaling.metric.model_copy(update={"attribute": renamed})
+                scaling = scaling.model_copy(update={"metric": metric})
             self.groups[rename(g.name)] = replace(
-                g, name=rename(g.name), roles=tuple(map(rename, g.roles))
+                g, name=rename(g.name), roles=tuple(map(rename, g.roles)), scaling=scaling
             )
         for r in child.roles.values():
             self._claim("role", rename(r.name), at)
@@ -437,6 +457,15 @@ class _Scope:
                     )
         if not self.groups:
             raise SpecError(src, "nodes", "the appliance has no node groups")
+        for gname in s.nodes:
+            scaling = self.groups[gname].scaling
+            attribute = scaling.metric.attribute if scaling else None
+            if attribute is not None and attribute.role not in self.roles:
+                raise SpecError(
+                    src,
+                    f"nodes.{gname}.scaling.metric.attribute.role",
+                    f"unknown role {attribute.role!r} (known: {known})",
+                )
         for rname in self.own_roles:
             role = self.roles[rname]
             hosting = [g for g in self.groups.values() if rname in g.roles]

@@ -584,8 +584,10 @@ def pools_check(
         ))  # fmt: skip
 
 
-from crv.baremetal_cli import baremetal_app, pxe_app  # noqa: E402  (it uses the helpers above)
+from crv.autoscale_cli import autoscale_app  # noqa: E402  (these use the helpers above)
+from crv.baremetal_cli import baremetal_app, pxe_app  # noqa: E402
 
+app.add_typer(autoscale_app, name="autoscale")
 app.add_typer(baremetal_app, name="baremetal")
 app.add_typer(pxe_app, name="pxe")
 

@@ -144,12 +144,104 @@ class Scale(_Model):
     max: int = Field(default=MAX_NODES, ge=0, le=MAX_NODES)
 
 
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number (seconds) or a string such as "90s", "5m", "1h", "250ms"."""
+    if isinstance(value, bool):
+        raise ValueError('expected a duration such as 60, "90s", "5m" or "1h"')
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.fullmatch(value.strip())):
+        seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2) or "s"]
+    else:
+        raise ValueError(f'{brief(value)} is not a duration such as 60, "90s", "5m" or "1h"')
+    if not math.isfinite(seconds) or seconds < 0 or seconds > 7 * 86400:
+        raise ValueError(f"{brief(value)} is not between 0 and 7 days")
+    return seconds
+
+
+Duration = Annotated[
+    float,
+    PlainValidator(parse_duration),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0},
+                {"type": "string", "pattern": r"^\d+(\.\d+)?\s*(ms|s|m|h)?$"},
+            ],
+            "description": 'Seconds, or a string such as "90s", "5m", "1h".',
+        }
+    ),
+]
+
+
+class AttributeMetric(_Model):
+    """A value every node hosting `role` publishes on the blackboard, aggregated over them."""
+
+    role: Name
+    key: AttributeName
+    aggregate: Literal["sum", "mean", "max", "min"] = "sum"
+
+
+class Metric(_Model):
+    """Where the number comes from: a blackboard attribute or an HTTP endpoint answering a
+    number (plain text, or JSON {"value": N}). A value older than `stale_after` is not used."""
+
+    attribute: AttributeMetric | None = None
+    http: Annotated[str, Field(pattern=r"^https?://[^\s]{1,2000}$")] | None = None
+    stale_after: Duration = 300.0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Metric:
+        if (self.attribute is None) == (self.http is None):
+            raise ValueError("give exactly one of 'attribute' or 'http'")
+        return self
+
+
+class Policy(_Model):
+    """Either a target (desired nodes = ceil(metric / target_per_node)) or thresholds on the
+    metric per node (above `scale_up_above`: add `step_up`; below `scale_down_below`: remove
+    `step_down`)."""
+
+    target_per_node: float | None = Field(default=None, gt=0)
+    scale_up_above: float | None = Field(default=None, ge=0)
+    scale_down_below: float | None = Field(default=None, ge=0)
+    step_up: int = Field(default=1, ge=1, le=MAX_NODES)
+    step_down: int = Field(default=1, ge=1, le=MAX_NODES)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Policy:
+        thresholds = (self.scale_up_above, self.scale_down_below)
+        if self.target_per_node is not None:
+            if any(t is not None for t in thresholds):
+                raise ValueError("give target_per_node or thresholds, not both")
+        elif None in thresholds:
+            raise ValueError("give target_per_node, or both scale_up_above and scale_down_below")
+        elif thresholds[1] >= thresholds[0]:  # type: ignore[operator]
+            raise ValueError("scale_down_below must be below scale_up_above")
+        return self
+
+
+class Scaling(_Model):
+    """How the autoscale flow sizes a node group (within its `scale` bounds)."""
+
+    metric: Metric
+    policy: Policy
+    cooldown: Duration = 300.0  # after a scale-up, no change for this long
+    scale_down_delay: Duration = 600.0  # the metric must stay low this long before a shrink
+    max_step: int = Field(default=10, ge=1, le=MAX_NODES)  # nodes added or removed per action
+
+
 class NodeGroup(_Model):
     """Machines of one shape; each node of the group hosts every role listed."""
 
     count: Count = 1
     roles: list[Name] = Field(min_length=1, max_length=64)
     scale: Scale | None = None  # none: the group keeps its count (resize refuses to change it)
+    scaling: Scaling | None = None  # autoscaling (the `autoscale` flow); needs `scale`
     # the resource pool its nodes go to (one named in pools.yaml, or local/sim); none: the
     # deploy's --pool. `crv deploy --pool-for GROUP=POOL` overrides it.
     pool: Name | None = None

@@ -1,0 +1,255 @@
+"""Autoscaling decisions: a pure function of a group's `scaling` section, its bounds, its
+current size, one metric reading and what was decided before (no Prefect, no pools, no clock
+of its own), so the scheduled flow and the what-if replay take exactly the same decisions.
+
+The rules, in order:
+
+1. no usable metric (missing, not a number, older than `stale_after`): do nothing, say why;
+2. the policy says how many nodes the metric asks for (`desired`), clamped to `scale.min/max`;
+3. growing: not within `cooldown` of the last scale-up; by at most `max_step`;
+4. shrinking: only once the metric has asked for fewer nodes for `scale_down_delay` without a
+   break, and not within `cooldown` of the last scale-up; by at most `max_step`; the delay
+   starts again after each shrink (so a long low period shrinks in steady steps, and a short
+   dip never does);
+5. otherwise nothing, with the reason.
+
+Every call returns a Decision, including "none" ones: the flow records each (store and
+artifact), and the replay prints them.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from crv.errors import SpecError
+from crv.spec import Scaling
+
+AGGREGATES: dict[str, Callable[[Sequence[float]], float]] = {
+    "sum": sum,
+    "mean": lambda values: sum(values) / len(values),
+    "max": max,
+    "min": min,
+}
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One metric reading: the value (None: missing or not a number) and how old it is."""
+
+    value: float | None
+    age: float = 0.0  # seconds since the value was published or fetched
+    problem: str = ""  # why `value` is None
+
+
+@dataclass(frozen=True)
+class Memory:
+    """What the next decision needs from the previous ones."""
+
+    last_scale_up: float | None = None  # when the last growth was decided
+    low_since: float | None = None  # since when the metric has asked for fewer nodes
+
+
+@dataclass(frozen=True)
+class Decision:
+    at: float  # seconds (the flow: a Unix time; the replay: since the trace began)
+    metric: float | None
+    current: int
+    desired: int  # what the metric asks for, within bounds
+    target: int  # the size this decision sets (== current when action is "none")
+    action: str  # "grow", "shrink" or "none"
+    reason: str
+    memory: Memory = field(default_factory=Memory)
+
+    def row(self) -> dict[str, object]:
+        return {
+            "at": self.at,
+            "metric": self.metric,
+            "current": self.current,
+            "desired": self.desired,
+            "target": self.target,
+            "action": self.action,
+            "reason": self.reason,
+        }
+
+
+def aggregate(values: Sequence[float], how: str) -> float | None:
+    return float(AGGREGATES[how](values)) if values else None
+
+
+def number(text: object) -> float | None:
+    """A finite number from a value published as text, else None."""
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def wanted(scaling: Scaling, metric: float, current: int) -> tuple[int, str]:
+    """The node count the policy asks for (before bounds), and how it got there."""
+    p = scaling.policy
+    if p.target_per_node is not None:
+        need = math.ceil(metric / p.target_per_node - 1e-9)
+        return need, f"{metric:g} / {p.target_per_node:g} per node = {need}"
+    per_node = metric / current if current else metric
+    assert p.scale_up_above is not None and p.scale_down_below is not None
+    if per_node > p.scale_up_above:
+        return current + p.step_up, f"{per_node:g} per node > {p.scale_up_above:g}"
+    if per_node < p.scale_down_below:
+        return current - p.step_down, f"{per_node:g} per node < {p.scale_down_below:g}"
+    return current, f"{per_node:g} per node within {p.scale_down_below:g}-{p.scale_up_above:g}"
+
+
+def decide(
+    scaling: Scaling,
+    low: int,
+    high: int,
+    current: int,
+    reading: Reading,
+    now: float,
+    memory: Memory,
+) -> Decision:
+    def nothing(reason: str, desired: int = current, mem: Memory = memory) -> Decision:
+        return Decision(now, reading.value, current, desired, current, "none", reason, mem)
+
+    if reading.value is None:
+        return nothing(f"no metric: {reading.problem or 'missing'}")
+    if reading.age > scaling.metric.stale_after:
+        return nothing(
+            f"stale metric: {reading.age:.0f} s old (stale after {scaling.metric.stale_after:g} s)"
+        )
+    need, how = wanted(scaling, reading.value, current)
+    desired = min(max(need, low), high)
+    bound = f" (clamped to {'max' if need > high else 'min'} {desired})" if desired != need else ""
+    since_up = None if memory.last_scale_up is None else now - memory.last_scale_up
+    cooling = since_up is not None and since_up < scaling.cooldown
+    if desired > current:
+        calm = replace(memory, low_since=None)
+        if cooling:
+            left = scaling.cooldown - (since_up or 0.0)
+            return nothing(f"{how}{bound}; cooldown: {left:.0f} s left", desired, calm)
+        target = min(desired, current + scaling.max_step)
+        step = f"; step limited to {scaling.max_step}" if target < desired else ""
+        mem = Memory(last_scale_up=now, low_since=None)
+        reason = how + bound + step
+        return Decision(now, reading.value, current, desired, target, "grow", reason, mem)
+    if desired < current:
+        low_since = memory.low_since if memory.low_since is not None else now
+        mem = replace(memory, low_since=low_since)
+        waited = now - low_since
+        if waited < scaling.scale_down_delay:
+            delay = scaling.scale_down_delay
+            return nothing(f"{how}{bound}; low for {waited:.0f} of {delay:g} s", desired, mem)
+        if cooling:
+            left = scaling.cooldown - (since_up or 0.0)
+            return nothing(f"{how}{bound}; cooldown: {left:.0f} s left", desired, mem)
+        target = max(desired, current - scaling.max_step)
+        step = f"; step limited to {scaling.max_step}" if target > desired else ""
+        mem = replace(memory, low_since=now)  # the next shrink waits a full delay again
+        return Decision(
+            now, reading.value, current, desired, target, "shrink", how + bound + step, mem
+        )
+    at_bound = " (at max)" if current == high else " (at min)" if current == low else ""
+    return nothing(f"{how}{bound}{at_bound}; no change", desired, replace(memory, low_since=None))
+
+
+# -- the what-if replay ------------------------------------------------------------------------
+
+
+def read_trace(path: Path) -> list[tuple[float, float | None]]:
+    """A CSV of `seconds,value` rows (a header line is allowed; an empty or non-numeric value
+    is a missing reading); seconds must increase. Errors name the file and the line."""
+    source = str(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(source, "", exc.strerror or str(exc)) from None
+    rows: list[tuple[float, float | None]] = []
+    for line_no, row in enumerate(csv.reader(text.splitlines()), start=1):
+        if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+            continue
+        if len(row) < 2:
+            raise SpecError(source, f"line {line_no}", "expected SECONDS,VALUE")
+        at = number(row[0])
+        if at is None:
+            if not rows and line_no == 1:
+                continue  # a header
+            raise SpecError(source, f"line {line_no}", f"{row[0]!r} is not a number of seconds")
+        if rows and at <= rows[-1][0]:
+            raise SpecError(source, f"line {line_no}", f"time {at:g} does not increase")
+        rows.append((at, number(row[1]) if row[1].strip() else None))
+    if not rows:
+        raise SpecError(source, "", "no readings (expected SECONDS,VALUE rows)")
+    return rows
+
+
+def replay(
+    scaling: Scaling,
+    low: int,
+    high: int,
+    start: int,
+    trace: Sequence[tuple[float, float | None]],
+    every: float,
+) -> list[Decision]:
+    """The decisions a schedule running every `every` seconds would take on `trace`, on a
+    simulated clock. The newest reading at or before each tick is used (its age counts); a
+    change takes effect at once (no machines: the replay tests the policy, not the pools)."""
+    decisions: list[Decision] = []
+    memory, current = Memory(), min(max(start, low), high)
+    end = trace[-1][0]
+    i, tick = 0, trace[0][0]
+    while tick <= end + 1e-9:
+        while i + 1 < len(trace) and trace[i + 1][0] <= tick:
+            i += 1
+        at, value = trace[i]
+        reading = Reading(value, tick - at, "" if value is not None else "not a number")
+        d = decide(scaling, low, high, current, reading, tick, memory)
+        decisions.append(d)
+        memory, current = d.memory, d.target
+        tick += every
+    return decisions
+
+
+def direction_changes(decisions: Iterable[Decision]) -> int:
+    """How often the replay turned from growing to shrinking or back (flapping shows here)."""
+    last, turns = "", 0
+    for d in decisions:
+        if d.action in ("grow", "shrink"):
+            if last and d.action != last:
+                turns += 1
+            last = d.action
+    return turns
+
+
+def plot(decisions: Sequence[Decision], path: Path, title: str) -> None:
+    """The metric and the node count over time, in one PNG (two y axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    times = [d.at / 60 for d in decisions]
+    fig, left = plt.subplots(figsize=(10, 4.5), dpi=100)
+    left.plot(
+        times,
+        [d.metric if d.metric is not None else float("nan") for d in decisions],
+        color="tab:blue",
+        label="metric",
+    )
+    left.set_xlabel("minutes")
+    left.set_ylabel("metric", color="tab:blue")
+    right = left.twinx()
+    right.step(times, [d.target for d in decisions], where="post", color="tab:red", label="nodes")
+    right.set_ylabel("nodes", color="tab:red")
+    right.set_ylim(bottom=0)
+    for d in decisions:
+        if d.action != "none":
+            right.axvline(d.at / 60, color="tab:gray", alpha=0.25, linewidth=0.8)
+    left.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)

@@ -1,0 +1,218 @@
+"""Autoscaling decisions (crv/autoscale.py) and the what-if replay (`crv autoscale simulate`):
+the `scaling` section's validation, every rule of `decide`, and replays of square waves that
+prove cooldowns, the scale-down delay and no flapping."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from crv.autoscale import Memory, Reading, decide, direction_changes, read_trace, replay
+from crv.errors import SpecError
+from crv.spec import Scaling
+from tests.conftest import crv, write_appliance
+
+SCALED = """\
+apiVersion: crv/v1
+name: scaled
+nodes:
+  front: {count: 1, roles: [lb]}
+  worker:
+    count: 2
+    roles: [web]
+    scale: {min: 1, max: 10}
+    scaling:
+      metric: {attribute: {role: lb, key: requests_per_second}, stale_after: 2m}
+      policy: {target_per_node: 50}
+      cooldown: 3m
+      scale_down_delay: 5m
+      max_step: 3
+roles:
+  lb: {recipe: lb.sh, depends_on: [web]}
+  web: {recipe: web.sh}
+"""
+
+
+def scaling(**change: object) -> Scaling:
+    doc: dict[str, object] = {
+        "metric": {"attribute": {"role": "lb", "key": "rps"}, "stale_after": "2m"},
+        "policy": {"target_per_node": 50},
+        "cooldown": "3m",
+        "scale_down_delay": "5m",
+        "max_step": 3,
+    }
+    doc.update(change)
+    return Scaling.model_validate(doc)
+
+
+def square(period: float, high: float, low: float, hours: float = 4) -> list[tuple[float, float]]:
+    """A reading every 30 s: `high` for half of each period, then `low`."""
+    return [
+        (float(t), high if (t // (period / 2)) % 2 == 0 else low)
+        for t in range(0, int(hours * 3600), 30)
+    ]
+
+
+# -- the format -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field", "message"),
+    [
+        ("    scale: {min: 1, max: 10}\n", "", "nodes.worker.scaling", "autoscaling needs bounds"),
+        ("role: lb, key:", "role: lbb, key:", "nodes.worker.scaling.metric.attribute.role",
+         "unknown role 'lbb'"),
+        ("{target_per_node: 50}", "{target_per_node: 50, scale_up_above: 9, scale_down_below: 1}",
+         "nodes.worker.scaling.policy", "not both"),
+        ("{target_per_node: 50}", "{scale_up_above: 10, scale_down_below: 20}",
+         "nodes.worker.scaling.policy", "must be below"),
+        ("cooldown: 3m", "cooldown: 3 minutes", "nodes.worker.scaling.cooldown", "not a duration"),
+        ("stale_after: 2m}", "stale_after: 2m, http: 'http://127.0.0.1:9/m'}",
+         "nodes.worker.scaling.metric", "exactly one of 'attribute' or 'http'"),
+    ],
+    ids=["no-bounds", "unknown-role", "both-policies", "crossed", "bad-duration", "two-sources"],
+)  # fmt: skip
+def test_scaling_errors_are_one_line_naming_the_field(
+    tmp_path: Path, old: str, new: str, field: str, message: str
+) -> None:
+    assert old in SCALED
+    directory = write_appliance(tmp_path, "scaled", SCALED.replace(old, new), ("lb.sh", "web.sh"))
+    r = crv("validate", str(directory))
+    assert r.exit_code == 2, r.stdout
+    line = r.stderr.strip()
+    assert "\n" not in line and f": {field}: " in line and message in line, line
+
+
+def test_durations_read_as_seconds() -> None:
+    s = scaling(cooldown=90, scale_down_delay="1h")
+    assert (s.cooldown, s.scale_down_delay, s.metric.stale_after) == (90.0, 3600.0, 120.0)
+
+
+# -- decide -------------------------------------------------------------------------------------
+
+
+def test_no_metric_a_stale_one_or_not_a_number_changes_nothing_and_says_why() -> None:
+    s = scaling()
+    missing = decide(s, 1, 10, 3, Reading(None, problem="lb published nothing"), 0, Memory())
+    assert (missing.action, missing.target) == ("none", 3)
+    assert missing.reason == "no metric: lb published nothing"
+    stale = decide(s, 1, 10, 3, Reading(900.0, age=121), 0, Memory())
+    assert stale.action == "none" and stale.reason.startswith("stale metric: 121 s old")
+
+
+def test_growth_is_bounded_by_max_step_and_max_then_waits_for_the_cooldown() -> None:
+    s = scaling()
+    first = decide(s, 1, 10, 2, Reading(5000.0), 0, Memory())
+    assert (first.action, first.desired, first.target) == ("grow", 10, 5)  # 100 asked, max 10
+    assert "clamped to max 10" in first.reason and "step limited to 3" in first.reason
+    soon = decide(s, 1, 10, 5, Reading(5000.0), 179, first.memory)
+    assert soon.action == "none" and "cooldown: 1 s left" in soon.reason
+    later = decide(s, 1, 10, 5, Reading(5000.0), 180, soon.memory)
+    assert (later.action, later.target) == ("grow", 8)
+
+
+def test_shrink_waits_for_the_delay_without_a_break_and_never_goes_below_min() -> None:
+    s = scaling()
+    m = Memory()
+    for t in (0, 120, 240):
+        d = decide(s, 2, 10, 6, Reading(10.0), t, m)
+        assert d.action == "none" and f"low for {t} of 300 s" in d.reason
+        m = d.memory
+    blip = decide(s, 2, 10, 6, Reading(300.0), 270, m)  # back to exactly 6 nodes' worth
+    assert blip.action == "none" and blip.memory.low_since is None
+    m = blip.memory
+    for t in (280, 400, 579):
+        m = decide(s, 2, 10, 6, Reading(10.0), t, m).memory
+    d = decide(s, 2, 10, 6, Reading(10.0), 580, m)
+    assert (d.action, d.desired, d.target) == ("shrink", 2, 3)  # min 2, at most 3 per step
+    again = decide(s, 2, 10, 3, Reading(10.0), 640, d.memory)
+    assert again.action == "none"  # a full delay again after each shrink
+    last = decide(s, 2, 10, 3, Reading(10.0), 880, again.memory)
+    assert (last.action, last.target) == ("shrink", 2)
+    floor = decide(s, 2, 10, 2, Reading(0.0), 2000, last.memory)
+    assert floor.action == "none" and "(at min)" in floor.reason
+
+
+def test_threshold_policy_steps_on_the_metric_per_node() -> None:
+    s = scaling(policy={"scale_up_above": 80, "scale_down_below": 20, "step_up": 2})
+    up = decide(s, 1, 10, 4, Reading(400.0), 0, Memory())
+    assert (up.action, up.target) == ("grow", 6) and "100 per node > 80" in up.reason
+    calm = decide(s, 1, 10, 4, Reading(200.0), 0, Memory())
+    assert calm.action == "none" and "within 20-80" in calm.reason
+
+
+# -- replay -----------------------------------------------------------------------------------
+
+
+def test_a_square_wave_faster_than_the_scale_down_delay_never_flaps() -> None:
+    """High 2 min, low 2 min, for 4 hours: the low phases never last the 5 min delay, so the
+    group grows to what the peaks need and stays there."""
+    decisions = replay(scaling(), 1, 10, 2, square(240, 400, 20), 60)
+    assert {d.action for d in decisions} == {"grow", "none"}
+    assert direction_changes(decisions) == 0
+    assert decisions[-1].target == 8  # 400 / 50
+
+
+def test_a_slow_square_wave_follows_the_load_with_cooldowns_and_delays() -> None:
+    s = scaling()
+    decisions = replay(s, 1, 10, 2, square(3600, 400, 20), 60)
+    grows = [d.at for d in decisions if d.action == "grow"]
+    shrinks = [d for d in decisions if d.action == "shrink"]
+    assert all(b - a >= s.cooldown for a, b in itertools.pairwise(grows))
+    for d in shrinks:  # low for a full delay first: 30 min into each hour the load drops
+        assert d.at % 3600 >= 1800 + s.scale_down_delay
+    assert direction_changes(decisions) == 7  # one per load change after the first: no flapping
+    assert {d.target for d in decisions} <= set(range(1, 11))
+    assert max(d.target for d in decisions) == 8 and decisions[-1].target == 1
+
+
+def test_trace_errors_name_the_file_and_line(tmp_path: Path) -> None:
+    trace = tmp_path / "t.csv"
+    trace.write_text("seconds,value\n0,1\n60,2\n60,3\n")
+    with pytest.raises(SpecError) as caught:
+        read_trace(trace)
+    assert str(caught.value) == f"{trace}: line 4: time 60 does not increase"
+    trace.write_text("0,1\n60,abc\n120,\n")
+    assert read_trace(trace) == [(0.0, 1.0), (60.0, None), (120.0, None)]
+
+
+def test_simulate_prints_decisions_and_draws_one_png(tmp_path: Path) -> None:
+    directory = write_appliance(tmp_path, "scaled", SCALED, ("lb.sh", "web.sh"))
+    trace = tmp_path / "square.csv"
+    trace.write_text("seconds,rps\n" + "".join(f"{t},{v}\n" for t, v in square(3600, 400, 20)))
+    png = tmp_path / "out.png"
+    r = crv("autoscale", "simulate", str(directory), "--trace", str(trace), "--plot", str(png))
+    assert r.exit_code == 0, r.stderr
+    assert "7 direction changes" in r.stdout and "1 at the end" in r.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    r = crv("autoscale", "simulate", str(directory), "--trace", str(trace), "--json")
+    doc = json.loads(r.stdout)
+    assert doc["group"] == "worker" and doc["direction_changes"] == 7
+    assert set(doc["decisions"][0]) == {
+        "at",
+        "metric",
+        "current",
+        "desired",
+        "target",
+        "action",
+        "reason",
+    }
+
+
+def test_simulate_bad_input_is_exit_2(tmp_path: Path) -> None:
+    directory = write_appliance(tmp_path, "scaled", SCALED, ("lb.sh", "web.sh"))
+    trace = tmp_path / "t.csv"
+    trace.write_text("0,1\nx,2\n")
+    r = crv("autoscale", "simulate", str(directory), "--trace", str(trace))
+    assert (
+        r.exit_code == 2
+        and r.stderr.strip() == f"error: {trace}: line 2: 'x' is not a number of seconds"
+    )
+    trace.write_text("0,1\n")
+    r = crv("autoscale", "simulate", str(directory), "--trace", str(trace), "--group", "front")
+    assert r.exit_code == 2 and "no scaling section" in r.stderr
+    r = crv("autoscale", "simulate", str(directory), "--trace", str(trace), "--every", "soon")
+    assert r.exit_code == 2 and "--every" in r.stderr
