@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from crv.errors import SpecError
 from crv.spec import Scaling
@@ -87,6 +88,28 @@ def number(text: object) -> float | None:
     except ValueError:
         return None
     return value if math.isfinite(value) else None
+
+
+def from_attribute(scaling: Scaling, readings: Sequence[Mapping[str, Any]]) -> Reading:
+    """A blackboard metric: every node's value of the attribute (`{node, value, age}`, as the
+    service's admin API answers), aggregated over the fresh ones. Stale and non-numeric values
+    are left out, and said so when nothing usable remains."""
+    attribute = scaling.metric.attribute
+    assert attribute is not None
+    if not readings:
+        return Reading(None, problem=f"no node of {attribute.role} published {attribute.key}")
+    limit = scaling.metric.stale_after
+    fresh = [r for r in readings if r.get("age") is not None and r["age"] <= limit]
+    values = [v for r in fresh if (v := number(r.get("value"))) is not None]
+    if not fresh:
+        newest = min((r["age"] for r in readings if r.get("age") is not None), default=None)
+        said = "never timed" if newest is None else f"the newest is {newest:.0f} s old"
+        return Reading(None, problem=f"stale: {said} (stale after {limit:g} s)")
+    if not values:
+        shown = ", ".join(f"{r['node']}={str(r.get('value'))[:20]!r}" for r in fresh[:3])
+        return Reading(None, problem=f"{attribute.key} is not a number ({shown})")
+    value = aggregate(values, attribute.aggregate)
+    return Reading(value, age=max(float(r["age"]) for r in fresh))
 
 
 def wanted(scaling: Scaling, metric: float, current: int) -> tuple[int, str]:

@@ -96,6 +96,12 @@ class AsyncService:
         )
         return result
 
+    async def attribute_readings(self, cluster: str, role: str, key: str) -> list[dict[str, Any]]:
+        """[{node, value, age}] of a role's attribute over the cluster's nodes."""
+        path = f"/v1/admin/clusters/{cluster}/attributes/{role}/{key}"
+        found: list[dict[str, Any]] = (await self.call("GET", path))["values"]
+        return found
+
     async def status(self, cluster: str) -> dict[str, Any]:
         result: dict[str, Any] = await self.call("GET", f"/v1/admin/clusters/{cluster}")
         return result

@@ -88,6 +88,7 @@ attributes = sa.Table(
     sa.Column("role", sa.String(63), primary_key=True),
     sa.Column("key", sa.String(63), primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
+    sa.Column("updated", sa.Float),  # Unix time of the last set, even of the same value
 )
 
 certificates = sa.Table(
@@ -905,13 +906,13 @@ class Store:
             exists = c.execute(
                 sa.select(attributes.c.value).where(*where, attributes.c.key == key)
             ).first()
-            if exists is not None:
-                if exists.value != value:
-                    c.execute(
-                        attributes.update()
-                        .where(*where, attributes.c.key == key)
-                        .values(value=value)
-                    )
+            now = time.time()
+            if exists is not None:  # the same value again still says it is current (a metric)
+                c.execute(
+                    attributes.update()
+                    .where(*where, attributes.c.key == key)
+                    .values(value=value, updated=now)
+                )
                 return
             count = c.execute(
                 sa.select(sa.func.count()).select_from(attributes).where(*where)
@@ -920,9 +921,26 @@ class Store:
                 raise StoreError(413, f"{node}/{role} already has {count} attributes")
             c.execute(
                 attributes.insert().values(
-                    cluster=cluster, node=node, role=role, key=key, value=value
+                    cluster=cluster, node=node, role=role, key=key, value=value, updated=now
                 )
             )
+
+    def attribute_readings(
+        self, cluster: str, role: str, key: str
+    ) -> list[tuple[str, str, float | None]]:
+        """(node, value, seconds since it was last set) over the nodes that host `role` and
+        are not leaving: what an autoscaling metric is made of."""
+        a = attributes.c
+        with self.engine.connect() as c:
+            rows = c.execute(
+                _feeding(attributes, cluster, role, a.node, a.value, a.updated).where(a.key == key)
+            ).all()
+        now = time.time()
+        found = [
+            (r.node, r.value, None if r.updated is None else max(0.0, now - r.updated))
+            for r in rows
+        ]
+        return sorted(found, key=lambda item: natural_key(item[0]))
 
     def get_attribute(self, cluster: str, role: str, key: str) -> list[tuple[str, str]]:
         with self.engine.connect() as c:

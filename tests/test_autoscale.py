@@ -216,3 +216,21 @@ def test_simulate_bad_input_is_exit_2(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "no scaling section" in r.stderr
     r = crv("autoscale", "simulate", str(directory), "--trace", str(trace), "--every", "soon")
     assert r.exit_code == 2 and "--every" in r.stderr
+
+
+def test_a_blackboard_metric_aggregates_fresh_numbers_only() -> None:
+    from crv.autoscale import from_attribute
+
+    s = scaling(
+        metric={"attribute": {"role": "lb", "key": "rps", "aggregate": "sum"}, "stale_after": 60}
+    )
+    fresh = [{"node": "a", "value": "10", "age": 5}, {"node": "b", "value": "2.5", "age": 30}]
+    assert from_attribute(s, fresh) == Reading(12.5, age=30)
+    old = [*fresh, {"node": "c", "value": "1000", "age": 61}]  # a node that stopped publishing
+    assert from_attribute(s, old).value == 12.5
+    none = from_attribute(s, [])
+    assert none.value is None and none.problem == "no node of lb published rps"
+    stale = from_attribute(s, [{"node": "a", "value": "10", "age": 600}])
+    assert stale.value is None and "the newest is 600 s old" in stale.problem
+    junk = from_attribute(s, [{"node": "a", "value": "lots", "age": 1}])
+    assert junk.value is None and "rps is not a number (a='lots')" in junk.problem

@@ -1133,3 +1133,22 @@ def test_service_on_the_address_real_machines_dial_serves_its_ca(tmp_path: Path)
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_admin_reads_a_metric_attribute_with_its_age(svc: Service, admin: httpx.Client) -> None:
+    """The autoscale flow's blackboard metric: every node's value with the seconds since it was
+    last set; setting the same value again makes it fresh (a rate that did not change is still
+    current). Only the admin certificate may read it this way."""
+    c = "bb-metric"
+    cl = enrolled_cluster(svc, admin, c, [(f"{c}-lb-0", "lb"), (f"{c}-web-0", "web")])
+    with cl.client(svc, f"{c}-lb-0") as lb:
+        assert lb.put("/v1/attributes/lb/rps", json={"value": "42"}).status_code == 204
+        time.sleep(1.1)
+        first = admin.get(f"/v1/admin/clusters/{c}/attributes/lb/rps").json()["values"]
+        assert [(v["node"], v["value"]) for v in first] == [(f"{c}-lb-0", "42")]
+        assert 1.0 <= first[0]["age"] < 30
+        assert lb.put("/v1/attributes/lb/rps", json={"value": "42"}).status_code == 204
+        again = admin.get(f"/v1/admin/clusters/{c}/attributes/lb/rps").json()["values"]
+        assert again[0]["age"] < first[0]["age"]
+        assert lb.get(f"/v1/admin/clusters/{c}/attributes/lb/rps").status_code in (401, 403)
+    assert admin.get("/v1/admin/clusters/nope/attributes/lb/rps").status_code == 404

@@ -483,6 +483,18 @@ def create_app(store: Store, ca: CertificateAuthority) -> FastAPI:
         cluster_waiters.notify(cluster)
         return {"results": results}
 
+    @app.get("/v1/admin/clusters/{cluster}/attributes/{role}/{key}", dependencies=[Admin])
+    async def attribute_readings(cluster: str, role: RolePath, key: KeyPath) -> dict[str, Any]:
+        """Every node's value of a role's attribute with its age: the autoscale flow's
+        blackboard metric."""
+        store.require_cluster(cluster)
+        readings = store.attribute_readings(cluster, role, key)
+        return {
+            "role": role,
+            "key": key,
+            "values": [{"node": n, "value": v, "age": age} for n, v, age in readings],
+        }
+
     @app.get("/v1/admin/clusters/{cluster}/events", dependencies=[Admin])
     async def cluster_events(
         cluster: str,
