@@ -466,6 +466,13 @@ class _Scope:
                     f"nodes.{gname}.scaling.metric.attribute.role",
                     f"unknown role {attribute.role!r} (known: {known})",
                 )
+            if attribute is not None and attribute.key not in self.roles[attribute.role].publishes:
+                raise SpecError(
+                    src,
+                    f"nodes.{gname}.scaling.metric.attribute.key",
+                    f"role {attribute.role} does not publish {attribute.key!r} (add it to its "
+                    "publishes)",
+                )
         for rname in self.own_roles:
             role = self.roles[rname]
             hosting = [g for g in self.groups.values() if rname in g.roles]

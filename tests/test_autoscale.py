@@ -31,7 +31,7 @@ nodes:
       scale_down_delay: 5m
       max_step: 3
 roles:
-  lb: {recipe: lb.sh, depends_on: [web]}
+  lb: {recipe: lb.sh, depends_on: [web], publishes: [requests_per_second]}
   web: {recipe: web.sh}
 """
 
@@ -70,10 +70,13 @@ def square(period: float, high: float, low: float, hours: float = 4) -> list[tup
         ("{target_per_node: 50}", "{scale_up_above: 10, scale_down_below: 20}",
          "nodes.worker.scaling.policy", "must be below"),
         ("cooldown: 3m", "cooldown: 3 minutes", "nodes.worker.scaling.cooldown", "not a duration"),
+        ("key: requests_per_second}", "key: rps}", "nodes.worker.scaling.metric.attribute.key",
+         "role lb does not publish 'rps'"),
         ("stale_after: 2m}", "stale_after: 2m, http: 'http://127.0.0.1:9/m'}",
          "nodes.worker.scaling.metric", "exactly one of 'attribute' or 'http'"),
     ],
-    ids=["no-bounds", "unknown-role", "both-policies", "crossed", "bad-duration", "two-sources"],
+    ids=["no-bounds", "unknown-role", "both-policies", "crossed", "bad-duration", "unpublished",
+         "two-sources"],
 )  # fmt: skip
 def test_scaling_errors_are_one_line_naming_the_field(
     tmp_path: Path, old: str, new: str, field: str, message: str

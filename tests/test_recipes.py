@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,6 +81,7 @@ def run_role(
         "CRV_APPLIANCE_DIR": str(CATALOG / "webfarm"),
         "CRV_PARAM_WORKERS": "2",
         "CRV_PARAM_PORT": str(port),
+        "CRV_PARAM_RATE_EVERY": "1",
     }
     recipe = CATALOG / "webfarm" / "roles" / f"{role}.sh"
     return subprocess.run(
@@ -106,6 +108,12 @@ def test_webfarm_recipes_serve_round_robin_on_loopback(nodes: Path) -> None:
         with urllib.request.urlopen(f"http://127.0.0.4:{port}/", timeout=5) as r:
             answers.append(r.read().decode().strip())
     assert sorted(answers) == ["hello from t-worker-0"] * 2 + ["hello from t-worker-1"] * 2
+    # the autoscaling metric: the proxy publishes its request rate every rate_every seconds
+    rate = nodes / "board/lb/t-front-0/requests_per_second"
+    deadline = time.monotonic() + 10
+    while not (rate.exists() and float(rate.read_text()) > 0) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert float(rate.read_text()) > 0
     # re-contextualization after a shrink: the running proxy picks up the new backend list
     (nodes / "board/web/t-worker-1/url").unlink()
     assert run_role(nodes, "t-front-0", "lb", "127.0.0.4", port).returncode == 0
