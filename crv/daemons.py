@@ -298,19 +298,36 @@ def up(home: Home, *, serve: bool = True) -> Endpoints:
         pending.append(functools.partial(_start_serving, home, prefect))
     if service is None:
         address = service_address()
-        port = _free_port(SERVICE_PORT, address)
         host = f"[{address}]" if ":" in address else address
-        pending.append(
-            functools.partial(
-                _start,
-                "service",
-                _service_record(home),
-                [sys.executable, "-m", "crv.service", "--host", address, "--port", str(port)],
-                {"CRV_HOME": str(home.root), "CRV_SERVICE_ADDRESS": address},
-                f"https://{host}:{port}",
-                functools.partial(_service_healthy, home),
-            )
-        )
+
+        def start_service() -> str:
+            # 8443, or any port if another home's service took it between the check and the
+            # bind (parallel `crv up`s, as the test-suite's workers run them)
+            for preferred in (SERVICE_PORT, 0):
+                port = _free_port(preferred, address)
+                try:
+                    return _start(
+                        "service",
+                        _service_record(home),
+                        [
+                            sys.executable,
+                            "-m",
+                            "crv.service",
+                            "--host",
+                            address,
+                            "--port",
+                            str(port),
+                        ],
+                        {"CRV_HOME": str(home.root), "CRV_SERVICE_ADDRESS": address},
+                        f"https://{host}:{port}",
+                        functools.partial(_service_healthy, home),  # our CA: ours answers
+                    )
+                except ExitedAtStart:
+                    if preferred == 0:
+                        raise
+            raise AssertionError("unreachable")
+
+        pending.append(start_service)
     results = _in_parallel(pending)
     ep = running(home)
     if ep is None:

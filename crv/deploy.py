@@ -398,13 +398,14 @@ class ClusterRun:
                 continue
             moved = info.extra.get("machine")
             if machine is not None and moved != machine:
-                assert self._node_updates is not None
                 deadline = loop.time() + self.timeouts.boot
+            machine = moved
+            if info.address != self.mirror.addresses.get(node):  # another machine's address
+                assert self._node_updates is not None
                 self.mirror.addresses[node] = info.address
                 await self._node_updates.submit(
                     self._node_item(node, address=info.address, state="provisioned")
                 )
-            machine = moved
 
     async def contextualize(self, node: str, role: str) -> None:
         assert self._roles is not None
