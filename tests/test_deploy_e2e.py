@@ -76,6 +76,20 @@ class Crv:
         crl = x509.load_pem_x509_crl(httpx.get(f"{record['url']}/v1/crl", verify=ca).content)
         return {entry.serial_number for entry in crl}
 
+    def node_agents(self) -> list[int]:
+        """The node agents (`crv-agent run`) among them: one per running local node. Unlike
+        every process, this does not change while a node's daemons run a short command (the
+        web farm's lb runs `crv-agent set` every few seconds)."""
+        found = []
+        for pid in self.node_processes():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(a.endswith(b"crv-agent") for a in argv) and b"run" in argv:
+                found.append(pid)
+        return found
+
     def node_processes(self) -> list[int]:
         """Every live process the local pool of this home started (its env marker)."""
         marker = f"CRV_LOCAL_POOL={self.home / 'pools' / 'local'}".encode()

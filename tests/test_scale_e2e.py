@@ -221,12 +221,12 @@ def test_one_change_per_cluster_at_a_time(crv: Crv, tmp_path: Path) -> None:
 def test_scale_refuses_bad_input_before_anything(
     crv: Crv, args: tuple[str, ...], message: str
 ) -> None:
-    before = crv.node_processes()
+    before = crv.node_agents()
     r = crv("scale", *args)
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    assert crv.node_processes() == before
+    assert crv.node_agents() == before
 
 
 # Workers publish their name; the head reads them all (it re-runs when the set changes). A
