@@ -351,7 +351,7 @@ def test_failed_first_deploy_with_rollback_leaves_nothing(crv: Crv, tmp_path: Pa
     directory, flags = drainy(tmp_path)
     (directory / "appliance.yaml").write_text(ROLLBACK)  # the appliance asks for rollback
     (flags / "fail-fresh-worker-1").touch()
-    before = crv.node_processes()
+    before = crv.node_agents()
     r = crv("deploy", str(directory), "--name", "fresh", "--set", f"flags={flags}",
             "--retries", "0")  # fmt: skip
     assert r.returncode == 1, r.stdout + r.stderr
@@ -361,7 +361,7 @@ def test_failed_first_deploy_with_rollback_leaves_nothing(crv: Crv, tmp_path: Pa
     gone = crv("status", "fresh")
     assert gone.returncode == 2 and "fresh" in gone.stderr  # no such cluster any more
     assert pool_nodes(crv, "fresh") == set()
-    assert crv.node_processes() == before
+    assert crv.node_agents() == before
 
     # --on-failure keep overrides the appliance: what was made stays, and a run again resumes
     r = crv("deploy", str(directory), "--name", "fresh", "--set", f"flags={flags}",
