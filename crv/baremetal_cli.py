@@ -129,8 +129,9 @@ def baremetal_check(
             "cipher_suite": m.bmc.cipher_suite,
         }
         try:
-            bm.power.ping(m.name, bm.bmc(m))
-            entry["power"] = bm.power.state(m.name, bm.bmc(m))
+            bmc = bm.bmc(m)  # the password read once
+            bm.power.ping(m.name, bmc)
+            entry["power"] = bm.power.state(m.name, bmc)
         except CrvError as exc:
             entry["error"] = str(exc)
         results.append(entry)

@@ -255,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pool", required=True)
     args = parser.parse_args(argv)
     home = Home.from_env()
-    pool = get_pool(args.pool, home.root / "pools" / args.pool)
+    pool = get_pool(args.pool, home.pool_dir(args.pool))
     if not isinstance(pool, BaremetalPool):
         raise SystemExit(f"pool {args.pool} is not a bare-metal pool")
     pool.serve_boot()

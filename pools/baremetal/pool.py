@@ -177,7 +177,7 @@ class BaremetalPool:
         ledger = self.leases.read()
         machines = self.machines()
         infos = [
-            self._info(lease, machines, ledger)
+            self._info(lease, machines)
             for lease in ledger.leases.values()
             if cluster is None or lease.cluster == cluster
         ]
@@ -192,7 +192,7 @@ class BaremetalPool:
         if lease is None:
             return None
         machines = self.machines()
-        return self._confirmed(self._info(lease, machines, ledger), machines)
+        return self._confirmed(self._info(lease, machines), machines)
 
     def _confirmed(self, info: NodeInfo, machines: dict[str, Machine]) -> NodeInfo:
         """A node that booted, checked against its machine's power state (a machine powered
@@ -218,7 +218,7 @@ class BaremetalPool:
                 lease = self._allocate(ledger, machines, spec.name, spec.cluster, spec.group, [])
         if lease.state == "allocated":  # a create that failed or was killed before power-on
             lease = self._power_up(lease, spec, machines)
-        return self._info(lease, machines, self.leases.read())
+        return self._info(lease, machines)
 
     def destroy_node(self, name: str) -> None:
         ledger = self.leases.read()
@@ -239,16 +239,16 @@ class BaremetalPool:
         ledger = self.leases.read()
         lease = ledger.leases.get(name)
         if lease is None or lease.state != "booting":
-            return None if lease is None else self._info(lease, machines, ledger)
+            return None if lease is None else self._info(lease, machines)
         if self.files.booted(lease.machine, lease.nonce):
             with self._ledger() as ledger:
                 current = ledger.leases.get(name)
                 if current is not None and current.machine == lease.machine:
                     current.state = "up"
                     lease = current
-            return self._info(lease, machines, self.leases.read())
+            return self._info(lease, machines)
         if time.time() < lease.deadline:
-            return self._info(lease, machines, ledger)
+            return self._info(lease, machines)
         script = self._script_of(lease)
         if script is None:
             raise PoolError(self.name, f"node {name}: the boot script of {lease.machine} is gone")
@@ -266,7 +266,7 @@ class BaremetalPool:
         new = self._reallocate(lease, machines, tried)
         spec = NodeSpec(name=name, cluster=lease.cluster, group=lease.group, bootstrap={})
         new = self._power_up(new, spec, machines, script=script)
-        return self._info(new, machines, self.leases.read())
+        return self._info(new, machines)
 
     # -- allocation and power --------------------------------------------------------------
 
@@ -440,7 +440,7 @@ class BaremetalPool:
             temporary=True,
         )
 
-    def _info(self, lease: Lease, machines: dict[str, Machine], ledger: Ledger) -> NodeInfo:
+    def _info(self, lease: Lease, machines: dict[str, Machine]) -> NodeInfo:
         machine = machines.get(lease.machine)
         state = {"allocated": "pending", "booting": "pending", "up": "running"}[lease.state]
         if lease.state == "booting" and self.files.booted(lease.machine, lease.nonce):

@@ -276,7 +276,7 @@ def machine_on(machine_dir: Path) -> None:
         )
     record = {
         "pid": proc.pid,
-        "start_time": _start_time(proc.pid),
+        "start_time": start_time(proc.pid),
         "booted_from": boot,
         "started_at": time.time(),
     }
@@ -305,7 +305,8 @@ def machine_off(machine_dir: Path) -> None:
         delay = min(delay * 2, 0.1)
 
 
-def _start_time(pid: int) -> int | None:
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks (tells a recorded pid from a reused one)."""
     try:
         return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])
     except (OSError, ValueError, IndexError):

@@ -182,7 +182,7 @@ def create(
         for spec in specs:
             proc = simbmc.start(spec)
             started.append(
-                {"machine": spec.machine, "pid": proc.pid, "start": _start_time(proc.pid)}
+                {"machine": spec.machine, "pid": proc.pid, "start": simbmc.start_time(proc.pid)}
             )
     except RuntimeError as exc:
         _stop_bmcs(started)
@@ -222,19 +222,11 @@ def _register(pools_file: Path, pool: str, options: dict[str, Any]) -> None:
     write_atomic(pools_file, yaml.safe_dump(doc, sort_keys=False).encode(), 0o600)
 
 
-def _start_time(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
-
-
 def _stop_bmcs(bmcs: list[dict[str, Any]]) -> int:
     stopped = 0
     for entry in bmcs:
         pid = entry.get("pid")
-        if isinstance(pid, int) and _start_time(pid) == entry.get("start"):
+        if isinstance(pid, int) and simbmc.start_time(pid) == entry.get("start"):
             with suppress(ProcessLookupError):
                 os.kill(pid, 15)
             stopped += 1
