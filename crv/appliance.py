@@ -65,6 +65,8 @@ class Group:
     scalable: bool = False  # it has a `scale` section: a resize may change its count
     pool: str | None = None  # the pool its nodes go to; None: the deploy's default pool
     scaling: spec.Scaling | None = None  # how the autoscale flow sizes it
+    # its pools in order of preference (`pools:`); `pool` is then the first. Empty: just `pool`
+    pools: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -292,6 +294,12 @@ class _Resolver:
             raise SpecError(
                 source, f"{at}.scaling", "autoscaling needs bounds: add scale: {min: N, max: M}"
             )
+        if g.pools is not None and g.pool is not None:
+            raise SpecError(source, f"{at}.pools", "give either pool or pools, not both")
+        pools = tuple(g.pools or ())
+        for i, pool in enumerate(pools):
+            if pool in pools[:i]:
+                raise SpecError(source, f"{at}.pools[{i}]", f"pool {pool!r} is listed twice")
         return Group(
             name,
             source,
@@ -301,8 +309,9 @@ class _Resolver:
             low,
             high,
             g.scale is not None,
-            g.pool,
+            g.pools[0] if g.pools else g.pool,
             g.scaling,
+            pools,
         )
 
     @staticmethod

@@ -20,6 +20,7 @@ artifact), and the replay prints them.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -110,6 +111,44 @@ def from_attribute(scaling: Scaling, readings: Sequence[Mapping[str, Any]]) -> R
         return Reading(None, problem=f"{attribute.key} is not a number ({shown})")
     value = aggregate(values, attribute.aggregate)
     return Reading(value, age=max(float(r["age"]) for r in fresh))
+
+
+def from_http_body(url: str, status: int, body: str) -> Reading:
+    """An HTTP metric: a 200 answer whose body is a number, as plain text or JSON (a number, or
+    an object with a numeric "value")."""
+    if status != 200:
+        return Reading(None, problem=f"{url} answered HTTP {status}")
+    value = number(body)
+    if value is None:
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            parsed = parsed.get("value")
+        if not isinstance(parsed, bool):
+            value = number(parsed) if isinstance(parsed, (int, float, str)) else None
+    if value is None:
+        return Reading(None, problem=f"{url} did not answer a number ({body.strip()[:40]!r})")
+    return Reading(value)
+
+
+def within_room(d: Decision, room: Mapping[str, int | None], before: Memory) -> Decision:
+    """A growth limited to what the group's pools can still make (`room`: pool -> nodes it can
+    add, None for no known limit, in order of preference). No room at all: no action, "no
+    capacity", and the memory of `before` (no cooldown starts for a growth that did not
+    happen)."""
+    if d.action != "grow" or any(r is None for r in room.values()):
+        return d
+    total = sum(r or 0 for r in room.values())
+    if total >= d.target - d.current:
+        return d
+    left = ", ".join(f"{pool} {r}" for pool, r in room.items())
+    if total <= 0:
+        reason = f"{d.reason}; no capacity in pools {', '.join(room)} (room: {left})"
+        return replace(d, target=d.current, action="none", reason=reason, memory=before)
+    reason = f"{d.reason}; room for {total} more only ({left})"
+    return replace(d, target=d.current + total, reason=reason)
 
 
 def wanted(scaling: Scaling, metric: float, current: int) -> tuple[int, str]:

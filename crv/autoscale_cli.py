@@ -17,6 +17,10 @@ autoscale_app = typer.Typer(
 )
 
 
+MIN_EVERY, MAX_EVERY = 5.0, 86400.0  # the autoscale schedule's interval, seconds
+DEPLOYMENT_WAIT = 60.0  # seconds `enable` waits for the serve process to add the deployment
+
+
 def _cli() -> Any:
     from crv import cli  # the shared helpers; imported late (crv.cli imports this module)
 
@@ -55,7 +59,6 @@ def simulate(
     machines): every decision, the node count over time, and optionally a PNG plot."""
     from crv import autoscale
     from crv.appliance import load_appliance, parse_overrides
-    from crv.spec import parse_duration
 
     cli = _cli()
     with cli._user_errors():
@@ -72,12 +75,7 @@ def simulate(
                 names = ", ".join(g.name for g in scaled) or "none"
                 raise SpecError("--group", group, f"no scaling section (groups with one: {names})")
             chosen = found
-        try:
-            interval = parse_duration(every)
-        except ValueError as exc:
-            raise SpecError("--every", every, str(exc)) from None
-        if interval <= 0:
-            raise SpecError("--every", every, "must be more than 0 s")
+        seconds = interval("--every", every, least=0.001)
         readings = autoscale.read_trace(trace)
         assert chosen.scaling is not None
         decisions = autoscale.replay(
@@ -86,7 +84,7 @@ def simulate(
             chosen.scale_max,
             chosen.count if start is None else start,
             readings,
-            interval,
+            seconds,
         )
         if plot_file is not None:
             title = f"{appliance.name}: {chosen.name} ({trace.name}, every {every})"
@@ -128,6 +126,191 @@ def simulate(
         print(f"plot: {plot_file}")
 
 
+def interval(option: str, text: str, least: float = MIN_EVERY) -> float:
+    """A schedule interval from `60s`, `5m`, `1h` or seconds; a SpecError naming the option."""
+    from crv.spec import parse_duration
+
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise SpecError(option, text, str(exc)) from None
+    if not least <= seconds <= MAX_EVERY:
+        raise SpecError(option, text, f"must be between {least:g} s and {MAX_EVERY:g} s")
+    return seconds
+
+
 def _clock(seconds: float) -> str:
     whole = int(seconds)
     return f"{whole // 3600:d}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+ClusterArg = Annotated[str, typer.Argument(metavar="NAME", help="Cluster name.")]
+
+
+def _cluster(cli: Any, name: str, command: str) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """(home, endpoints, service, status) of a cluster whose appliance has a scaling section;
+    a SpecError (exit 2) otherwise."""
+    from crv.appliance import load_recorded
+    from crv.client import Service
+
+    home = cli._home()
+    endpoints = cli._ensure_up(home)
+    service = Service(home, endpoints.service_url)
+    status = service.status(name)
+    if status is None:
+        raise SpecError(f"crv autoscale {command}", "NAME", f"no cluster {name!r}")
+    loaded = load_recorded(status["source"], status["parameters"] or {}, status.get("counts") or {})
+    if not any(g.scaling for g in loaded.groups.values()):
+        raise SpecError(loaded.source, "nodes", "no node group has a scaling section")
+    status["loaded"] = loaded
+    return home, endpoints, service, status
+
+
+def _deployment(name: str) -> Any:
+    """The `autoscale/<name>` deployment on the Prefect server, or None."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_deployment_by_name(f"autoscale/{name}")
+        except ObjectNotFound:
+            return None
+
+
+@autoscale_app.command("enable")
+def enable(
+    name: ClusterArg,
+    every: Annotated[
+        str, typer.Option("--every", help="How often the autoscale flow runs, e.g. 60s, 5m.")
+    ] = "60s",
+) -> None:
+    """Autoscale a cluster: a scheduled Prefect deployment `autoscale/NAME` runs the autoscale
+    flow every interval (pause it in the Prefect UI; `crv autoscale disable` removes it)."""
+    import time
+
+    from crv import daemons
+    from deployments.serve import _interval
+
+    cli = _cli()
+    with cli._user_errors():
+        seconds = interval("--every", every)
+        home, endpoints, service, _ = _cluster(cli, name, "enable")
+        daemons.ensure_served(home, endpoints)
+        service.put_autoscaling(name, True, seconds)
+        deadline = time.monotonic() + DEPLOYMENT_WAIT
+        while True:  # the serve process adds the deployment (deployments.serve)
+            found = _deployment(name)
+            if found is not None and _interval(found) == seconds:
+                break
+            if time.monotonic() > deadline:
+                raise daemons.DaemonError(
+                    f"the deployment autoscale/{name} did not appear within "
+                    f"{DEPLOYMENT_WAIT:g} s; is `crv up` serving? (see {home.prefect_dir})"
+                )
+            time.sleep(0.5)
+        if found.paused:
+            from prefect import get_client
+
+            with get_client(sync_client=True) as client:
+                client.resume_deployment(found.id)
+    print(f"autoscaling {name} every {seconds:g} s: deployment autoscale/{name}")
+    print(f"watch it: {endpoints.prefect_ui_url}/deployments/deployment/{found.id}")
+
+
+@autoscale_app.command("disable")
+def disable(name: ClusterArg) -> None:
+    """Stop autoscaling a cluster: its `autoscale/NAME` deployment and schedule are removed
+    (its recorded decisions are kept; the cluster keeps its current size)."""
+    from prefect import get_client
+
+    cli = _cli()
+    with cli._user_errors():
+        _, _, service, _ = _cluster(cli, name, "disable")
+        setting = service.autoscaling(name)[0]
+        service.put_autoscaling(name, False, setting.get("every") or 60.0)
+        found = _deployment(name)
+        if found is not None:
+            with get_client(sync_client=True) as client:
+                client.delete_deployment(found.id)
+    removed = f" (autoscale/{name} removed)" if found is not None else ""
+    print(f"autoscaling of {name} disabled{removed}")
+
+
+@autoscale_app.command("status")
+def status(
+    name: ClusterArg,
+    last: Annotated[int, typer.Option("--last", help="How many decisions to show.", min=1)] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Whether a cluster autoscales, its scaled groups and its latest decisions."""
+    cli = _cli()
+    with cli._user_errors():
+        _, endpoints, service, found = _cluster(cli, name, "status")
+        setting = service.autoscaling(name)[0]
+        deployment = _deployment(name)
+        decisions = service.decisions(name, limit=last)
+    loaded = found["loaded"]
+    groups = [
+        {
+            "group": g.name,
+            "nodes": sum(1 for n in found["nodes"] if n["group"] == g.name),
+            "min": g.scale_min,
+            "max": g.scale_max,
+            "metric": _metric_text(g.scaling),
+        }
+        for g in loaded.groups.values()
+        if g.scaling is not None
+    ]
+    out = {
+        "cluster": name,
+        "enabled": bool(setting["enabled"]),
+        "every": setting["every"],
+        "deployment": f"autoscale/{name}" if deployment is not None else None,
+        "paused": None if deployment is None else bool(deployment.paused),
+        "groups": groups,
+        "decisions": decisions,
+    }
+    if as_json:
+        sys.stdout.write(json.dumps(out) + "\n")
+        return
+    state = "enabled" if out["enabled"] else "disabled"
+    if out["enabled"]:
+        state += f", every {out['every']:g} s"
+        state += ", paused in Prefect" if out["paused"] else ""
+        state += "" if deployment else " (deployment not there yet)"
+    print(f"cluster {name}: autoscaling {state}")
+    if deployment is not None:
+        print(f"deployment: {endpoints.prefect_ui_url}/deployments/deployment/{deployment.id}")
+    for g in groups:
+        print(f"  {g['group']}: {g['nodes']} nodes ({g['min']}-{g['max']}), metric {g['metric']}")
+    table = Table("time", "group", "metric", "nodes", "wanted", "action", "reason", "outcome")
+    for d in decisions:
+        metric = "-" if d["metric"] is None else f"{d['metric']:g}"
+        nodes = f"{d['current']}->{d['target']}" if d["action"] != "none" else str(d["current"])
+        table.add_row(
+            _time(d["at"]), d["group"], metric, nodes, str(d["desired"]), d["action"],
+            d["reason"], d["outcome"] or "",
+        )  # fmt: skip
+    if decisions:
+        cli.console.print(table)
+    else:
+        print("no decisions yet")
+
+
+def _metric_text(scaling: Any) -> str:
+    m = scaling.metric
+    if m.attribute is not None:
+        where = f"{m.attribute.aggregate} of {m.attribute.role}.{m.attribute.key}"
+    else:
+        where = m.http
+    p = scaling.policy
+    if p.target_per_node is not None:
+        return f"{where}, {p.target_per_node:g} per node"
+    return f"{where}, per node {p.scale_down_below:g}-{p.scale_up_above:g}"
+
+
+def _time(at: float) -> str:
+    import time
+
+    return time.strftime("%H:%M:%S", time.localtime(at))

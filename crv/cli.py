@@ -223,6 +223,15 @@ def deploy(
     boot_timeout: Annotated[float, typer.Option(help="Seconds for a node to enrol.")] = 300.0,
     wait: Wait = None,
     on_failure: OnFailureOption = None,
+    autoscale: Annotated[
+        bool,
+        typer.Option(
+            "--autoscale", help="Enable autoscaling once deployed (needs a scaling section)."
+        ),
+    ] = False,
+    autoscale_every: Annotated[
+        str, typer.Option(help="With --autoscale: the schedule's interval, e.g. 60s, 5m.")
+    ] = "60s",
 ) -> None:
     """Deploy an appliance: provision, certify, contextualize and verify every node."""
     home = _home()
@@ -231,6 +240,14 @@ def deploy(
         plan = expand(load_appliance(locate(directory), overrides), cluster=name)
         groups = _pool_for(pool_for)
         check(home, plan.appliance, place(plan.appliance, pool, groups), groups)
+        every = None
+        if autoscale:
+            from crv.autoscale_cli import interval
+
+            every = interval("--autoscale-every", autoscale_every)
+            if not any(g.scaling for g in plan.appliance.groups.values()):
+                where = plan.appliance.source
+                raise SpecError(where, "nodes", "--autoscale: no node group has a scaling section")
         endpoints = _ensure_up(home)
     from flows.deploy import deploy_appliance
 
@@ -244,10 +261,13 @@ def deploy(
         wait=wait,
         on_failure=on_failure.value if on_failure else None,
         pools=groups or None,
+        autoscale_every=every,
         return_state=True,
     )
     state = _run_with_progress(run, endpoints, f"deploying {plan.cluster}", plan)
     _report(state, "deploy", home, endpoints, plan)
+    if every is not None:
+        print(f"autoscaling every {every:g} s: `crv autoscale status {plan.cluster}`")
 
 
 def _pool_for(given: list[str] | None) -> dict[str, str]:

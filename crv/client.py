@@ -106,6 +106,26 @@ class AsyncService:
         result: dict[str, Any] = await self.call("GET", f"/v1/admin/clusters/{cluster}")
         return result
 
+    async def decisions(
+        self, cluster: str, group: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        """The cluster's autoscaling decisions, newest first."""
+        params: dict[str, Any] = {"limit": limit, **({"group": group} if group else {})}
+        path = f"/v1/admin/clusters/{cluster}/decisions"
+        return list((await self.call("GET", path, params=params))["decisions"])
+
+    async def add_decision(self, cluster: str, row: dict[str, Any]) -> int:
+        path = f"/v1/admin/clusters/{cluster}/decisions"
+        return int((await self.call("POST", path, json=row))["seq"])
+
+    async def set_outcome(self, cluster: str, seq: int, outcome: str) -> None:
+        path = f"/v1/admin/clusters/{cluster}/decisions/{seq}"
+        await self.call("PATCH", path, json={"outcome": outcome[:4096]})
+
+    async def put_autoscaling(self, cluster: str, enabled: bool, every: float) -> None:
+        body = {"enabled": enabled, "every": every}
+        await self.call("PUT", f"/v1/admin/clusters/{cluster}/autoscaling", json=body)
+
     async def delete_node(self, cluster: str, node: str) -> list[str]:
         result = await self.call("DELETE", f"/v1/admin/clusters/{cluster}/nodes/{node}")
         return list(result["revoked"])
@@ -140,6 +160,20 @@ class Service:
 
     def clusters(self) -> list[dict[str, Any]]:
         return list(self.call("GET", "/v1/admin/clusters")["clusters"])
+
+    def autoscaling(self, cluster: str | None = None) -> list[dict[str, Any]]:
+        """Autoscaling settings: of every cluster that has one, or of one cluster."""
+        if cluster is None:
+            return list(self.call("GET", "/v1/admin/autoscaling")["clusters"])
+        return [self.call("GET", f"/v1/admin/clusters/{cluster}/autoscaling")]
+
+    def put_autoscaling(self, cluster: str, enabled: bool, every: float) -> None:
+        body = {"enabled": enabled, "every": every}
+        self.call("PUT", f"/v1/admin/clusters/{cluster}/autoscaling", json=body)
+
+    def decisions(self, cluster: str, limit: int = 50) -> list[dict[str, Any]]:
+        path = f"/v1/admin/clusters/{cluster}/decisions"
+        return list(self.call("GET", path, params={"limit": limit})["decisions"])
 
     def delete_cluster(self, cluster: str) -> list[str]:
         return list(self.call("DELETE", f"/v1/admin/clusters/{cluster}")["revoked"])

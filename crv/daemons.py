@@ -301,12 +301,18 @@ def up(home: Home, *, serve: bool = True) -> Endpoints:
         host = f"[{address}]" if ":" in address else address
 
         def start_service() -> str:
-            # 8443, or any port if another home's service took it between the check and the
-            # bind (parallel `crv up`s, as the test-suite's workers run them)
-            for preferred in (SERVICE_PORT, 0):
+            # the port it had before (running nodes' agents call that address), else 8443, or
+            # any port if another home's service took it between the check and the bind
+            # (parallel `crv up`s, as the test-suite's workers run them)
+            last = home.service_dir / "port"
+            try:
+                before = int(last.read_text())
+            except (OSError, ValueError):
+                before = SERVICE_PORT
+            for preferred in (before, 0):
                 port = _free_port(preferred, address)
                 try:
-                    return _start(
+                    url = _start(
                         "service",
                         _service_record(home),
                         [
@@ -322,6 +328,8 @@ def up(home: Home, *, serve: bool = True) -> Endpoints:
                         f"https://{host}:{port}",
                         functools.partial(_service_healthy, home),  # our CA: ours answers
                     )
+                    last.write_text(f"{urllib.parse.urlsplit(url).port}\n")
+                    return url
                 except ExitedAtStart:
                     if preferred == 0:
                         raise
@@ -381,7 +389,7 @@ def _stop_boot_services(home: Home) -> list[str]:
     stopped = []
     with contextlib.suppress(FileNotFoundError):
         for entry in sorted((home.root / "pools").iterdir()):
-            if _stop(entry / "boot-service.json"):
+            if entry.is_dir() and _stop(entry / "boot-service.json"):
                 stopped.append(f"boot service of {entry.name}")
     return stopped
 

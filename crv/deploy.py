@@ -26,9 +26,9 @@ from crv import verify
 from crv.bundle import Bundle, build
 from crv.client import AsyncService, ServiceError
 from crv.errors import CrvError
-from crv.placement import ALIVE, Placement
+from crv.placement import ALIVE, NoCapacity, Placement, capacities
 from crv.plan import Plan
-from crv.store import DRAIN_STATES, LEAVING
+from crv.store import DRAIN_STATES, LEAVING, natural_key
 from pools.base import NodeSpec, Pool
 
 T = TypeVar("T")
@@ -249,15 +249,17 @@ class ClusterRun:
 
     async def register(self, plan: Plan, leaving: Iterable[Mapping[str, Any]] = ()) -> None:
         """Record the nodes of `plan` (new ones as planned; a member that was leaving becomes a
-        member again) and mark `leaving` the nodes about to go: they stop feeding others."""
+        member again) and mark `leaving` the nodes about to go: they stop feeding others.
+        A new node of a group with a list of pools goes to the first with room (`choose`)."""
         self.plan = plan
         a = plan.appliance
+        chosen = await self.choose(plan)
         nodes: list[dict[str, Any]] = [
             {
                 "name": n.name,
                 "group": n.group,
                 "roles": list(a.groups[n.group].roles),
-                "pool": self.pool_of(n.name),
+                "pool": chosen.get(n.name) or self.pool_of(n.name),
                 **({"state": "provisioned"} if self.mirror.nodes.get(n.name) == LEAVING else {}),
             }
             for n in plan.nodes.values()
@@ -276,6 +278,40 @@ class ClusterRun:
             await self.service.put_nodes(self.cluster, nodes[i : i + BATCH_MAX])
         for n in nodes:
             self.mirror.pools.setdefault(n["name"], n["pool"])
+
+    async def choose(self, plan: Plan) -> dict[str, str]:
+        """The pool of each new node (no record yet) of a group with a list of pools: the first
+        pool in its order with room, room counted down as nodes are given out (each pool's
+        capacity asked once; None: no limit). NoCapacity, before anything is recorded or made,
+        when a node finds no room in any of them. Other groups' nodes are not here."""
+        new = sorted(
+            (
+                n
+                for n in plan.nodes.values()
+                if n.group in self.placement.orders and n.name not in self.mirror.pools
+            ),
+            key=lambda n: natural_key(n.name),
+        )
+        if not new:
+            return {}
+        names = sorted({p for n in new for p in self.placement.order(n.group)})
+        room = await self._in_thread(capacities, self.drivers, names)
+        chosen: dict[str, str] = {}
+        for n in new:
+            order = self.placement.order(n.group)
+            pool = next((p for p in order if room[p] is None or room[p] != 0), None)
+            if pool is None:
+                left = sum(1 for m in new if m.group == n.group and m.name not in chosen)
+                free = ", ".join(f"{p} {room[p]}" for p in order)
+                raise NoCapacity(
+                    f"no capacity for {left} more node{'s' if left > 1 else ''} of group "
+                    f"{n.group} in pools {', '.join(order)} (room left: {free})"
+                )
+            left_in_pool = room[pool]
+            if left_in_pool is not None:
+                room[pool] = left_in_pool - 1
+            chosen[n.name] = pool
+        return chosen
 
     def pool_of(self, node: str) -> str:
         """The pool a node was made in (its record), else where its group's nodes go."""

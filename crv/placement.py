@@ -2,54 +2,128 @@
 cluster compared with crv's records (drift).
 
 A group's pool is, first to last: `--pool-for GROUP=POOL` (the flow's `pools` parameter), the
-group's `pool:` in the appliance, the deploy's `--pool`. The choice is recorded with the
-cluster, so a resize puts new nodes where the group's nodes go. A node stays in the pool it was
-made in: its record names that pool, and every later step, drift check and teardown asks that
-pool about it, whatever the group's pool is now.
+group's `pool:` (or `pools:`) in the appliance, the deploy's `--pool`. The choice is recorded
+with the cluster, so a resize puts new nodes where the group's nodes go. A node stays in the pool
+it was made in: its record names that pool, and every later step, drift check and teardown asks
+that pool about it, whatever the group's pool is now.
+
+A group with `pools: [a, b, c]` has an order of preference: each new node goes to the first of
+them with capacity left (`capacities`, the pools' optional `capacity()`), and a shrink releases
+from the last one first (`release_order`). The cluster record keeps only the first pool; the
+list comes back from the recorded appliance (`recorded`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from crv.appliance import Appliance
 from crv.errors import CrvError, SpecError
 from crv.home import Home
+from crv.store import natural_key
 from pools import get_pool
 from pools.base import Pool
 
+log = logging.getLogger(__name__)
+
 ALIVE = ("running", "pending")  # what a pool says of a node that is there and not stopped
 SETTLED = ("provisioned", "enrolled", "leaving")  # recorded states that mean "the pool has it"
+
+
+class NoCapacity(CrvError):
+    """No pool of a group's preference list has room for its new nodes (nothing was made)."""
 
 
 @dataclass(frozen=True)
 class Placement:
     default: str  # the deploy's --pool
     groups: Mapping[str, str]  # node group -> pool, where it is not `default`
+    # node group -> its pools in order of preference (an appliance's `pools:`); the first is
+    # the group's pool (`of`)
+    orders: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def of(self, group: str) -> str:
-        return self.groups.get(group, self.default)
+        order = self.orders.get(group)
+        return order[0] if order else self.groups.get(group, self.default)
+
+    def order(self, group: str) -> tuple[str, ...]:
+        """The group's pools in order of preference; a group without a list has its one pool."""
+        return self.orders.get(group) or (self.of(group),)
 
     def names(self) -> list[str]:
-        return sorted({self.default, *self.groups.values()})
+        listed = {p for order in self.orders.values() for p in order}
+        return sorted({self.default, *self.groups.values(), *listed})
 
 
 def place(appliance: Appliance, default: str, overrides: Mapping[str, str] | None) -> Placement:
-    """The pool of each node group (module doc); an override for an unknown group is refused."""
+    """The pool of each node group (module doc); an override for an unknown group is refused.
+    An override replaces the group's list of pools with its one pool."""
     overrides = dict(overrides or {})
     for group in overrides:
         if group not in appliance.groups:
             known = ", ".join(appliance.groups)
             raise SpecError("--pool-for", group, f"unknown node group; the groups are {known}")
     chosen = {g.name: overrides.get(g.name) or g.pool or default for g in appliance.groups.values()}
-    return Placement(default, {g: p for g, p in chosen.items() if p != default})
+    orders = {
+        g.name: g.pools for g in appliance.groups.values() if g.pools and g.name not in overrides
+    }
+    return Placement(default, {g: p for g, p in chosen.items() if p != default}, orders)
 
 
-def recorded(status: Mapping[str, Any]) -> Placement:
-    """The placement recorded with a cluster (a resize places new nodes by it)."""
-    return Placement(status["pool"], dict(status.get("pools") or {}))
+def recorded(status: Mapping[str, Any], appliance: Appliance | None = None) -> Placement:
+    """The placement recorded with a cluster (a resize places new nodes by it). The record has
+    each group's first pool only: a group's `pools:` list in `appliance` (the recorded one) is
+    its order again when its first pool is the recorded one (not when --pool-for replaced it)."""
+    default = status["pool"]
+    groups = dict(status.get("pools") or {})
+    orders = {}
+    for g in appliance.groups.values() if appliance else ():
+        if g.pools and g.pools[0] == groups.get(g.name, default):
+            orders[g.name] = g.pools
+    return Placement(default, groups, orders)
+
+
+def capacities(drivers: Callable[[str], Pool], names: Iterable[str]) -> dict[str, int | None]:
+    """How many more nodes each pool can make now, each asked once: None for no known limit
+    (a pool without the optional `capacity()`), 0 for a pool that could not say (logged)."""
+    out: dict[str, int | None] = {}
+    for name in names:
+        if name in out:
+            continue
+        try:
+            capacity = getattr(drivers(name), "capacity", None)
+            out[name] = None if capacity is None else capacity()
+        except CrvError as exc:
+            log.warning("pool %s: capacity unknown, counted as none: %s", name, exc)
+            out[name] = 0
+    return out
+
+
+def release_order(
+    placement: Placement,
+    group: str,
+    nodes: Iterable[Mapping[str, Any]],
+    busy: Mapping[str, float] | None = None,
+) -> list[str]:
+    """The names of a group's nodes (records with at least name and pool) in the order a shrink
+    should release them: nodes in a pool not in the group's order first, then the order's pools
+    from the last (the cloud) to the first (power-saved bare metal); within a pool idle-first
+    when `busy` is given (a node's published `busy` value, lowest first; a node without one
+    counts as busy), then newest first."""
+    order = placement.order(group)
+    busy = busy or {}
+
+    def rank(node: Mapping[str, Any]) -> tuple[int, float, tuple[Any, ...]]:
+        pool = node["pool"]
+        newest = tuple(-p if isinstance(p, int) else p for p in natural_key(node["name"]))
+        where = -1 - order.index(pool) if pool in order else -1 - len(order)
+        return (where, busy.get(node["name"], math.inf), newest)
+
+    return [n["name"] for n in sorted(nodes, key=rank)]
 
 
 def check(
@@ -58,17 +132,19 @@ def check(
     """Every pool the placement names exists and its configuration is valid (no network call).
     The error names where the pool name came from: --pool-for, the appliance field or --pool."""
     overrides = overrides or {}
+    chosen = {**placement.groups, **placement.orders}
     for name in placement.names():
         try:
             get_pool(name, home.pool_dir(name))
         except SpecError as exc:
-            group = next((g for g, p in placement.groups.items() if p == name), None)
+            group = next((g for g in chosen if name in placement.order(g)), None)
             if group is None or exc.file != "--pool":  # the default, or pools.yaml is wrong
                 raise
             if group in overrides:
                 raise SpecError("--pool-for", f"{group}={name}", exc.message) from None
             g = appliance.groups[group]
-            raise SpecError(g.source, f"{g.field}.pool", exc.message) from None
+            at = f"pools[{g.pools.index(name)}]" if name in g.pools else "pool"
+            raise SpecError(g.source, f"{g.field}.{at}", exc.message) from None
 
 
 class Drivers:

@@ -235,20 +235,33 @@ def _critical_path(graph: nx.DiGraph[str]) -> tuple[tuple[str, ...], float]:
 
 
 def members(
-    appliance: Appliance, cluster: str, existing: Iterable[tuple[str, str]]
+    appliance: Appliance,
+    cluster: str,
+    existing: Iterable[tuple[str, str]],
+    remove_first: Sequence[str] = (),
 ) -> dict[str, tuple[int, ...]]:
     """The node indices of each group after the change, from the cluster's recorded nodes
     (name, group): a group keeps its oldest nodes up to its count and fills the lowest free
     indices. Its other nodes, and those of groups the appliance no longer has, are left out of
-    the plan: they are the change's victims."""
+    the plan: they are the change's victims. The nodes named in `remove_first` (the autoscaler's
+    idle-first order) are the first victims, in that order, before the newest."""
+    first = {name: rank for rank, name in enumerate(remove_first)}
     have: dict[str, list[int]] = {}
+    names: dict[tuple[str, int], str] = {}
     for name, group in existing:
         index = node_index(cluster, group, name)
         if group in appliance.groups and index is not None:
             have.setdefault(group, []).append(index)
+            names[group, index] = name
     indices: dict[str, tuple[int, ...]] = {}
     for g in appliance.groups.values():
-        mine = sorted(have.get(g.name, ()))
+
+        def keep_order(i: int, group: str = g.name) -> tuple[int, int]:
+            # the nodes not named (oldest first), then the named ones, the last-named first
+            rank = first.get(names[group, i])
+            return (0, i) if rank is None else (1, -rank)
+
+        mine = sorted(have.get(g.name, ()), key=keep_order)
         keep = mine[: g.count]
         taken = set(mine)
         free = (i for i in range(g.count + len(mine)) if i not in taken)

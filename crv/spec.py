@@ -245,6 +245,11 @@ class NodeGroup(_Model):
     # the resource pool its nodes go to (one named in pools.yaml, or local/sim); none: the
     # deploy's --pool. `crv deploy --pool-for GROUP=POOL` overrides it.
     pool: Name | None = None
+    # or pools in order of preference: growth fills the first with capacity, shrinking
+    # releases from the last (crv.placement); not together with `pool`
+    pools: list[Name] | None = Field(
+        default=None, min_length=1, max_length=8, json_schema_extra={"uniqueItems": True}
+    )
     description: Text = ""
 
 

@@ -117,6 +117,39 @@ events = sa.Table(
     sa.Column("attributes", sa.JSON),
 )
 
+# Autoscaling: whether the `autoscale/<cluster>` deployment should exist, and how often it runs
+# (`crv autoscale enable/disable`; the serve process makes the deployment match this row).
+autoscaling = sa.Table(
+    "autoscaling",
+    METADATA,
+    sa.Column("cluster", sa.String(63), primary_key=True),
+    sa.Column("enabled", sa.Boolean, nullable=False),
+    sa.Column("every", sa.Float, nullable=False),  # seconds between runs
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# Every decision an autoscale run took, "none" ones included; the newest of a group also holds
+# what the next decision needs (crv.autoscale.Memory).
+decisions = sa.Table(
+    "decisions",
+    METADATA,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("cluster", sa.String(63), nullable=False, index=True),
+    sa.Column("grp", sa.String(63), nullable=False),
+    sa.Column("at", sa.Float, nullable=False),  # Unix time
+    sa.Column("metric", sa.Float),
+    sa.Column("current", sa.Integer, nullable=False),
+    sa.Column("desired", sa.Integer, nullable=False),
+    sa.Column("target", sa.Integer, nullable=False),
+    sa.Column("action", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("outcome", sa.Text),  # what the resize did (none yet: under way or no action)
+    sa.Column("flow_run", sa.String(64)),
+    sa.Column("last_scale_up", sa.Float),
+    sa.Column("low_since", sa.Float),
+)
+DECISIONS_KEPT = 2000  # per cluster; older ones are dropped
+
 # Role states: pending -> released -> running -> done | failed; done -> verified | verify_failed.
 # Before a shrink removes a node: draining -> drained | drain_failed (the role's drain recipe).
 ROLE_STATES = (
@@ -130,6 +163,12 @@ LEAVING = "leaving"  # node state during a shrink: it still runs, but no longer 
 # a node recorded `provisioning` again from these states has lost its machine: it is remade
 REMADE_FROM = ("provisioned", "enrolled", LEAVING)
 TOUCH_EVERY = 10.0  # seconds between writes of a node's last_seen
+
+
+_DECISION_FIELDS = (
+    "group", "at", "metric", "current", "desired", "target", "action", "reason", "outcome",
+    "flow_run", "last_scale_up", "low_since",
+)  # fmt: skip
 
 
 class StoreError(CrvError):
@@ -329,6 +368,8 @@ class Store:
             revoked = [s for n in list(names) for s in self._delete_node(c, name, n)]
             c.execute(clusters.delete().where(clusters.c.name == name))
             c.execute(events.delete().where(events.c.cluster == name))
+            c.execute(autoscaling.delete().where(autoscaling.c.cluster == name))
+            c.execute(decisions.delete().where(decisions.c.cluster == name))
             return revoked
 
     # -- nodes ------------------------------------------------------------------------------
@@ -870,7 +911,7 @@ class Store:
                 )
                 .values(state=state, exit_code=exit_code, output=tail, updated_at=now())
             )
-            attrs = None
+            attrs: dict[str, str] | None = None
             if state == "done":
                 attrs = dict(
                     c.execute(
@@ -879,7 +920,9 @@ class Store:
                             attributes.c.node == node,
                             attributes.c.role == role,
                         )
-                    ).all()
+                    )
+                    .tuples()
+                    .all()
                 )
             self._event(
                 c,
@@ -950,6 +993,67 @@ class Store:
                 )
             ).all()
         return sorted(((r.node, r.value) for r in rows), key=lambda nv: natural_key(nv[0]))
+
+    # -- autoscaling ------------------------------------------------------------------------
+
+    def put_autoscaling(self, cluster: str, enabled: bool, every: float) -> dict[str, Any]:
+        self.require_cluster(cluster)
+        row = {"enabled": enabled, "every": every, "updated_at": now()}
+        with self.engine.begin() as c:
+            done = c.execute(
+                autoscaling.update().where(autoscaling.c.cluster == cluster).values(**row)
+            )
+            if not done.rowcount:
+                c.execute(autoscaling.insert().values(cluster=cluster, **row))
+        return {"cluster": cluster, "enabled": enabled, "every": every}
+
+    def autoscaling(self, cluster: str | None = None) -> list[dict[str, Any]]:
+        """Autoscaling settings (of one cluster, or all), clusters by name."""
+        query = sa.select(autoscaling).order_by(autoscaling.c.cluster)
+        if cluster is not None:
+            query = query.where(autoscaling.c.cluster == cluster)
+        with self.engine.connect() as c:
+            rows = c.execute(query).all()
+        return [{"cluster": r.cluster, "enabled": r.enabled, "every": r.every} for r in rows]
+
+    def add_decision(self, cluster: str, row: Mapping[str, Any]) -> int:
+        self.require_cluster(cluster)
+        values = {k: row.get(k) for k in _DECISION_FIELDS if k != "group"}
+        with self.engine.begin() as c:
+            done = c.execute(decisions.insert().values(cluster=cluster, grp=row["group"], **values))
+            key = done.inserted_primary_key
+            assert key is not None
+            seq = int(key[0])
+            c.execute(
+                decisions.delete().where(
+                    decisions.c.cluster == cluster, decisions.c.seq <= seq - DECISIONS_KEPT
+                )
+            )
+        return seq
+
+    def set_outcome(self, cluster: str, seq: int, outcome: str) -> None:
+        with self.engine.begin() as c:
+            done = c.execute(
+                decisions.update()
+                .where(decisions.c.cluster == cluster, decisions.c.seq == seq)
+                .values(outcome=outcome)
+            )
+        if not done.rowcount:
+            raise StoreError(404, f"no decision {seq} of cluster {cluster!r}")
+
+    def decisions(
+        self, cluster: str, group: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        """The newest decisions first."""
+        query = sa.select(decisions).where(decisions.c.cluster == cluster)
+        if group is not None:
+            query = query.where(decisions.c.grp == group)
+        with self.engine.connect() as c:
+            rows = c.execute(query.order_by(decisions.c.seq.desc()).limit(limit)).all()
+        return [
+            {"seq": r.seq, "group": r.grp, **{k: getattr(r, k) for k in _DECISION_FIELDS[1:]}}
+            for r in rows
+        ]
 
     # -- status and events ------------------------------------------------------------------
 

@@ -2,9 +2,11 @@
 
 `build()` returns the deployments `crv up` serves (`crv serve` in the foreground):
 `deploy-appliance/crv`, `scale-role/crv`, `destroy-cluster/crv` and `repair-cluster/crv`.
+`autoscale_deployment()` builds the per-cluster `autoscale/<cluster>` ones that the serve process
+adds while it runs, for the clusters with autoscaling enabled (deployments.serve).
 Each enforces its parameter schema, completed by `deployments.forms` from the catalog and the
 pools, so the Prefect UI renders a real form and the API refuses bad input when a run is
-created. `DEPLOYMENTS` is the list to extend (the `autoscale` deployment goes there).
+created. `DEPLOYMENTS` is the list to extend.
 
 Importing this package does not import Prefect: Prefect reads its settings when first
 imported, so the caller sets `PREFECT_API_URL` and `PREFECT_HOME` first (`crv.daemons`).
@@ -117,3 +119,24 @@ def build(catalog: Mapping[str, forms.CatalogEntry] | None = None) -> list[Runne
         deployment._parameter_openapi_schema = FormSchema(**form)
         out.append(deployment)
     return out
+
+
+AUTOSCALE_FLOW = "autoscale"
+
+
+async def autoscale_deployment(cluster: str, every: float) -> RunnerDeployment:
+    """The scheduled `autoscale/<cluster>` deployment: one autoscale run every `every` s."""
+    from flows.autoscale import autoscale
+
+    deployment: RunnerDeployment = await autoscale.ato_deployment(
+        name=cluster,
+        interval=every,
+        parameters={"name": cluster},
+        description=f"Autoscale cluster {cluster} every {every:g} s: read each scaled group's "
+        "metric, decide, resize; every decision is in the `autoscale-<cluster>` artifact and "
+        f"`crv autoscale status {cluster}`. Pause it here to stop autoscaling for a while; "
+        f"`crv autoscale disable {cluster}` removes it.",
+        tags=[*TAGS, "autoscale"],
+        enforce_parameter_schema=True,
+    )
+    return deployment

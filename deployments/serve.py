@@ -7,16 +7,28 @@ from the UI, a schedule or the API finds the same crv home as the CLI.
 
 A deployment registered again (each start) keeps what people set on the server: its schedules
 (`prefect deployment schedule create`, the UI) and whether it is paused.
+
+Autoscaling: while it serves, this process makes the `autoscale/<cluster>` deployments match the
+clusters' autoscaling settings in the crv store (`crv autoscale enable/disable`), every
+POLL_SECONDS: it adds (and from then on runs) the deployment of a cluster enabled, with an
+interval schedule of its `every`; applies a new `every`; and deletes the deployment of a cluster
+disabled or destroyed. It is the only writer of those deployments. A pause in the UI is kept.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
 
-from deployments import build
+from deployments import AUTOSCALE_FLOW, autoscale_deployment, build
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
+    from prefect.runner import Runner
+
+log = logging.getLogger("crv.serve")
 
 POLL_SECONDS = 2.0  # how soon a run created through the UI or the API starts
 
@@ -41,13 +53,95 @@ def keep_server_settings(deployments: list[RunnerDeployment]) -> None:
 
 def serve() -> None:
     """Register the deployments and run their flow runs until SIGTERM or Ctrl-C."""
-    from prefect import serve as prefect_serve
+    from prefect.exceptions import TerminationSignal
 
     deployments = build()
     keep_server_settings(deployments)
-    prefect_serve(
-        *deployments,
+    with contextlib.suppress(KeyboardInterrupt, TerminationSignal):
+        asyncio.run(_serve(deployments))
+
+
+async def _serve(deployments: list[RunnerDeployment]) -> None:
+    """prefect.serve's work (a Runner with the deployments), with the autoscale watch beside it
+    in the same event loop."""
+    from prefect.runner import Runner
+
+    runner = Runner(
         pause_on_shutdown=False,  # a schedule should survive `crv down` / `crv up`
-        print_starting_message=True,
         query_seconds=POLL_SECONDS,
     )
+    for d in deployments:
+        await runner.aadd_deployment(d)
+    print(f"serving {', '.join(d.full_name for d in deployments)}", flush=True)
+    watch = asyncio.create_task(AutoscaleWatch(runner).loop())
+    try:
+        await runner.start()
+    finally:
+        watch.cancel()
+
+
+def _interval(deployment: Any) -> float | None:
+    """The interval of a deployment's only schedule, if that is what it has."""
+    schedules = list(deployment.schedules or [])
+    if len(schedules) != 1:
+        return None
+    interval = getattr(schedules[0].schedule, "interval", None)
+    return None if interval is None else interval.total_seconds()
+
+
+class AutoscaleWatch:
+    """Keeps the `autoscale/<cluster>` deployments in line with the store (module doc)."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self.applied: dict[str, float] = {}  # cluster -> the `every` this process applied
+
+    async def loop(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception as exc:  # the service or Prefect restarting: try again
+                log.warning("autoscale deployments: %s", exc)
+            await asyncio.sleep(POLL_SECONDS)
+
+    async def tick(self) -> None:
+        from prefect import get_client
+        from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+        wanted = await asyncio.to_thread(_enabled)
+        async with get_client() as client:
+            found = await client.read_deployments(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=[AUTOSCALE_FLOW]))
+            )
+            existing = {d.name: d for d in found}
+            for cluster, every in wanted.items():
+                current = existing.get(cluster)
+                if current is not None and self.applied.get(cluster) == every:
+                    continue
+                deployment = await autoscale_deployment(cluster, every)
+                if current is not None:
+                    deployment.paused = current.paused
+                    if _interval(current) == every:  # keep the schedule as it is on the server
+                        deployment.model_fields_set.discard("schedules")
+                await self.runner.aadd_deployment(deployment)
+                self.applied[cluster] = every
+                log.info("autoscale/%s: every %g s", cluster, every)
+            for name, d in existing.items():
+                if name not in wanted:
+                    await client.delete_deployment(d.id)
+                    self.applied.pop(name, None)
+                    log.info("autoscale/%s: removed", name)
+
+
+def _enabled() -> dict[str, float]:
+    """cluster -> every, of the clusters whose autoscaling is enabled."""
+    from crv import daemons
+    from crv.client import Service
+    from crv.home import Home
+
+    home = Home.from_env()
+    endpoints = daemons.running(home)
+    if endpoints is None:
+        raise RuntimeError(f"the crv service is not running for {home.root}")
+    settings = Service(home, endpoints.service_url).autoscaling()
+    return {s["cluster"]: float(s["every"]) for s in settings if s["enabled"]}

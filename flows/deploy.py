@@ -33,7 +33,7 @@ from crv.executor import DagRun, StepResult, stages
 from crv.home import Home
 from crv.locks import cluster_change
 from crv.pki import CertificateAuthority
-from crv.placement import Drivers, Placement, check, place, recorded
+from crv.placement import Drivers, NoCapacity, Placement, check, place, recorded
 from crv.plan import Plan, expand, members, node_index
 from crv.retry import RetryPolicy
 from crv.store import LEAVING, natural_key
@@ -116,6 +116,15 @@ async def deploy_appliance(
             "the group's pool in the appliance, else `pool`)"
         ),
     ] = None,
+    autoscale_every: Annotated[
+        float | None,
+        Field(
+            ge=5,
+            le=86400,
+            description="Enable autoscaling once deployed: seconds between autoscale runs "
+            "(the appliance needs a scaling section; empty: leave autoscaling as it is)",
+        ),
+    ] = None,
 ) -> dict[str, Any]:
     for listener in STARTED_LISTENERS:
         listener(str(flow_run.id))
@@ -125,6 +134,10 @@ async def deploy_appliance(
     expand(with_counts(loaded, counts or {}), cluster)  # bad input fails before the wait
     placement = place(loaded, pool, pools)
     check(home, loaded, placement, pools)
+    if autoscale_every is not None and not any(g.scaling for g in loaded.groups.values()):
+        raise DeployFailed(
+            f"autoscale_every: appliance {loaded.name} has no node group with a scaling section"
+        )
     async with cluster_change(cluster, wait=wait):
         # a deploy again of a resized cluster keeps the sizes it was given, but those asked for
         service = AsyncService(home, endpoints.service_url)
@@ -142,6 +155,13 @@ async def deploy_appliance(
             retries=retries,
         )
     raise_if_kept(result)
+    if autoscale_every is not None:  # the serve process adds the autoscale/<cluster> deployment
+        service = AsyncService(home, endpoints.service_url)
+        try:
+            await service.put_autoscaling(cluster, True, autoscale_every)
+        finally:
+            await service.close()
+        get_run_logger().info("cluster %s: autoscaling every %g s", cluster, autoscale_every)
     return result
 
 
@@ -177,6 +197,7 @@ async def converge(
     on_failure: str | None,
     timeouts: Timeouts,
     retries: int,
+    remove_first: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Bring `cluster` to `loaded` with `counts` (deploy, resume and resize all come here):
     every step along the DAG, skipping what is already done; nodes beyond the counts are
@@ -185,14 +206,15 @@ async def converge(
 
     On failure, `on_failure` (default: the appliance's) says what stays: `keep` leaves
     everything for a run again to resume from; `rollback` removes what this run added and
-    converges the cluster back to what was recorded before it (or removes it, if it is new)."""
+    converges the cluster back to what was recorded before it (or removes it, if it is new).
+    `remove_first` names the nodes a shrink should take first (crv.plan.members)."""
     home, endpoints = running_service()
     service = AsyncService(home, endpoints.service_url)
     try:
         before = await _status(service, cluster)
         appliance = with_counts(loaded, counts)
         existing = [(n["name"], n["group"]) for n in before["nodes"]] if before else []
-        indices = members(appliance, cluster, existing)
+        indices = members(appliance, cluster, existing, remove_first)
         change = _Change(home, endpoints, service, cluster, placement, timeouts, retries)
         try:
             return await change.run(loaded, counts, indices, drain=True)
@@ -304,7 +326,10 @@ class _Change:
                 run.counts = counts
                 await run.put_cluster()
             victims = [v for v in victims if v["name"] not in kept]
-            await run.register(plan, leaving=victims)
+            try:
+                await run.register(plan, leaving=victims)
+            except NoCapacity as e:  # nothing made: a rollback (if asked) has little to undo
+                raise DeployFailed(str(e)) from None
             dag = DagRun(plan, RetryPolicy(retries=self.retries))
             self.logger.info(
                 "cluster %s: %d nodes, %d steps, critical path %.1f s%s",
@@ -361,9 +386,9 @@ class _Change:
                 self.cluster, gone.appliance, self.placement.default, "rolled-back", to="none"
             )
         else:
-            self.placement = recorded(before)
             counts = dict(before.get("counts") or {})
             loaded = load_recorded(before["source"], before["parameters"] or {}, counts)
+            self.placement = recorded(before, loaded)
             existing = [(n["name"], n["group"]) for n in before["nodes"]]
             indices = members(with_counts(loaded, counts), self.cluster, existing)
             try:

@@ -62,10 +62,11 @@ async def repair_cluster(
             await asyncio.to_thread(drivers(n["pool"]).destroy_node, n["name"])
             events.node_event(name, status["appliance"], n["pool"], n["name"], "destroyed")
         counts = dict(status.get("counts") or {})
+        loaded = load_recorded(status["source"], status["parameters"] or {}, counts)
         result = await converge(
-            load_recorded(status["source"], status["parameters"] or {}, counts),
+            loaded,
             name,
-            recorded(status),
+            recorded(status, loaded),
             counts=counts,
             on_failure="keep",  # a repair that fails leaves what it made for a run again
             timeouts=Timeouts(boot=boot_timeout, recipe=recipe_timeout),

@@ -15,6 +15,7 @@ flows.deploy.converge, the same as a deploy's: this flow picks the counts and re
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
@@ -24,7 +25,7 @@ from crv import events
 from crv.appliance import load_recorded
 from crv.deploy import Timeouts
 from crv.locks import cluster_change
-from crv.placement import recorded
+from crv.placement import recorded, release_order
 from flows.deploy import ON_FAILURE, WAIT, OnFailure, converge, raise_if_kept, require_cluster
 
 
@@ -39,27 +40,57 @@ async def scale_role(
     wait: Annotated[float | None, WAIT] = None,
     on_failure: Annotated[OnFailure | None, ON_FAILURE] = None,
 ) -> dict[str, Any]:
-    logger = get_run_logger()
     async with cluster_change(name, wait=wait):
-        status = await require_cluster(name)
-        counts = {**(status.get("counts") or {}), group: count}
-        loaded = load_recorded(status["source"], status["parameters"] or {}, counts)
-        before = sum(1 for n in status["nodes"] if n["group"] == group)
-        logger.info("cluster %s: group %s from %d to %d nodes", name, group, before, count)
-        result = await converge(
-            loaded,
+        result = await resize(
             name,
-            recorded(status),
-            counts=counts,
+            await require_cluster(name),
+            group,
+            count,
             on_failure=on_failure,
             timeouts=Timeouts(boot=boot_timeout, recipe=recipe_timeout),
             retries=retries,
         )
-        after = result["counts"].get(group, count)
-        events.cluster_event(
-            name, status["appliance"], status["pool"], "scaled",
-            group=group, before=before, after=after, removed=result["removed"],
-        )  # fmt: skip
+    raise_if_kept(result)
+    return result
+
+
+async def resize(
+    name: str,
+    status: dict[str, Any],
+    group: str,
+    count: int,
+    *,
+    timeouts: Timeouts,
+    retries: int,
+    on_failure: OnFailure | None = None,
+    busy: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """Resize one group of a cluster (`status`: its record), inside the caller's
+    `cluster_change`: the scale-role and autoscale flows both come here. A shrink takes its
+    victims in crv.placement.release_order: the last preferred pool first, then idle-first by
+    `busy` (node -> its published busy value) when given, then the newest."""
+    logger = get_run_logger()
+    counts = {**(status.get("counts") or {}), group: count}
+    loaded = load_recorded(status["source"], status["parameters"] or {}, counts)
+    placement = recorded(status, loaded)
+    mine = [n for n in status["nodes"] if n["group"] == group]
+    before = len(mine)
+    logger.info("cluster %s: group %s from %d to %d nodes", name, group, before, count)
+    result = await converge(
+        loaded,
+        name,
+        placement,
+        counts=counts,
+        on_failure=on_failure,
+        timeouts=timeouts,
+        retries=retries,
+        remove_first=release_order(placement, group, mine, busy) if count < before else (),
+    )
+    after = result["counts"].get(group, count)
+    events.cluster_event(
+        name, status["appliance"], status["pool"], "scaled",
+        group=group, before=before, after=after, removed=result["removed"],
+    )  # fmt: skip
     logger.info(
         "cluster %s: group %s now has %d nodes (%d removed, %d certificates revoked)",
         name,
@@ -68,5 +99,4 @@ async def scale_role(
         len(result["removed"]),
         result["revoked"],
     )
-    raise_if_kept(result)
     return {**result, "group": group, "before": before, "after": after}

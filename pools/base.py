@@ -4,6 +4,11 @@
 a spawned process); it does not wait for the node to boot. That waiting belongs to the flow: the
 node has booted when its agent enrols. Both `create_node` and `destroy_node` are idempotent on
 the node name, so a deploy that is killed and run again converges instead of duplicating.
+
+Optional capabilities are separate small protocols a driver may also have, found with getattr:
+`tend` (bare metal: move a node that did not boot to another machine) and `capacity` (`Capacity`
+below: how many more nodes the pool can make now, which a group's `pools:` preference list
+uses to fill the first pool with room). A driver without `capacity` has no known limit.
 """
 
 from __future__ import annotations
@@ -72,6 +77,16 @@ class Pool(Protocol):
 
     def destroy_node(self, name: str) -> None:
         """Idempotent: destroying a node that is not there succeeds."""
+
+
+@runtime_checkable
+class Capacity(Protocol):
+    """Optional: a pool that knows how many more nodes it can make."""
+
+    def capacity(self) -> int | None:
+        """How many more nodes this pool can make now (0: none); None: no known limit. No
+        waiting; a failure to find out is a PoolError (crv.placement counts it as 0)."""
+        ...
 
 
 def write_atomic(path: Path, data: bytes, mode: int) -> None:

@@ -139,6 +139,12 @@ class CloudOptions(BaseModel):
     groups: dict[str, GroupOverride] = Field(
         default_factory=dict, description="per appliance group: another image or size"
     )
+    max_nodes: int | None = Field(
+        default=None,
+        ge=0,
+        le=100_000,
+        description="at most this many crv instances (of any cluster) at a time: capacity()",
+    )
 
     @field_validator("provider")
     @classmethod
@@ -330,6 +336,12 @@ class CloudPool:
         return sorted(
             (i for i in infos if cluster is None or i.cluster == cluster), key=lambda i: i.name
         )
+
+    def capacity(self) -> int | None:
+        """Optional capability: how many more nodes fit under `max_nodes` (None: no limit)."""
+        if self.options.max_nodes is None:
+            return None
+        return max(0, self.options.max_nodes - len(self.list_nodes()))
 
     def get_node(self, name: str) -> NodeInfo | None:
         nodes = self._nodes({f"tag:{TAG_NODE}": name})

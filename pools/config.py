@@ -17,7 +17,10 @@ another file. It maps pool names to a driver and that driver's options:
           image: ami-0123456789abcdef0
           size: t3.small
 
-`local` and `sim` are always there and need no entry. Loading checks everything it can without
+`local` and `sim` are always there and need no entry; an entry may name more pools of their
+drivers, for example `small: {driver: local, options: {max_nodes: 1}}`. `max_nodes` (local,
+sim, libvirt, libcloud) caps the nodes a pool holds at a time: its `capacity()`, which a node
+group's `pools:` preference list uses. Loading checks everything it can without
 a network call (each driver's options model, then the driver's own `validate()`); a mistake is
 one line naming the file, the pool and the option.
 """
@@ -38,8 +41,11 @@ from crv.spec import Name, validation_error
 from crv.yamldoc import load_yaml_file
 
 BUILTIN = ("local", "sim")
-# driver name -> (module, pool class, options model); imported only when a pool uses it
+# driver name -> (module, pool class or factory (name, state_dir, options), options model);
+# imported only when a pool uses it
 DRIVERS: Mapping[str, tuple[str, str, str]] = {
+    "local": ("pools.local", "configured", "LocalOptions"),
+    "sim": ("pools.sim", "configured", "SimOptions"),
     "libvirt": ("pools.libvirt", "LibvirtPool", "LibvirtOptions"),
     "libcloud": ("pools.cloud", "CloudPool", "CloudOptions"),
     "baremetal": ("pools.baremetal.pool", "BaremetalPool", "BaremetalOptions"),

@@ -99,6 +99,8 @@ class LibvirtOptions(BaseModel):
     - `domain_type`: `kvm` (default) or `qemu` (pure emulation); `test:` URIs always use
       `test`.
     - `seed`: where the cloud-init seed ISO lives: `auto`, `file` or `volume` (module doc).
+    - `max_nodes`: at most this many nodes (crv's domains, of any cluster) at a time; the
+      pool's `capacity()`. None (default): no limit known to crv.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -114,6 +116,7 @@ class LibvirtOptions(BaseModel):
     groups: dict[str, GroupResources] = Field(default_factory=dict)
     domain_type: Literal["kvm", "qemu"] = "kvm"
     seed: Literal["auto", "file", "volume"] = "auto"
+    max_nodes: int | None = Field(default=None, ge=0, le=100_000)
 
     @field_validator("uri", "base_image")
     @classmethod
@@ -232,6 +235,12 @@ class LibvirtPool:
             nodes = [info for dom in domains if (info := self._describe(dom)) is not None]
         nodes.sort(key=lambda n: n.name)
         return [n for n in nodes if cluster is None or n.cluster == cluster]
+
+    def capacity(self) -> int | None:
+        """Optional capability: how many more nodes fit under `max_nodes` (None: no limit)."""
+        if self.options.max_nodes is None:
+            return None
+        return max(0, self.options.max_nodes - len(self.list_nodes()))
 
     def get_node(self, name: str) -> NodeInfo | None:
         self._check_name(name)

@@ -8,6 +8,11 @@ with CRV_LOCAL_NET=127.N (the test-suite does, one per parallel worker).
 Processes are found again through environment markers that every descendant inherits: a daemon
 that calls setsid or double-forks leaves the agent's process group, not its environment, so
 destroy (and a reconciler, through `list_nodes`) still finds it.
+
+Besides the built-in `local`, pools.yaml may name more pools of this driver (`driver: local`),
+each with its own state directory, for example to cap one with `max_nodes` (its `capacity()`).
+The local pools whose state directories are side by side (CRV_HOME/pools/*) share one address
+table: none gives out an address another holds.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from pools.base import TAG_CLUSTER, TAG_NODE, NodeInfo, NodeSpec, PoolError, write_atomic
 
 NAME = "local"
@@ -36,6 +43,8 @@ NODE_MARKER = "CRV_LOCAL_NODE"
 CLUSTER_MARKER = "CRV_LOCAL_CLUSTER"  # informative only: lets an orphan still name its cluster
 TERM_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
 KILL_GRACE = 5.0  # seconds after SIGKILL before giving up (a process stuck in the kernel)
+LOCAL_MARK = ".local-pool"  # in the state dir of each local pool: its addresses count as taken
+ADDRESS_LOCK = ".local-addresses.lock"  # beside the state dirs: one allocation at a time
 _TEMPORARY = {errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.EBUSY, errno.EINTR}
 
 Record = dict[str, Any]
@@ -97,14 +106,37 @@ def _marks(pid: int) -> dict[str, str]:
     return found
 
 
-class LocalPool:
-    """Nodes as process trees under `root`, each running `agent` with `python`."""
+class LocalOptions(BaseModel):
+    """The options of a `driver: local` entry of pools.yaml."""
 
-    name = NAME
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    max_nodes: int | None = Field(default=None, ge=0, le=65_000)  # none: no limit
+
+
+def configured(name: str, state_dir: Path, options: LocalOptions) -> LocalPool:
+    """A local pool that pools.yaml names (pools/config.py DRIVERS)."""
+    from pools import AGENT
+
+    return LocalPool(state_dir, AGENT, name=name, max_nodes=options.max_nodes)
+
+
+class LocalPool:
+    """Nodes as process trees under `root`, each running `agent` with `python`; at most
+    `max_nodes` at a time (None: no limit), which `capacity()` tells."""
 
     def __init__(
-        self, root: Path, agent: Path, python: str = sys.executable, net: str | None = None
+        self,
+        root: Path,
+        agent: Path,
+        python: str = sys.executable,
+        net: str | None = None,
+        *,
+        name: str = NAME,
+        max_nodes: int | None = None,
     ) -> None:
+        self.name = name
+        self.max_nodes = max_nodes
         self.root = Path(os.path.abspath(root))
         self.net = net or os.environ.get("CRV_LOCAL_NET") or "127.0"
         first, _, second = self.net.partition(".")
@@ -169,6 +201,14 @@ class LocalPool:
                 shutil.rmtree(directory)  # this frees the address
             with self._lock:
                 self._children.pop(name, None)
+
+    # -- optional capability ---------------------------------------------------------------------
+
+    def capacity(self) -> int | None:
+        """How many more nodes fit under `max_nodes` (every node held counts, of any cluster)."""
+        if self.max_nodes is None:
+            return None
+        return max(0, self.max_nodes - len(self.list_nodes()))
 
     # -- node state ------------------------------------------------------------------------------
 
@@ -243,7 +283,8 @@ class LocalPool:
     def _reserve(self, directory: Path) -> str:
         """The node's dir and address, under the pool-wide lock. The address is kept as the
         symlink `<dir>/address`, so allocating reads one link per node, not every node.json."""
-        with self._lock, _flock(self.root / ".lock"):
+        with self._lock, _flock(self.root.parent / ADDRESS_LOCK):
+            (self.root / LOCAL_MARK).touch(mode=0o600)
             directory.mkdir(mode=0o700, exist_ok=True)
             os.chmod(directory, 0o700)
             with suppress(FileNotFoundError):
@@ -254,19 +295,29 @@ class LocalPool:
 
     def _allocate(self) -> str:
         """The smallest free 127.N.x.y from 127.N.1.1 (N from CRV_LOCAL_NET, default 0; host
-        bytes 0 and 255 skipped; 127.0.0.x is the host's own). A removed dir has freed its
-        address."""
+        bytes 0 and 255 skipped; 127.0.0.x is the host's own), free in every local pool beside
+        this one too. A removed dir has freed its address."""
         taken: set[str] = set()
-        root = str(self.root)  # plain strings: pathlib costs more than the syscall here
-        for entry in os.listdir(root):
+        for root in self._address_roots():  # plain strings: pathlib costs more than syscalls
             with suppress(OSError):
-                taken.add(os.readlink(f"{root}/{entry}/address"))
+                for entry in os.listdir(root):
+                    with suppress(OSError):
+                        taken.add(os.readlink(f"{root}/{entry}/address"))
         for x in range(1, 256):
             for y in range(1, 255):
                 if (address := f"{self.net}.{x}.{y}") not in taken:
                     return address
         last = f"{self.net}.255.254"
         raise PoolError(NAME, f"no free loopback address left in {self.net}.1.1-{last}")
+
+    def _address_roots(self) -> list[str]:
+        """This pool's state dir and those of the other local pools beside it (marked)."""
+        roots = [str(self.root)]
+        with suppress(OSError):
+            for entry in os.scandir(self.root.parent):
+                if entry.path != roots[0] and os.path.exists(f"{entry.path}/{LOCAL_MARK}"):
+                    roots.append(entry.path)
+        return roots
 
     def _install(self, spec: NodeSpec, directory: Path) -> None:
         """The agent program, and the one-time bootstrap only while the node has not enrolled:

@@ -13,6 +13,8 @@ is `{http: "{{ self.url }}"}` gets a real check with a real latency.
 Latencies (seconds) come from the constructor or `CRV_SIM_LATENCY`, e.g.
 `provision=10,certify=1,contextualize=5,verify=1,contextualize.lb=3,jitter=0.1`: a kind, or
 `kind.role` for one role; `jitter=J` scales every latency by a uniform factor in [1-J, 1+J].
+pools.yaml may name more sim pools (`driver: sim`, each its own host), for example with
+`max_nodes` to give one a capacity (`capacity()`).
 
 The agents run in one asyncio process per pool state dir (the "sim host", started by the first
 `create_node`), not in the caller's process, so a benchmark measures the flow's own CPU. The
@@ -45,6 +47,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from pools.base import TAG_CLUSTER, TAG_NODE, NodeInfo, NodeSpec, PoolError
 
@@ -119,17 +123,34 @@ def _socket_path(root: Path) -> str:
 # -- the driver (in the flow's process) ------------------------------------------------------
 
 
-class SimPool:
-    """Nodes in the sim host of `root` (CRV_HOME/pools/sim)."""
+class SimOptions(BaseModel):
+    """The options of a `driver: sim` entry of pools.yaml."""
 
-    name = NAME
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    max_nodes: int | None = Field(default=None, ge=0, le=1_000_000)  # none: no limit
+
+
+def configured(name: str, state_dir: Path, options: SimOptions) -> SimPool:
+    """A sim pool that pools.yaml names (pools/config.py DRIVERS)."""
+    return SimPool(state_dir, name=name, max_nodes=options.max_nodes)
+
+
+class SimPool:
+    """Nodes in the sim host of `root` (CRV_HOME/pools/sim); at most `max_nodes` at a time
+    (None: no limit), which `capacity()` tells."""
 
     def __init__(
         self,
         root: Path,
         latency: Mapping[str, float] | str | None = None,
         python: str = sys.executable,
+        *,
+        name: str = NAME,
+        max_nodes: int | None = None,
     ) -> None:
+        self.name = name
+        self.max_nodes = max_nodes
         self.root = Path(os.path.abspath(root))
         self.python = python
         self._latency_error: str | None = None
@@ -176,6 +197,12 @@ class SimPool:
 
     def destroy_node(self, name: str) -> None:
         self._call({"op": "destroy", "name": name}, start=False)
+
+    def capacity(self) -> int | None:
+        """How many more nodes fit under `max_nodes` (every node held counts, of any cluster)."""
+        if self.max_nodes is None:
+            return None
+        return max(0, self.max_nodes - len(self.list_nodes()))
 
     # -- beyond the contract: for benchmarks and tests ----------------------------------------
 

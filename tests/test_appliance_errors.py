@@ -406,6 +406,30 @@ CASES: list[tuple[str, str, list[str], str]] = [
         f"error: {{F}}: nodes.worker: node names such as '{'c' * 55}-worker-9' are 64 characters"
         "; DNS labels allow 63: shorten the cluster or group name, or lower scale.max",
     ),
+    (
+        "pool-and-pools",
+        edit("max: 10}}", "max: 10}, pool: vm, pools: [rack, vm]}"),
+        [],
+        "error: {F}: nodes.worker.pools: give either pool or pools, not both",
+    ),
+    (
+        "pools-listed-twice",
+        edit("max: 10}}", "max: 10}, pools: [rack, vm, rack]}"),
+        [],
+        "error: {F}: nodes.worker.pools[2]: pool 'rack' is listed twice",
+    ),
+    (
+        "pools-empty",
+        edit("max: 10}}", "max: 10}, pools: []}"),
+        [],
+        "error: {F}: nodes.worker.pools: List should have at least 1 item after validation, not 0",
+    ),
+    (
+        "pools-too-many",
+        edit("max: 10}}", "max: 10}, pools: [a, b, c, d, e, f, g, h, i]}"),
+        [],
+        "error: {F}: nodes.worker.pools: List should have at most 8 items after validation, not 9",
+    ),
 ]
 
 

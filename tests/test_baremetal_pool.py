@@ -630,6 +630,8 @@ def test_unreachable_bmc_is_a_temporary_failure_of_that_machine(clean_rack: Rack
 def test_clear_powers_a_failed_machine_off_and_frees_it(clean_rack: Rack) -> None:
     rack, pool = clean_rack, clean_rack.pool
     first = STD[0]
+    every = len(pool.machines())
+    assert pool.capacity() == every  # the optional capability: machines free now
     pool.power.on(first, pool.bmc(pool.machines()[first]))  # on, as a broken machine may be
     wait_for(lambda: rack.running(first), what=f"{first} to power on")
     rack.set_password(first, secrets.token_urlsafe(12).encode())
@@ -640,6 +642,7 @@ def test_clear_powers_a_failed_machine_off_and_frees_it(clean_rack: Rack) -> Non
     assert ledger.failed[first]["power"].startswith("unknown: ")
     assert "refused the credentials" in ledger.failed[first]["power"]
     assert rack.running(first)  # the write-off could not power it off
+    assert pool.capacity() == every - 1  # a failed machine is not free
 
     rack.set_password(first, rack.secrets[first])
     pool.clear(first)
@@ -651,6 +654,7 @@ def test_clear_powers_a_failed_machine_off_and_frees_it(clean_rack: Rack) -> Non
         pool.clear("nope")
     info = pool.create_node(node_spec("c1-web-0"))
     assert info.extra["machine"] == first  # free again, first in inventory order
+    assert pool.capacity() == every - 1  # nor is a leased one
 
 
 # -- 10. the agent's kernel-command-line bootstrap -------------------------------------------------

@@ -287,10 +287,10 @@ def test_another_system_deploys_resizes_and_destroys_through_the_api(crv: Crv) -
     assert seen == {f"hello from apifarm-worker-{i}" for i in range(3)}
 
     # beyond the group's scale bounds: the run fails before touching a node
-    nodes = sorted(crv.node_processes())
+    nodes = sorted(crv.node_agents())
     refused = trigger(crv, "scale-role/crv", {"name": "apifarm", "group": "worker", "count": 1001})
     assert refused["state"] == "FAILED" and "above scale.max 1000" in refused["message"]
-    assert sorted(crv.node_processes()) == nodes
+    assert sorted(crv.node_agents()) == nodes
 
     destroyed = trigger(crv, "destroy-cluster/crv", {"name": "apifarm", "pool": "local"})
     assert destroyed["state"] == "COMPLETED", destroyed

@@ -8,7 +8,8 @@ import pytest
 
 from crv.appliance import load_appliance
 from crv.errors import SpecError
-from crv.placement import Placement, place, pools_of, recorded
+from crv.placement import Placement, capacities, place, pools_of, recorded, release_order
+from pools.base import PoolError
 from tests.conftest import write_appliance
 
 TWO_GROUPS = """\
@@ -60,3 +61,76 @@ def test_recorded_placement_and_every_pool_a_cluster_uses() -> None:
     assert recorded(status).of("worker") == "ec2" and recorded(status).of("head") == "local"
     assert pools_of(status, "sim") == ["ec2", "local", "sim", "vm"]
     assert pools_of(None, "local") == ["local"]
+
+
+PREFERENCE = TWO_GROUPS.replace("pool: vm}", "pools: [rack, vm, ec2]}")
+
+
+@pytest.fixture
+def preferring(tmp_path: Path):  # type: ignore[no-untyped-def]
+    return load_appliance(write_appliance(tmp_path, "two", PREFERENCE, ("work.sh", "head.sh")))
+
+
+def test_a_list_of_pools_is_an_order(preferring) -> None:  # type: ignore[no-untyped-def]
+    assert preferring.groups["worker"].pools == ("rack", "vm", "ec2")
+    p = place(preferring, "local", None)
+    assert p.of("worker") == "rack" and p.order("worker") == ("rack", "vm", "ec2")
+    assert p.order("head") == ("local",)
+    assert p.groups == {"worker": "rack"}  # what the cluster record keeps: the first pool
+    assert p.names() == ["ec2", "local", "rack", "vm"]  # every pool is checked and opened
+    # --pool-for replaces the list with its one pool
+    over = place(preferring, "local", {"worker": "vm"})
+    assert over.order("worker") == ("vm",) and over.names() == ["local", "vm"]
+
+
+def test_the_recorded_order_comes_from_the_recorded_appliance(preferring) -> None:  # type: ignore[no-untyped-def]
+    status = {"pool": "local", "pools": {"worker": "rack"}, "nodes": []}
+    assert recorded(status).order("worker") == ("rack",)
+    assert recorded(status, preferring).order("worker") == ("rack", "vm", "ec2")
+    assert recorded(status, preferring) == place(preferring, "local", None)
+    # placed with --pool-for elsewhere: the list does not apply
+    moved = {"pool": "local", "pools": {"worker": "vm"}, "nodes": []}
+    assert recorded(moved, preferring).order("worker") == ("vm",)
+    # the first pool of the list is the deploy's default: not in `pools`, still the list
+    default = {"pool": "rack", "pools": {"head": "local"}, "nodes": []}
+    assert recorded(default, preferring).order("worker") == ("rack", "vm", "ec2")
+
+
+def test_release_order_goes_from_the_last_pool_newest_first() -> None:
+    p = Placement("local", {"worker": "rack"}, {"worker": ("rack", "vm", "ec2")})
+    nodes = [
+        {"name": "c-worker-0", "pool": "rack"},
+        {"name": "c-worker-1", "pool": "vm"},
+        {"name": "c-worker-2", "pool": "rack"},
+        {"name": "c-worker-3", "pool": "ec2"},
+        {"name": "c-worker-10", "pool": "vm"},
+        {"name": "c-worker-4", "pool": "sim"},  # a pool no longer in the list: first to go
+        {"name": "c-worker-9", "pool": "ec2"},
+    ]
+    assert release_order(p, "worker", nodes) == [
+        "c-worker-4", "c-worker-9", "c-worker-3", "c-worker-10", "c-worker-1",
+        "c-worker-2", "c-worker-0",
+    ]  # fmt: skip
+    # a group without a list: newest first
+    assert release_order(p, "head", [{"name": "c-head-1", "pool": "local"},
+                                     {"name": "c-head-2", "pool": "local"}]) == [
+        "c-head-2", "c-head-1"
+    ]  # fmt: skip
+
+
+class _Full:
+    def __init__(self, room: int | None, fail: bool = False) -> None:
+        self.room, self.fail, self.asked = room, fail, 0
+
+    def capacity(self) -> int | None:
+        self.asked += 1
+        if self.fail:
+            raise PoolError("broken", "BMC unreachable", temporary=True)
+        return self.room
+
+
+def test_capacities_asks_each_pool_once() -> None:
+    pools = {"a": _Full(2), "b": _Full(None), "c": _Full(5, fail=True), "d": object()}
+    got = capacities(lambda name: pools[name], ["a", "b", "c", "d", "a"])  # type: ignore[arg-type,return-value]
+    assert got == {"a": 2, "b": None, "c": 0, "d": None}
+    assert pools["a"].asked == 1  # type: ignore[attr-defined]

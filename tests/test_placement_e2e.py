@@ -259,3 +259,81 @@ def test_node_made_again_gets_a_new_certificate_and_the_old_one_is_revoked(
     assert new != old
     assert old in crv.revoked_serials() and new not in crv.revoked_serials()
     assert crv("destroy", "cert").returncode == 0
+
+
+PREFERRING = SPANNING.replace("pool: sim}", "pools: [small, local]}").replace(
+    "count: 2", "count: 3"
+)
+POOLS_YAML = """\
+pools:
+  small: {driver: local, options: {max_nodes: 1}}
+  tiny: {driver: sim, options: {max_nodes: 1}}
+"""
+
+
+@pytest.fixture
+def capped(crv: Crv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Crv:
+    """Two capped pools beside the built-in ones: small (local, 1 node), tiny (sim, 1 node)."""
+    path = tmp_path / "pools.yaml"
+    path.write_text(POOLS_YAML)
+    monkeypatch.setitem(crv.env, "CRV_POOLS_FILE", str(path))
+    monkeypatch.setenv("CRV_POOLS_FILE", str(path))
+    return crv
+
+
+def test_growth_fills_the_first_pool_with_room_and_shrinking_the_last(
+    capped: Crv, tmp_path: Path
+) -> None:
+    crv = capped
+    directory, flags = spanning(tmp_path, PREFERRING)
+    r = crv("deploy", str(directory), "--name", "pref", "--set", f"flags={flags}")
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        status = crv.status("pref")
+        assert pools_by_node(status) == {
+            "pref-head-0": "local", "pref-worker-0": "small",
+            "pref-worker-1": "local", "pref-worker-2": "local",
+        }  # fmt: skip
+        assert status["pools"] == {"worker": "small"}
+        assert held(crv, "small", "pref") == {"pref-worker-0"}
+        # the two local pools never share an address
+        addresses = [n["address"] for n in status["nodes"]]
+        assert len(set(addresses)) == 4
+        assert len((flags / "head-view-pref-head-0.txt").read_text().split()) == 3
+
+        r = crv("scale", "pref", "worker", "1")  # the last pool of the list goes first
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert held(crv, "small", "pref") == {"pref-worker-0"}
+        assert held(crv, "local", "pref") == {"pref-head-0"}
+
+        r = crv("scale", "pref", "worker", "2")  # small is full: its node counts
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert pools_by_node(crv.status("pref"))["pref-worker-1"] == "local"
+    finally:
+        assert crv("destroy", "pref").returncode == 0
+    assert held(crv, "small", "pref") == set() and held(crv, "local", "pref") == set()
+
+
+def test_no_pool_with_room_fails_the_change_before_anything_is_made(
+    capped: Crv, tmp_path: Path
+) -> None:
+    crv = capped
+    text = SPANNING.replace("pool: sim}", "pools: [small, tiny]}")
+    directory, flags = spanning(tmp_path, text)
+    r = crv("deploy", str(directory), "--name", "full", "--set", f"flags={flags}")
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        before = pools_by_node(crv.status("full"))
+        assert before == {"full-head-0": "local", "full-worker-0": "small",
+                          "full-worker-1": "tiny"}  # fmt: skip
+
+        r = crv("scale", "full", "worker", "4", "--retries", "0")
+        assert r.returncode == 1
+        assert "no capacity for 2 more nodes of group worker in pools small, tiny" in r.stderr
+        assert pools_by_node(crv.status("full")) == before  # no node recorded
+        assert held(crv, "small", "full") == {"full-worker-0"}  # nor made
+        assert held(crv, "tiny", "full") == {"full-worker-1"}
+        assert held(crv, "local", "full") == {"full-head-0"}
+    finally:
+        assert crv("destroy", "full").returncode == 0
+        pool(crv, "tiny").shutdown()

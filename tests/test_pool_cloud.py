@@ -429,3 +429,17 @@ def test_documented_examples_validate(tmp_path: Path, monkeypatch: pytest.Monkey
                 monkeypatch.setenv(ref.env, "x")
         pool = CloudPool(name, tmp_path, opts)
         pool.validate()
+
+
+def test_capacity_is_max_nodes_minus_the_instances_held(
+    moto_ec2: MotoServer, tmp_path: Path
+) -> None:
+    assert make_pool(tmp_path).capacity() is None
+    p = make_pool(tmp_path, max_nodes=50)
+    held = len(p.list_nodes())  # the module's moto server may hold other tests' instances
+    name = unique("cap-")
+    p.create_node(spec(name, "capc"))
+    try:
+        assert p.capacity() == max(0, 50 - held - 1)
+    finally:
+        p.destroy_node(name)

@@ -462,3 +462,16 @@ def test_node_names_are_checked(pool: LibvirtPool) -> None:
 
 # The bootstrap data proven end to end (the real agent enrolling from the seed ISO) is in
 # tests/test_machines.py; a whole deploy through this pool is in tests/test_pools_e2e.py.
+
+
+def test_capacity_is_max_nodes_minus_the_domains_held(tmp_path: Path) -> None:
+    assert make_pool(tmp_path).capacity() is None
+    p = LibvirtPool("vm", tmp_path / "capped", options(max_nodes=100))
+    held = len(p.list_nodes())  # the shared in-memory hypervisor may hold other tests' nodes
+    cluster = unique("t-")
+    p.create_node(spec(unique("n"), cluster))
+    try:
+        assert p.capacity() == max(0, 100 - held - 1)
+    finally:
+        for node in p.list_nodes(cluster):
+            p.destroy_node(node.name)

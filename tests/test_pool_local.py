@@ -268,3 +268,20 @@ def test_filesystem_errors_become_pool_errors(tmp_path: Path) -> None:
     with pytest.raises(PoolError, match="create node n1") as info:
         bad.create_node(spec("n1"))
     assert not info.value.temporary
+
+
+def test_capacity_and_pools_side_by_side_share_addresses(pool: LocalPool, tmp_path: Path) -> None:
+    assert pool.capacity() is None  # no max_nodes: no known limit
+    small = LocalPool(tmp_path / "pools" / "small", pool.agent, name="small", max_nodes=2)
+    assert small.capacity() == 2
+    try:
+        a = pool.create_node(spec("c1-a-0"))
+        b = small.create_node(spec("c1-b-0"))
+        assert a.address != b.address  # one address table for the local pools of a home
+        assert small.capacity() == 1
+        small.create_node(spec("c2-b-1", cluster="c2"))  # any cluster's node counts
+        assert small.capacity() == 0
+    finally:
+        for node in small.list_nodes():
+            small.destroy_node(node.name)
+    assert small.capacity() == 2

@@ -73,3 +73,18 @@ def test_latency_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("CRV_SIM_LATENCY", "boot=3")
     with pytest.raises(PoolError, match="CRV_SIM_LATENCY: 'boot=3'"):
         get_pool("sim", tmp_path / "sim")
+
+
+def test_capacity_counts_the_nodes_held(tmp_path: Path) -> None:
+    assert SimPool(tmp_path / "unlimited").capacity() is None
+    p = SimPool(tmp_path / "capped", latency="provision=3600", name="tiny", max_nodes=2)
+    p.validate()
+    try:
+        assert p.capacity() == 2  # no host yet
+        p.create_node(spec("c-worker-0"))
+        p.create_node(spec("d-worker-0", cluster="d"))
+        assert p.capacity() == 0
+        p.destroy_node("c-worker-0")
+        assert p.capacity() == 1
+    finally:
+        p.shutdown()

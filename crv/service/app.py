@@ -123,6 +123,33 @@ class RolesRequest(_Body):
     updates: list[RoleUpdate]
 
 
+class AutoscalingSetting(_Body):
+    enabled: bool
+    every: Annotated[float, Field(gt=0, le=86400)] = 60.0
+
+
+Text = Annotated[str, Field(max_length=4096)]
+
+
+class DecisionRecord(_Body):
+    group: Name
+    at: float
+    metric: float | None = None
+    current: Annotated[int, Field(ge=0)]
+    desired: Annotated[int, Field(ge=0)]
+    target: Annotated[int, Field(ge=0)]
+    action: Literal["grow", "shrink", "none"]
+    reason: Text
+    outcome: Text | None = None
+    flow_run: Annotated[str, Field(max_length=64)] | None = None
+    last_scale_up: float | None = None
+    low_since: float | None = None
+
+
+class Outcome(_Body):
+    outcome: Text
+
+
 @dataclass(frozen=True)
 class NodeCaller:
     cluster: str
@@ -494,6 +521,42 @@ def create_app(store: Store, ca: CertificateAuthority) -> FastAPI:
             "key": key,
             "values": [{"node": n, "value": v, "age": age} for n, v, age in readings],
         }
+
+    @app.get("/v1/admin/autoscaling", dependencies=[Admin])
+    async def autoscaling_all() -> dict[str, Any]:
+        """Every cluster's autoscaling setting: the serve process makes the `autoscale/<cluster>`
+        deployments match it."""
+        return {"clusters": store.autoscaling()}
+
+    @app.get("/v1/admin/clusters/{cluster}/autoscaling", dependencies=[Admin])
+    async def autoscaling(cluster: str) -> dict[str, Any]:
+        store.require_cluster(cluster)
+        found = store.autoscaling(cluster)
+        return found[0] if found else {"cluster": cluster, "enabled": False, "every": None}
+
+    @app.put("/v1/admin/clusters/{cluster}/autoscaling", dependencies=[Admin])
+    async def put_autoscaling(cluster: str, body: AutoscalingSetting) -> dict[str, Any]:
+        return store.put_autoscaling(cluster, body.enabled, body.every)
+
+    @app.post("/v1/admin/clusters/{cluster}/decisions", dependencies=[Admin])
+    async def add_decision(cluster: str, body: DecisionRecord) -> dict[str, int]:
+        return {"seq": store.add_decision(cluster, body.model_dump())}
+
+    @app.patch(
+        "/v1/admin/clusters/{cluster}/decisions/{seq}", status_code=204, dependencies=[Admin]
+    )
+    async def set_outcome(cluster: str, seq: int, body: Outcome) -> None:
+        store.set_outcome(cluster, seq, body.outcome)
+
+    @app.get("/v1/admin/clusters/{cluster}/decisions", dependencies=[Admin])
+    async def list_decisions(
+        cluster: str,
+        group: Annotated[str | None, Query(max_length=63)] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    ) -> dict[str, Any]:
+        """The newest decisions first."""
+        store.require_cluster(cluster)
+        return {"decisions": store.decisions(cluster, group, limit)}
 
     @app.get("/v1/admin/clusters/{cluster}/events", dependencies=[Admin])
     async def cluster_events(

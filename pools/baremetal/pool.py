@@ -186,6 +186,12 @@ class BaremetalPool:
         with ThreadPoolExecutor(min(16, len(infos))) as pool:
             return list(pool.map(lambda info: self._confirmed(info, machines), infos))
 
+    def capacity(self) -> int:
+        """Optional capability: the machines free now (neither leased nor failed), of any
+        class; a node group limited to a class may find fewer."""
+        ledger = self.leases.read()
+        return sum(1 for m in self.machines() if ledger.state_of(m) == "free")
+
     def get_node(self, name: str) -> NodeInfo | None:
         ledger = self.leases.read()
         lease = ledger.leases.get(name)

@@ -1,0 +1,242 @@
+"""The `autoscale` flow: size each node group that has a `scaling` section from its metric.
+
+One run takes one decision per scaled group and records every one of them, "none" included, in
+the store (`crv autoscale status`, the admin API) and in the cluster's `autoscale-<cluster>`
+table artifact. The rules are crv.autoscale.decide, the same the what-if replay uses; what a
+decision needs from the ones before it (when the group last grew, since when the metric has
+asked for fewer nodes) is read back from the group's newest recorded decision, so a run carries
+no state of its own.
+
+A run holds the cluster's change slot (crv.locks) from reading the cluster to the end of the
+resize, so it never interleaves with a deploy, resize, repair or destroy: with `wait=0` (the
+schedule's default) a run that finds another change under way records "skipped" and ends; the
+next scheduled run decides again. The resize itself is flows.scale.resize, the scale-role
+flow's: new nodes go through every step, and a shrink takes its victims in
+crv.placement.release_order (the last preferred pool first, then idle-first by the `busy`
+attribute the group's roles publish, then the newest), runs their `drain` recipes (a node whose
+drain fails is kept and reported in the decision's outcome), re-runs the dependents without
+them, and only then destroys them.
+
+`crv autoscale enable NAME --every 60s` records the setting with the cluster; the serve process
+(deployments.serve) makes a deployment `autoscale/NAME` with that interval, which the Prefect UI
+shows and can pause like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+import httpx
+from prefect import flow, get_run_logger
+from prefect.artifacts import acreate_table_artifact
+from prefect.runtime import flow_run
+from pydantic import Field
+
+from crv import autoscale as policy
+from crv.appliance import Appliance, Group, load_recorded
+from crv.client import AsyncService, ServiceError
+from crv.deploy import Timeouts
+from crv.errors import CrvError
+from crv.home import Home
+from crv.locks import ClusterBusy, cluster_change
+from crv.placement import Drivers, capacities, recorded
+from crv.spec import Scaling
+from flows.deploy import WAIT, DeployFailed, require_cluster, running_service
+from flows.scale import resize
+
+HTTP_LIMIT = 64 * 1024  # bytes of an HTTP metric's answer that are read
+HTTP_TIMEOUT = 10.0
+
+
+@flow(name="autoscale", persist_result=False, log_prints=True)
+async def autoscale(
+    name: Annotated[str, Field(description="Cluster name")],
+    wait: Annotated[float | None, WAIT] = 0.0,
+    boot_timeout: Annotated[float, Field(gt=0, le=7200)] = 300.0,
+    recipe_timeout: Annotated[float, Field(gt=0, le=86400)] = 1800.0,
+    retries: Annotated[int, Field(ge=0, le=10)] = 2,
+) -> dict[str, Any]:
+    logger = get_run_logger()
+    home, endpoints = running_service()
+    service = AsyncService(home, endpoints.service_url)
+    try:
+        status = await require_cluster(name)
+        scaled = _scaled_groups(name, status)
+        run = _Run(service, name, Timeouts(boot=boot_timeout, recipe=recipe_timeout), retries)
+        try:
+            async with cluster_change(name, wait=wait):
+                for group in scaled:
+                    status = await require_cluster(name)
+                    await run.group(status, group)
+        except ClusterBusy as busy:
+            logger.info("cluster %s: %s; skipped", name, busy)
+            counts = {g.name: g.count for g in _loaded(status).groups.values()}
+            for group in scaled:
+                if group not in run.done:
+                    await run.skipped(group, counts[group], f"skipped: {busy}")
+        await acreate_table_artifact(
+            key=f"autoscale-{name}",
+            table=run.rows,
+            description=f"Autoscale decisions of cluster {name}, "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}",
+        )
+    finally:
+        await service.close()
+    if run.failed:
+        raise DeployFailed("; ".join(run.failed))
+    return {"cluster": name, "decisions": run.rows}
+
+
+def _scaled_groups(name: str, status: dict[str, Any]) -> list[str]:
+    loaded = _loaded(status)
+    scaled = [g.name for g in loaded.groups.values() if g.scaling is not None]
+    if not scaled:
+        raise DeployFailed(
+            f"cluster {name}: its appliance {status['appliance']} has no node group with a "
+            "scaling section"
+        )
+    return scaled
+
+
+def _loaded(status: dict[str, Any]) -> Appliance:
+    return load_recorded(status["source"], status["parameters"] or {}, status.get("counts") or {})
+
+
+class _Run:
+    """One run's decisions, recorded as they are taken."""
+
+    def __init__(self, service: AsyncService, cluster: str, timeouts: Timeouts, retries: int):
+        self.service, self.cluster = service, cluster
+        self.timeouts, self.retries = timeouts, retries
+        self.rows: list[dict[str, Any]] = []
+        self.done: set[str] = set()
+        self.failed: list[str] = []
+        self.logger = get_run_logger()
+
+    async def memory(self, group: str) -> tuple[policy.Memory, dict[str, Any] | None]:
+        last = await self.service.decisions(self.cluster, group, limit=1)
+        if not last:
+            return policy.Memory(), None
+        row = last[0]
+        return policy.Memory(row["last_scale_up"], row["low_since"]), row
+
+    async def record(self, group: str, d: policy.Decision, outcome: str | None = None) -> int:
+        row = {
+            "group": group,
+            **d.row(),
+            "outcome": outcome,
+            "flow_run": str(flow_run.id) if flow_run.id else None,
+            "last_scale_up": d.memory.last_scale_up,
+            "low_since": d.memory.low_since,
+        }
+        seq = await self.service.add_decision(self.cluster, row)
+        self.rows.append({"group": group, **d.row(), "outcome": outcome or ""})
+        self.done.add(group)
+        level = self.logger.info if d.action == "none" else self.logger.warning
+        level(
+            "cluster %s, group %s: %s (metric %s, %d nodes, %d wanted): %s",
+            self.cluster, group, d.action, d.metric, d.current, d.desired, d.reason,
+        )  # fmt: skip
+        return seq
+
+    async def skipped(self, group: str, current: int, reason: str) -> None:
+        memory, _ = await self.memory(group)
+        d = policy.Decision(time.time(), None, current, current, current, "none", reason, memory)
+        await self.record(group, d)
+
+    async def group(self, status: dict[str, Any], name: str) -> None:
+        loaded = _loaded(status)
+        group = loaded.groups[name]
+        scaling = group.scaling
+        assert scaling is not None
+        memory, _ = await self.memory(name)
+        reading = await read_metric(self.service, self.cluster, scaling)
+        d = policy.decide(
+            scaling, group.scale_min, group.scale_max, group.count, reading, time.time(), memory
+        )
+        if d.action == "grow":  # the pools of the group, in order, may not have that much room
+            order = recorded(status, loaded).order(name)
+            room = await asyncio.to_thread(capacities, Drivers(Home.from_env()), order)
+            d = policy.within_room(d, room, memory)
+        if d.action == "none":
+            await self.record(name, d)
+            return
+        seq = await self.record(name, d)
+        busy = None
+        if d.action == "shrink":
+            busy = await busy_values(self.service, self.cluster, status, group)
+        try:
+            result = await resize(
+                self.cluster,
+                status,
+                name,
+                d.target,
+                timeouts=self.timeouts,
+                retries=self.retries,
+                busy=busy,
+            )
+        except (CrvError, ServiceError) as exc:
+            outcome = f"failed: {exc}"
+            self.failed.append(f"group {name}: {exc}")
+        else:
+            outcome = f"{result['before']} -> {result['after']} nodes"
+            if result["removed"]:
+                outcome += f"; removed {', '.join(result['removed'])}"
+            for node, why in result["kept"].items():
+                outcome += f"; kept {node}: its {why}"
+                self.logger.warning("cluster %s: kept %s: its %s", self.cluster, node, why)
+        await self.service.set_outcome(self.cluster, seq, outcome)
+        self.rows[-1]["outcome"] = outcome
+
+
+async def read_metric(service: AsyncService, cluster: str, scaling: Scaling) -> policy.Reading:
+    """The group's metric now; a reading with a problem (never an exception) when it cannot be
+    had, so the decision records why nothing was done."""
+    metric = scaling.metric
+    if metric.attribute is not None:
+        a = metric.attribute
+        try:
+            readings = await service.attribute_readings(cluster, a.role, a.key)
+        except ServiceError as exc:
+            return policy.Reading(None, problem=f"the crv service did not answer: {exc}")
+        return policy.from_attribute(scaling, readings)
+    assert metric.http is not None
+    url = metric.http
+    try:
+        timeout = min(HTTP_TIMEOUT, metric.stale_after)
+        async with (
+            httpx.AsyncClient(timeout=timeout) as client,
+            client.stream("GET", url) as response,
+        ):
+            body = b""
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) >= HTTP_LIMIT:
+                    break
+            code = response.status_code
+    except httpx.HTTPError as exc:
+        return policy.Reading(None, problem=f"{url}: {type(exc).__name__}: {exc}"[:300])
+    return policy.from_http_body(url, code, body[:HTTP_LIMIT].decode("utf-8", "replace"))
+
+
+async def busy_values(
+    service: AsyncService, cluster: str, status: dict[str, Any], group: Group
+) -> dict[str, float]:
+    """node -> the `busy` value its roles publish (the highest of its roles; stale ones left
+    out): a shrink takes the idlest nodes first."""
+    mine = {n["name"] for n in status["nodes"] if n["group"] == group.name}
+    stale_after = group.scaling.metric.stale_after if group.scaling else 300.0
+    busy: dict[str, float] = {}
+    for role in group.roles:
+        try:
+            readings = await service.attribute_readings(cluster, role, "busy")
+        except ServiceError:
+            continue
+        for r in readings:
+            value = policy.number(r.get("value"))
+            age = r.get("age")
+            if r["node"] in mine and value is not None and age is not None and age <= stale_after:
+                busy[r["node"]] = max(busy.get(r["node"], value), value)
+    return busy
