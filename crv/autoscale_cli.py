@@ -222,15 +222,15 @@ def enable(
 def disable(name: ClusterArg) -> None:
     """Stop autoscaling a cluster: its `autoscale/NAME` deployment and schedule are removed
     (its recorded decisions are kept; the cluster keeps its current size)."""
-    from prefect import get_client
-
     cli = _cli()
     with cli._user_errors():
-        _, _, service, _ = _cluster(cli, name, "disable")
+        _, _, service, _ = _cluster(cli, name, "disable")  # sets up this process's Prefect
         setting = service.autoscaling(name)[0]
         service.put_autoscaling(name, False, setting.get("every") or 60.0)
         found = _deployment(name)
         if found is not None:
+            from prefect import get_client
+
             with get_client(sync_client=True) as client:
                 client.delete_deployment(found.id)
     removed = f" (autoscale/{name} removed)" if found is not None else ""

@@ -1024,9 +1024,17 @@ class Store:
             key = done.inserted_primary_key
             assert key is not None
             seq = int(key[0])
+            oldest_kept = (
+                sa.select(decisions.c.seq)
+                .where(decisions.c.cluster == cluster)
+                .order_by(decisions.c.seq.desc())
+                .offset(DECISIONS_KEPT - 1)
+                .limit(1)
+                .scalar_subquery()
+            )  # the seq counter is shared by every cluster: count this cluster's own rows
             c.execute(
                 decisions.delete().where(
-                    decisions.c.cluster == cluster, decisions.c.seq <= seq - DECISIONS_KEPT
+                    decisions.c.cluster == cluster, decisions.c.seq < oldest_kept
                 )
             )
         return seq

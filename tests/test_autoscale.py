@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,79 @@ def test_a_blackboard_metric_aggregates_fresh_numbers_only() -> None:
     assert stale.value is None and "the newest is 600 s old" in stale.problem
     junk = from_attribute(s, [{"node": "a", "value": "lots", "age": 1}])
     assert junk.value is None and "rps is not a number (a='lots')" in junk.problem
+
+
+# -- the pools' room and the HTTP metric ---------------------------------------------------------
+
+
+def test_growth_is_limited_to_the_pools_room_or_becomes_no_capacity() -> None:
+    from crv.autoscale import within_room
+
+    s = scaling()
+    before = Memory(last_scale_up=-1000.0)  # the last growth is long past: no cooldown now
+    grow = decide(s, 1, 10, 2, Reading(250.0), 0, before)
+    assert (grow.action, grow.current, grow.target) == ("grow", 2, 5)
+    assert grow.memory.last_scale_up == 0  # a growth starts the cooldown
+
+    full = within_room(grow, {"rack": 0, "ec2": 0}, before)
+    assert (full.action, full.target, full.desired) == ("none", 2, 5)
+    assert (
+        "no capacity in pools rack, ec2" in full.reason and "(room: rack 0, ec2 0)" in full.reason
+    )
+    assert full.reason.startswith(grow.reason)
+    assert full.memory == before  # no cooldown for a growth that did not happen
+    retry = decide(s, 1, 10, 2, Reading(250.0), 10, full.memory)
+    assert retry.action == "grow"  # the next run tries again at once
+
+    some = within_room(grow, {"rack": 1, "vm": 0, "ec2": 1}, before)
+    assert (some.action, some.target) == ("grow", 4)
+    assert some.reason == f"{grow.reason}; room for 2 more only (rack 1, vm 0, ec2 1)"
+    assert some.memory == grow.memory  # it did grow: the cooldown starts
+    # enough room, or a pool with no known limit: the decision as it was
+    assert within_room(grow, {"rack": 2, "ec2": 1}, before) == grow
+    assert within_room(grow, {"rack": 0, "ec2": None}, before) == grow
+
+    shrink = replace(grow, action="shrink", current=5, target=3)
+    calm = replace(grow, action="none", target=2)
+    for d in (shrink, calm):
+        assert within_room(d, {"rack": 0}, before) == d
+
+
+@pytest.mark.parametrize(
+    ("body", "value"),
+    [("12.5", 12.5), (" 7\n", 7.0), ("3e2", 300.0), ('"8"', 8.0), ("1E1", 10.0),
+     ('{"value": 42}', 42.0), ('{"value": "0.5", "unit": "rps"}', 0.5), ('{"value": 0}', 0.0)],
+)  # fmt: skip
+def test_an_http_metric_is_a_number_as_text_or_json(body: str, value: float) -> None:
+    from crv.autoscale import from_http_body
+
+    assert from_http_body("http://m/x", 200, body) == Reading(value)
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["lots", "", "NaN", "nan", "inf", "-Infinity", "true", "false", "null", "[1]",
+     '{"value": true}', '{"value": null}', '{"value": NaN}', '{"value": Infinity}',
+     '{"rps": 12}', '{"value": [1]}', '{"value": "many"}'],
+)  # fmt: skip
+def test_an_http_metric_that_is_not_a_finite_number_is_no_metric(body: str) -> None:
+    from crv.autoscale import from_http_body
+
+    url = "http://127.0.0.1:9/metric"
+    got = from_http_body(url, 200, body)
+    assert got.value is None
+    assert got.problem == f"{url} did not answer a number ({body.strip()[:40]!r})"
+    d = decide(scaling(), 1, 10, 3, got, 0, Memory())
+    assert (d.action, d.target) == ("none", 3)
+    assert d.reason == f"no metric: {got.problem}"
+
+
+def test_an_http_metric_answered_with_an_error_status_is_no_metric() -> None:
+    from crv.autoscale import from_http_body
+
+    for status in (500, 404, 204, 301):
+        got = from_http_body("http://m/rps", status, "12")  # a number, but not a 200 answer
+        assert got == Reading(None, problem=f"http://m/rps answered HTTP {status}")
+        d = decide(scaling(), 1, 10, 3, got, 0, Memory(last_scale_up=-1000.0))
+        assert d.action == "none" and d.reason.startswith("no metric: ")
+        assert f"HTTP {status}" in d.reason and d.memory == Memory(last_scale_up=-1000.0)

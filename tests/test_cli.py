@@ -108,3 +108,41 @@ def test_dev_script_usage() -> None:
     assert "./dev test" in help_.stdout
     wrong = subprocess.run([str(REPO / "dev"), "nonsense"], capture_output=True, text=True)
     assert wrong.returncode == 2
+
+
+@pytest.fixture
+def no_daemons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty CRV_HOME; starting the daemons fails the test (the checks come first)."""
+    from crv import daemons
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("CRV_HOME", str(home))
+
+    def refuse(*_: object, **__: object) -> None:
+        pytest.fail("the daemons were started before the input was checked")
+
+    monkeypatch.setattr(daemons, "up", refuse)
+    return home
+
+
+@pytest.mark.parametrize("every", ["1s", "4.9", "banana", "0", "-5m", "2d"])
+def test_autoscale_enable_with_a_bad_every_is_exit_2_before_anything_starts(
+    no_daemons: Path, every: str
+) -> None:
+    r = crv("autoscale", "enable", "x", "--every", every)
+    assert r.exit_code == 2, r.stdout
+    line = r.stderr.strip()
+    assert "\n" not in line and line.startswith(f"error: --every: {every}: "), line
+    assert not no_daemons.exists()
+
+
+def test_deploy_autoscale_needs_a_scaling_section_and_starts_nothing(no_daemons: Path) -> None:
+    r = crv("deploy", str(CATALOG / "ganglia"), "--autoscale")
+    assert r.exit_code == 2, r.stdout
+    line = r.stderr.strip()
+    assert "\n" not in line and line.startswith(f"error: {CATALOG / 'ganglia'}"), line
+    assert line.endswith(": nodes: --autoscale: no node group has a scaling section"), line
+    assert r.stdout == "" and not (no_daemons / "service").exists()
+    assert not (no_daemons / "prefect").exists()
+    r = crv("deploy", str(CATALOG / "webfarm"), "--autoscale", "--autoscale-every", "1s")
+    assert r.exit_code == 2 and "--autoscale-every: 1s: " in r.stderr and r.stderr.count("\n") == 1

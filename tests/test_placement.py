@@ -118,6 +118,46 @@ def test_release_order_goes_from_the_last_pool_newest_first() -> None:
     ]  # fmt: skip
 
 
+def test_release_order_is_idle_first_within_a_pool_and_the_pool_order_comes_first() -> None:
+    p = Placement("local", {"worker": "rack"}, {"worker": ("rack", "ec2")})
+    nodes = [
+        {"name": "c-worker-0", "pool": "rack"},
+        {"name": "c-worker-1", "pool": "rack"},
+        {"name": "c-worker-2", "pool": "rack"},
+        {"name": "c-worker-3", "pool": "rack"},
+        {"name": "c-worker-9", "pool": "rack"},
+        {"name": "c-worker-10", "pool": "rack"},
+        {"name": "c-worker-4", "pool": "ec2"},
+        {"name": "c-worker-5", "pool": "ec2"},
+        {"name": "c-worker-6", "pool": "sim"},  # a pool no longer in the list
+    ]
+    busy = {
+        "c-worker-0": 5.0,
+        "c-worker-1": 0.0,  # idle: a value of 0 is a value, not a missing one
+        "c-worker-3": 0.0,
+        "c-worker-9": 5.0,
+        "c-worker-10": 0.5,
+        "c-worker-4": 900.0,  # very busy, but in the last preferred pool: still goes first
+        "c-worker-6": 1e9,
+        "c-other-0": 0.0,  # another group's node: not in the answer
+    }  # c-worker-2 and c-worker-5 published nothing: counted as busy
+    assert release_order(p, "worker", nodes, busy) == [
+        "c-worker-6",
+        "c-worker-4", "c-worker-5",
+        "c-worker-3", "c-worker-1", "c-worker-10", "c-worker-9", "c-worker-0", "c-worker-2",
+    ]  # fmt: skip
+    # without busy values (or none published): newest first within each pool
+    newest = ["c-worker-6", "c-worker-5", "c-worker-4", "c-worker-10", "c-worker-9",
+              "c-worker-3", "c-worker-2", "c-worker-1", "c-worker-0"]  # fmt: skip
+    assert release_order(p, "worker", nodes) == newest
+    assert release_order(p, "worker", nodes, {}) == newest
+    # a busy node in the last pool goes before an idle one in the first
+    two = [{"name": "c-worker-0", "pool": "rack"}, {"name": "c-worker-1", "pool": "ec2"}]
+    assert release_order(p, "worker", two, {"c-worker-0": 0.0, "c-worker-1": 50.0}) == [
+        "c-worker-1", "c-worker-0"
+    ]  # fmt: skip
+
+
 class _Full:
     def __init__(self, room: int | None, fail: bool = False) -> None:
         self.room, self.fail, self.asked = room, fail, 0

@@ -336,3 +336,37 @@ def test_members_keep_the_oldest_and_fill_the_lowest_free_indices() -> None:
     assert plan.graph.has_edge("w-worker-7:verify:web", "w-front-0:contextualize:lb")
     with pytest.raises(Exception, match="not 6 distinct node indices"):
         expand(with_counts(app, {"worker": 6}), "w", {"worker": (0, 1)})
+
+
+def test_members_remove_the_named_nodes_first_in_order_then_the_newest() -> None:
+    """The autoscaler's idle-first order (`remove_first`) picks a shrink's victims."""
+    from crv.appliance import with_counts
+    from crv.plan import members
+
+    app = load_appliance(CATALOG / "webfarm")
+    existing = [("w-front-0", "front"), *((f"w-worker-{i}", "worker") for i in range(5))]
+
+    def kept(count: int, remove_first: list[str]) -> tuple[int, ...]:
+        got = members(with_counts(app, {"worker": count}), "w", existing, remove_first)
+        assert got["front"] == (0,)
+        return got["worker"]
+
+    assert kept(3, []) == (0, 1, 2)  # no names: the newest go
+    assert kept(3, ["w-worker-1", "w-worker-3"]) == (0, 2, 4)
+    # one victim: the first named, not the other one
+    assert kept(4, ["w-worker-1", "w-worker-3"]) == (0, 2, 3, 4)
+    assert kept(4, ["w-worker-3", "w-worker-1"]) == (0, 1, 2, 4)
+    # more victims than names: the named ones, then the newest of the others
+    assert kept(2, ["w-worker-1"]) == (0, 2)
+    assert kept(1, ["w-worker-0", "w-worker-2"]) == (1,)
+    # names of another group's node, of no node, or not a node name at all change nothing
+    for foreign in (["w-front-0"], ["w-worker-7", "x-worker-1", "zzz"], ["w-front-0", "w-web-1"]):
+        for count in (1, 3, 5, 7):
+            assert kept(count, foreign) == kept(count, []), (foreign, count)
+    # a growth keeps every node, named or not, and fills the lowest free indices
+    assert kept(7, ["w-worker-1", "w-worker-3"]) == (0, 1, 2, 3, 4, 5, 6)
+    assert kept(5, ["w-worker-4"]) == (0, 1, 2, 3, 4)
+    # the victims are what the plan leaves out
+    shrunk = with_counts(app, {"worker": 3})
+    plan = expand(shrunk, "w", members(shrunk, "w", existing, ["w-worker-2", "w-worker-0"]))
+    assert [n for n, _ in existing if n not in plan.nodes] == ["w-worker-0", "w-worker-2"]

@@ -1152,3 +1152,126 @@ def test_admin_reads_a_metric_attribute_with_its_age(svc: Service, admin: httpx.
         assert again[0]["age"] < first[0]["age"]
         assert lb.get(f"/v1/admin/clusters/{c}/attributes/lb/rps").status_code in (401, 403)
     assert admin.get("/v1/admin/clusters/nope/attributes/lb/rps").status_code == 404
+
+
+# -- autoscaling ----------------------------------------------------------------------------------
+
+
+def a_decision(group: str = "web", **change: Any) -> dict[str, Any]:
+    return {"group": group, "at": 1000.0, "metric": 12.5, "current": 2, "desired": 3,
+            "target": 3, "action": "grow", "reason": "12.5 / 5 per node = 3",
+            "last_scale_up": 1000.0, **change}  # fmt: skip
+
+
+def test_admin_autoscaling_setting_and_decisions(svc: Service, admin: httpx.Client) -> None:
+    c = "as-admin"
+    setup_cluster(svc, admin, c)
+    path = f"/v1/admin/clusters/{c}/autoscaling"
+    r = admin.get(path)  # never set: off
+    assert r.status_code == 200 and r.json() == {"cluster": c, "enabled": False, "every": None}
+    r = admin.put(path, json={"enabled": True, "every": 30})
+    assert r.status_code == 200 and r.json() == {"cluster": c, "enabled": True, "every": 30.0}
+    assert admin.put(path, json={"enabled": True, "every": 86400}).status_code == 200
+    for every in (0, -5, 86400.5, 1e9, "60", None):
+        r = admin.put(path, json={"enabled": False, "every": every})
+        assert r.status_code == 400, (every, r.text)
+    assert admin.put(path, json={"every": 60}).status_code == 400  # enabled is required
+    assert admin.get(path).json() == {"cluster": c, "enabled": True, "every": 86400.0}
+    listed = admin.get("/v1/admin/autoscaling")
+    assert listed.status_code == 200
+    assert {"cluster": c, "enabled": True, "every": 86400.0} in listed.json()["clusters"]
+
+    decisions = f"/v1/admin/clusters/{c}/decisions"
+    assert admin.get(decisions).json() == {"decisions": []}
+    first = admin.post(decisions, json=a_decision())
+    assert first.status_code == 200, first.text
+    quiet = admin.post(decisions, json=a_decision("lb", action="none", target=2, metric=None))
+    seqs = [first.json()["seq"], quiet.json()["seq"]]
+    assert seqs[0] < seqs[1]
+    got = admin.get(decisions).json()["decisions"]
+    assert [d["seq"] for d in got] == seqs[::-1]  # newest first
+    assert got[1] == {**a_decision(), "seq": seqs[0], "outcome": None, "flow_run": None,
+                      "low_since": None}  # fmt: skip
+    web = admin.get(decisions, params={"group": "web"}).json()["decisions"]
+    assert [d["seq"] for d in web] == [seqs[0]]
+    one = admin.get(decisions, params={"limit": 1}).json()["decisions"]
+    assert [d["seq"] for d in one] == [seqs[1]]
+    for limit in (0, 1001, "many"):
+        assert admin.get(decisions, params={"limit": limit}).status_code == 400, limit
+
+    r = admin.patch(f"{decisions}/{seqs[0]}", json={"outcome": "grew 2 -> 3"})
+    assert r.status_code == 204, r.text
+    assert admin.get(decisions, params={"group": "web"}).json()["decisions"][0]["outcome"] == (
+        "grew 2 -> 3"
+    )
+    assert admin.patch(f"{decisions}/{seqs[1] + 1000}", json={"outcome": "x"}).status_code == 404
+    assert admin.patch(f"{decisions}/{seqs[0]}", json={"outcome": "x" * 4097}).status_code == 400
+
+    before = admin.get(decisions).json()
+    for bad in (
+        a_decision(action="explode"),
+        a_decision(reason="x" * 4097),
+        a_decision(outcome="x" * 4097),
+        a_decision(current=-1),
+        a_decision(colour="red"),
+        {k: v for k, v in a_decision().items() if k != "reason"},
+    ):
+        r = admin.post(decisions, json=bad)
+        assert r.status_code == 400, (bad, r.text)
+    assert admin.get(decisions).json() == before  # nothing recorded
+    assert admin.post(decisions, json=a_decision(reason="x" * 4096)).status_code == 200
+
+    # another cluster's decision is not this one's to change
+    setup_cluster(svc, admin, "as-other")
+    r = admin.patch(f"/v1/admin/clusters/as-other/decisions/{seqs[0]}", json={"outcome": "x"})
+    assert r.status_code == 404
+    assert admin.get("/v1/admin/clusters/as-other/decisions").json() == {"decisions": []}
+    for method, route, body in [
+        ("GET", "/v1/admin/clusters/as-none/autoscaling", None),
+        ("PUT", "/v1/admin/clusters/as-none/autoscaling", {"enabled": True, "every": 60}),
+        ("GET", "/v1/admin/clusters/as-none/decisions", None),
+        ("POST", "/v1/admin/clusters/as-none/decisions", a_decision()),
+        ("PATCH", f"/v1/admin/clusters/as-none/decisions/{seqs[0]}", {"outcome": "x"}),
+    ]:
+        r = admin.request(method, route, json=body)
+        assert r.status_code == 404 and "as-none" in r.text, (method, route, r.text)
+    assert "as-none" not in {s["cluster"] for s in admin.get("/v1/admin/autoscaling").json()[
+        "clusters"]}  # fmt: skip
+
+    # deleting the cluster deletes its setting and decisions
+    assert admin.delete(f"/v1/admin/clusters/{c}").status_code == 200
+    assert c not in {s["cluster"] for s in admin.get("/v1/admin/autoscaling").json()["clusters"]}
+    setup_cluster(svc, admin, c)
+    assert admin.get(path).json()["enabled"] is False
+    assert admin.get(decisions).json() == {"decisions": []}
+
+
+def test_node_certificate_on_autoscaling_routes_is_403(svc: Service, admin: httpx.Client) -> None:
+    c = "as-node"
+    cl = enrolled_cluster(svc, admin, c)
+    assert admin.put(f"/v1/admin/clusters/{c}/autoscaling", json={"enabled": True}).status_code == (
+        200
+    )
+    seq = admin.post(f"/v1/admin/clusters/{c}/decisions", json=a_decision()).json()["seq"]
+    setting = admin.get(f"/v1/admin/clusters/{c}/autoscaling").json()
+    decisions = admin.get(f"/v1/admin/clusters/{c}/decisions").json()
+    before = snapshot(admin, c)
+    mark = svc.log_mark()
+    attempts: list[tuple[str, str, Any]] = [
+        ("GET", "/v1/admin/autoscaling", None),
+        ("GET", f"/v1/admin/clusters/{c}/autoscaling", None),
+        ("PUT", f"/v1/admin/clusters/{c}/autoscaling", {"enabled": False, "every": 5}),
+        ("GET", f"/v1/admin/clusters/{c}/decisions", None),
+        ("POST", f"/v1/admin/clusters/{c}/decisions", a_decision(reason="forged")),
+        ("PATCH", f"/v1/admin/clusters/{c}/decisions/{seq}", {"outcome": "forged"}),
+    ]
+    with cl.client(svc, f"{c}-lb-0") as node:
+        for method, path, body in attempts:
+            r = node.request(method, path, json=body)
+            assert r.status_code == 403, (method, path, r.text)
+    assert admin.get(f"/v1/admin/clusters/{c}/autoscaling").json() == setting
+    assert admin.get(f"/v1/admin/clusters/{c}/decisions").json() == decisions
+    assert snapshot(admin, c) == before
+    log = svc.log_since(mark)
+    for method, path, _ in attempts:
+        assert f"refused {method} {path}: admin routes need the admin certificate" in log

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from crv import store as store_module
-from crv.store import Store, open_engine
+from crv.store import Store, StoreError, open_engine
 
 ROLES = {
     "web": {"recipe": "roles/web.sh", "appdir": "a0", "env": {}, "depends_on": []},
@@ -227,3 +227,110 @@ def test_refresh_sees_a_change_of_nodes_even_when_they_publish_nothing(store: St
     assert store.update_roles("c", [refresh])[0][0]["released"] is False
     store.put_nodes("c", [node("c-g-1", ["web"], state="leaving")])
     assert store.update_roles("c", [refresh])[0][0]["released"] is True
+
+
+# -- autoscaling settings and decisions ----------------------------------------------------------
+
+
+def put_other_cluster(store: Store, name: str) -> None:
+    store.put_cluster(
+        name, appliance="x", source="dir", pool="local", parameters={}, roles=ROLES, bundle=b"b"
+    )
+
+
+def decision(group: str, at: float, action: str = "none", **extra: Any) -> dict[str, Any]:
+    return {"group": group, "at": at, "metric": 10.0, "current": 2, "desired": 2, "target": 2,
+            "action": action, "reason": f"at {at:g}", **extra}  # fmt: skip
+
+
+def test_autoscaling_settings_per_cluster_updated_in_place(store: Store) -> None:
+    assert store.autoscaling() == [] and store.autoscaling("c") == []
+    assert store.put_autoscaling("c", True, 60.0) == {"cluster": "c", "enabled": True, "every": 60}
+    assert store.autoscaling("c") == [{"cluster": "c", "enabled": True, "every": 60.0}]
+    store.put_autoscaling("c", False, 300.0)  # the same row, changed
+    assert store.autoscaling("c") == [{"cluster": "c", "enabled": False, "every": 300.0}]
+    put_other_cluster(store, "b")
+    store.put_autoscaling("b", True, 5.0)
+    assert store.autoscaling() == [  # by cluster name
+        {"cluster": "b", "enabled": True, "every": 5.0},
+        {"cluster": "c", "enabled": False, "every": 300.0},
+    ]
+    assert store.autoscaling("nope") == []
+    with pytest.raises(StoreError) as err:
+        store.put_autoscaling("nope", True, 60.0)
+    assert err.value.status == 404 and "nope" in str(err.value)
+    assert [r["cluster"] for r in store.autoscaling()] == ["b", "c"]
+
+
+def test_decisions_newest_first_by_group_with_a_limit_and_their_outcome(store: Store) -> None:
+    first = store.add_decision("c", decision("worker", 100.0))
+    grow = store.add_decision(
+        "c",
+        decision("worker", 160.0, "grow", metric=None, target=4, desired=5, flow_run="fr-1",
+                 last_scale_up=160.0, low_since=None),
+    )  # fmt: skip
+    other = store.add_decision("c", decision("db", 170.0, low_since=150.0))
+    assert first < grow < other
+    rows = store.decisions("c")
+    assert [r["seq"] for r in rows] == [other, grow, first]
+    assert rows[1] == {
+        "seq": grow, "group": "worker", "at": 160.0, "metric": None, "current": 2,
+        "desired": 5, "target": 4, "action": "grow", "reason": "at 160", "outcome": None,
+        "flow_run": "fr-1", "last_scale_up": 160.0, "low_since": None,
+    }  # fmt: skip
+    assert [r["seq"] for r in store.decisions("c", "worker")] == [grow, first]
+    assert [r["seq"] for r in store.decisions("c", "worker", limit=1)] == [grow]
+    assert [r["seq"] for r in store.decisions("c", limit=2)] == [other, grow]
+    assert store.decisions("c", "nogroup") == []
+
+    store.set_outcome("c", grow, "grew 2 -> 4")
+    assert [r["outcome"] for r in store.decisions("c")] == [None, "grew 2 -> 4", None]
+    store.set_outcome("c", grow, "failed: pool broken")  # an outcome can be replaced
+    assert store.decisions("c", "worker", 1)[0]["outcome"] == "failed: pool broken"
+    put_other_cluster(store, "d")
+    for cluster, seq in (("c", other + 100), ("d", grow)):  # unknown, or another cluster's
+        with pytest.raises(StoreError) as err:
+            store.set_outcome(cluster, seq, "x")
+        assert err.value.status == 404 and str(seq) in str(err.value)
+    assert store.decisions("d") == []
+    with pytest.raises(StoreError) as err:
+        store.add_decision("nope", decision("worker", 1.0))
+    assert err.value.status == 404
+    assert store.decisions("nope") == []
+
+
+def test_old_decisions_are_pruned_per_cluster(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "DECISIONS_KEPT", 3)
+    put_other_cluster(store, "d")
+    kept_d = [store.add_decision("d", decision("worker", float(t))) for t in range(2)]
+    seqs = [store.add_decision("c", decision("worker" if t % 2 else "db", float(t)))
+            for t in range(7)]  # fmt: skip
+    assert [r["seq"] for r in store.decisions("c", limit=100)] == seqs[:-4:-1]
+    assert [r["seq"] for r in store.decisions("d")] == kept_d[::-1]  # another cluster's stay
+
+
+def test_pruning_counts_each_clusters_own_decisions_when_clusters_interleave(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The seq counter is shared: two clusters deciding in turn each keep DECISIONS_KEPT."""
+    monkeypatch.setattr(store_module, "DECISIONS_KEPT", 3)
+    put_other_cluster(store, "d")
+    for t in range(5):
+        store.add_decision("c", decision("worker", float(t)))
+        store.add_decision("d", decision("worker", float(t)))
+    assert [r["at"] for r in store.decisions("c")] == [4.0, 3.0, 2.0]
+    assert [r["at"] for r in store.decisions("d")] == [4.0, 3.0, 2.0]
+
+
+def test_deleting_a_cluster_deletes_its_autoscaling_and_decisions(store: Store) -> None:
+    put_other_cluster(store, "d")
+    for cluster in ("c", "d"):
+        store.put_autoscaling(cluster, True, 60.0)
+        store.add_decision(cluster, decision("worker", 1.0))
+    store.delete_cluster("c")
+    assert [r["cluster"] for r in store.autoscaling()] == ["d"]
+    assert store.decisions("c") == [] and len(store.decisions("d")) == 1
+    put_other_cluster(store, "c")  # made again: it starts with no setting and no decisions
+    assert store.autoscaling("c") == [] and store.decisions("c") == []

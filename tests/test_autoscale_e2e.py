@@ -1,0 +1,254 @@
+"""Autoscaling end to end, through the CLI and the scheduled `autoscale/<cluster>` deployment
+against the real Prefect server, service and local pool: a web farm deployed with --autoscale
+grows under a bounded loopback load and shrinks back to `min` (idle node kept last) when it
+stops; a run that finds another change of the cluster skips; a paused deployment makes no
+decisions; a metric that goes stale is recorded as such; disable removes the deployment. And
+`crv autoscale enable/disable/status` on a cluster that does not exist, or whose appliance has
+no scaling section, is exit 2 with one `error:` line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from benchmarks.bench_autoscale import Load, fast_farm
+from crv.client import Service
+from crv.daemons import running
+from crv.home import Home
+from tests.conftest import CATALOG, REPO
+from tests.test_deploy_e2e import Crv
+
+CLUSTER = "asfarm"
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        found = check()
+        if found:
+            return found
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+
+
+class Farm:
+    def __init__(self, crv: Crv) -> None:
+        self.crv = crv
+
+    def autoscale(self, last: int = 200) -> dict[str, Any]:
+        r = self.crv("autoscale", "status", CLUSTER, "--json", "--last", str(last))
+        assert r.returncode == 0, r.stderr
+        found: dict[str, Any] = json.loads(r.stdout)
+        return found
+
+    def decisions(self) -> list[dict[str, Any]]:
+        return list(self.autoscale()["decisions"])
+
+    def workers(self) -> list[dict[str, Any]]:
+        return [n for n in self.crv.status(CLUSTER)["nodes"] if n["group"] == "worker"]
+
+    def lb_url(self) -> str:
+        lb = next(n for n in self.crv.status(CLUSTER)["nodes"] if n["group"] == "front")
+        return f"http://{lb['address']}:8080/"
+
+    def prefect_env(self) -> dict[str, str]:
+        """The settings of a Prefect client of this home (as the CLI sets them)."""
+        status = json.loads((self.crv.home / "prefect" / "daemon.json").read_text())
+        home = str(self.crv.home / "prefect")
+        return {**self.crv.env, "PREFECT_API_URL": status["url"], "PREFECT_HOME": home}
+
+    def prefect(self, code: str) -> str:
+        """Run Python with a Prefect client of this home."""
+        r = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True,
+            env=self.prefect_env(), cwd=REPO, timeout=120,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
+    root = tmp_path_factory.mktemp("autoscale")
+    crv = Crv(root / "home")
+    crv.up()
+    app = fast_farm(root, CLUSTER)
+    try:
+        r = crv(
+            "deploy", str(app), "--set", "workers=1", "--set", "rate-every=1",
+            "--autoscale", "--autoscale-every", "5s", timeout=300,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "autoscaling every 5 s" in r.stdout
+        yield Farm(crv)
+    finally:
+        crv("destroy", CLUSTER, timeout=300)
+        crv("down")
+        for pid in crv.node_processes():  # what a failed test left behind
+            os.kill(pid, 9)
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["enable", "disable", "status"])
+def test_an_unknown_cluster_is_exit_2_naming_it(farm: Farm, command: str) -> None:
+    r = farm.crv("autoscale", command, "no-such-cluster")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert one_error_line(r.stderr) == (
+        f"error: crv autoscale {command}: NAME: no cluster 'no-such-cluster'"
+    )
+
+
+def record_cluster(crv: Crv, name: str, appliance: str) -> None:
+    """A cluster record (nothing deployed) whose recorded appliance is a catalog one."""
+    home = Home(crv.home)
+    endpoints = running(home)
+    assert endpoints is not None
+    spec = {"appliance": appliance, "source": str(CATALOG / appliance), "pool": "local",
+            "parameters": {}, "roles": {}, "bundle": ""}  # fmt: skip
+    Service(home, endpoints.service_url).call("PUT", f"/v1/admin/clusters/{name}", json=spec)
+
+
+def test_a_cluster_without_a_scaling_section_is_exit_2(farm: Farm) -> None:
+    crv = farm.crv
+    record_cluster(crv, "noscale", "ganglia")
+    for command in ("enable", "disable", "status"):
+        r = crv("autoscale", command, "noscale")
+        assert r.returncode == 2, r.stdout + r.stderr
+        line = one_error_line(r.stderr)
+        assert line.endswith(": nodes: no node group has a scaling section"), line
+    r = crv("autoscale", "status", "noscale", "--json")
+    assert r.returncode == 2 and r.stdout == ""
+
+
+def test_deploy_with_autoscale_makes_a_scheduled_deployment(farm: Farm) -> None:
+    found = wait_for("the autoscale deployment", lambda: farm.autoscale()["deployment"], 60)
+    assert found == f"autoscale/{CLUSTER}"
+    status = farm.autoscale()
+    assert status["enabled"] and status["every"] == 5 and status["paused"] is False
+    assert status["groups"] == [
+        {"group": "worker", "nodes": 1, "min": 1, "max": 3,
+         "metric": "sum of lb.requests_per_second, 5 per node"},
+    ]  # fmt: skip
+    # the schedule is Prefect's: an interval of 5 s on the deployment, runs made by its scheduler
+    schedules = farm.prefect(
+        "from prefect import get_client\n"
+        "with get_client(sync_client=True) as c:\n"
+        f"    d = c.read_deployment_by_name('autoscale/{CLUSTER}')\n"
+        "    print([(s.schedule.interval.total_seconds(), s.active) for s in d.schedules])\n"
+    )
+    assert schedules.strip() == "[(5.0, True)]"
+    # runs come from the schedule: decisions ("none": the farm is idle) are recorded
+    none = wait_for("a decision", lambda: farm.decisions(), 60)
+    assert none[0]["action"] == "none" and none[0]["group"] == "worker"
+    assert none[0]["metric"] is not None and "no change" in none[0]["reason"]
+
+
+def test_grows_under_load_and_shrinks_to_min_idle_first(farm: Farm) -> None:
+    with Load(farm.lb_url(), rate=25, limit=180):
+        wait_for("3 workers", lambda: len(farm.workers()) == 3, 150, 1)
+        grown = [d for d in farm.decisions() if d["action"] == "grow"]
+        assert grown and all(d["outcome"] and "nodes" in d["outcome"] for d in grown)
+        assert grown[-1]["current"] == 1 and grown[-1]["target"] <= 3  # oldest first
+        assert "5 per node" in grown[-1]["reason"]
+    workers = sorted(n["name"] for n in farm.workers())
+    assert workers == [f"{CLUSTER}-worker-{i}" for i in range(3)]
+    # the newest worker keeps serving (requests straight to it, not through the lb, so the
+    # metric drops): it publishes `busy` > 0 and the shrink takes the idle ones first
+    newest = next(n for n in farm.workers() if n["name"] == f"{CLUSTER}-worker-2")
+    with Load(f"http://{newest['address']}:8080/", rate=3, limit=240):
+        wait_for("the group back at min", lambda: len(farm.workers()) == 1, 200, 1)
+    assert [n["name"] for n in farm.workers()] == [f"{CLUSTER}-worker-2"]
+    shrunk = [d for d in farm.decisions() if d["action"] == "shrink"]
+    assert shrunk and all("removed" in (d["outcome"] or "") for d in shrunk)
+    assert all("low for" not in d["reason"] for d in shrunk)  # only after the delay
+    waiting = [d for d in farm.decisions() if "low for" in d["reason"]]
+    assert waiting, "the scale-down delay was never waited out"
+    # the cluster is whole: the lb sends to the one worker left
+    status = farm.crv.status(CLUSTER)
+    assert status["ready"]
+
+
+def test_a_run_that_finds_another_change_skips(farm: Farm) -> None:
+    """Hold the cluster's change slot (as a deploy or resize would) from another process: the
+    scheduled runs meanwhile record "skipped" and change nothing."""
+    before = len(farm.decisions())
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import asyncio, sys\n"
+         "from crv.locks import cluster_change\n"
+         "async def main():\n"
+         f"    async with cluster_change({CLUSTER!r}, wait=60):\n"
+         "        print('held', flush=True)\n"
+         "        await asyncio.sleep(15)\n"
+         "asyncio.run(main())\n"],
+        stdout=subprocess.PIPE, text=True, cwd=REPO, env=farm.prefect_env(),
+    )  # fmt: skip
+
+    def skipped() -> list[dict[str, Any]]:
+        decisions = farm.decisions()
+        new = decisions[: len(decisions) - before]  # newest first
+        return [d for d in new if d["reason"].startswith("skipped")]
+
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        found = wait_for("a skipped decision", skipped, 40)
+        assert "another change" in found[0]["reason"] and found[0]["action"] == "none"
+    finally:
+        holder.wait(timeout=60)
+    assert len(farm.workers()) == 1
+
+
+def test_paused_in_prefect_makes_no_decisions_and_enable_resumes(farm: Farm) -> None:
+    farm.prefect(
+        "from prefect import get_client\n"
+        "with get_client(sync_client=True) as c:\n"
+        f"    c.pause_deployment(c.read_deployment_by_name('autoscale/{CLUSTER}').id)\n"
+    )
+    time.sleep(8)  # a run already started when the pause came may still finish
+    assert farm.autoscale()["paused"] is True
+    count = len(farm.decisions())
+    time.sleep(15)  # three intervals
+    assert len(farm.decisions()) == count
+    r = farm.crv("autoscale", "enable", CLUSTER, "--every", "5s")
+    assert r.returncode == 0, r.stderr
+    assert farm.autoscale()["paused"] is False
+    wait_for("a decision after resuming", lambda: len(farm.decisions()) > count, 60)
+
+
+def test_a_stale_metric_is_recorded_and_changes_nothing(farm: Farm) -> None:
+    """The lb stops publishing (its process is killed): once its last value is older than
+    stale_after (20 s), decisions say so and take no action."""
+    lb_home = farm.crv.home / "pools" / "local" / f"{CLUSTER}-front-0" / "work"
+    pid = int((lb_home / "lb.pid").read_text())
+    os.kill(pid, 9)
+    stale = wait_for(
+        "a stale-metric decision",
+        lambda: [d for d in farm.decisions() if d["reason"].startswith("no metric: stale")],
+        60,
+    )
+    assert stale[0]["action"] == "none" and stale[0]["metric"] is None
+    assert len(farm.workers()) == 1
+
+
+def test_disable_removes_the_deployment(farm: Farm) -> None:
+    r = farm.crv("autoscale", "disable", CLUSTER)
+    assert r.returncode == 0, r.stderr
+    assert f"autoscale/{CLUSTER} removed" in r.stdout
+    status = farm.autoscale()
+    assert status["enabled"] is False and status["deployment"] is None
+    count = len(farm.decisions())
+    time.sleep(12)  # the serve process does not make it again
+    assert farm.autoscale()["deployment"] is None
+    assert len(farm.decisions()) == count
