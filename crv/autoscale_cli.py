@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -226,12 +227,13 @@ def disable(name: ClusterArg) -> None:
     with cli._user_errors():
         _, _, service, _ = _cluster(cli, name, "disable")  # sets up this process's Prefect
         setting = service.autoscaling(name)[0]
+        found = _deployment(name)  # before: the serve process deletes it once it sees the row
         service.put_autoscaling(name, False, setting.get("every") or 60.0)
-        found = _deployment(name)
         if found is not None:
             from prefect import get_client
+            from prefect.exceptions import ObjectNotFound
 
-            with get_client(sync_client=True) as client:
+            with get_client(sync_client=True) as client, contextlib.suppress(ObjectNotFound):
                 client.delete_deployment(found.id)
     removed = f" (autoscale/{name} removed)" if found is not None else ""
     print(f"autoscaling of {name} disabled{removed}")
