@@ -36,6 +36,9 @@ def param_env(params: dict[str, ParamValue]) -> dict[str, str]:
     return {f"CRV_PARAM_{k.upper().replace('-', '_')}": text(v) for k, v in params.items()}
 
 
+BUSY = "busy"  # the per-node load a shrink reads to take the idlest nodes first
+
+
 def build(appliance: Appliance) -> Bundle:
     dirs: dict[Path, str] = {}
     for role in appliance.roles.values():
@@ -52,6 +55,14 @@ def build(appliance: Appliance) -> Bundle:
         raise SpecError(
             appliance.source, "", f"the recipe bundle is {len(data)} bytes (at most 16 MiB)"
         )
+    # measurements (an autoscaling metric, `busy`) change all the time: a dependent is not
+    # contextualized again because one of them changed (the service leaves them out of its
+    # digest of what a role reads)
+    measured: dict[str, set[str]] = {}
+    for g in appliance.groups.values():
+        if g.scaling is not None and g.scaling.metric.attribute is not None:
+            a = g.scaling.metric.attribute
+            measured.setdefault(a.role, set()).add(a.key)
     roles: dict[str, dict[str, object]] = {}
     for name, role in appliance.roles.items():
         prefix = dirs[role.directory]
@@ -68,6 +79,9 @@ def build(appliance: Appliance) -> Bundle:
                 {"role": d.role, "local": d.local, "min_ready": d.min_ready}
                 for d in role.depends_on
             ],
+            "metrics": sorted(
+                measured.get(name, set()) | ({BUSY} if BUSY in role.publishes else set())
+            ),
         }
     return Bundle(data, roles)
 

@@ -785,7 +785,7 @@ class Store:
                 extra: dict[str, Any] = {}
                 if op in ("release", "refresh"):
                     depends_on = cl.roles[role]["depends_on"]
-                    inputs = self._inputs(c, cluster, node, depends_on)
+                    inputs = self._inputs(c, cluster, node, depends_on, cl.roles)
                     if (
                         op == "refresh"
                         and row.state in ("done", "verified", "verify_failed")
@@ -836,10 +836,16 @@ class Store:
             return results, woken
 
     def _inputs(
-        self, c: Connection, cluster: str, node: str, depends_on: Sequence[Mapping[str, Any]]
+        self,
+        c: Connection,
+        cluster: str,
+        node: str,
+        depends_on: Sequence[Mapping[str, Any]],
+        roles: Mapping[str, Mapping[str, Any]],
     ) -> str:
         """Digest of what a role on `node` can read: for each dependency, the nodes that feed
-        it (not leaving) and the attributes they published."""
+        it (not leaving) and the attributes they published, except the dependency's `metrics`
+        (measurements such as an autoscaling metric or `busy`, which change all the time)."""
         if not depends_on:
             return hashlib.sha256(b"[]").hexdigest()
         view = []
@@ -850,11 +856,12 @@ class Store:
             if dep["local"]:
                 q = q.where(attributes.c.node == node)
                 hosts = hosts.where(role_states.c.node == node)
+            measured = set(roles.get(dep["role"], {}).get("metrics") or ())
             view.append(
                 [
                     dep["role"],
                     sorted(r.node for r in c.execute(hosts)),  # a role may publish nothing
-                    sorted((r.node, r.key, r.value) for r in c.execute(q)),
+                    sorted((r.node, r.key, r.value) for r in c.execute(q) if r.key not in measured),
                 ]
             )
         return hashlib.sha256(json.dumps(view).encode()).hexdigest()

@@ -81,6 +81,8 @@ class RoleSpec(_Body):
     appdir: Annotated[str, Field(max_length=64)]
     env: dict[str, str] = {}
     depends_on: list[DependsOn] = []
+    # attributes that are measurements: left out of what a dependent is said to read
+    metrics: list[Annotated[str, Field(pattern=ATTRIBUTE_PATTERN, max_length=63)]] = []
 
 
 class ClusterSpec(_Body):
