@@ -12,7 +12,8 @@ Autoscaling: while it serves, this process makes the `autoscale/<cluster>` deplo
 clusters' autoscaling settings in the crv store (`crv autoscale enable/disable`), every
 POLL_SECONDS: it adds (and from then on runs) the deployment of a cluster enabled, with an
 interval schedule of its `every`; applies a new `every`; and deletes the deployment of a cluster
-disabled or destroyed. It is the only writer of those deployments. A pause in the UI is kept.
+disabled or destroyed. It alone creates and updates those deployments (`crv autoscale disable`
+also deletes one at once, `enable` resumes a paused one). A pause in the UI is kept.
 """
 
 from __future__ import annotations

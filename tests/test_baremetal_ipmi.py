@@ -34,13 +34,17 @@ import os, sys, time
 from pathlib import Path
 d = Path(os.environ["CRV_RACK_MACHINE"])
 boot = (d / "booted-from").read_text().strip()
+(d / "daemon.pid").unlink(missing_ok=True)  # an earlier boot's
 if os.fork() == 0:  # a daemon: fork, setsid, fork again, first child exits
     os.setsid()
     if os.fork() == 0:
-        (d / "daemon.pid").write_text(str(os.getpid()))
+        (d / "daemon.pid.new").write_text(str(os.getpid()))
+        (d / "daemon.pid.new").rename(d / "daemon.pid")
         time.sleep(1000)
     os._exit(0)
 os.wait()
+while not (d / "daemon.pid").exists():  # the grandchild writes it after its parent exited
+    time.sleep(0.01)
 with open(d / "boots.log", "a") as f:  # last: once it is written, the daemon is up
     f.write(f"{os.getpid()} {boot}\n")
 time.sleep(1000)
