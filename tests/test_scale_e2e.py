@@ -182,13 +182,22 @@ def test_one_change_per_cluster_at_a_time(crv: Crv, tmp_path: Path) -> None:
     """Changes of one cluster triggered at once from separate processes: one told not to wait
     is refused with a message naming the cluster, one that waits runs after; none interleave."""
     directory = write_appliance(tmp_path, "slow", SLOW, ("slow.sh",))
-    (directory / "slow.sh").write_text("#!/bin/sh\nsleep 12\n")
+    # slow on the nodes a scale adds: the first change holds the cluster for 40 s after its new
+    # node's recipe starts, longer than a loaded machine takes to start the second `crv scale`
+    (directory / "slow.sh").write_text(
+        '#!/bin/sh\ncase "$CRV_NODE" in *-w-0) exit 0 ;; esac\nsleep 40\n'
+    )
     r = crv("deploy", str(directory), "--name", "lockme", timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     first = crv.popen("scale", "lockme", "w", "2")
     try:
         deadline = time.monotonic() + 120
-        while len(crv.status("lockme")["nodes"]) < 2:  # the first is inside its change
+
+        def recipe_running() -> bool:  # the first is inside its change, its recipe under way
+            nodes = crv.status("lockme")["nodes"]
+            return any(n["roles"].get("slow") == "running" for n in nodes[1:])
+
+        while not recipe_running():
             assert first.poll() is None, first.communicate()[0]
             assert time.monotonic() < deadline
             time.sleep(0.2)
