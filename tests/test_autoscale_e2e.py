@@ -48,6 +48,11 @@ class Farm:
         found: dict[str, Any] = json.loads(r.stdout)
         return found
 
+    def newest(self) -> int:
+        """The seq of the newest decision (0: none yet)."""
+        found = self.autoscale(last=1)["decisions"]
+        return int(found[0]["seq"]) if found else 0
+
     def decisions(self) -> list[dict[str, Any]]:
         return list(self.autoscale()["decisions"])
 
@@ -216,15 +221,23 @@ def test_paused_in_prefect_makes_no_decisions_and_enable_resumes(farm: Farm) -> 
         "with get_client(sync_client=True) as c:\n"
         f"    c.pause_deployment(c.read_deployment_by_name('autoscale/{CLUSTER}').id)\n"
     )
-    time.sleep(8)  # a run already started when the pause came may still finish
-    assert farm.autoscale()["paused"] is True
-    count = len(farm.decisions())
-    time.sleep(15)  # three intervals
-    assert len(farm.decisions()) == count
-    r = farm.crv("autoscale", "enable", CLUSTER, "--every", "5s")
+    try:
+        assert farm.autoscale()["paused"] is True
+        # runs the runner had already taken (it looks 10 s ahead, and a loaded machine runs
+        # behind) still finish; then nothing comes: 15 s (three intervals) without a decision
+        deadline, last = time.monotonic() + 120, farm.newest()
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 15:
+            assert time.monotonic() < deadline, "decisions kept coming while paused"
+            time.sleep(1)
+            if farm.newest() != last:
+                last, quiet_since = farm.newest(), time.monotonic()
+        assert farm.autoscale()["paused"] is True
+    finally:
+        r = farm.crv("autoscale", "enable", CLUSTER, "--every", "5s")
     assert r.returncode == 0, r.stderr
     assert farm.autoscale()["paused"] is False
-    wait_for("a decision after resuming", lambda: len(farm.decisions()) > count, 60)
+    wait_for("a decision after resuming", lambda: farm.newest() > last, 60)
 
 
 def test_a_stale_metric_is_recorded_and_changes_nothing(farm: Farm) -> None:
@@ -248,7 +261,8 @@ def test_disable_removes_the_deployment(farm: Farm) -> None:
     assert f"autoscale/{CLUSTER} removed" in r.stdout
     status = farm.autoscale()
     assert status["enabled"] is False and status["deployment"] is None
-    count = len(farm.decisions())
+    time.sleep(3)  # a run that had started before may still record its decision
+    last = farm.newest()
     time.sleep(12)  # the serve process does not make it again
     assert farm.autoscale()["deployment"] is None
-    assert len(farm.decisions()) == count
+    assert farm.newest() == last
