@@ -21,6 +21,7 @@ import errno
 import fcntl
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -389,48 +390,68 @@ class LocalPool:
     def _stop(self, name: str, record: Record | None) -> None:
         """SIGTERM the agent's group and every process marked as this node's, SIGKILL what is
         left after TERM_GRACE, and return once none is alive. Each round scans again, so a
-        process forked meanwhile is caught too."""
+        process forked meanwhile is caught too. A marked process is held by a pidfd from the
+        first scan that sees it until the pidfd says it has exited: an exiting process loses
+        its environment (so its markers) before it has closed its files and sockets."""
         start = record.get("start_time") if record else None
         pid = record.get("pid") if record else None
         # never signal a group whose leader we cannot vouch for (the pid may be reused)
         leader = pid if isinstance(pid, int) and _running(pid, start) else None
         group, sig, delay, began = leader, signal.SIGTERM, 0.005, time.monotonic()
-        while True:
-            self._reap(name)
-            pids = [p for p, marks in self._scan().items() if marks.get(NODE_MARKER) == name]
-            if not pids and not (leader is not None and _running(leader, start)):
-                return
-            if group is not None:
-                try:
-                    os.killpg(group, sig)
-                except OSError:  # the group is empty: from now on its number may be anyone's
-                    group = None
-            for target in pids:
-                _signal_marked(target, self.root, name, sig)
-            elapsed = time.monotonic() - began
-            if elapsed > TERM_GRACE + KILL_GRACE:
-                raise PoolError(NAME, f"node {name}: {pids} outlive SIGKILL", temporary=True)
-            if elapsed > TERM_GRACE:
-                sig = signal.SIGKILL
-            time.sleep(delay)
-            delay = min(delay * 2, 0.1)
+        held: dict[int, int] = {}  # pid -> pidfd of a marked process not yet seen exit
+        try:
+            while True:
+                self._reap(name)
+                for target, marks in self._scan().items():
+                    if marks.get(NODE_MARKER) == name and target not in held:
+                        fd = _pidfd_of_marked(target, self.root, name)
+                        if fd is not None:
+                            held[target] = fd
+                for target in [t for t, fd in held.items() if _exited(fd)]:
+                    os.close(held.pop(target))
+                if not held and not (leader is not None and _running(leader, start)):
+                    return
+                if group is not None:
+                    try:
+                        os.killpg(group, sig)
+                    except OSError:  # the group is empty: its number may be anyone's now
+                        group = None
+                for fd in held.values():
+                    with suppress(OSError):
+                        signal.pidfd_send_signal(fd, sig)
+                elapsed = time.monotonic() - began
+                if elapsed > TERM_GRACE + KILL_GRACE:
+                    raise PoolError(
+                        NAME, f"node {name}: {sorted(held)} outlive SIGKILL", temporary=True
+                    )
+                if elapsed > TERM_GRACE:
+                    sig = signal.SIGKILL
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
+        finally:
+            for fd in held.values():
+                os.close(fd)
 
 
-def _signal_marked(pid: int, root: Path, node: str, sig: int) -> None:
-    """Signal through a pidfd, after checking the markers on that very process: a pid that was
-    reused between the scan and the signal is never hit."""
+def _pidfd_of_marked(pid: int, root: Path, node: str) -> int | None:
+    """A pidfd of `pid` if that very process carries the node's markers (checked after
+    opening it, so a pid reused since the scan is never held), else None."""
     try:
         fd = os.pidfd_open(pid)
     except OSError:
-        return
-    try:
-        marks = _marks(pid)
-        if marks.get(POOL_MARKER) == str(root) and marks.get(NODE_MARKER) == node:
-            signal.pidfd_send_signal(fd, sig)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        return None
+    marks = _marks(pid)
+    if marks.get(POOL_MARKER) == str(root) and marks.get(NODE_MARKER) == node:
+        return fd
+    os.close(fd)
+    return None
+
+
+def _exited(pidfd: int) -> bool:
+    """A pidfd polls readable once its process has exited (a zombie included)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _dump(record: Record) -> bytes:
