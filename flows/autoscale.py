@@ -59,6 +59,11 @@ async def autoscale(
     retries: Annotated[int, Field(ge=0, le=10)] = 2,
 ) -> dict[str, Any]:
     logger = get_run_logger()
+    if await _paused_schedule():
+        logger.info(
+            "cluster %s: the deployment is paused; this scheduled run decides nothing", name
+        )
+        return {"cluster": name, "decisions": [], "paused": True}
     home, endpoints = running_service()
     service = AsyncService(home, endpoints.service_url)
     try:
@@ -87,6 +92,22 @@ async def autoscale(
     if run.failed:
         raise DeployFailed("; ".join(run.failed))
     return {"cluster": name, "decisions": run.rows}
+
+
+async def _paused_schedule() -> bool:
+    """Whether this run came from the schedule of a deployment that is paused now. Pausing
+    deletes the scheduled runs, but one the scheduler was inserting meanwhile survives it (a
+    loaded CI machine saw two minutes of them): such a run must not decide. A run started by
+    hand (UI, API) of a paused deployment still decides."""
+    from prefect import get_client
+
+    if flow_run.id is None:  # called as a plain function or a subflow: no schedule
+        return False
+    async with get_client() as client:
+        run = await client.read_flow_run(flow_run.id)
+        if not run.auto_scheduled or run.deployment_id is None:
+            return False
+        return bool((await client.read_deployment(run.deployment_id)).paused)
 
 
 def _scaled_groups(name: str, status: dict[str, Any]) -> list[str]:

@@ -56,6 +56,17 @@ class Farm:
     def decisions(self) -> list[dict[str, Any]]:
         return list(self.autoscale()["decisions"])
 
+    def runs_of(self, after: int) -> str:
+        """The flow runs that took the decisions after seq `after` (for a failure message)."""
+        ids = {d["flow_run"] for d in self.decisions() if d["seq"] > after and d["flow_run"]}
+        return self.prefect(
+            "from prefect import get_client\n"
+            "with get_client(sync_client=True) as c:\n"
+            f"    for i in {sorted(ids)!r}:\n"
+            "        r = c.read_flow_run(i)\n"
+            "        print(r.name, r.auto_scheduled, r.expected_start_time, r.state_name)\n"
+        )
+
     def workers(self) -> list[dict[str, Any]]:
         return [n for n in self.crv.status(CLUSTER)["nodes"] if n["group"] == "worker"]
 
@@ -223,16 +234,24 @@ def test_paused_in_prefect_makes_no_decisions_and_enable_resumes(farm: Farm) -> 
     )
     try:
         assert farm.autoscale()["paused"] is True
-        # runs the runner had already taken (it looks 10 s ahead, and a loaded machine runs
-        # behind) still finish; then nothing comes: 15 s (three intervals) without a decision
-        deadline, last = time.monotonic() + 120, farm.newest()
+        # a run already past its start still decides; then nothing comes, whatever scheduled
+        # runs survive the pause (the flow checks): 15 s (three intervals) without a decision
+        deadline, last = time.monotonic() + 60, farm.newest()
         quiet_since = time.monotonic()
         while time.monotonic() - quiet_since < 15:
-            assert time.monotonic() < deadline, "decisions kept coming while paused"
+            assert time.monotonic() < deadline, f"decisions kept coming: {farm.runs_of(last)}"
             time.sleep(1)
             if farm.newest() != last:
                 last, quiet_since = farm.newest(), time.monotonic()
         assert farm.autoscale()["paused"] is True
+        # a run started by hand of the paused deployment still decides
+        state = farm.prefect(
+            "from prefect.deployments import run_deployment\n"
+            f"print(run_deployment('autoscale/{CLUSTER}', timeout=120).state.type.value)\n"
+        )
+        assert state.strip() == "COMPLETED"
+        assert farm.newest() > last
+        last = farm.newest()
     finally:
         r = farm.crv("autoscale", "enable", CLUSTER, "--every", "5s")
     assert r.returncode == 0, r.stderr
