@@ -88,6 +88,14 @@ class Appliance:
     def hosts(self, role: str) -> list[Group]:
         return [g for g in self.groups.values() if role in g.roles]
 
+    @property
+    def scaled(self) -> list[Group]:
+        """The node groups that have a `scaling` section: the ones the autoscale flow sizes."""
+        return [g for g in self.groups.values() if g.scaling is not None]
+
+
+NOT_SCALED = "no node group has a scaling section"
+
 
 def parse_overrides(items: Sequence[str]) -> dict[str, str]:
     """`KEY=VALUE` strings from the command line; the last one of a key wins."""

@@ -64,7 +64,7 @@ def simulate(
     cli = _cli()
     with cli._user_errors():
         appliance = load_appliance(directory, parse_overrides(sets or []))
-        scaled = [g for g in appliance.groups.values() if g.scaling is not None]
+        scaled = appliance.scaled
         if group is None:
             if len(scaled) != 1:
                 names = ", ".join(g.name for g in scaled) or "none has a scaling section"
@@ -148,10 +148,10 @@ def _clock(seconds: float) -> str:
 ClusterArg = Annotated[str, typer.Argument(metavar="NAME", help="Cluster name.")]
 
 
-def _cluster(cli: Any, name: str, command: str) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """(home, endpoints, service, status) of a cluster whose appliance has a scaling section;
-    a SpecError (exit 2) otherwise."""
-    from crv.appliance import load_recorded
+def _cluster(cli: Any, name: str, command: str) -> tuple[Any, Any, Any, dict[str, Any], Any]:
+    """(home, endpoints, service, status, appliance) of a cluster whose appliance has a scaling
+    section; a SpecError (exit 2) otherwise."""
+    from crv.appliance import NOT_SCALED, load_recorded
     from crv.client import Service
 
     home = cli._home()
@@ -161,10 +161,9 @@ def _cluster(cli: Any, name: str, command: str) -> tuple[Any, Any, Any, dict[str
     if status is None:
         raise SpecError(f"crv autoscale {command}", "NAME", f"no cluster {name!r}")
     loaded = load_recorded(status["source"], status["parameters"] or {}, status.get("counts") or {})
-    if not any(g.scaling for g in loaded.groups.values()):
-        raise SpecError(loaded.source, "nodes", "no node group has a scaling section")
-    status["loaded"] = loaded
-    return home, endpoints, service, status
+    if not loaded.scaled:
+        raise SpecError(loaded.source, "nodes", NOT_SCALED)
+    return home, endpoints, service, status, loaded
 
 
 def _deployment(name: str) -> Any:
@@ -196,7 +195,7 @@ def enable(
     cli = _cli()
     with cli._user_errors():
         seconds = interval("--every", every)
-        home, endpoints, service, _ = _cluster(cli, name, "enable")
+        home, endpoints, service, _, _ = _cluster(cli, name, "enable")
         daemons.ensure_served(home, endpoints)
         service.put_autoscaling(name, True, seconds)
         deadline = time.monotonic() + DEPLOYMENT_WAIT
@@ -225,7 +224,7 @@ def disable(name: ClusterArg) -> None:
     (its recorded decisions are kept; the cluster keeps its current size)."""
     cli = _cli()
     with cli._user_errors():
-        _, _, service, _ = _cluster(cli, name, "disable")  # sets up this process's Prefect
+        _, _, service, _, _ = _cluster(cli, name, "disable")  # sets up this process's Prefect
         setting = service.autoscaling(name)[0]
         found = _deployment(name)  # before: the serve process deletes it once it sees the row
         service.put_autoscaling(name, False, setting.get("every") or 60.0)
@@ -248,11 +247,10 @@ def status(
     """Whether a cluster autoscales, its scaled groups and its latest decisions."""
     cli = _cli()
     with cli._user_errors():
-        _, endpoints, service, found = _cluster(cli, name, "status")
+        _, endpoints, service, found, loaded = _cluster(cli, name, "status")
         setting = service.autoscaling(name)[0]
         deployment = _deployment(name)
         decisions = service.decisions(name, limit=last)
-    loaded = found["loaded"]
     groups = [
         {
             "group": g.name,

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from crv import __version__, daemons
-from crv.appliance import load_appliance, load_recorded, locate, parse_overrides
+from crv.appliance import NOT_SCALED, load_appliance, load_recorded, locate, parse_overrides
 from crv.client import Service
 from crv.errors import CrvError, SpecError
 from crv.home import Home
@@ -245,9 +245,8 @@ def deploy(
             from crv.autoscale_cli import interval
 
             every = interval("--autoscale-every", autoscale_every)
-            if not any(g.scaling for g in plan.appliance.groups.values()):
-                where = plan.appliance.source
-                raise SpecError(where, "nodes", "--autoscale: no node group has a scaling section")
+            if not plan.appliance.scaled:
+                raise SpecError(plan.appliance.source, "nodes", f"--autoscale: {NOT_SCALED}")
         endpoints = _ensure_up(home)
     from flows.deploy import deploy_appliance
 

@@ -35,7 +35,7 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from crv import autoscale as policy
-from crv.appliance import Appliance, Group, load_recorded
+from crv.appliance import NOT_SCALED, Appliance, Group, load_recorded
 from crv.client import AsyncService, ServiceError
 from crv.deploy import Timeouts
 from crv.errors import CrvError
@@ -111,13 +111,9 @@ async def _paused_schedule() -> bool:
 
 
 def _scaled_groups(name: str, status: dict[str, Any]) -> list[str]:
-    loaded = _loaded(status)
-    scaled = [g.name for g in loaded.groups.values() if g.scaling is not None]
+    scaled = [g.name for g in _loaded(status).scaled]
     if not scaled:
-        raise DeployFailed(
-            f"cluster {name}: its appliance {status['appliance']} has no node group with a "
-            "scaling section"
-        )
+        raise DeployFailed(f"cluster {name}: its appliance {status['appliance']}: {NOT_SCALED}")
     return scaled
 
 

@@ -25,7 +25,14 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from crv import daemons, events
-from crv.appliance import Appliance, load_appliance, load_recorded, locate, with_counts
+from crv.appliance import (
+    NOT_SCALED,
+    Appliance,
+    load_appliance,
+    load_recorded,
+    locate,
+    with_counts,
+)
 from crv.client import AsyncService, Service, ServiceError
 from crv.deploy import ClusterRun, Timeouts
 from crv.errors import CrvError
@@ -134,10 +141,8 @@ async def deploy_appliance(
     expand(with_counts(loaded, counts or {}), cluster)  # bad input fails before the wait
     placement = place(loaded, pool, pools)
     check(home, loaded, placement, pools)
-    if autoscale_every is not None and not any(g.scaling for g in loaded.groups.values()):
-        raise DeployFailed(
-            f"autoscale_every: appliance {loaded.name} has no node group with a scaling section"
-        )
+    if autoscale_every is not None and not loaded.scaled:
+        raise DeployFailed(f"autoscale_every: appliance {loaded.name}: {NOT_SCALED}")
     async with cluster_change(cluster, wait=wait):
         # a deploy again of a resized cluster keeps the sizes it was given, but those asked for
         service = AsyncService(home, endpoints.service_url)
