@@ -242,15 +242,25 @@ def test_bad_input_is_refused_when_the_run_is_created(
     assert crv.node_processes() == []
 
 
-def test_bad_value_a_schema_cannot_see_fails_the_run_at_once(crv: Crv) -> None:
-    """A number out of bounds inside a parameter's text: the run starts and fails before any
-    node, naming the parameter."""
+@pytest.mark.parametrize(
+    "parameters, message",
+    [
+        # a number out of bounds inside a parameter's text
+        ({"appliance": "webfarm", "parameters": {"workers": "5000"}},
+         "workers: 5000 is above the maximum 1000"),
+        # autoscaling asked of an appliance that cannot autoscale
+        ({"appliance": "ganglia", "autoscale_every": 30},
+         "autoscale_every: appliance ganglia: no node group has a scaling section"),
+    ],
+)  # fmt: skip
+def test_bad_value_a_schema_cannot_see_fails_the_run_at_once(
+    crv: Crv, parameters: dict[str, Any], message: str
+) -> None:
+    """The run starts and fails before any node, naming the parameter."""
     started = time.monotonic()
-    result = trigger(
-        crv, "deploy-appliance/crv", {"appliance": "webfarm", "parameters": {"workers": "5000"}}
-    )
+    result = trigger(crv, "deploy-appliance/crv", parameters)
     assert result["state"] == "FAILED", result
-    assert "workers: 5000 is above the maximum 1000" in result["message"]
+    assert message in result["message"]
     assert time.monotonic() - started < 60
     assert crv.node_processes() == []
 
