@@ -330,8 +330,9 @@ def scale(
     on_failure: OnFailureOption = None,
 ) -> None:
     """Resize a node group: new nodes go through every step, the roles that read the group are
-    contextualized again, removed nodes (newest first) are drained, let go by their dependents,
-    destroyed and their certificates revoked. Nodes nothing changed for are not touched."""
+    contextualized again, removed nodes (the idlest by their `busy` reports, then the newest)
+    are drained, let go by their dependents, destroyed and their certificates revoked. Nodes
+    nothing changed for are not touched."""
     home = _home()
     with _user_errors():
         endpoints = _ensure_up(home)

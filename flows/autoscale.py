@@ -35,7 +35,7 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from crv import autoscale as policy
-from crv.appliance import NOT_SCALED, Appliance, Group, load_recorded
+from crv.appliance import NOT_SCALED, Appliance, load_recorded
 from crv.client import AsyncService, ServiceError
 from crv.deploy import Timeouts
 from crv.errors import CrvError
@@ -181,9 +181,6 @@ class _Run:
             await self.record(name, d)
             return
         seq = await self.record(name, d)
-        busy = None
-        if d.action == "shrink":
-            busy = await busy_values(self.service, self.cluster, status, group)
         try:
             result = await resize(
                 self.cluster,
@@ -192,7 +189,6 @@ class _Run:
                 d.target,
                 timeouts=self.timeouts,
                 retries=self.retries,
-                busy=busy,
             )
         except (CrvError, ServiceError) as exc:
             outcome = f"failed: {exc}"
@@ -236,24 +232,3 @@ async def read_metric(service: AsyncService, cluster: str, scaling: Scaling) -> 
     except httpx.HTTPError as exc:
         return policy.Reading(None, problem=f"{url}: {type(exc).__name__}: {exc}"[:300])
     return policy.from_http_body(url, code, body[:HTTP_LIMIT].decode("utf-8", "replace"))
-
-
-async def busy_values(
-    service: AsyncService, cluster: str, status: dict[str, Any], group: Group
-) -> dict[str, float]:
-    """node -> the `busy` value its roles publish (the highest of its roles; stale ones left
-    out): a shrink takes the idlest nodes first."""
-    mine = {n["name"] for n in status["nodes"] if n["group"] == group.name}
-    stale_after = group.scaling.metric.stale_after if group.scaling else 300.0
-    busy: dict[str, float] = {}
-    for role in group.roles:
-        try:
-            readings = await service.attribute_readings(cluster, role, "busy")
-        except ServiceError:
-            continue
-        for r in readings:
-            value = policy.number(r.get("value"))
-            age = r.get("age")
-            if r["node"] in mine and value is not None and age is not None and age <= stale_after:
-                busy[r["node"]] = max(busy.get(r["node"], value), value)
-    return busy

@@ -5,28 +5,42 @@ certify -> contextualize -> verify, the nodes already verified are left alone, a
 reads the group (the web farm's load balancer) runs again because what it reads changed — the
 service compares a digest of each role's inputs (`refresh`), so only those dependents run.
 
-Shrinking takes the newest nodes (highest index) as victims and runs their roles' `drain`
-recipes first (a node whose drain fails is kept and reported, and the group keeps it). Then it
-marks the victims `leaving` (they keep running, but the service leaves them out of every read),
-converges the cluster onto the smaller plan (the dependents run again without them), and only
-then destroys the victims in the pool and revokes their certificates. The machinery is
-flows.deploy.converge, the same as a deploy's: this flow picks the counts and reports.
+Shrinking takes its victims in crv.placement.release_order: the last preferred pool first,
+then idle-first by the `busy` attribute the group's roles publish (the web farm's web servers
+publish their requests per second; a node without a fresh reading counts as busy), then the
+newest (highest index). It runs their roles' `drain` recipes first (a node whose drain fails
+is kept and reported, and the group keeps it). Then it marks the victims `leaving` (they keep
+running, but the service leaves them out of every read), converges the cluster onto the
+smaller plan (the dependents run again without them), and only then destroys the victims in
+the pool and revokes their certificates. The machinery is flows.deploy.converge, the same as a
+deploy's: this flow picks the counts and reports.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from pydantic import Field
 
 from crv import events
-from crv.appliance import load_recorded
+from crv.appliance import Group, load_recorded
+from crv.autoscale import number
+from crv.client import AsyncService, ServiceError
 from crv.deploy import Timeouts
 from crv.locks import cluster_change
 from crv.placement import recorded, release_order
-from flows.deploy import ON_FAILURE, WAIT, OnFailure, converge, raise_if_kept, require_cluster
+from flows.deploy import (
+    ON_FAILURE,
+    WAIT,
+    OnFailure,
+    converge,
+    raise_if_kept,
+    require_cluster,
+    running_service,
+)
+
+BUSY_STALE = 300.0  # seconds a node's busy reading counts for, in a group without scaling
 
 
 @flow(name="scale-role", persist_result=False, log_prints=True)
@@ -63,18 +77,17 @@ async def resize(
     timeouts: Timeouts,
     retries: int,
     on_failure: OnFailure | None = None,
-    busy: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Resize one group of a cluster (`status`: its record), inside the caller's
     `cluster_change`: the scale-role and autoscale flows both come here. A shrink takes its
-    victims in crv.placement.release_order: the last preferred pool first, then idle-first by
-    `busy` (node -> its published busy value) when given, then the newest."""
+    victims in crv.placement.release_order (module doc)."""
     logger = get_run_logger()
     counts = {**(status.get("counts") or {}), group: count}
     loaded = load_recorded(status["source"], status["parameters"] or {}, counts)
     placement = recorded(status, loaded)
     mine = [n for n in status["nodes"] if n["group"] == group]
     before = len(mine)
+    busy = await busy_values(name, status, loaded.groups[group]) if count < before else {}
     logger.info("cluster %s: group %s from %d to %d nodes", name, group, before, count)
     result = await converge(
         loaded,
@@ -100,3 +113,31 @@ async def resize(
         result["revoked"],
     )
     return {**result, "group": group, "before": before, "after": after}
+
+
+async def busy_values(cluster: str, status: dict[str, Any], group: Group) -> dict[str, float]:
+    """node -> the `busy` value its roles publish (the highest of its roles; readings older
+    than the group's metric's stale_after, else BUSY_STALE, left out)."""
+    mine = {n["name"] for n in status["nodes"] if n["group"] == group.name}
+    stale_after = group.scaling.metric.stale_after if group.scaling else BUSY_STALE
+    home, endpoints = running_service()
+    service = AsyncService(home, endpoints.service_url)
+    busy: dict[str, float] = {}
+    try:
+        for role in group.roles:
+            try:
+                readings = await service.attribute_readings(cluster, role, "busy")
+            except ServiceError:  # no busy values: the order falls back to the newest
+                continue
+            for r in readings:
+                value, age = number(r.get("value")), r.get("age")
+                if (
+                    r["node"] in mine
+                    and value is not None
+                    and age is not None
+                    and age <= stale_after
+                ):
+                    busy[r["node"]] = max(busy.get(r["node"], value), value)
+    finally:
+        await service.close()
+    return busy

@@ -3,12 +3,14 @@ the real service, the local pool and the real agent.
 
 Growing adds nodes through every step and re-contextualizes only the load balancer (it reads
 the web nodes); the web nodes already there are not touched — their server process is the same
-one, their role was not released again. Shrinking removes the newest nodes after the load
-balancer let them go, destroys them and revokes their certificates.
+one, their role was not released again. Shrinking removes the idlest nodes (by the `busy` the
+web servers publish), else the newest, after the load balancer let them go, destroys them and
+revokes their certificates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -20,6 +22,7 @@ import httpx
 import pytest
 from cryptography import x509
 
+from benchmarks.bench_autoscale import Load
 from crv import daemons
 from crv.client import Service
 from crv.home import Home
@@ -33,6 +36,7 @@ def crv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crv]:
     c.up()
     yield c
     c("destroy", "elastic")
+    c("destroy", "idler")
     for pid in c.node_processes():  # what a failed test left behind
         os.kill(pid, signal.SIGKILL)
     c("down")
@@ -102,8 +106,9 @@ def node_serial(crv: Crv, node: str) -> int:
 
 def test_grow_then_shrink_touches_only_what_changed(crv: Crv) -> None:
     port = free_port()
-    r = crv("deploy", str(CATALOG / "webfarm"), "--name", "elastic",
-            "--set", "workers=2", "--set", f"port={port}")  # fmt: skip
+    # rate-every: no web server reports `busy` during the test, so a shrink takes the newest
+    r = crv("deploy", str(CATALOG / "webfarm"), "--name", "elastic", "--set", "workers=2",
+            "--set", f"port={port}", "--set", "rate-every=3600")  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     lb_url = next(line.split(": ", 1)[1] for line in r.stdout.splitlines() if line.startswith("lb"))
     assert answers(lb_url, 4) == {"hello from elastic-worker-0", "hello from elastic-worker-1"}
@@ -162,10 +167,44 @@ def test_grow_then_shrink_touches_only_what_changed(crv: Crv) -> None:
     assert serials <= crv.revoked_serials()
 
     # a later deploy of the same cluster keeps the size it was scaled to
-    r = crv("deploy", str(CATALOG / "webfarm"), "--name", "elastic",
-            "--set", "workers=2", "--set", f"port={port}")  # fmt: skip
+    r = crv("deploy", str(CATALOG / "webfarm"), "--name", "elastic", "--set", "workers=2",
+            "--set", f"port={port}", "--set", "rate-every=3600")  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert len(crv.status("elastic")["nodes"]) == 2
+
+
+def busy(crv: Crv, cluster: str) -> dict[str, float]:
+    """node -> the `busy` value its web server last published."""
+    home = Home(crv.home)
+    found = Service(home, daemons.running(home).service_url).call(
+        "GET", f"/v1/admin/clusters/{cluster}/attributes/web/busy"
+    )
+    return {r["node"]: float(r["value"]) for r in found["values"]}
+
+
+def test_shrink_takes_the_idle_nodes_first(crv: Crv) -> None:
+    """Requests straight to worker-1 and worker-2: a shrink to 2 removes worker-0, the idle one,
+    not the newest."""
+    port = free_port()
+    r = crv("deploy", str(CATALOG / "webfarm"), "--name", "idler", "--set", "workers=3",
+            "--set", f"port={port}", "--set", "rate-every=1")  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    address = {n["name"]: n["address"] for n in crv.status("idler")["nodes"]}
+    served = ["idler-worker-1", "idler-worker-2"]
+    with contextlib.ExitStack() as loads:
+        for node in served:
+            loads.enter_context(Load(f"http://{address[node]}:{port}/", rate=4, limit=120))
+        deadline = time.monotonic() + 30
+        while not all(busy(crv, "idler").get(n, 0) > 0 for n in served):
+            assert time.monotonic() < deadline, f"no busy reports: {busy(crv, 'idler')}"
+            time.sleep(0.5)
+        assert busy(crv, "idler")["idler-worker-0"] == 0
+        r = crv("scale", "idler", "worker", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    workers = [n["name"] for n in crv.status("idler")["nodes"] if n["group"] == "worker"]
+    assert workers == served
+    r = crv("destroy", "idler")
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 SLOW = """\
