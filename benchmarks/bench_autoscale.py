@@ -28,7 +28,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks.bench_resize import REPO, crv
+
 CATALOG = REPO / "appliances"
 
 # the catalog's web farm with a fast policy: 5 requests per second per worker, workers 1-3
@@ -90,20 +91,6 @@ class Load:
             except OSError:
                 pass
             self.sent += 1
-
-
-def crv(env: dict[str, str], *args: str, timeout: float = 600) -> str:
-    r = subprocess.run(
-        [sys.executable, "-m", "crv", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=timeout,
-    )
-    if r.returncode != 0:
-        raise SystemExit(f"crv {' '.join(args)} failed:\n{r.stdout}{r.stderr}")
-    return r.stdout
 
 
 def workers(env: dict[str, str], cluster: str) -> list[dict[str, Any]]:

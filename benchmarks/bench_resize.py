@@ -28,18 +28,25 @@ from crv.home import Home
 REPO = Path(__file__).resolve().parent.parent
 
 
-def crv(env: dict[str, str], *args: str) -> float:
-    started = time.monotonic()
+def crv(env: dict[str, str], *args: str, timeout: float = 600) -> str:
+    """Run the crv CLI in `env`; its output, or the benchmark ends naming the command."""
     r = subprocess.run(
         [sys.executable, "-m", "crv", *args],
         capture_output=True,
         text=True,
         cwd=REPO,
         env=env,
-        timeout=900,
+        timeout=timeout,
     )
     if r.returncode != 0:
         raise SystemExit(f"crv {' '.join(args)} failed:\n{r.stdout}{r.stderr}")
+    return r.stdout
+
+
+def timed(env: dict[str, str], *args: str) -> float:
+    """Seconds a crv command took."""
+    started = time.monotonic()
+    crv(env, *args, timeout=900)
     return time.monotonic() - started
 
 
@@ -63,16 +70,16 @@ def main(argv: list[str] | None = None) -> None:
         port = s.getsockname()[1]
     print(f"crv resize benchmark: web farm on the local pool, {os.cpu_count()} CPUs")
     try:
-        crv(env, "up")
+        crv(env, "up", timeout=900)
         endpoints = daemons.running(home)
         assert endpoints is not None
         service = Service(home, endpoints.service_url)
-        took = crv(env, "deploy", "webfarm", "--name", "rs", "--set", f"workers={args.start}",
-                   "--set", f"port={port}")  # fmt: skip
+        took = timed(env, "deploy", "webfarm", "--name", "rs", "--set", f"workers={args.start}",
+                     "--set", f"port={port}")  # fmt: skip
         print(f"  deploy {args.start} web nodes: {took:.1f} s")
         for target in (args.to, args.start):
             before = releases(service, "rs")
-            took = crv(env, "scale", "rs", "worker", str(target))
+            took = timed(env, "scale", "rs", "worker", str(target))
             after = releases(service, "rs")
             kept = [n for n in before if n in after]
             touched = sorted(n for n in kept if after[n] != before[n])
