@@ -18,6 +18,7 @@ deploy's: this flow picks the counts and reports.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
@@ -88,6 +89,8 @@ async def resize(
     mine = [n for n in status["nodes"] if n["group"] == group]
     before = len(mine)
     busy = await busy_values(name, status, loaded.groups[group]) if count < before else {}
+    if busy:
+        logger.info("busy: %s", ", ".join(f"{n} {v:g}" for n, v in sorted(busy.items())))
     logger.info("cluster %s: group %s from %d to %d nodes", name, group, before, count)
     result = await converge(
         loaded,
@@ -125,10 +128,17 @@ async def busy_values(cluster: str, status: dict[str, Any], group: Group) -> dic
     busy: dict[str, float] = {}
     try:
         for role in group.roles:
-            try:
-                readings = await service.attribute_readings(cluster, role, "busy")
-            except ServiceError:  # no busy values: the order falls back to the newest
-                continue
+            for attempt in range(3):  # a loaded service may answer 5xx for a moment
+                try:
+                    readings = await service.attribute_readings(cluster, role, "busy")
+                    break
+                except ServiceError as exc:
+                    if not exc.temporary or attempt == 2:
+                        # no busy values of this role: the order falls back to the newest
+                        get_run_logger().warning("busy of role %s not read: %s", role, exc)
+                        readings = []
+                        break
+                    await asyncio.sleep(1 + attempt)
             for r in readings:
                 value, age = number(r.get("value")), r.get("age")
                 if (
