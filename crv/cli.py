@@ -613,4 +613,35 @@ app.add_typer(pxe_app, name="pxe")
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except Exception as exc:
+        message = _prefect_failure(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _prefect_failure(exc: Exception) -> str | None:
+    """One line for a request to the Prefect server that failed after the client's retries
+    (an overloaded server answers 503 while its database is locked), None for anything else.
+    A flow cut short this way is converged by running the same command again."""
+    prefect_exceptions = sys.modules.get("prefect.exceptions")
+    httpx = sys.modules.get("httpx")
+    if prefect_exceptions is not None and isinstance(
+        exc, prefect_exceptions.PrefectHTTPStatusError
+    ):
+        request, response = exc.request, exc.response
+        what = f"answered {response.status_code} {response.reason_phrase}"
+    elif httpx is not None and isinstance(exc, httpx.TransportError):
+        request, detail = exc.request, f"{type(exc).__name__}: {exc}".rstrip(": ")
+        in_time = " in time" if isinstance(exc, httpx.TimeoutException) else ""
+        what = f"did not answer{in_time} ({detail})"
+    else:
+        return None
+    log = Home.from_env().prefect_dir / "prefect.log"
+    return (
+        f"the Prefect server {what} to {request.method} {request.url}; "
+        f"run the command again once it is back; its log: {log}"
+    )

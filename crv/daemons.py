@@ -54,6 +54,8 @@ PREFECT_SERVER_SETTINGS: dict[str, str] = {
         "prefect.server.concurrency.lease_storage.filesystem"
     ),
     "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "5",
+    # a request answered 503 (the database busy) leaves its cause in prefect.log
+    "PREFECT_SERVER_LOG_RETRYABLE_ERRORS": "true",
 }
 
 
@@ -77,6 +79,11 @@ def prefect_env(home: Home, api_url: str | None = None) -> dict[str, str]:
         # flow and task logs go to the Prefect UI; the terminal shows crv's own progress
         "PREFECT_LOGGING_LEVEL": "INFO",
         "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
+        # a request answered 503 (the server's SQLite database locked by a burst of writes,
+        # as 7 parallel deploys on a loaded 2-CPU machine caused for over 2 minutes) is tried
+        # again 7 times, backing off 2, 4, ... 128 s (Prefect's default: 5 times, about 1 min)
+        # (a setting of the caller's own wins)
+        "PREFECT_CLIENT_MAX_RETRIES": os.environ.get("PREFECT_CLIENT_MAX_RETRIES", "7"),
     }
     if api_url:
         env["PREFECT_API_URL"] = api_url

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -276,6 +277,42 @@ def test_killed_deploy_converges_when_run_again(crv: Crv, tmp_path: Path) -> Non
 
     assert crv("destroy", "slow").returncode == 0
     assert crv.node_processes() == []
+
+
+def test_prefect_database_locked_fails_in_one_line_then_converges(crv: Crv, tmp_path: Path) -> None:
+    """F8: the Prefect server cannot write (its SQLite database held by another writer, as a
+    burst of parallel deploys on a loaded machine did for minutes): `crv deploy` exits 1 with
+    one line naming the server's answer and its log, no traceback, and nothing is made in the
+    pool. Once the database is free, the same command converges."""
+    app = write_appliance(tmp_path, "locked", SLOW.replace("count: 4", "count: 2"), ("svc.sh",))
+    (app / "svc.sh").write_text("#!/bin/sh\necho done >> runs.txt\n")
+    pools = crv.home / "pools" / "local"
+    impatient = Crv(crv.home)
+    impatient.env |= {"PREFECT_CLIENT_MAX_RETRIES": "0", "PREFECT_API_REQUEST_TIMEOUT": "10"}
+    db = sqlite3.connect(crv.home / "prefect" / "prefect.db", timeout=60, isolation_level=None)
+    try:
+        db.execute("BEGIN EXCLUSIVE")
+        r = impatient("deploy", str(app), "--name", "locked", timeout=300)
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, r.stderr
+    # the client's own 10 s timeout (the server would answer 503 after its 60 s wait)
+    assert errors[0].startswith(
+        ("error: the Prefect server answered 503 Service Unavailable to POST http://127.0.0.1:",
+         "error: the Prefect server did not answer in time (ReadTimeout) to POST http://127.0.0.1:")
+    ), errors[0]  # fmt: skip
+    assert str(crv.home / "prefect" / "prefect.log") in errors[0]
+    assert not list(pools.glob("locked-*"))
+
+    again = crv("deploy", str(app), "--name", "locked", timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert crv.status("locked")["ready"]
+    assert crv("destroy", "locked").returncode == 0
+    assert not list(pools.glob("locked-*"))
 
 
 def test_deploy_refuses_bad_input_before_anything(crv: Crv, tmp_path: Path) -> None:
