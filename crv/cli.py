@@ -635,13 +635,15 @@ def _prefect_failure(exc: Exception) -> str | None:
         request, response = exc.request, exc.response
         what = f"answered {response.status_code} {response.reason_phrase}"
     elif httpx is not None and isinstance(exc, httpx.TransportError):
-        request, detail = exc.request, f"{type(exc).__name__}: {exc}".rstrip(": ")
+        try:
+            request = exc.request
+        except RuntimeError:  # raised before a request was attached
+            request = None
+        detail = f"{type(exc).__name__}: {exc}".rstrip(": ")
         in_time = " in time" if isinstance(exc, httpx.TimeoutException) else ""
         what = f"did not answer{in_time} ({detail})"
     else:
         return None
+    to = f" to {request.method} {request.url}" if request is not None else ""
     log = Home.from_env().prefect_dir / "prefect.log"
-    return (
-        f"the Prefect server {what} to {request.method} {request.url}; "
-        f"run the command again once it is back; its log: {log}"
-    )
+    return f"the Prefect server {what}{to}; run the command again once it is back; its log: {log}"

@@ -146,3 +146,32 @@ def test_deploy_autoscale_needs_a_scaling_section_and_starts_nothing(no_daemons:
     assert not (no_daemons / "prefect").exists()
     r = crv("deploy", str(CATALOG / "webfarm"), "--autoscale", "--autoscale-every", "1s")
     assert r.exit_code == 2 and "--autoscale-every: 1s: " in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_a_failed_prefect_request_is_one_line_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `crv` prints (exit 1) when the Prefect client gives up: the server's answer or why
+    there was none, the request, and the server's log. (The end-to-end case, a locked Prefect
+    database, is tests/test_deploy_e2e.py.)"""
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    from crv.cli import _prefect_failure
+
+    monkeypatch.setenv("CRV_HOME", str(tmp_path))
+    log = tmp_path / "prefect" / "prefect.log"
+    request = httpx.Request("POST", "http://127.0.0.1:4200/api/flow_runs/")
+    error = httpx.HTTPStatusError("", request=request, response=httpx.Response(503))
+    assert _prefect_failure(PrefectHTTPStatusError.from_httpx_error(error)) == (
+        "the Prefect server answered 503 Service Unavailable to POST "
+        "http://127.0.0.1:4200/api/flow_runs/; run the command again once it is back; "
+        f"its log: {log}"
+    )
+    refused = httpx.ConnectError("[Errno 111] Connection refused", request=request)
+    assert _prefect_failure(refused) == (
+        "the Prefect server did not answer (ConnectError: [Errno 111] Connection refused) to "
+        "POST http://127.0.0.1:4200/api/flow_runs/; run the command again once it is back; "
+        f"its log: {log}"
+    )
+    assert _prefect_failure(ValueError("not ours")) is None
