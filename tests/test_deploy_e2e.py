@@ -55,6 +55,16 @@ class Crv:
             pytest.fail(f"crv up failed: {r.stdout}{r.stderr}")
         return r
 
+    def prefect_errors(self, last: int = 15) -> str:
+        """The last error lines of this home's Prefect server log, for a failure message (the
+        server logs why it answered 503)."""
+        try:
+            log = (self.home / "prefect" / "prefect.log").read_text(errors="replace")
+        except OSError:
+            return "(no prefect.log)"
+        found = [line for line in log.splitlines() if "rror" in line or "Exception" in line]
+        return "\n".join(found[-last:]) or "(no error in prefect.log)"
+
     def popen(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
             [sys.executable, "-m", "crv", *args],

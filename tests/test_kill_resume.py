@@ -151,6 +151,7 @@ class Outcome:
     victim_serials: set[int] = field(default_factory=set)
     rerun_rc: int | None = None
     rerun_output: str = ""
+    prefect_errors: str = ""  # the Prefect server's last errors, if the run again failed
     rerun_seconds: float = 0.0
     final: View | None = None
     agents: Counter[str] = field(default_factory=Counter)
@@ -541,7 +542,10 @@ def run(s: Scenario, crv: Crv, app: Path, logs: Path, procs: Processes, o: Outco
         r = crv(*deploy, timeout=300)
         o.setup_output = r.stdout + r.stderr
         if r.returncode != 0:
-            raise AssertionError(f"set-up deploy exited {r.returncode}:\n{o.setup_output}")
+            raise AssertionError(
+                f"set-up deploy exited {r.returncode}:\n{o.setup_output}\n"
+                f"the Prefect server's last errors:\n{crv.prefect_errors()}"
+            )
         o.victim_serials = {serial(crv, v) for v in s.victims}
         command = ("scale", s.cluster, s.resize[0], str(s.resize[1]))
 
@@ -554,7 +558,7 @@ def run(s: Scenario, crv: Crv, app: Path, logs: Path, procs: Processes, o: Outco
             o.killed_output = log.read_text()
             raise AssertionError(
                 f"`crv {' '.join(command)}` exited {p.returncode} before the kill point:\n"
-                + o.killed_output
+                f"{o.killed_output}\nthe Prefect server's last errors:\n{crv.prefect_errors()}"
             )
         if time.monotonic() - began > REACH_DEADLINE:
             p.kill()
@@ -584,6 +588,8 @@ def run(s: Scenario, crv: Crv, app: Path, logs: Path, procs: Processes, o: Outco
         o.rerun_rc = None
     o.rerun_seconds = time.monotonic() - began
     o.rerun_output = log.read_text()
+    if o.rerun_rc != 0:
+        o.prefect_errors = crv.prefect_errors()
     o.watched.stop()
 
     o.phase = "checking the converged cluster"
@@ -702,7 +708,10 @@ def test_crv_and_pool_agree_throughout(outcomes: dict[str, Outcome], key: str) -
 def test_run_again_converges(outcomes: dict[str, Outcome], key: str) -> None:
     s = scenario(key)
     o = outcome(outcomes, key, "rerun")
-    assert o.rerun_rc == 0, f"{s.what}: run again exited {o.rerun_rc}:\n{o.rerun_output}"
+    assert o.rerun_rc == 0, (
+        f"{s.what}: run again exited {o.rerun_rc}:\n{o.rerun_output}\n"
+        f"the Prefect server's last errors:\n{o.prefect_errors}"
+    )
     assert o.final is not None and o.final.status is not None, o.final
     status = o.final.status
     assert o.final.violations() == [], o.final.describe()
