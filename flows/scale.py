@@ -31,6 +31,7 @@ from crv.client import AsyncService, ServiceError
 from crv.deploy import Timeouts
 from crv.locks import cluster_change
 from crv.placement import recorded, release_order
+from crv.retry import DEFAULT_POLICY
 from flows.deploy import (
     ON_FAILURE,
     WAIT,
@@ -128,18 +129,7 @@ async def busy_values(cluster: str, status: dict[str, Any], group: Group) -> dic
     busy: dict[str, float] = {}
     try:
         for role in group.roles:
-            for attempt in range(3):  # a loaded service may answer 5xx for a moment
-                try:
-                    readings = await service.attribute_readings(cluster, role, "busy")
-                    break
-                except ServiceError as exc:
-                    if not exc.temporary or attempt == 2:
-                        # no busy values of this role: the order falls back to the newest
-                        get_run_logger().warning("busy of role %s not read: %s", role, exc)
-                        readings = []
-                        break
-                    await asyncio.sleep(1 + attempt)
-            for r in readings:
+            for r in await _busy_readings(service, cluster, role):
                 value, age = number(r.get("value")), r.get("age")
                 if (
                     r["node"] in mine
@@ -151,3 +141,18 @@ async def busy_values(cluster: str, status: dict[str, Any], group: Group) -> dic
     finally:
         await service.close()
     return busy
+
+
+async def _busy_readings(service: AsyncService, cluster: str, role: str) -> list[dict[str, Any]]:
+    """The role's `busy` readings, a temporary service error (a loaded service's 5xx) tried
+    again by the one retry policy; none if they cannot be read (logged: the order then falls
+    back to the newest)."""
+    for attempt in range(DEFAULT_POLICY.retries + 1):
+        try:
+            return await service.attribute_readings(cluster, role, "busy")
+        except ServiceError as exc:
+            if not DEFAULT_POLICY.retryable(exc) or attempt == DEFAULT_POLICY.retries:
+                get_run_logger().warning("busy of role %s not read: %s", role, exc)
+                return []
+            await asyncio.sleep(DEFAULT_POLICY.delay(attempt))
+    raise AssertionError("unreachable")
