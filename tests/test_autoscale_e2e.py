@@ -8,6 +8,7 @@ no scaling section, is exit 2 with one `error:` line."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -188,21 +189,23 @@ def test_deploy_with_autoscale_makes_a_scheduled_deployment(farm: Farm) -> None:
 
 
 def test_grows_under_load_and_shrinks_to_min_idle_first(farm: Farm) -> None:
-    with Load(farm.lb_url(), rate=25, limit=180):
-        wait_for("3 workers", lambda: len(farm.workers()) == 3, 150, 1)
-        grown = [d for d in farm.decisions() if d["action"] == "grow"]
-        assert grown and all(d["outcome"] and "nodes" in d["outcome"] for d in grown)
-        assert grown[-1]["current"] == 1 and grown[-1]["target"] <= 3  # oldest first
-        assert "5 per node" in grown[-1]["reason"]
-    workers = sorted(n["name"] for n in farm.workers())
-    assert workers == [f"{CLUSTER}-worker-{i}" for i in range(3)]
-    # the newest worker keeps serving (requests straight to it, not through the lb, so the
-    # metric drops): it publishes `busy` > 0 and the shrink takes the idle ones first. The
-    # nodes report over 3 s windows (rate-every=3): a load thread stalled for a second on a
-    # loaded machine (it catches up after) must not make worker-2 look idle (a CI run once
-    # kept worker-0 with 1 s windows and 3 requests/s, likely so)
-    newest = next(n for n in farm.workers() if n["name"] == f"{CLUSTER}-worker-2")
-    with Load(f"http://{newest['address']}:8080/", rate=5, limit=240):
+    with contextlib.ExitStack() as keep_serving:
+        with Load(farm.lb_url(), rate=25, limit=180):
+            wait_for("3 workers", lambda: len(farm.workers()) == 3, 150, 1)
+            grown = [d for d in farm.decisions() if d["action"] == "grow"]
+            assert grown and all(d["outcome"] and "nodes" in d["outcome"] for d in grown)
+            assert grown[-1]["current"] == 1 and grown[-1]["target"] <= 3  # oldest first
+            assert "5 per node" in grown[-1]["reason"]
+            workers = sorted(n["name"] for n in farm.workers())
+            assert workers == [f"{CLUSTER}-worker-{i}" for i in range(3)]
+            # the newest worker keeps serving (requests straight to it, not through the lb, so
+            # the metric drops): it publishes `busy` > 0 and the shrink takes the idle ones
+            # first. Its load starts before the lb's stops, so its reports show it well before
+            # the shrink (a CI run that started it after a few slow CLI calls saw the shrink
+            # read worker-2 at 0, like the others, and keep worker-0). The nodes report over
+            # 3 s windows (rate-every=3), so a load thread stalled for a second still shows.
+            newest = next(n for n in farm.workers() if n["name"] == f"{CLUSTER}-worker-2")
+            keep_serving.enter_context(Load(f"http://{newest['address']}:8080/", rate=5, limit=300))
         wait_for("the group back at min", lambda: len(farm.workers()) == 1, 200, 1)
     shrunk = [d for d in farm.decisions() if d["action"] == "shrink"]
     kept = [n["name"] for n in farm.workers()]
