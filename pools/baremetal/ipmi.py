@@ -64,6 +64,7 @@ ALLOWED_SUITES = (17, 3)
 MAX_PASSWORD = 20  # bytes, IPMI 2.0 (16 for IPMI 1.5)
 MAX_USERNAME = 16  # bytes
 BMC_ADDRESS = 0x20  # the BMC's IPMB address
+OFF_WAIT = 30.0  # seconds a chassis may take to be off after a power down
 
 # completion codes after which the same command may succeed later
 BUSY_CODES = {constants.CC_NODE_BUSY}
@@ -159,20 +160,28 @@ class Power:
         """Hard power down, not an ACPI shutdown: the pool owns the machine's life cycle."""
         self._run(machine, bmc, lambda s: s.control("power_down"))
 
-    def cycle(self, machine: str, bmc: Bmc) -> None:
-        """Power cycle; a chassis that is off is powered on (many BMCs refuse to cycle it).
-        A cycle whose answer was lost is retried and may then cycle twice."""
+    def pxe_boot(self, machine: str, bmc: Bmc) -> None:
+        """Boot the machine from the network now: power down if it is on (and wait until it is
+        off), set the next boot to PXE, power up - the sequence of Ironic's reboot.
+
+        Each step is idempotent, and a retry (after a lost or late answer) repeats only the steps
+        not yet answered, so a retried boot boots once. Chassis Control "power cycle" is not
+        used: a power-up retried after a late answer finds the chassis on and cycles it - a
+        second boot, without the PXE flag that the first boot used (seen with ipmi_sim)."""
+        done: set[str] = set()
 
         def act(s: _Step) -> None:
-            s.control("power_cycle" if s.status().power_on else "power_up")
+            if "off" not in done:
+                if s.status().power_on:
+                    s.control("power_down")
+                    s.wait_off(OFF_WAIT)
+                done.add("off")
+            if "pxe" not in done:
+                s.pxe_once()
+                done.add("pxe")
+            s.control("power_up")  # again after a lost answer: ignored by a chassis that is on
 
         self._run(machine, bmc, act)
-
-    def pxe_next_boot(self, machine: str, bmc: Bmc) -> None:
-        """Boot from the network on the next boot only (boot flags valid, not persistent, legacy
-        mode - what `ipmitool chassis bootdev pxe` sends). Many BMCs drop the flag 60 s after
-        it is set unless a power command follows, so call it right before `on` or `cycle`."""
-        self._run(machine, bmc, lambda s: s.pxe_once())
 
     def ping(self, machine: str, bmc: Bmc) -> None:
         """An RMCP presence ping: proves something speaks RMCP at the address, without
@@ -343,6 +352,7 @@ class _Step:
     def __init__(self, power: Power, machine: str, bmc: Bmc, key: tuple[str, int]) -> None:
         self.power = power
         self.machine = machine
+        self.bmc = bmc
         self.key = key
         self.opened = False
         interface = pyipmi.interfaces.create_interface(
@@ -392,7 +402,24 @@ class _Step:
         self._command(getattr(self.ipmi, f"chassis_control_{what}"))
 
     def pxe_once(self) -> None:
+        """Boot from the network on the next boot only (boot flags valid, not persistent, legacy
+        mode - what `ipmitool chassis bootdev pxe` sends). Many BMCs drop the flag 60 s after
+        it is set unless a power command follows, so `pxe_boot` sets it right before power-up."""
         self._command(lambda: self.ipmi.set_boot_options(BootDevice.PXE, "legacy", False))
+
+    def wait_off(self, seconds: float) -> None:
+        """Until Get Chassis Status says off (some BMCs answer a power-down before the chassis
+        is off); a chassis still on after `seconds` is a temporary failure of the machine."""
+        deadline = time.monotonic() + seconds
+        while self.status().power_on:
+            if time.monotonic() >= deadline:
+                raise self.power._error(
+                    self.machine,
+                    self.bmc,
+                    f"left the chassis on {seconds:g} s after power down",
+                    temporary=True,
+                )
+            time.sleep(0.5)
 
 
 def presence_ping(address: str, port: int, timeout: float) -> bool:

@@ -1,9 +1,10 @@
 """The bare-metal pool: a node is a leased machine, powered through its BMC and network-booted.
 
 `create_node` leases a free machine of the group's class, writes its iPXE script (the one-time
-token goes there and nowhere else), sets its next boot to PXE and power-cycles it; it returns
-`pending` at once, like every pool. The node has booted when its agent enrols; the agent then
-calls the boot service back, which deletes the script.
+token goes there and nowhere else) and boots it from the network (power off, next boot PXE,
+power on: `Power.pxe_boot`); it returns `pending` at once, like every pool. The node has
+booted when its agent enrols; the agent then calls the boot service back, which deletes the
+script.
 
 `tend` (an optional method of the pool contract, called by the deploy flow while it waits for a
 node to enrol) notices a machine that has not called back within `boot_timeout`: it powers the
@@ -367,9 +368,9 @@ class BaremetalPool:
         machines: dict[str, Machine],
         script: str | None = None,
     ) -> Lease:
-        """Script, next boot PXE, power cycle. A machine whose BMC fails is written off and the
-        next free one is tried (up to `attempts`); a configuration error (a credential that is
-        not there, a value that cannot go into a script) is raised as it is."""
+        """Script, then a network boot (off, next boot PXE, on). A machine whose BMC fails is
+        written off and the next free one is tried (up to `attempts`); a configuration error (a
+        credential that is not there, a value that cannot go into a script) is raised as it is."""
         errors: list[str] = []
         while True:
             machine = machines[lease.machine]
@@ -385,8 +386,7 @@ class BaremetalPool:
                 raise
             self.files.write(machine.name, machine.macs, text, lease.nonce)
             try:
-                self.power.pxe_next_boot(machine.name, bmc)
-                self.power.cycle(machine.name, bmc)
+                self.power.pxe_boot(machine.name, bmc)
             except PoolError as exc:
                 errors.append(str(exc).removeprefix(f"pool {self.name}: "))
                 self._write_off(lease, machines, errors[-1])

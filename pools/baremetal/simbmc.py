@@ -22,6 +22,9 @@ Facts found by experiment with Debian's openipmi 2.0.33 (`ipmi_sim` 1.0.13):
 - The hook runs synchronously inside ipmi_sim's only thread: while it runs, the BMC answers
   nothing (a slow power-off shows as a client timeout, retried). A hook exit status other than 0
   becomes completion code 0xFF.
+- A slow answer, for tests: `bmc/slow-power-on` holds the seconds the next power-on takes (the
+  file is then removed). Above the client's timeout, the answer comes late: the client retries
+  while the BMC is still carrying the command out, as on a loaded host or a slow real BMC.
 - Users given in lan.conf are ignored once the state directory holds persisted users, so
   `write_config` empties the state directory.
 - The persistent bit of Set System Boot Options is ignored by ipmi_sim; "next boot only" is the
@@ -215,25 +218,49 @@ def _ancestors() -> set[int]:
     return found
 
 
+def _root(machine_dir: Path) -> tuple[int, int] | None:
+    """(pid, start time) of the machine program as `machine_on` recorded it in power.json, while
+    that very process lives (a zombie does not count).
+
+    Why: for a moment during an execve the process's environ reads empty, so the marker scan
+    misses a process that is exec'ing - and the machine program execs (simmachine becomes the
+    agent). A power-off whose scan fell in that moment found nothing and left the machine on.
+    The pid and start time survive the execve."""
+    try:
+        record = json.loads((machine_dir / "power.json").read_text())
+    except (OSError, ValueError):
+        return None
+    pid, started = record.get("pid"), record.get("start_time")
+    if not isinstance(pid, int) or started is None or _state(pid) in (None, "Z", "X"):
+        return None
+    return (pid, started) if start_time(pid) == started else None
+
+
 def _machine_pids(machine_dir: Path) -> list[int]:
     spared = _ancestors()
     target = str(machine_dir)
-    return [
+    found = [
         int(e)
         for e in os.listdir("/proc")
         if e.isdigit() and int(e) not in spared and _marked(int(e)) == target
     ]
+    root = _root(machine_dir)
+    if root is not None and root[0] not in found and root[0] not in spared:
+        found.append(root[0])
+    return found
 
 
 def _signal(pid: int, machine_dir: Path, sig: int) -> None:
-    """Through a pidfd, after checking the marker on that very process: a pid reused between
-    the scan and the signal is never hit."""
+    """Through a pidfd, after checking on that very process the marker, or that it is the
+    recorded machine program (same start time): a pid reused between the scan and the signal is
+    never hit."""
     try:
         fd = os.pidfd_open(pid)
     except OSError:
         return
     try:
-        if _marked(pid) == str(machine_dir):
+        root = _root(machine_dir)
+        if _marked(pid) == str(machine_dir) or (root is not None and root[0] == pid):
             signal.pidfd_send_signal(fd, sig)
     except OSError:
         pass
@@ -305,6 +332,14 @@ def machine_off(machine_dir: Path) -> None:
         delay = min(delay * 2, 0.1)
 
 
+def _state(pid: int) -> str | None:
+    """The process's state letter (R, S, Z, ...), None if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def start_time(pid: int) -> int | None:
     """The process's start time in clock ticks (tells a recorded pid from a reused one)."""
     try:
@@ -371,6 +406,11 @@ def _hook(machine_dir: Path, argv: list[str]) -> int:
             return 2
         for parm, value in zip(rest[::2], rest[1::2], strict=True):
             if parm == "power" and value == "1":
+                slow = machine_dir / "bmc" / "slow-power-on"
+                with contextlib.suppress(FileNotFoundError):
+                    seconds = float(slow.read_text())
+                    slow.unlink()
+                    time.sleep(seconds)
                 machine_on(machine_dir)
             elif parm == "power":
                 machine_off(machine_dir)
