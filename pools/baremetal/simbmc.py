@@ -218,9 +218,9 @@ def _ancestors() -> set[int]:
     return found
 
 
-def _root(machine_dir: Path) -> tuple[int, int] | None:
-    """(pid, start time) of the machine program as `machine_on` recorded it in power.json, while
-    that very process lives (a zombie does not count).
+def _root(machine_dir: Path) -> int | None:
+    """The pid of the machine program as `machine_on` recorded it in power.json, while that very
+    process (same start time) lives; a zombie does not count.
 
     Why: for a moment during an execve the process's environ reads empty, so the marker scan
     misses a process that is exec'ing - and the machine program execs (simmachine becomes the
@@ -233,7 +233,7 @@ def _root(machine_dir: Path) -> tuple[int, int] | None:
     pid, started = record.get("pid"), record.get("start_time")
     if not isinstance(pid, int) or started is None or _state(pid) in (None, "Z", "X"):
         return None
-    return (pid, started) if start_time(pid) == started else None
+    return pid if start_time(pid) == started else None
 
 
 def _machine_pids(machine_dir: Path) -> list[int]:
@@ -245,8 +245,8 @@ def _machine_pids(machine_dir: Path) -> list[int]:
         if e.isdigit() and int(e) not in spared and _marked(int(e)) == target
     ]
     root = _root(machine_dir)
-    if root is not None and root[0] not in found and root[0] not in spared:
-        found.append(root[0])
+    if root is not None and root not in found and root not in spared:
+        found.append(root)
     return found
 
 
@@ -259,8 +259,7 @@ def _signal(pid: int, machine_dir: Path, sig: int) -> None:
     except OSError:
         return
     try:
-        root = _root(machine_dir)
-        if _marked(pid) == str(machine_dir) or (root is not None and root[0] == pid):
+        if _marked(pid) == str(machine_dir) or _root(machine_dir) == pid:
             signal.pidfd_send_signal(fd, sig)
     except OSError:
         pass
