@@ -102,3 +102,20 @@ def write_atomic(path: Path, data: bytes, mode: int) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks) from /proc/<pid>/stat, None when the pid is gone.
+    The start time tells a recorded pid from a new process that reused the number."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2 :].split()  # comm may hold spaces and parentheses
+    return fields[0].decode(), int(fields[19])  # fields 3 (state) and 22 (starttime)
+
+
+def same_process_alive(pid: object, start: object) -> bool:
+    """Alive and the same process: a zombie is dead, a reused pid is someone else."""
+    stat = proc_stat(pid) if isinstance(pid, int) and pid > 0 else None
+    return stat is not None and stat[0] not in ("Z", "X") and stat[1] == start

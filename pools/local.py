@@ -35,7 +35,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pools.base import TAG_CLUSTER, TAG_NODE, NodeInfo, NodeSpec, PoolError, write_atomic
+from pools.base import (
+    TAG_CLUSTER,
+    TAG_NODE,
+    NodeInfo,
+    NodeSpec,
+    PoolError,
+    proc_stat,
+    same_process_alive,
+    write_atomic,
+)
 
 NAME = "local"
 NODE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER", "LOGNAME")
@@ -73,23 +82,6 @@ def _flock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks) from /proc/<pid>/stat, None when the pid is gone.
-    The start time tells a recorded pid from a new process that reused the number."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2 :].split()  # comm may hold spaces and parentheses
-    return fields[0].decode(), int(fields[19])  # fields 3 (state) and 22 (starttime)
-
-
-def _running(pid: object, start: object) -> bool:
-    """Alive and the same process: a zombie is dead, a reused pid is someone else."""
-    stat = _proc_stat(pid) if isinstance(pid, int) and pid > 0 else None
-    return stat is not None and stat[0] not in ("Z", "X") and stat[1] == start
 
 
 def _marks(pid: int) -> dict[str, str]:
@@ -188,7 +180,9 @@ class LocalPool:
             if record is not None and record.get("cluster") != spec.cluster:
                 message = f"node {spec.name} exists in cluster {record.get('cluster')!r}"
                 raise PoolError(NAME, f"{message}, not {spec.cluster!r}")
-            if record is not None and _running(record.get("pid"), record.get("start_time")):
+            if record is not None and same_process_alive(
+                record.get("pid"), record.get("start_time")
+            ):
                 return self._info(record, "running")
             if directory.exists():  # a reboot: what the dead agent left running goes first
                 self._stop(spec.name, record)
@@ -243,7 +237,7 @@ class LocalPool:
         if record is None:  # a create killed between mkdir and node.json, or no node at all
             gone = not (self.root / name).is_dir()
             return None if gone else NodeInfo(name=name, cluster="", state="error", address=None)
-        running = _running(record.get("pid"), record.get("start_time"))
+        running = same_process_alive(record.get("pid"), record.get("start_time"))
         return self._info(record, "running" if running else "stopped")
 
     def _info(self, record: Record, state: str) -> NodeInfo:
@@ -276,7 +270,7 @@ class LocalPool:
         write_atomic(directory / "node.json", _dump(record), 0o600)
         self._install(spec, directory)
         proc = self._spawn(spec, directory)
-        stat = _proc_stat(proc.pid)
+        stat = proc_stat(proc.pid)
         record.update(pid=proc.pid, start_time=stat[1] if stat else None, started=time.time())
         write_atomic(directory / "node.json", _dump(record), 0o600)
         return record
@@ -396,7 +390,7 @@ class LocalPool:
         start = record.get("start_time") if record else None
         pid = record.get("pid") if record else None
         # never signal a group whose leader we cannot vouch for (the pid may be reused)
-        leader = pid if isinstance(pid, int) and _running(pid, start) else None
+        leader = pid if isinstance(pid, int) and same_process_alive(pid, start) else None
         group, sig, delay, began = leader, signal.SIGTERM, 0.005, time.monotonic()
         held: dict[int, int] = {}  # pid -> pidfd of a marked process not yet seen exit
         try:
@@ -409,7 +403,7 @@ class LocalPool:
                             held[target] = fd
                 for target in [t for t, fd in held.items() if _exited(fd)]:
                     os.close(held.pop(target))
-                if not held and not (leader is not None and _running(leader, start)):
+                if not held and not (leader is not None and same_process_alive(leader, start)):
                     return
                 if group is not None:
                     try:

@@ -55,7 +55,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pools.base import write_atomic
+from pools.base import proc_stat, same_process_alive, write_atomic
 
 IPMI_SIM = "/usr/bin/ipmi_sim"
 MACHINE_MARKER = "CRV_RACK_MACHINE"
@@ -230,10 +230,8 @@ def _root(machine_dir: Path) -> int | None:
         record = json.loads((machine_dir / "power.json").read_text())
     except (OSError, ValueError):
         return None
-    pid, started = record.get("pid"), record.get("start_time")
-    if not isinstance(pid, int) or started is None or _state(pid) in (None, "Z", "X"):
-        return None
-    return pid if start_time(pid) == started else None
+    pid = record.get("pid")
+    return pid if same_process_alive(pid, record.get("start_time")) else None
 
 
 def _machine_pids(machine_dir: Path) -> list[int]:
@@ -331,20 +329,10 @@ def machine_off(machine_dir: Path) -> None:
         delay = min(delay * 2, 0.1)
 
 
-def _state(pid: int) -> str | None:
-    """The process's state letter (R, S, Z, ...), None if it is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
 def start_time(pid: int) -> int | None:
     """The process's start time in clock ticks (tells a recorded pid from a reused one)."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
+    stat = proc_stat(pid)
+    return stat[1] if stat else None
 
 
 def _bootdev(machine_dir: Path) -> str:
