@@ -7,10 +7,15 @@ failed together do not retry together. The Prefect tasks use the same numbers (t
 
 from __future__ import annotations
 
+import asyncio
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from crv.errors import CrvError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,18 @@ class RetryPolicy:
     @staticmethod
     def retryable(error: BaseException) -> bool:
         return isinstance(error, CrvError) and error.temporary
+
+    async def call(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """`attempt()`, tried again after a retryable error up to `retries` times; the last
+        error is raised."""
+        for tried in range(self.retries):
+            try:
+                return await attempt()
+            except Exception as e:
+                if not self.retryable(e):
+                    raise
+            await asyncio.sleep(self.delay(tried))
+        return await attempt()
 
 
 DEFAULT_POLICY = RetryPolicy()

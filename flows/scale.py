@@ -18,7 +18,6 @@ deploy's: this flow picks the counts and reports.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
@@ -147,12 +146,8 @@ async def _busy_readings(service: AsyncService, cluster: str, role: str) -> list
     """The role's `busy` readings, a temporary service error (a loaded service's 5xx) tried
     again by the one retry policy; none if they cannot be read (logged: the order then falls
     back to the newest)."""
-    for attempt in range(DEFAULT_POLICY.retries + 1):
-        try:
-            return await service.attribute_readings(cluster, role, "busy")
-        except ServiceError as exc:
-            if not DEFAULT_POLICY.retryable(exc) or attempt == DEFAULT_POLICY.retries:
-                get_run_logger().warning("busy of role %s not read: %s", role, exc)
-                return []
-            await asyncio.sleep(DEFAULT_POLICY.delay(attempt))
-    raise AssertionError("unreachable")
+    try:
+        return await DEFAULT_POLICY.call(lambda: service.attribute_readings(cluster, role, "busy"))
+    except ServiceError as exc:
+        get_run_logger().warning("busy of role %s not read: %s", role, exc)
+        return []

@@ -1,0 +1,53 @@
+"""crv.retry: the one retry policy's `call`."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from crv.errors import CrvError
+from crv.retry import RetryPolicy
+
+FAST = RetryPolicy(retries=2, base=0.0)
+
+
+class Flaky:
+    """Fails with `errors` in turn, then returns "ok"; counts the attempts."""
+
+    def __init__(self, *errors: Exception) -> None:
+        self.errors = list(errors)
+        self.attempts = 0
+
+    async def __call__(self) -> str:
+        self.attempts += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return "ok"
+
+
+def temporary(text: str) -> CrvError:
+    error = CrvError(text)
+    error.temporary = True
+    return error
+
+
+def test_a_temporary_error_is_tried_again() -> None:
+    attempt = Flaky(temporary("busy"), temporary("busy"))
+    assert asyncio.run(FAST.call(attempt)) == "ok"
+    assert attempt.attempts == 3
+
+
+def test_the_last_temporary_error_is_raised_after_the_retries() -> None:
+    attempt = Flaky(*(temporary(f"busy {i}") for i in range(3)))
+    with pytest.raises(CrvError, match="busy 2"):
+        asyncio.run(FAST.call(attempt))
+    assert attempt.attempts == 3
+
+
+@pytest.mark.parametrize("error", [CrvError("refused"), ValueError("a bug")])
+def test_anything_else_is_raised_at_once(error: Exception) -> None:
+    attempt = Flaky(error)
+    with pytest.raises(type(error)):
+        asyncio.run(FAST.call(attempt))
+    assert attempt.attempts == 1
