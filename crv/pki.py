@@ -10,12 +10,11 @@ by `node_identity` when the service authorizes a request.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import ipaddress
 import os
 import re
 import secrets
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from crv.errors import PkiError
+from crv.flock import exclusive
 from crv.spec import CONTROL_RE, NAME_PATTERN, NAME_RULE
 
 __all__ = ["ADMIN_URI", "CertificateAuthority", "is_admin", "node_identity"]
@@ -76,7 +76,7 @@ class CertificateAuthority:
         if not cert_path.exists():
             try:
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-                with _locked(directory / ".ca.lock"):
+                with exclusive(directory / ".ca.lock"):
                     if not cert_path.exists():  # another process may have won meanwhile
                         _create_ca(key_path, cert_path, name)
             except OSError as e:
@@ -430,16 +430,6 @@ def _publish(path: Path, data: bytes, mode: int) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _key_usage(

@@ -26,7 +26,6 @@ pool or network, XML libvirt refuses, an unsupported operation) is permanent.
 
 from __future__ import annotations
 
-import fcntl
 import io
 import os
 import re
@@ -44,6 +43,7 @@ import pycdlib
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from crv.flock import exclusive
 from pools import cloudinit
 from pools.base import TAG_CLUSTER, TAG_NODE, NodeInfo, NodeSpec, PoolError, write_atomic
 
@@ -521,14 +521,8 @@ class LibvirtPool:
     def _flock(self, name: str) -> Iterator[None]:
         """One lock per node name (threads and processes): create and destroy of a node do not
         interleave. Lock files are never deleted: unlinking one races with its waiters."""
-        locks = self.state_dir / ".locks"
-        locks.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(locks / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with exclusive(self.state_dir / ".locks" / name):
             yield
-        finally:
-            os.close(fd)
 
     @contextmanager
     def _translated(self, action: str) -> Iterator[None]:

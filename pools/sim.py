@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -50,6 +49,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from crv.flock import exclusive
 from pools.base import TAG_CLUSTER, TAG_NODE, NodeInfo, NodeSpec, PoolError
 
 NAME = "sim"
@@ -269,8 +269,7 @@ class SimPool:
     def _start_host(self, path: str) -> None:
         """One host per state dir, whatever the number of threads or processes asking."""
         self.validate()
-        with self._start_lock, open(self.root / ".host.lock", "a+b") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        with self._start_lock, exclusive(self.root / ".host.lock"):
             if self._ping(path):
                 return
             # what a node would see, never crv's own environment (it may hold credentials)

@@ -22,10 +22,8 @@ again finds its machine instead of taking a second one) and the machines written
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import json
-import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +34,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from crv.errors import SpecError
+from crv.flock import exclusive
 from crv.spec import Name, validation_error
 from crv.yamldoc import load_yaml_file
 from pools.base import write_atomic
@@ -207,10 +206,7 @@ class Leases:
     @contextmanager
     def open(self) -> Iterator[Ledger]:
         """The ledger, written back when the block ends without an exception."""
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self._lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with exclusive(self._lock):
             ledger = self.read()
             yield ledger
             doc = {
@@ -219,5 +215,3 @@ class Leases:
                 "commands": dict(sorted(ledger.commands.items())),
             }
             write_atomic(self.path, json.dumps(doc, indent=1).encode() + b"\n", 0o600)
-        finally:
-            os.close(fd)
