@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from crv.errors import SpecError
+from crv.flock import exclusive
 
 autoscale_app = typer.Typer(
     no_args_is_help=True, help="Autoscaling: node groups sized by a metric (their `scaling`)."
@@ -197,7 +198,8 @@ def enable(
         seconds = interval("--every", every)
         home, endpoints, service, _, _ = _cluster(cli, name, "enable")
         daemons.ensure_served(home, endpoints)
-        service.put_autoscaling(name, True, seconds)
+        with exclusive(home.autoscale_lock):  # not in the middle of a pass (deployments.serve)
+            service.put_autoscaling(name, True, seconds)
         deadline = time.monotonic() + DEPLOYMENT_WAIT
         while True:  # the serve process adds the deployment (deployments.serve)
             found = _deployment(name)
@@ -224,16 +226,19 @@ def disable(name: ClusterArg) -> None:
     (its recorded decisions are kept; the cluster keeps its current size)."""
     cli = _cli()
     with cli._user_errors():
-        _, _, service, _, _ = _cluster(cli, name, "disable")  # sets up this process's Prefect
-        setting = service.autoscaling(name)[0]
-        found = _deployment(name)  # before: the serve process deletes it once it sees the row
-        service.put_autoscaling(name, False, setting.get("every") or 60.0)
-        if found is not None:
-            from prefect import get_client
-            from prefect.exceptions import ObjectNotFound
+        home, _, service, _, _ = _cluster(cli, name, "disable")  # sets up this process's Prefect
+        # under the lock: a pass of the serve process that read "enabled" before this change
+        # would make the deployment again after it was deleted (deployments.serve)
+        with exclusive(home.autoscale_lock):
+            setting = service.autoscaling(name)[0]
+            found = _deployment(name)
+            service.put_autoscaling(name, False, setting.get("every") or 60.0)
+            if found is not None:
+                from prefect import get_client
+                from prefect.exceptions import ObjectNotFound
 
-            with get_client(sync_client=True) as client, contextlib.suppress(ObjectNotFound):
-                client.delete_deployment(found.id)
+                with get_client(sync_client=True) as client, contextlib.suppress(ObjectNotFound):
+                    client.delete_deployment(found.id)
     removed = f" (autoscale/{name} removed)" if found is not None else ""
     print(f"autoscaling of {name} disabled{removed}")
 

@@ -44,6 +44,12 @@ class Home:
         return self.service_dir / "state.db"
 
     @property
+    def autoscale_lock(self) -> Path:
+        """Held by whoever changes the autoscaling settings (`crv autoscale enable/disable`) and
+        by the serve process while it brings the `autoscale/*` deployments in line with them."""
+        return self.service_dir / "autoscale.lock"
+
+    @property
     def ca_file(self) -> Path:
         return self.ca_dir / "ca.crt"
 

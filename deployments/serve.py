@@ -14,6 +14,13 @@ POLL_SECONDS: it adds (and from then on runs) the deployment of a cluster enable
 interval schedule of its `every`; applies a new `every`; and deletes the deployment of a cluster
 disabled or destroyed. It alone creates and updates those deployments (`crv autoscale disable`
 also deletes one at once, `enable` resumes a paused one). A pause in the UI is kept.
+
+A pass reads the settings, then the deployments, then adds or deletes: `crv autoscale
+enable/disable` change a setting (and `disable` deletes the deployment) under the same file lock
+(`Home.autoscale_lock`) as a whole pass, so a pass never acts on a setting read before a change
+that finished before it acts. Without it a pass that had read "enabled" just before a `disable`
+made the deployment again after `disable` had deleted it (seen in CI: `status` right after
+`disable` still showed `autoscale/<cluster>`).
 """
 
 from __future__ import annotations
@@ -94,8 +101,11 @@ class AutoscaleWatch:
     """Keeps the `autoscale/<cluster>` deployments in line with the store (module doc)."""
 
     def __init__(self, runner: Runner) -> None:
+        from crv.home import Home
+
         self.runner = runner
         self.applied: dict[str, float] = {}  # cluster -> the `every` this process applied
+        self.lock = Home.from_env().autoscale_lock
 
     async def loop(self) -> None:
         while True:
@@ -106,6 +116,13 @@ class AutoscaleWatch:
             await asyncio.sleep(POLL_SECONDS)
 
     async def tick(self) -> None:
+        """One pass, under the settings' lock (module doc)."""
+        from crv.flock import exclusive_async
+
+        async with exclusive_async(self.lock):
+            await self._apply()
+
+    async def _apply(self) -> None:
         from prefect import get_client
         from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -309,10 +310,68 @@ def test_a_stale_metric_is_recorded_and_changes_nothing(farm: Farm) -> None:
     assert len(farm.workers()) == 1
 
 
-def test_disable_removes_the_deployment(farm: Farm) -> None:
-    r = farm.crv("autoscale", "disable", CLUSTER)
-    assert r.returncode == 0, r.stderr
-    assert f"autoscale/{CLUSTER} removed" in r.stdout
+# One pass of the serve process's autoscale watch (deployments.serve) that stops once it has
+# read the settings, until the file argv[2] exists; once the file argv[3] exists it prints
+# whether the deployment is there.
+PAUSED_PASS = f"""
+import asyncio, pathlib, sys, time
+from prefect.runner import Runner
+import deployments.serve as serve
+from crv.autoscale_cli import _deployment
+read, go, done = (pathlib.Path(a) for a in sys.argv[1:4])
+real = serve._enabled
+
+def wait(path):
+    end = time.monotonic() + 120
+    while not path.exists() and time.monotonic() < end:
+        time.sleep(0.05)
+
+def paused():
+    found = real()
+    read.touch()
+    wait(go)
+    return found
+
+serve._enabled = paused
+asyncio.run(serve.AutoscaleWatch(Runner()).tick())
+wait(done)
+print("there" if _deployment({CLUSTER!r}) else "gone")
+"""
+
+
+def test_disable_removes_the_deployment(farm: Farm, tmp_path: Path) -> None:
+    """Even when a pass of the serve process read "enabled" just before the disable (it waits
+    for that pass, which then cannot make the deployment again)."""
+    read, go, done = (tmp_path / n for n in ("read", "go", "done"))
+    watch = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_PASS, str(read), str(go), str(done)],
+        env=farm.prefect_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        wait_for(
+            "the pass to read the settings", lambda: read.exists() or watch.poll() is not None, 120
+        )
+        assert watch.poll() is None, watch.communicate()
+        disable = farm.crv.popen("autoscale", "disable", CLUSTER)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            disable.wait(10)
+        waited = disable.poll() is None  # for the pass (the lock)
+        go.touch()
+        out = disable.communicate(timeout=120)[0]
+        done.touch()
+        where, werr = watch.communicate(timeout=120)
+    finally:
+        go.touch()
+        done.touch()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            watch.wait(30)
+        watch.kill()
+    assert disable.returncode == 0, out
+    assert watch.returncode == 0, werr
+    assert where.strip() == "gone", "the pass made the deployment again after disable"
+    assert waited, "disable did not wait for the pass under way"
+    assert f"autoscale/{CLUSTER} removed" in out
     status = farm.autoscale()
     assert status["enabled"] is False and status["deployment"] is None
     time.sleep(3)  # a run that had started before may still record its decision
