@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -167,6 +166,27 @@ def _cluster(cli: Any, name: str, command: str) -> tuple[Any, Any, Any, dict[str
     return home, endpoints, service, status, loaded
 
 
+def _remove_deployment(name: str) -> bool:
+    """Remove `autoscale/<name>` the way the serve process does; whether it was there."""
+    import asyncio
+
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from deployments.serve import remove_deployment
+
+    async def remove() -> bool:
+        async with get_client() as client:
+            try:
+                found = await client.read_deployment_by_name(f"autoscale/{name}")
+            except ObjectNotFound:
+                return False
+            await remove_deployment(client, found)
+            return True
+
+    return asyncio.run(remove())
+
+
 def _deployment(name: str) -> Any:
     """The `autoscale/<name>` deployment on the Prefect server, or None."""
     from prefect import get_client
@@ -231,15 +251,9 @@ def disable(name: ClusterArg) -> None:
         # would make the deployment again after it was deleted (deployments.serve)
         with exclusive(home.autoscale_lock):
             setting = service.autoscaling(name)[0]
-            found = _deployment(name)
             service.put_autoscaling(name, False, setting.get("every") or 60.0)
-            if found is not None:
-                from prefect import get_client
-                from prefect.exceptions import ObjectNotFound
-
-                with get_client(sync_client=True) as client, contextlib.suppress(ObjectNotFound):
-                    client.delete_deployment(found.id)
-    removed = f" (autoscale/{name} removed)" if found is not None else ""
+            found = _remove_deployment(name)
+    removed = f" (autoscale/{name} removed)" if found else ""
     print(f"autoscaling of {name} disabled{removed}")
 
 

@@ -15,6 +15,12 @@ interval schedule of its `every`; applies a new `every`; and deletes the deploym
 disabled or destroyed. It alone creates and updates those deployments (`crv autoscale disable`
 also deletes one at once, `enable` resumes a paused one). A pause in the UI is kept.
 
+Removing one (`remove_deployment`) pauses it first and deletes it once none of its runs is
+PENDING. A run the runner has taken from the schedule is PENDING while its process starts and
+loads the flow through the deployment; deleting the deployment then crashed the run
+(ObjectNotFound, seen in the e2e test). Paused first, such a run loads, sees the pause and
+decides nothing; Prefect deletes the runs still SCHEDULED on pause and on delete.
+
 A pass reads the settings, then the deployments, then adds or deletes: `crv autoscale
 enable/disable` change a setting (and `disable` deletes the deployment) under the same file lock
 (`Home.autoscale_lock`) as a whole pass, so a pass never acts on a setting read before a change
@@ -28,17 +34,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from deployments import AUTOSCALE_FLOW, autoscale_deployment, build
 
 if TYPE_CHECKING:
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.responses import DeploymentResponse
     from prefect.deployments.runner import RunnerDeployment
     from prefect.runner import Runner
 
 log = logging.getLogger("crv.serve")
 
 POLL_SECONDS = 2.0  # how soon a run created through the UI or the API starts
+REMOVE_WAIT = 60.0  # how long a removal waits for the deployment's PENDING runs to start
 
 
 def keep_server_settings(deployments: list[RunnerDeployment]) -> None:
@@ -146,9 +156,45 @@ class AutoscaleWatch:
                 log.info("autoscale/%s: every %g s", cluster, every)
             for name, d in existing.items():
                 if name not in wanted:
-                    await client.delete_deployment(d.id)
+                    await remove_deployment(client, d)
                     self.applied.pop(name, None)
                     log.info("autoscale/%s: removed", name)
+
+
+async def remove_deployment(client: PrefectClient, deployment: DeploymentResponse) -> None:
+    """Pause, wait until none of its runs is PENDING (up to REMOVE_WAIT), delete (module doc).
+    Gone already is fine."""
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        if not deployment.paused:
+            await client.pause_deployment(deployment.id)
+        deadline = time.monotonic() + REMOVE_WAIT
+        while await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PENDING]))
+            ),
+            limit=1,
+        ):
+            if time.monotonic() > deadline:
+                log.warning(
+                    "%s: a run still PENDING after %g s; deleting it anyway",
+                    deployment.name, REMOVE_WAIT,
+                )  # fmt: skip
+                break
+            await asyncio.sleep(0.5)
+        await client.delete_deployment(deployment.id)
+    except ObjectNotFound:
+        pass
 
 
 def _enabled() -> dict[str, float]:

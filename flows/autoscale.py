@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import httpx
 from prefect import flow, get_run_logger
@@ -59,11 +59,12 @@ async def autoscale(
     retries: Annotated[int, Field(ge=0, le=10)] = 2,
 ) -> dict[str, Any]:
     logger = get_run_logger()
-    if await _paused_schedule():
+    stopped = await _stopped_schedule()
+    if stopped is not None:
         logger.info(
-            "cluster %s: the deployment is paused; this scheduled run decides nothing", name
+            "cluster %s: the deployment is %s; this scheduled run decides nothing", name, stopped
         )
-        return {"cluster": name, "decisions": [], "paused": True}
+        return {"cluster": name, "decisions": [], stopped: True}
     home, endpoints = running_service()
     service = AsyncService(home, endpoints.service_url)
     try:
@@ -94,20 +95,26 @@ async def autoscale(
     return {"cluster": name, "decisions": run.rows}
 
 
-async def _paused_schedule() -> bool:
-    """Whether this run came from the schedule of a deployment that is paused now. Pausing
-    deletes the scheduled runs, but one the scheduler was inserting meanwhile survives it (a
-    loaded CI machine saw two minutes of them): such a run must not decide. A run started by
-    hand (UI, API) of a paused deployment still decides."""
+async def _stopped_schedule() -> Literal["paused", "removed"] | None:
+    """Whether this run came from the schedule of a deployment that is paused now, or removed
+    (`crv autoscale disable`, the cluster destroyed). Pausing or deleting a deployment deletes
+    its scheduled runs, but not one the scheduler was inserting meanwhile (a loaded CI machine
+    saw two minutes of them) or one the runner had already taken: such a run must not decide.
+    A run started by hand (UI, API) of a paused deployment still decides."""
     from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
 
     if flow_run.id is None:  # called as a plain function or a subflow: no schedule
-        return False
+        return None
     async with get_client() as client:
         run = await client.read_flow_run(flow_run.id)
         if not run.auto_scheduled or run.deployment_id is None:
-            return False
-        return bool((await client.read_deployment(run.deployment_id)).paused)
+            return None
+        try:  # a run keeps its deployment's id after the deployment is deleted
+            deployment = await client.read_deployment(run.deployment_id)
+        except ObjectNotFound:
+            return "removed"
+        return "paused" if deployment.paused else None
 
 
 def _scaled_groups(name: str, status: dict[str, Any]) -> list[str]:

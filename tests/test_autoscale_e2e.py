@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -72,6 +73,98 @@ class Farm:
             "    'expected_start_time': str(r.expected_start_time),\n"
             "    'start_time': r.start_time.isoformat() if r.start_time else None,\n"
             "    'state': r.state_name} for r in runs]))\n"
+        )
+        runs: list[dict[str, Any]] = json.loads(found)
+        return runs
+
+    def wait_quiet(self, before: int) -> int:
+        """Wait until the runs under way have ended: 15 s without a new decision (within 180 s);
+        the newest decision's seq."""
+        deadline, last = time.monotonic() + 180, self.newest()
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 15:
+            assert time.monotonic() < deadline, f"decisions kept coming: {self.runs_of(before)}"
+            time.sleep(1)
+            if self.newest() != last:
+                last, quiet_since = self.newest(), time.monotonic()
+        return last
+
+    def started_after(self, before: int, at: datetime) -> list[dict[str, Any]]:
+        """The scheduled runs that decided after seq `before` and started after `at`."""
+        return [
+            r for r in self.runs_of(before)
+            if r["auto_scheduled"]
+            and (r["start_time"] is None or datetime.fromisoformat(r["start_time"]) > at)
+        ]  # fmt: skip
+
+    def taken_scheduled_run(self, deployment_id: str | None = None) -> str:
+        """A run of the autoscale deployment (or of the deployment `deployment_id`, deleted)
+        as the runner leaves one it has taken from the schedule: auto-scheduled, PENDING.
+        Prefect's API makes no auto-scheduled runs (its scheduler does), so that flag is set in
+        the server's database."""
+        run_id = self.prefect(
+            "from prefect import get_client\n"
+            "with get_client(sync_client=True) as c:\n"
+            f"    deployment = {deployment_id!r} or str(\n"
+            f"        c.read_deployment_by_name('autoscale/{CLUSTER}').id)\n"
+            "    body = {'deployment_id': deployment,\n"
+            "        'flow_id': str(c.read_flow_by_name('autoscale').id),\n"
+            f"        'parameters': {{'name': {CLUSTER!r}}}, 'state': {{'type': 'PENDING'}}}}\n"
+            "    print(c._client.post('/flow_runs/', json=body).json()['id'])\n"
+        ).strip()
+        with contextlib.closing(sqlite3.connect(self.crv.home / "prefect" / "prefect.db")) as db:
+            db.execute("PRAGMA busy_timeout = 60000")
+            with db:
+                changed = db.execute(
+                    "UPDATE flow_run SET auto_scheduled = 1 WHERE id = ?", (run_id,)
+                ).rowcount
+        assert changed == 1, run_id
+        return run_id
+
+    def flow_run(self, run_id: str) -> dict[str, Any]:
+        found = self.prefect(
+            "import uuid\n"
+            "from prefect import get_client\n"
+            "with get_client(sync_client=True) as c:\n"
+            f"    print(c.read_flow_run(uuid.UUID({run_id!r})).model_dump_json())\n"
+        )
+        run: dict[str, Any] = json.loads(found)
+        return run
+
+    def run_taken(self, run_id: str) -> list[Any]:
+        """Run the flow run `run_id` as the runner's process would (Prefect's flow engine, the
+        autoscale flow): [what the flow returned, the run's final state type]."""
+        result = self.prefect(
+            "import asyncio, json, uuid\n"
+            "from prefect import get_client\n"
+            "from prefect.flow_engine import run_flow_async\n"
+            "from flows.autoscale import autoscale\n"
+            "async def main():\n"
+            "    async with get_client() as c:\n"
+            f"        run = await c.read_flow_run(uuid.UUID({run_id!r}))\n"
+            "        out = await run_flow_async(autoscale, flow_run=run, parameters=run.parameters)\n"
+            "        print(json.dumps([out, (await c.read_flow_run(run.id)).state_type.value]))\n"
+            "asyncio.run(main())\n",
+            timeout=300,
+        )
+        found: list[Any] = json.loads(result)
+        return found
+
+    def runs_started_after(self, at: datetime) -> list[dict[str, Any]]:
+        """The autoscale flow's runs that started after `at`: name, state and their logs."""
+        found = self.prefect(
+            "import json\n"
+            "from datetime import datetime\n"
+            "from prefect import get_client\n"
+            "from prefect.client.schemas.filters import *\n"
+            "with get_client(sync_client=True) as c:\n"
+            "    runs = c.read_flow_runs(\n"
+            "        flow_filter=FlowFilter(name=FlowFilterName(any_=['autoscale'])),\n"
+            "        flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(\n"
+            f"            after_=datetime.fromisoformat({at.isoformat()!r}))))\n"
+            "    print(json.dumps([{'name': r.name, 'state': r.state_type.value, 'logs': [\n"
+            "        g.message for g in c.read_logs(log_filter=LogFilter(\n"
+            "            flow_run_id=LogFilterFlowRunId(any_=[r.id])))]} for r in runs]))\n"
         )
         runs: list[dict[str, Any]] = json.loads(found)
         return runs
@@ -263,20 +356,8 @@ def test_paused_in_prefect_makes_no_decisions_and_enable_resumes(farm: Farm) -> 
     paused_at = datetime.now(timezone.utc)
     try:
         assert farm.autoscale()["paused"] is True
-        # the runs under way at the pause end: then 15 s without a decision
-        deadline, last = time.monotonic() + 180, farm.newest()
-        quiet_since = time.monotonic()
-        while time.monotonic() - quiet_since < 15:
-            assert time.monotonic() < deadline, f"decisions kept coming: {farm.runs_of(before)}"
-            time.sleep(1)
-            if farm.newest() != last:
-                last, quiet_since = farm.newest(), time.monotonic()
-        runs = farm.runs_of(before)
-        late = [
-            r for r in runs
-            if r["auto_scheduled"]
-            and (r["start_time"] is None or datetime.fromisoformat(r["start_time"]) > paused_at)
-        ]  # fmt: skip
+        last = farm.wait_quiet(before)
+        late = farm.started_after(before, paused_at)
         assert not late, f"scheduled runs started after the pause ({paused_at}) decided: {late}"
         assert farm.autoscale()["paused"] is True
         # a run started by hand of the paused deployment still decides
@@ -339,9 +420,11 @@ print("there" if _deployment({CLUSTER!r}) else "gone")
 """
 
 
-def test_disable_removes_the_deployment(farm: Farm, tmp_path: Path) -> None:
-    """Even when a pass of the serve process read "enabled" just before the disable (it waits
-    for that pass, which then cannot make the deployment again)."""
+def test_disable_waits_for_a_pass_under_way_and_removes_the_deployment(
+    farm: Farm, tmp_path: Path
+) -> None:
+    """A pass of the serve process that read "enabled" just before the disable: disable waits
+    for it (the settings' lock), and it cannot make the deployment again afterwards."""
     read, go, done = (tmp_path / n for n in ("read", "go", "done"))
     watch = subprocess.Popen(
         [sys.executable, "-c", PAUSED_PASS, str(read), str(go), str(done)],
@@ -358,7 +441,7 @@ def test_disable_removes_the_deployment(farm: Farm, tmp_path: Path) -> None:
             disable.wait(10)
         waited = disable.poll() is None  # for the pass (the lock)
         go.touch()
-        out = disable.communicate(timeout=120)[0]
+        out = disable.communicate(timeout=180)[0]
         done.touch()
         where, werr = watch.communicate(timeout=120)
     finally:
@@ -374,8 +457,48 @@ def test_disable_removes_the_deployment(farm: Farm, tmp_path: Path) -> None:
     assert f"autoscale/{CLUSTER} removed" in out
     status = farm.autoscale()
     assert status["enabled"] is False and status["deployment"] is None
-    time.sleep(3)  # a run that had started before may still record its decision
-    last = farm.newest()
-    time.sleep(12)  # the serve process does not make it again
+    time.sleep(5)  # a few passes of the serve process: it does not make it again
     assert farm.autoscale()["deployment"] is None
-    assert farm.newest() == last
+    r = farm.crv("autoscale", "enable", CLUSTER, "--every", "5s")  # for the next test
+    assert r.returncode == 0, r.stderr
+
+
+def test_disable_lets_a_run_taken_from_the_schedule_end_without_deciding(farm: Farm) -> None:
+    """A run the runner took from the schedule (PENDING: its process is starting; it loads the
+    flow through the deployment) when disable comes: disable pauses the deployment, waits for
+    the run to start, then deletes it; the run decides nothing and completes. A run that gets
+    to its check after the deletion does the same. Then no scheduled run decides."""
+    before = farm.newest()
+    taken = farm.taken_scheduled_run()
+    disable = farm.crv.popen("autoscale", "disable", CLUSTER)
+    try:
+        wait_for("the pause", lambda: farm.autoscale()["paused"] or disable.poll() is not None, 120)
+        assert disable.poll() is None, disable.communicate()[0]
+        assert farm.autoscale()["deployment"] == f"autoscale/{CLUSTER}"  # kept for the run
+        last = farm.newest()
+        assert farm.run_taken(taken) == [
+            {"cluster": CLUSTER, "decisions": [], "paused": True},
+            "COMPLETED",
+        ]
+        assert farm.newest() == last
+        out = disable.communicate(timeout=120)[0]
+    finally:
+        disable.kill()
+    assert disable.returncode == 0, out
+    assert f"autoscale/{CLUSTER} removed" in out
+    disabled_at = datetime.now(timezone.utc)
+    assert farm.autoscale()["deployment"] is None
+    # the deployment's id stays on its runs: one at its check now finds no deployment
+    late = farm.taken_scheduled_run(deployment_id=farm.flow_run(taken)["deployment_id"])
+    assert farm.run_taken(late) == [
+        {"cluster": CLUSTER, "decisions": [], "removed": True},
+        "COMPLETED",
+    ]
+    # runs that had started before may still record their decisions; none starts after, and
+    # none failed or crashed
+    farm.wait_quiet(before)
+    decided = farm.started_after(before, disabled_at)
+    assert not decided, f"scheduled runs started after the disable ({disabled_at}): {decided}"
+    after = farm.runs_started_after(disabled_at)
+    assert all(r["state"] == "COMPLETED" for r in after), after
+    assert farm.autoscale()["deployment"] is None  # the serve process did not make it again
