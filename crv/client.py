@@ -122,6 +122,10 @@ class AsyncService:
         path = f"/v1/admin/clusters/{cluster}/decisions/{seq}"
         await self.call("PATCH", path, json={"outcome": outcome[:4096]})
 
+    async def autoscaling(self) -> list[dict[str, Any]]:
+        """The autoscaling settings of every cluster that has one."""
+        return list((await self.call("GET", "/v1/admin/autoscaling"))["clusters"])
+
     async def put_autoscaling(self, cluster: str, enabled: bool, every: float) -> None:
         body = {"enabled": enabled, "every": every}
         await self.call("PUT", f"/v1/admin/clusters/{cluster}/autoscaling", json=body)

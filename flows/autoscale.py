@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import httpx
 from prefect import flow, get_run_logger
@@ -59,15 +59,14 @@ async def autoscale(
     retries: Annotated[int, Field(ge=0, le=10)] = 2,
 ) -> dict[str, Any]:
     logger = get_run_logger()
-    stopped = await _stopped_schedule()
-    if stopped is not None:
-        logger.info(
-            "cluster %s: the deployment is %s; this scheduled run decides nothing", name, stopped
-        )
-        return {"cluster": name, "decisions": [], stopped: True}
     home, endpoints = running_service()
     service = AsyncService(home, endpoints.service_url)
     try:
+        stopped = await _stopped_schedule(service, name)
+        if stopped is not None:
+            why = STOPPED[stopped]
+            logger.info("cluster %s: %s; this scheduled run decides nothing", name, why)
+            return {"cluster": name, "decisions": [], stopped: True}
         status = await require_cluster(name)
         scaled = _scaled_groups(name, status)
         run = _Run(service, name, Timeouts(boot=boot_timeout, recipe=recipe_timeout), retries)
@@ -95,12 +94,20 @@ async def autoscale(
     return {"cluster": name, "decisions": run.rows}
 
 
-async def _stopped_schedule() -> Literal["paused", "removed"] | None:
-    """Whether this run came from the schedule of a deployment that is paused now, or removed
-    (`crv autoscale disable`, the cluster destroyed). Pausing or deleting a deployment deletes
-    its scheduled runs, but not one the scheduler was inserting meanwhile (a loaded CI machine
-    saw two minutes of them) or one the runner had already taken: such a run must not decide.
-    A run started by hand (UI, API) of a paused deployment still decides."""
+STOPPED = {
+    "paused": "the deployment is paused",
+    "removed": "the deployment is removed",
+    "disabled": "autoscaling is disabled or the cluster is gone",
+}
+
+
+async def _stopped_schedule(service: AsyncService, name: str) -> str | None:
+    """Why this run, if it came from the deployment's schedule, must not decide (a key of
+    STOPPED): its deployment is paused or removed, or the cluster's autoscaling setting is off
+    or gone (`crv autoscale disable`, `crv destroy`; the serve process removes the deployment
+    soon after). Pausing or deleting a deployment deletes its scheduled runs, but not one the
+    scheduler was inserting meanwhile (a loaded CI machine saw two minutes of them) nor one the
+    runner had taken already. A run started by hand (UI, API) still decides."""
     from prefect import get_client
     from prefect.exceptions import ObjectNotFound
 
@@ -114,7 +121,11 @@ async def _stopped_schedule() -> Literal["paused", "removed"] | None:
             deployment = await client.read_deployment(run.deployment_id)
         except ObjectNotFound:
             return "removed"
-        return "paused" if deployment.paused else None
+    if deployment.paused:
+        return "paused"
+    if not any(s["cluster"] == name and s["enabled"] for s in await service.autoscaling()):
+        return "disabled"
+    return None
 
 
 def _scaled_groups(name: str, status: dict[str, Any]) -> list[str]:

@@ -25,6 +25,7 @@ import pytest
 from benchmarks.bench_autoscale import Load, fast_farm
 from crv.client import Service
 from crv.daemons import running
+from crv.flock import exclusive
 from crv.home import Home
 from tests.conftest import CATALOG, REPO
 from tests.test_deploy_e2e import Crv
@@ -120,6 +121,20 @@ class Farm:
                 ).rowcount
         assert changed == 1, run_id
         return run_id
+
+    def deployment_there(self) -> bool:
+        """Whether the Prefect server has `autoscale/<CLUSTER>` (after the cluster is gone)."""
+        found = self.prefect(
+            "from prefect import get_client\n"
+            "from prefect.exceptions import ObjectNotFound\n"
+            "with get_client(sync_client=True) as c:\n"
+            "    try:\n"
+            f"        c.read_deployment_by_name('autoscale/{CLUSTER}')\n"
+            "        print('there')\n"
+            "    except ObjectNotFound:\n"
+            "        print('gone')\n"
+        )
+        return found.strip() == "there"
 
     def flow_run(self, run_id: str) -> dict[str, Any]:
         found = self.prefect(
@@ -502,3 +517,27 @@ def test_disable_lets_a_run_taken_from_the_schedule_end_without_deciding(farm: F
     after = farm.runs_started_after(disabled_at)
     assert all(r["state"] == "COMPLETED" for r in after), after
     assert farm.autoscale()["deployment"] is None  # the serve process did not make it again
+
+
+def test_destroy_removes_the_deployment_and_no_run_fails(farm: Farm) -> None:
+    """The last test: the cluster destroyed while it autoscales every 5 s. The serve process
+    removes the deployment; the scheduled runs that start meanwhile decide nothing and end
+    COMPLETED (not failed on the missing cluster). One such run is made certain: the test holds
+    the settings' lock, so the serve process cannot remove the deployment before it runs."""
+    r = farm.crv("autoscale", "enable", CLUSTER, "--every", "5s")
+    assert r.returncode == 0, r.stderr
+    taken = farm.taken_scheduled_run()
+    with exclusive(Home(farm.crv.home).autoscale_lock):
+        r = farm.crv("destroy", CLUSTER, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        destroyed_at = datetime.now(timezone.utc)
+        assert farm.deployment_there()
+        assert farm.run_taken(taken) == [
+            {"cluster": CLUSTER, "decisions": [], "disabled": True},
+            "COMPLETED",
+        ]
+    wait_for("the deployment to go", lambda: not farm.deployment_there(), 120)
+    time.sleep(15)  # runs the runner had taken end; the serve process does not make it again
+    assert not farm.deployment_there()
+    after = farm.runs_started_after(destroyed_at)
+    assert all(r["state"] == "COMPLETED" for r in after), after
