@@ -13,7 +13,7 @@ clusters' autoscaling settings in the crv store (`crv autoscale enable/disable`)
 POLL_SECONDS: it adds (and from then on runs) the deployment of a cluster enabled, with an
 interval schedule of its `every`; applies a new `every`; and deletes the deployment of a cluster
 disabled or destroyed. It alone creates and updates those deployments (`crv autoscale disable`
-also deletes one at once, `enable` resumes a paused one). A pause in the UI is kept.
+also removes one at once, `enable` resumes a paused one). A pause in the UI is kept.
 
 Removing one (`remove_deployment`) pauses it first and deletes it once none of its runs is
 PENDING. A run the runner has taken from the schedule is PENDING while its process starts and
@@ -22,7 +22,7 @@ loads the flow through the deployment; deleting the deployment then crashed the 
 decides nothing; Prefect deletes the runs still SCHEDULED on pause and on delete.
 
 A pass reads the settings, then the deployments, then adds or deletes: `crv autoscale
-enable/disable` change a setting (and `disable` deletes the deployment) under the same file lock
+enable/disable` change a setting (and `disable` removes the deployment) under the same file lock
 (`Home.autoscale_lock`) as a whole pass, so a pass never acts on a setting read before a change
 that finished before it acts. Without it a pass that had read "enabled" just before a `disable`
 made the deployment again after `disable` had deleted it (seen in CI: `status` right after

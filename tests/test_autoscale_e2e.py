@@ -2,7 +2,8 @@
 against the real Prefect server, service and local pool: a web farm deployed with --autoscale
 grows under a bounded loopback load and shrinks back to `min` (idle node kept last) when it
 stops; a run that finds another change of the cluster skips; a paused deployment makes no
-decisions; a metric that goes stale is recorded as such; disable removes the deployment. And
+decisions; a metric that goes stale is recorded as such; disable removes the deployment (even
+with a serve-process pass or a taken run under way), and so does destroy, with no run failing. And
 `crv autoscale enable/disable/status` on a cluster that does not exist, or whose appliance has
 no scaling section, is exit 2 with one `error:` line."""
 
