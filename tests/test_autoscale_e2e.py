@@ -126,14 +126,8 @@ class Farm:
     def deployment_there(self) -> bool:
         """Whether the Prefect server has `autoscale/<CLUSTER>` (after the cluster is gone)."""
         found = self.prefect(
-            "from prefect import get_client\n"
-            "from prefect.exceptions import ObjectNotFound\n"
-            "with get_client(sync_client=True) as c:\n"
-            "    try:\n"
-            f"        c.read_deployment_by_name('autoscale/{CLUSTER}')\n"
-            "        print('there')\n"
-            "    except ObjectNotFound:\n"
-            "        print('gone')\n"
+            "from crv.autoscale_cli import _deployment\n"
+            f"print('there' if _deployment({CLUSTER!r}) else 'gone')\n"
         )
         return found.strip() == "there"
 
