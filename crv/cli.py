@@ -163,6 +163,7 @@ def _home() -> Home:
 def _ensure_up(home: Home, *, quiet: bool = False) -> daemons.Endpoints:
     """Start the Prefect server and the service if they are not running, and point this
     process's Prefect client at them (before the first Prefect import)."""
+    daemons.prefect_settings()  # a refused CRV_PREFECT_HOST/AUTH: one line, before anything
     endpoints = daemons.running(home)
     if endpoints is None:
         if not quiet:
@@ -189,6 +190,69 @@ def up() -> None:
         pid = daemons.ensure_served(home, endpoints)
     print(f"deployments: {', '.join(daemons.deployment_names())} (served by pid {pid})")
     print(f"run forms:   {endpoints.prefect_ui_url}/deployments")
+    if daemons.api_auth(home) is None:
+        print("API auth:    none (CRV_PREFECT_AUTH=off; loopback only)")
+    else:
+        print(
+            f"API auth:    user {daemons.PREFECT_USER}, password in {home.prefect_auth_file} "
+            "(`crv api-credentials` prints what another system needs)"
+        )
+
+
+@app.command("api-credentials")
+def api_credentials(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (for machines).")
+    ] = False,
+    auth_string: Annotated[
+        bool,
+        typer.Option(
+            "--auth-string",
+            help="Print only user:password (for curl -u, or PREFECT_API_AUTH_STRING); starts "
+            "nothing.",
+        ),
+    ] = False,
+) -> None:
+    """Print what another system needs to use the Prefect API: its URL, the user and password
+    of its basic auth, and a curl line (starts crv if it is not running). Keep the output to
+    yourself: whoever has it can run crv's flows."""
+    home = _home()
+    with _user_errors():
+        if auth_string:
+            home.ensure()
+            if not daemons.prefect_auth_enabled():
+                raise daemons.DaemonError("the Prefect API has no auth (CRV_PREFECT_AUTH=off)")
+            print(daemons.ensure_api_auth(home))
+            return
+        endpoints = _ensure_up(home, quiet=as_json)
+        auth = daemons.api_auth(home)
+    api = endpoints.prefect_api_url
+    user, _, password = auth.partition(":") if auth else (None, "", None)
+    probe = f"{api}/deployments/name/deploy-appliance/crv"
+    curl = f"curl -u '{auth}' {probe}" if auth else f"curl {probe}"
+    if as_json:
+        found = {
+            "api_url": api,
+            "ui_url": endpoints.prefect_ui_url,
+            "user": user,
+            "password": password,
+            "auth_string": auth,
+            "file": str(home.prefect_auth_file) if auth else None,
+            "env": {"PREFECT_API_URL": api, **({"PREFECT_API_AUTH_STRING": auth} if auth else {})},
+            "curl": curl,
+        }
+        sys.stdout.write(json.dumps(found) + "\n")
+        return
+    print(f"Prefect API: {api}")
+    print(f"Prefect UI:  {endpoints.prefect_ui_url} (sign in with the auth string as password)")
+    if auth is None:
+        print("auth:        none (CRV_PREFECT_AUTH=off; loopback only)")
+    else:
+        print(f"user:        {user}")
+        print(f"password:    {password}")
+        print(f"auth string: {auth}  (PREFECT_API_AUTH_STRING for Prefect's clients)")
+        print(f"file:        {home.prefect_auth_file}")
+    print(f"curl:        {curl}")
 
 
 @app.command()

@@ -11,21 +11,33 @@ created from the UI, a schedule or the API, each as a child with this CRV_HOME i
 environment. Its record is `prefect/serve.json`; its url is the Prefect API it serves against,
 and it counts as running while its process lives and that API is still the one `crv up` runs
 (`crv serve` in the foreground writes the same record, so `crv up` does not start a second).
+
+Strangers are kept out. Whoever can create a flow run of these deployments acts with crv's admin
+certificate, so the Prefect server requires HTTP basic auth (`PREFECT_SERVER_API_AUTH_STRING`):
+`user:password` generated once into `prefect/api-auth` (0600) and handed to every Prefect client
+crv runs (`PREFECT_API_AUTH_STRING`, `prefect_env`); `crv api-credentials` prints it for other
+systems. The server listens on 127.0.0.1 unless `CRV_PREFECT_HOST` names another address;
+`CRV_PREFECT_AUTH=off` drops the auth and is refused beyond loopback. A server of this home that
+answers but guards its API otherwise (one started before crv had auth) is restarted by `up`.
+The Prefect server and the service run with umask 077: their databases and logs are 0600.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import ipaddress
 import json
 import os
+import secrets
 import signal
 import socket
 import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
@@ -40,6 +52,7 @@ from crv.home import Home
 SERVICE_PORT = 8443
 PREFECT_PORT = 4200
 START_TIMEOUT = 120.0
+PREFECT_USER = "crv"  # the user name of the Prefect API's basic auth
 
 
 class DaemonError(CrvError):
@@ -87,7 +100,138 @@ def prefect_env(home: Home, api_url: str | None = None) -> dict[str, str]:
     }
     if api_url:
         env["PREFECT_API_URL"] = api_url
+        auth = api_auth(home)
+        if auth is not None:
+            env["PREFECT_API_AUTH_STRING"] = auth
     return env
+
+
+# -- who may use the Prefect API -------------------------------------------------------------
+
+
+def prefect_host() -> str:
+    """The address the Prefect server listens on: loopback, unless CRV_PREFECT_HOST names
+    another (an address of this host, or 0.0.0.0 / :: for all of them)."""
+    host = os.environ.get("CRV_PREFECT_HOST", "").strip() or "127.0.0.1"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise DaemonError(f"CRV_PREFECT_HOST={host!r} is not an IP address") from None
+    return host
+
+
+def prefect_auth_enabled() -> bool:
+    """Whether the Prefect API requires the auth string: yes, unless CRV_PREFECT_AUTH=off."""
+    value = os.environ.get("CRV_PREFECT_AUTH", "").strip().lower() or "on"
+    if value not in ("on", "off"):
+        raise DaemonError(f"CRV_PREFECT_AUTH={value!r}: it is on (the default) or off")
+    return value == "on"
+
+
+def prefect_settings() -> tuple[str, bool]:
+    """CRV_PREFECT_HOST and whether the API has auth, checked: an API open to anyone who
+    reaches it beyond this host is refused."""
+    host, auth = prefect_host(), prefect_auth_enabled()
+    if not auth and not ipaddress.ip_address(host).is_loopback:
+        raise DaemonError(
+            f"CRV_PREFECT_HOST={host} with CRV_PREFECT_AUTH=off: refusing to open the Prefect "
+            "API beyond loopback without authentication (its runs act with crv's admin "
+            "certificate); keep CRV_PREFECT_AUTH on, or listen on 127.0.0.1"
+        )
+    return host, auth
+
+
+def _dial_address(host: str) -> str:
+    """Where crv's own clients reach a server listening on `host`."""
+    ip = ipaddress.ip_address(host)
+    if ip.is_unspecified:
+        return "::1" if ip.version == 6 else "127.0.0.1"
+    return host
+
+
+def _read_auth(path: Path) -> str:
+    value = path.read_text().strip()
+    user, sep, password = value.partition(":")
+    if not (sep and user and password) or any(c.isspace() for c in value):
+        raise DaemonError(
+            f"{path}: not a user:password line; remove it and run `crv down` then `crv up` "
+            "(a new one is made, and given to crv's clients)"
+        )
+    return value
+
+
+def api_auth(home: Home) -> str | None:
+    """The auth string (`user:password`) crv's Prefect clients send; None when the Prefect API
+    has no auth (CRV_PREFECT_AUTH=off) or `crv up` has not made one yet."""
+    if not prefect_auth_enabled():
+        return None
+    try:
+        return _read_auth(home.prefect_auth_file)
+    except FileNotFoundError:
+        return None
+
+
+def ensure_api_auth(home: Home) -> str:
+    """The auth string, generated the first time (mode 0600, never overwritten: two `crv up`
+    at once agree on the first one written)."""
+    path = home.prefect_auth_file
+    with contextlib.suppress(FileNotFoundError):
+        return _read_auth(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".api-auth.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{PREFECT_USER}:{secrets.token_urlsafe(32)}\n")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return _read_auth(path)
+
+
+def _request(url: str, auth: str | None) -> urllib.request.Request:
+    """A GET of `url` that carries the auth string, if given, as HTTP basic auth."""
+    request = urllib.request.Request(url)
+    if auth is not None:
+        token = base64.b64encode(auth.encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    return request
+
+
+def _prefect_get(url: str, auth: str | None) -> int:
+    """The HTTP status of GET `url` (sending the auth string if given); 0: no answer."""
+    try:
+        with urllib.request.urlopen(_request(url, auth), timeout=2) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+    except (OSError, ValueError):
+        return 0
+
+
+def _prefect_guard(url: str, auth: str | None) -> str:
+    """How the Prefect server at `url` (its /api) answers: "ok" as wanted (with `auth`: only
+    to a request that carries it; without: to anyone), "down" (no answer, or a server error),
+    or "mismatch" (it answers, but guards its API otherwise: started before crv had auth,
+    with another password, or with auth where none is wanted)."""
+    probe = f"{url}/admin/version"  # behind the auth (/health is not)
+    anonymous = _prefect_get(probe, None)
+    if anonymous == 0 or anonymous >= 500:
+        return "down"
+    if auth is None:
+        return "ok" if anonymous == 200 else "mismatch"
+    if anonymous != 401:
+        return "mismatch"
+    return "ok" if _prefect_get(probe, auth) == 200 else "mismatch"
+
+
+def _wanted_auth(home: Home) -> str | None:
+    """The auth string the server should require, "" if one is wanted but none exists yet."""
+    if not prefect_auth_enabled():
+        return None
+    return api_auth(home) or ""
 
 
 def _start_time(pid: int) -> str | None:
@@ -144,12 +288,10 @@ def _service_healthy(home: Home, url: str) -> bool:
         return False
 
 
-def _prefect_healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-            return bool(r.status == 200)
-    except (OSError, ValueError):
-        return False
+def _prefect_healthy(home: Home, url: str) -> bool:
+    """It answers, and requires the auth string crv's clients send (or none, with auth off)."""
+    auth = _wanted_auth(home)
+    return auth != "" and _prefect_guard(url, auth) == "ok"
 
 
 def _running(record: Path, healthy: Callable[[str], bool]) -> str | None:
@@ -169,9 +311,12 @@ def _start(
     healthy: Callable[[str], bool],
     *,
     listens: bool = False,  # `url` is its own listener: check that it is ours that answers
+    umask: int = -1,  # -1: the caller's
 ) -> str:
     log = record.parent / f"{name}.log"
-    with open(log, "ab") as out:
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)  # one from before (a umask's 0644)
+    with open(fd, "ab") as out:
         proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -180,6 +325,7 @@ def _start(
             start_new_session=True,  # survives the CLI that started it, and Ctrl-C in it
             env={**os.environ, **env},
             close_fds=True,
+            umask=umask,
         )
     started = _start_time(proc.pid)
     tmp = record.with_suffix(".tmp")
@@ -259,38 +405,55 @@ def _serve_record(home: Home) -> Path:
 
 def running(home: Home) -> Endpoints | None:
     service = _running(_service_record(home), lambda u: _service_healthy(home, u))
-    prefect = _running(_prefect_record(home), _prefect_healthy)
+    prefect = _running(_prefect_record(home), functools.partial(_prefect_healthy, home))
     return Endpoints(service, prefect) if service and prefect else None
+
+
+def _stop_unguarded_prefect(home: Home, auth: str | None) -> bool:
+    """Stop this home's Prefect server if it answers but does not guard its API as wanted (a
+    home from before crv had auth: its API open to any local user), with the process serving
+    the deployments against it (which lacks the auth string)."""
+    data = _read(_prefect_record(home))
+    if data is None or _prefect_guard(str(data["url"]), auth) != "mismatch":
+        return False
+    _stop(_serve_record(home))
+    _stop(_prefect_record(home))
+    return True
 
 
 def up(home: Home, *, serve: bool = True) -> Endpoints:
     """Start what is not running: the service and Prefect in parallel (Prefect takes ~10 s
     here), then, unless `serve` is false, the process serving the deployments (~5 s)."""
+    host, with_auth = prefect_settings()
     home.ensure()
+    auth = ensure_api_auth(home) if with_auth else None
+    _stop_unguarded_prefect(home, auth)
     service = _running(_service_record(home), lambda u: _service_healthy(home, u))
-    prefect = _running(_prefect_record(home), _prefect_healthy)
+    prefect = _running(_prefect_record(home), functools.partial(_prefect_healthy, home))
     pending: list[Callable[[], str]] = []
     if prefect is None:
 
         def start_prefect() -> str:
-            argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+            argv = [sys.executable, "-m", "prefect", "server", "start", "--host", host]
+            dial = _dial_address(host)
+            dial_host = f"[{dial}]" if ":" in dial else dial
+            server_env = {**prefect_env(home), **PREFECT_SERVER_SETTINGS}
+            if auth is not None:
+                server_env["PREFECT_SERVER_API_AUTH_STRING"] = auth
             for preferred in (PREFECT_PORT, 0):  # 4200, or any port if another took it first
-                port = _free_port(preferred)
-                api_url = f"http://127.0.0.1:{port}/api"
+                port = _free_port(preferred, host)
+                api_url = f"http://{dial_host}:{port}/api"
                 try:
                     return _start(
                         "prefect",
                         _prefect_record(home),
                         [*argv, "--port", str(port)],
                         # the UI asks the server where the API is: this port, not 4200
-                        {
-                            **prefect_env(home),
-                            **PREFECT_SERVER_SETTINGS,
-                            "PREFECT_UI_API_URL": api_url,
-                        },
+                        {**server_env, "PREFECT_UI_API_URL": api_url},
                         api_url,
-                        _prefect_healthy,
+                        functools.partial(_prefect_healthy, home),
                         listens=True,
+                        umask=0o077,
                     )
                 except ExitedAtStart:
                     if preferred == 0:
@@ -334,6 +497,7 @@ def up(home: Home, *, serve: bool = True) -> Endpoints:
                         {"CRV_HOME": str(home.root), "CRV_SERVICE_ADDRESS": address},
                         f"https://{host}:{port}",
                         functools.partial(_service_healthy, home),  # our CA: ours answers
+                        umask=0o077,
                     )
                     last.write_text(f"{urllib.parse.urlsplit(url).port}\n")
                     return url
@@ -347,6 +511,7 @@ def up(home: Home, *, serve: bool = True) -> Endpoints:
     ep = running(home)
     if ep is None:
         raise DaemonError(f"crv did not come up: {results}")
+    home.tighten()  # files a home from before the daemons' umask 077 left open
     ensure_boot_services(home)
     return ep
 
@@ -434,12 +599,13 @@ def deployment_names() -> list[str]:
     return names()
 
 
-def _deployments_polled(api_url: str, since: float) -> bool:
+def _deployments_polled(api_url: str, since: float, auth: str | None) -> bool:
     """Every deployment is registered and was polled for runs after `since` (by the process
     just started, not one before it: Prefect keeps a deployment `READY` for a while)."""
     for full_name in deployment_names():
+        request = _request(f"{api_url}/deployments/name/{full_name}", auth)
         try:
-            with urllib.request.urlopen(f"{api_url}/deployments/name/{full_name}", timeout=2) as r:
+            with urllib.request.urlopen(request, timeout=2) as r:
                 polled = json.load(r).get("last_polled")
             if not polled or _timestamp(polled) < since:
                 return False
@@ -479,7 +645,7 @@ def _start_serving(home: Home, api_url: str) -> str:
         [sys.executable, "-m", "deployments"],
         serve_env(home, api_url),
         api_url,
-        lambda url: _deployments_polled(url, since),
+        lambda url: _deployments_polled(url, since, api_auth(home)),
     )
 
 

@@ -8,6 +8,7 @@ pools' state, so a test or a demo isolates itself by pointing CRV_HOME elsewhere
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,11 @@ class Home:
         return self.root / "pools" / pool
 
     @property
+    def prefect_auth_file(self) -> Path:
+        """`user:password` of the Prefect API's basic auth (mode 0600; `crv api-credentials`)."""
+        return self.prefect_dir / "api-auth"
+
+    @property
     def database(self) -> Path:
         return self.service_dir / "state.db"
 
@@ -65,3 +71,30 @@ class Home:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         for d in (self.service_dir, self.prefect_dir):
             d.mkdir(mode=0o700, exist_ok=True)
+        self.tighten()
+
+    def tighten(self) -> None:
+        """Only this user reads CRV_HOME: its directories 0700, its databases and the daemons'
+        logs 0600 (a home made before crv cared, or files a umask left open to others)."""
+        pools = self.root / "pools"
+        dirs = [self.root, self.ca_dir, self.service_dir, self.prefect_dir, pools]
+        if pools.is_dir():
+            dirs += [p for p in pools.iterdir() if p.is_dir() and not p.is_symlink()]
+        for d in dirs:
+            _chmod(d, 0o700)
+        for d in dirs[1:]:
+            for pattern in ("*.db", "*.db-wal", "*.db-shm", "*.db-journal", "*.log", "api-auth"):
+                for f in d.glob(pattern):
+                    _chmod(f, 0o600)
+
+
+def _chmod(path: Path, mode: int) -> None:
+    """Take group and other bits away (never adds any); what is not there is skipped."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.getuid():
+        return
+    if stat.S_IMODE(st.st_mode) & ~mode:
+        path.chmod(stat.S_IMODE(st.st_mode) & mode)
