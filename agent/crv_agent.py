@@ -32,6 +32,7 @@ import ssl
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import urllib.parse
 import zlib
@@ -62,6 +63,13 @@ OUTPUT_TAIL = 4096
 CLI_DEADLINE = 30.0
 DAEMON_BACKOFF = 5.0  # cap, seconds: enrolment waits at most 2 s, a running node may wait longer
 KILL_GRACE = 5.0
+# The certificate is renewed at about two thirds of the lifetime it had when it arrived, with
+# jitter so that a cluster enrolled in one minute does not renew in one second.
+RENEW_AT = (0.62, 0.72)
+RENEW_RETRY = 30.0  # seconds at most before a failed renewal is tried again
+HEARTBEAT = 10.0  # seconds between heartbeats while a recipe runs (the agent does not poll then)
+# what a re-joining node signs with its last key ahead of its new CSR (crv.service.app)
+REJOIN_CONTEXT = b"crv-rejoin-v1\x00"
 
 
 class AgentError(Exception):
@@ -91,6 +99,10 @@ class Unreachable(AgentError):
 
 class BundleError(AgentError):
     """A recipe bundle that is unsafe or unreadable; nothing of it is installed."""
+
+
+class CertificateEnded(AgentError):
+    """The service's TLS refused this node's certificate as expired: re-join."""
 
 
 def one_line(text: str, limit: int = 300) -> str:
@@ -271,6 +283,45 @@ def make_csr(node: str, key: tuple[int, tuple[int, int]]) -> bytes:
         "CERTIFICATE REQUEST",
         _seq(info, _ECDSA_SHA256, _bit_string(_seq(_der_int(r), _der_int(s)))),
     )
+
+
+def der_signature(signature: tuple[int, int]) -> bytes:
+    """ECDSA-Sig-Value (RFC 3279): SEQUENCE of the two integers."""
+    return _seq(_der_int(signature[0]), _der_int(signature[1]))
+
+
+def _der_read(data: bytes, at: int) -> tuple[int, bytes, int]:
+    """(tag, content, offset after it) of the DER element at `at`."""
+    if at + 2 > len(data):
+        raise ValueError("truncated DER")
+    tag, size, at = data[at], data[at + 1], at + 2
+    if size & 0x80:
+        count = size & 0x7F
+        if count == 0 or count > 4 or at + count > len(data):
+            raise ValueError("bad DER length")
+        size, at = int.from_bytes(data[at : at + count], "big"), at + count
+    if at + size > len(data):
+        raise ValueError("truncated DER")
+    return tag, data[at : at + size], at + size
+
+
+def load_key(path: Path) -> tuple[int, tuple[int, int]]:
+    """The key `key_pem` wrote (SEC1 P-256): what a re-join signs with. The public point is
+    computed again from the scalar, so a damaged file cannot sign for another key."""
+    try:
+        text = path.read_text(encoding="ascii")
+        body = text.split("-----BEGIN EC PRIVATE KEY-----")[1].split("-----END")[0]
+        tag, seq, _ = _der_read(base64.b64decode("".join(body.split())), 0)
+        _, version, at = _der_read(seq, 0)
+        octet, secret, _ = _der_read(seq, at)
+        if tag != 0x30 or version != b"\x01" or octet != 0x04 or len(secret) != 32:
+            raise ValueError("not a SEC1 P-256 key")
+        d = int.from_bytes(secret, "big")
+        if not 0 < d < _N:
+            raise ValueError("scalar out of range")
+    except (OSError, IndexError, ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the node key: {e}") from None
+    return d, _multiply(d)
 
 
 def key_pem(key: tuple[int, tuple[int, int]]) -> bytes:
@@ -531,6 +582,12 @@ class Service:
             reused = self._conn is not None
             try:
                 return self._exchange(method, path, payload, headers, timeout, limit)
+            except ssl.SSLError as e:
+                self.close()
+                if "CERTIFICATE_EXPIRED" in str(e).upper().replace(" ", "_"):
+                    raise CertificateEnded(f"{self.where}: {e}") from None
+                if not reused:
+                    raise Unreachable(f"{self.where}: {str(e) or type(e).__name__}") from None
             except (OSError, http.client.HTTPException) as e:
                 self.close()
                 if not reused:
@@ -648,8 +705,11 @@ def _raise_for_node(resp: Response, what: str) -> None:
 
 def enrol(home: Path, boot: dict, deadline: float) -> None:
     """Key made on the node, CSR + token to the service, certificate back. A restart after a
-    crash finds a valid pair and skips this (the token is spent by then)."""
-    cert, key_path = home / "node.crt", home / "node.key"
+    crash finds a valid pair and skips this (the token is spent by then). The key and the CSR
+    are kept until the certificate arrives: if the answer is lost (the connection dropped, the
+    agent killed), the same token and CSR again get the same certificate."""
+    recover_identity(home)
+    cert, key_path, csr_path = home / "node.crt", home / "node.key", home / "node.csr"
     if identity_ok(cert, key_path):
         forget_token(home, boot)  # a crash may have come between the cert and the scrub
         log(f"already enrolled as {boot['node']}")
@@ -657,13 +717,18 @@ def enrol(home: Path, boot: dict, deadline: float) -> None:
     token = boot.get("token")
     if not isinstance(token, str) or not token:
         raise Refused("not enrolled and no bootstrap token left (it is single-use)")
-    key = generate_key()
-    write_file(key_path, key_pem(key), 0o600)
+    if key_path.is_file() and csr_path.is_file():
+        csr = csr_path.read_bytes()
+    else:
+        key = generate_key()
+        write_file(key_path, key_pem(key), 0o600)
+        csr = make_csr(boot["node"], key)
+        write_file(csr_path, csr, 0o600)
     body = {
         "cluster": boot["cluster"],
         "node": boot["node"],
         "token": token,
-        "csr": make_csr(boot["node"], key).decode("ascii"),
+        "csr": csr.decode("ascii"),
     }
     service = Service(boot["service"], tls_context(home / "ca.crt"))
     resp = call_once(
@@ -671,14 +736,212 @@ def enrol(home: Path, boot: dict, deadline: float) -> None:
     )
     if resp.status != 200:
         raise Refused(f"enrolment refused: {resp.detail()}")
-    pem = resp.json().get("certificate")
-    if not isinstance(pem, str) or not pem.startswith("-----BEGIN CERTIFICATE-----"):
-        raise Refused("enrolment answer has no PEM certificate")
+    pem, expires_in = _issued(resp)
     write_file(cert, pem.encode("ascii"), 0o644)
     if not identity_ok(cert, key_path):
         raise Refused("the certificate the service issued does not match the node key")
+    schedule_renewal(home, expires_in)
     forget_token(home, boot)
+    with contextlib.suppress(FileNotFoundError):
+        csr_path.unlink()
     log(f"enrolled as {boot['node']} in cluster {boot['cluster']}")
+
+
+def _issued(resp: Response) -> tuple:
+    """(certificate PEM, seconds it has left) of an enrol, renew or re-join answer."""
+    data = resp.json()
+    pem, left = data.get("certificate"), data.get("expires_in")
+    if not isinstance(pem, str) or not pem.startswith("-----BEGIN CERTIFICATE-----"):
+        raise Refused("the service's answer has no PEM certificate")
+    if isinstance(left, bool) or not isinstance(left, (int, float)) or left <= 0:
+        raise AgentError("the service's answer has no positive expires_in")
+    return pem, float(left)
+
+
+# --- the node's identity over time: renewal and re-joining ----------------------------------
+
+
+def schedule_renewal(home: Path, expires_in: float) -> dict:
+    """When to renew and when the certificate ends, on this node's own clock: both are
+    counted from now with the lifetime the service said is left, so a node whose clock is
+    off by hours still renews in time."""
+    at = time.time()
+    schedule = {
+        "renew_at": at + expires_in * random.uniform(*RENEW_AT),
+        "expires_at": at + expires_in,
+    }
+    write_file(home / "identity.json", json.dumps(schedule).encode(), 0o600)
+    return schedule
+
+
+def load_schedule(home: Path) -> dict:
+    """No schedule (an agent from before renewal, a crash before it was written): renew at
+    once; if the certificate turns out to have ended, re-join."""
+    try:
+        data = json.loads((home / "identity.json").read_text(encoding="utf-8"))
+        if all(isinstance(data.get(k), (int, float)) for k in ("renew_at", "expires_at")):
+            return {"renew_at": float(data["renew_at"]), "expires_at": float(data["expires_at"])}
+    except (OSError, ValueError, AttributeError):
+        pass
+    return {"renew_at": 0.0, "expires_at": float("inf")}
+
+
+def recover_identity(home: Path) -> None:
+    """Finish or drop a renewal cut short. The new pair is written as next.key + next.crt,
+    then moved over node.key, then node.crt: whatever moment the agent was killed at, this
+    leaves a matching pair in node.key + node.crt (the old one or the new one)."""
+    next_key, next_crt = home / "next.key", home / "next.crt"
+    if next_crt.is_file():
+        if next_key.is_file() and identity_ok(next_crt, next_key):
+            os.replace(str(next_key), str(home / "node.key"))
+            os.replace(str(next_crt), str(home / "node.crt"))
+            log("finished a renewal that was cut short")
+        elif identity_ok(next_crt, home / "node.key"):
+            os.replace(str(next_crt), str(home / "node.crt"))
+            log("finished a renewal that was cut short")
+    for leftover in (next_key, next_crt):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+
+
+class Identity:
+    """The node's key and certificate: renewed before they end, re-joined after. Shared by the
+    main loop and the keeper thread that runs while a recipe does (one lock)."""
+
+    def __init__(self, home: Path, boot: dict) -> None:
+        self.home, self.boot = home, boot
+        self.lock = threading.RLock()
+        self.version = 0  # bumped at every new certificate: services made before are stale
+        self.changed = threading.Event()  # a new certificate the roles' renew hooks have not seen
+        recover_identity(home)
+        self.schedule = load_schedule(home)
+
+    def context(self) -> ssl.SSLContext:
+        files = [self.home / n for n in ("ca.crt", "node.crt", "node.key")]
+        return tls_context(*files)
+
+    def service(self) -> Service:
+        return Service(self.boot["service"], self.context())
+
+    def seconds_left(self) -> float:
+        """Until the renewal is due (0 when it is)."""
+        return max(0.0, self.schedule["renew_at"] - time.time())
+
+    def keep(self) -> bool:
+        """Renew when due, re-join when the certificate has ended; True when the certificate
+        changed. A renewal that cannot reach the service is tried again later: the current
+        certificate still has a third of its life."""
+        with self.lock:
+            now = time.time()
+            if now >= self.schedule["expires_at"]:
+                self.rejoin("it ended while the agent was stopped or cut off")
+                return True
+            if now < self.schedule["renew_at"]:
+                return False
+            try:
+                self.renew()
+            except CertificateEnded:
+                self.rejoin("the service says it has ended")
+            except Refused:
+                raise
+            except AgentError as e:
+                left = self.schedule["expires_at"] - now
+                self.schedule["renew_at"] = now + min(RENEW_RETRY, max(1.0, left / 10))
+                log(f"renewal failed ({e}); trying again in {self.seconds_left():.0f} s")
+                return False
+            return True
+
+    def renew(self) -> None:
+        """A fresh key made here, a CSR for it, sent over mutual TLS with the current one."""
+        key = generate_key()
+        write_file(self.home / "next.key", key_pem(key), 0o600)
+        csr = make_csr(self.boot["node"], key).decode("ascii")
+        service = self.service()
+        try:
+            deadline = time.monotonic() + 60
+            resp = call(service, "POST", "/v1/renew", {"csr": csr}, deadline=deadline)
+        finally:
+            service.close()
+        _raise_for_node(resp, "POST /v1/renew")
+        self._install(resp)
+        log(f"renewed the certificate; next renewal in {self.seconds_left():.0f} s")
+
+    def rejoin(self, why: str) -> None:
+        """The certificate ended while this node was off, frozen or cut off: prove to the
+        service that this is the node it certified (its last certificate, and a signature
+        with that certificate's key over the new CSR) and get a new one. Refused when the
+        node is no longer a member, the certificate was revoked or ended too long ago: then
+        only `crv repair` (which makes the node again) brings it back."""
+        log(f"the certificate has ended ({why}); re-joining")
+        old = load_key(self.home / "node.key")
+        certificate = (self.home / "node.crt").read_text(encoding="ascii")
+        key = generate_key()
+        write_file(self.home / "next.key", key_pem(key), 0o600)
+        csr = make_csr(self.boot["node"], key)
+        signature = der_signature(ecdsa_sign(old[0], REJOIN_CONTEXT + csr))
+        body = {
+            "cluster": self.boot["cluster"],
+            "node": self.boot["node"],
+            "certificate": certificate,
+            "csr": csr.decode("ascii"),
+            "signature": base64.b64encode(signature).decode("ascii"),
+        }
+        service = Service(self.boot["service"], tls_context(self.home / "ca.crt"))
+        try:
+            resp = call(service, "POST", "/v1/rejoin", body, backoff_cap=DAEMON_BACKOFF)
+        finally:
+            service.close()
+        if resp.status != 200:
+            raise Refused(f"{resp.detail()}; `crv repair {self.boot['cluster']}` remakes the node")
+        self._install(resp)
+        log(f"re-joined cluster {self.boot['cluster']}")
+
+    def _install(self, resp: Response) -> None:
+        """next.key is written; write next.crt, check the pair, then move both into place
+        (recover_identity finishes this after a kill)."""
+        pem, expires_in = _issued(resp)
+        next_key, next_crt = self.home / "next.key", self.home / "next.crt"
+        write_file(next_crt, pem.encode("ascii"), 0o644)
+        if not identity_ok(next_crt, next_key):
+            raise Refused("the certificate the service issued does not match the new key")
+        os.replace(str(next_key), str(self.home / "node.key"))
+        os.replace(str(next_crt), str(self.home / "node.crt"))
+        self.schedule = schedule_renewal(self.home, expires_in)
+        self.version += 1
+        self.changed.set()
+
+
+class Keeper:
+    """While a recipe runs the agent does not poll: this thread keeps the node's certificate
+    renewed and tells the service the node is alive (a change waiting on the node then knows
+    a long recipe from a dead node)."""
+
+    def __init__(self, identity: Identity) -> None:
+        self.identity = identity
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="crv-keeper", daemon=True)
+
+    def __enter__(self) -> Keeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT):
+            try:
+                self.identity.keep()
+                service = self.identity.service()
+                try:
+                    call(service, "POST", "/v1/alive", deadline=time.monotonic() + HEARTBEAT)
+                finally:
+                    service.close()
+            except Refused as e:
+                log(f"heartbeat: {e}")
+                return
+            except AgentError as e:
+                log(f"heartbeat: {e}")
 
 
 # --- recipe bundles -------------------------------------------------------------------------
@@ -779,6 +1042,7 @@ class Role(NamedTuple):
     recipe: str
     appdir: str
     env: dict
+    renew: str | None = None  # after a renewal: "rerun" the recipe, or run this recipe
 
 
 class Work(NamedTuple):
@@ -815,7 +1079,10 @@ def parse_work(data: dict) -> Work:
         recipe, appdir = item.get("recipe"), item.get("appdir")
         if not (isinstance(recipe, str) and isinstance(appdir, str)):
             raise AgentError(f"malformed /v1/work answer: role {item['role']} has no recipe")
-        roles.append(Role(item["role"], item["release"], recipe, appdir, env))
+        renew = item.get("renew")
+        if renew is not None and not isinstance(renew, str):
+            raise AgentError(f"malformed /v1/work answer: bad renew of role {item['role']}")
+        roles.append(Role(item["role"], item["release"], recipe, appdir, env, renew))
     if not (_int(data.get("generation")) and isinstance(data.get("stop", False), bool)):
         raise AgentError("malformed /v1/work answer: bad generation or stop")
     return Work(
@@ -975,18 +1242,49 @@ def report(service: Service, role: Role, state: str, code: int | None, output: s
 
 
 def run_role(
-    service: Service, home: Path, boot: dict, work: Work, role: Role, state: dict, timeout: float
+    service: Service,
+    home: Path,
+    boot: dict,
+    work: Work,
+    role: Role,
+    state: dict,
+    timeout: float,
+    identity: Identity,
 ) -> None:
     """The release is recorded after the final report: a crash in between re-runs the recipe
     (recipes are idempotent) rather than leaving the service waiting for a report."""
     log(f"running role {role.role} release {role.release}")
     report(service, role, "running", None, "")
-    code, output = run_recipe(home, boot, work, role, timeout)
+    with Keeper(identity):
+        code, output = run_recipe(home, boot, work, role, timeout)
     outcome = "done" if code == 0 else "failed"
     report(service, role, outcome, code, output)
     state["releases"][role.role] = role.release
     save_state(home, state)
     log(f"role {role.role} release {role.release} {outcome} (exit {code})")
+
+
+def run_renew_hooks(
+    home: Path, boot: dict, work: Work | None, state: dict, timeout: float, identity: Identity
+) -> None:
+    """After a new certificate: each role that ran on this node and declares `renew` runs its
+    recipe again ("rerun") or its renew recipe, with CRV_ACTION=renew, so that daemons using
+    copies of CRV_CERT_FILE and CRV_KEY_FILE take the new ones. Nothing is reported: the role
+    stays as the service knows it; a failure is logged here and in the role's log."""
+    identity.changed.clear()
+    if work is None:
+        return
+    for role in work.roles:
+        if not role.renew or state["releases"].get(role.role, 0) < 1:
+            continue
+        recipe = role.recipe if role.renew == "rerun" else role.renew
+        hook = role._replace(recipe=recipe, env={**role.env, "CRV_ACTION": "renew"})
+        with Keeper(identity):
+            code, output = run_recipe(home, boot, work, hook, timeout)
+        if code == 0:
+            log(f"role {role.role}: renew hook done")
+        else:
+            log(f"role {role.role}: renew hook failed (exit {code}): {one_line(output[-300:])}")
 
 
 def load_state(home: Path) -> dict:
@@ -1010,15 +1308,24 @@ def save_state(home: Path, state: dict) -> None:
 
 
 def serve(home: Path, boot: dict, recipe_timeout: float) -> int:
-    ctx = tls_context(home / "ca.crt", home / "node.crt", home / "node.key")
-    service = Service(boot["service"], ctx)
+    identity = Identity(home, boot)
+    service, version = identity.service(), identity.version
     install_shim(home)
     state = load_state(home)
     generation, backoff = 0, Backoff(cap=DAEMON_BACKOFF)
+    work: Work | None = None
     while True:
-        path = f"/v1/work?after={generation}&wait={POLL_WAIT}"
         try:
-            resp = call(service, "GET", path, timeout=POLL_WAIT + 15, backoff_cap=DAEMON_BACKOFF)
+            identity.keep()
+            if identity.version != version:  # a new certificate: a new connection with it
+                service.close()
+                service, version = identity.service(), identity.version
+            if identity.changed.is_set():
+                run_renew_hooks(home, boot, work, state, recipe_timeout, identity)
+            # the long poll ends in time for the renewal
+            wait = int(max(1.0, min(POLL_WAIT, identity.seconds_left() + 1)))
+            path = f"/v1/work?after={generation}&wait={wait}"
+            resp = call(service, "GET", path, timeout=wait + 15, backoff_cap=DAEMON_BACKOFF)
             _raise_for_node(resp, "GET /v1/work")
             work = parse_work(resp.json())
             if work.stop:
@@ -1027,6 +1334,10 @@ def serve(home: Path, boot: dict, recipe_timeout: float) -> int:
             sync_bundle(service, home, state, work.bundle)
         except Refused:
             raise
+        except CertificateEnded:
+            with identity.lock:
+                identity.rejoin("the service says it has ended")
+            continue
         except AgentError as e:
             log(f"{e}; retrying")
             time.sleep(backoff.next())
@@ -1035,7 +1346,7 @@ def serve(home: Path, boot: dict, recipe_timeout: float) -> int:
         generation = work.generation
         for role in work.roles:
             if role.release > state["releases"].get(role.role, 0):
-                run_role(service, home, boot, work, role, state, recipe_timeout)
+                run_role(service, home, boot, work, role, state, recipe_timeout, identity)
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -1080,12 +1391,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cli_service(args: argparse.Namespace) -> tuple:
+    """A renewal moves the new key, then the new certificate, into place: a reader in between
+    sees a pair that does not match, and tries again a moment later."""
     home = _home(args)
     boot = load_bootstrap(home)
     files = [home / n for n in ("ca.crt", "node.crt", "node.key")]
     if not all(f.is_file() for f in files):
         raise ConfigError(f"{home}: not enrolled yet (no ca.crt, node.crt or node.key)")
-    return Service(boot["service"], tls_context(*files)), boot
+    for attempt in range(20):
+        try:
+            return Service(boot["service"], tls_context(*files)), boot
+        except ConfigError:
+            if attempt == 19:
+                raise
+            time.sleep(0.05)
+    raise AssertionError("unreachable")
 
 
 def _attribute_path(role: str, key: str) -> str:
@@ -1097,9 +1417,14 @@ def _attribute_path(role: str, key: str) -> str:
 
 
 def _cli_call(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> tuple:
-    service, boot = _cli_service(args)
-    resp = call(service, method, path, body, deadline=time.monotonic() + CLI_DEADLINE)
-    service.close()
+    """A 403 right after a renewal (the old certificate superseded while this call used it)
+    is tried once more with the files as they are now."""
+    for _attempt in (1, 2):
+        service, boot = _cli_service(args)
+        resp = call(service, method, path, body, deadline=time.monotonic() + CLI_DEADLINE)
+        service.close()
+        if resp.status != 403:
+            break
     if resp.status == 404:
         raise AgentError(f"{path}: {resp.detail()}", EXIT_FAILED)
     if not 200 <= resp.status < 300:

@@ -51,6 +51,11 @@ class Role:
     verify: spec.Verify | None
     estimates: Mapping[str, float]  # only the kinds the role overrides
     params: Mapping[str, ParamValue]  # its own appliance's parameters, unprefixed
+    # after the node's certificate is renewed: RERUN (the recipe again), a recipe, or nothing
+    renew: Path | str | None = None
+
+
+RERUN = "rerun"
 
 
 @dataclass(frozen=True)
@@ -333,6 +338,9 @@ class _Resolver:
         at = f"roles.{name}"
         recipe = _recipe_path(directory, r.recipe, source, f"{at}.recipe")
         drain = _recipe_path(directory, r.drain, source, f"{at}.drain") if r.drain else None
+        renew: Path | str | None = r.renew
+        if r.renew is not None and r.renew != RERUN:
+            renew = _recipe_path(directory, r.renew, source, f"{at}.renew")
         if r.verify is not None:
             _check_verify(source, f"{at}.verify.{r.verify.kind}", r.verify.template, r, params)
         seen: set[str] = set()
@@ -355,6 +363,7 @@ class _Resolver:
             verify=r.verify,
             estimates=estimates,
             params=dict(params),
+            renew=renew,
         )
 
 

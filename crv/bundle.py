@@ -73,6 +73,7 @@ def build(appliance: Appliance) -> Bundle:
         roles[name] = {
             "recipe": shipped(role.recipe),
             "drain": shipped(role.drain) if role.drain else None,
+            "renew": shipped(role.renew) if isinstance(role.renew, Path) else role.renew,
             "appdir": prefix,
             "env": param_env(dict(role.params)),
             "depends_on": [

@@ -14,7 +14,7 @@ import ipaddress
 import os
 import re
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -45,6 +45,9 @@ _IDENTITY_URI_RE = re.compile(r"crv://([^/]*)/(node|role)/([^/]*)")
 SKEW_MARGIN = timedelta(minutes=5)
 CA_VALIDITY = timedelta(days=3650)
 MAX_NODE_TTL = timedelta(days=7)
+MIN_NODE_TTL = timedelta(seconds=30)  # the agent renews at two thirds: 20 s at least
+DEFAULT_NODE_TTL = timedelta(hours=24)
+NODE_TTL_SETTING = "CRV_NODE_CERT_TTL"
 MAX_CSR_BYTES = 16 * 1024  # a real CSR is under 2 KiB; bigger ones are padding or attacks
 _ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1)
 _ALLOWED_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
@@ -241,6 +244,24 @@ class CertificateAuthority:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(self._aki, critical=False)
         )
+
+
+def node_ttl_from_env(environ: Mapping[str, str] | None = None) -> timedelta:
+    """The lifetime of node certificates, a service setting: CRV_NODE_CERT_TTL in seconds
+    (default 24 h), between 30 s and 7 days. Agents renew at about two thirds of it."""
+    raw = (os.environ if environ is None else environ).get(NODE_TTL_SETTING, "").strip()
+    if not raw:
+        return DEFAULT_NODE_TTL
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not MIN_NODE_TTL.total_seconds() <= seconds <= MAX_NODE_TTL.total_seconds():
+        raise PkiError(
+            f"{NODE_TTL_SETTING}={raw!r}: seconds between {MIN_NODE_TTL.total_seconds():.0f} "
+            f"and {MAX_NODE_TTL.total_seconds():.0f} (7 days)"
+        )
+    return timedelta(seconds=seconds)
 
 
 def node_identity(cert: x509.Certificate) -> tuple[str, str, tuple[str, ...]]:

@@ -334,6 +334,9 @@ class Role(_Model):
     recipe: Annotated[str, Field(min_length=1, max_length=1024)]
     # run on a node before a shrink removes it (stop taking work, hand it over); optional
     drain: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
+    # after the agent renewed the node's certificate (the files behind CRV_CERT_FILE and
+    # CRV_KEY_FILE are new): "rerun" the recipe, or run this recipe (reload a daemon)
+    renew: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
     description: Text = ""
     depends_on: list[DependencyEntry] = Field(default_factory=list, max_length=64)
     publishes: list[AttributeName] = Field(default_factory=list, max_length=64)

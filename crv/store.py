@@ -62,6 +62,11 @@ nodes = sa.Table(
     sa.Column("token_expires", sa.DateTime(timezone=True)),
     sa.Column("stop", sa.Boolean, nullable=False, default=False),
     sa.Column("last_seen", sa.DateTime(timezone=True)),
+    # the enrolment that spent the token (hashes of the token and the CSR, and when): the same
+    # request again within ENROL_REPLAY gets the same certificate (its answer was lost)
+    sa.Column("enrol_token", sa.String(64)),
+    sa.Column("enrol_csr", sa.String(64)),
+    sa.Column("enrolled_at", sa.DateTime(timezone=True)),
 )
 
 role_states = sa.Table(
@@ -99,6 +104,10 @@ certificates = sa.Table(
     sa.Column("node", sa.String(63), nullable=False),
     sa.Column("not_after", sa.DateTime(timezone=True), nullable=False),
     sa.Column("revoked_at", sa.DateTime(timezone=True)),
+    sa.Column("issued_at", sa.DateTime(timezone=True)),
+    sa.Column("pem", sa.Text),  # the certificate itself (public): a lost answer is sent again
+    # why it was revoked: "superseded" (a renewal's certificate was used), else removed
+    sa.Column("reason", sa.String(16)),
 )
 
 events = sa.Table(
@@ -163,6 +172,8 @@ LEAVING = "leaving"  # node state during a shrink: it still runs, but no longer 
 # a node recorded `provisioning` again from these states has lost its machine: it is remade
 REMADE_FROM = ("provisioned", "enrolled", LEAVING)
 TOUCH_EVERY = 10.0  # seconds between writes of a node's last_seen
+ENROL_REPLAY = timedelta(minutes=10)  # the same enrolment again gets the same certificate
+REJOIN_GRACE = timedelta(days=30)  # a certificate ended this long ago can still re-join
 
 
 _DECISION_FIELDS = (
@@ -201,6 +212,18 @@ class Enrolment:
     address: str | None
 
 
+@dataclass(frozen=True)
+class Issued:
+    """A node certificate `sign` made: what the store records of it."""
+
+    serial: str  # hex
+    not_after: datetime
+    pem: str
+
+
+Signer = Callable[[Enrolment], Issued]
+
+
 def _utc(value: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes; everything stored is UTC."""
     if value is not None and value.tzinfo is None:
@@ -236,6 +259,15 @@ def _add_missing_columns(engine: Engine) -> None:
                 if column.name not in have:
                     kind = column.type.compile(dialect=engine.dialect)
                     c.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}")
+
+
+def _revoke(c: Connection, serials: Sequence[str], reason: str | None = None) -> None:
+    if serials:
+        c.execute(
+            certificates.update()
+            .where(certificates.c.serial.in_(list(serials)))
+            .values(revoked_at=now(), reason=reason)
+        )
 
 
 def _feeding(table: sa.Table, cluster: str, role: str, *columns: Any) -> sa.Select[Any]:
@@ -586,16 +618,19 @@ class Store:
         return Enrolment(cluster, name, tuple(row.roles), row.address)
 
     def enrol(
-        self,
-        cluster: str,
-        name: str,
-        token: str,
-        sign: Callable[[Enrolment], tuple[str, datetime]],
-    ) -> list[str]:
-        """Consume the token and record the certificate `sign` made (serial hex, not_after);
-        earlier certificates of the node are revoked. Returns the revoked serials."""
+        self, cluster: str, name: str, token: str, csr_digest: str, sign: Signer
+    ) -> tuple[str, list[str]]:
+        """Consume the token and record the certificate `sign` made; earlier certificates of
+        the node are revoked. The same token with the same CSR again within ENROL_REPLAY (the
+        answer to the first one was lost on the way) gets the same certificate instead of a
+        refusal: nothing new is issued, and only the holder of the CSR's key can use it.
+        Returns (the certificate's PEM, the revoked serials)."""
         with self.engine.begin() as c:
+            again = self._enrolled_again(c, cluster, name, token, csr_digest)
+            if again is not None:
+                return again, []
             enrolment = self.check_token(cluster, name, token)
+            at = now()
             consumed = c.execute(
                 nodes.update()
                 .where(
@@ -607,21 +642,148 @@ class Store:
                     token_hash=None,
                     token_expires=None,
                     state="enrolled",
-                    last_seen=now(),
+                    last_seen=at,
                     generation=nodes.c.generation + 1,
+                    enrol_token=token_hash(token),
+                    enrol_csr=csr_digest,
+                    enrolled_at=at,
                 )
             )
             if consumed.rowcount != 1:  # a concurrent enrolment won the race
                 raise StoreError(401, f"enrolment for {cluster}/{name}: token already used")
-            serial, not_after = sign(enrolment)
+            issued = sign(enrolment)
             revoked = self._revoke_node_certs(c, cluster, name)
-            c.execute(
-                certificates.insert().values(
-                    serial=serial, cluster=cluster, node=name, not_after=not_after
-                )
-            )
+            self._record(c, cluster, name, issued)
             self._event(c, cluster, name, None, "enrolled", state="enrolled")
-            return revoked
+            return issued.pem, revoked
+
+    @staticmethod
+    def _enrolled_again(
+        c: Connection, cluster: str, name: str, token: str, csr_digest: str
+    ) -> str | None:
+        """The certificate of the enrolment that spent `token` with this very CSR, if that was
+        within ENROL_REPLAY and the certificate still stands; else None."""
+        row = c.execute(
+            sa.select(
+                nodes.c.token_hash, nodes.c.enrol_token, nodes.c.enrol_csr, nodes.c.enrolled_at
+            ).where(nodes.c.cluster == cluster, nodes.c.name == name)
+        ).first()
+        if row is None or row.token_hash is not None or row.enrol_token is None:
+            return None
+        if not (
+            hmac.compare_digest(row.enrol_token, token_hash(token))
+            and hmac.compare_digest(row.enrol_csr or "", csr_digest)
+        ):
+            return None
+        at = _utc(row.enrolled_at)
+        if at is None or now() - at > ENROL_REPLAY:
+            return None
+        pem: str | None = c.execute(
+            sa.select(certificates.c.pem)
+            .where(
+                certificates.c.cluster == cluster,
+                certificates.c.node == name,
+                certificates.c.revoked_at.is_(None),
+                certificates.c.issued_at >= at,
+            )
+            .order_by(certificates.c.issued_at)
+            .limit(1)
+        ).scalar()
+        return pem
+
+    def renew(self, cluster: str, name: str, serial: str, sign: Signer) -> Issued:
+        """A new certificate for a member whose current one (`serial`, checked by mutual TLS)
+        still stands. The old one stays valid until the new one is first used (see
+        `current_roles`), so an agent killed before it saved the answer still has a working
+        certificate."""
+        with self.engine.begin() as c:
+            enrolment = self._member(c, cluster, name, serial, "renewal")
+            issued = sign(enrolment)
+            self._record(c, cluster, name, issued)
+            self._event(c, cluster, name, None, "renewed", output=issued.serial)
+            return issued
+
+    def rejoin(
+        self,
+        cluster: str,
+        name: str,
+        serial: str,
+        sign: Signer,
+        grace: timedelta = REJOIN_GRACE,
+    ) -> Issued:
+        """A new certificate for a member whose certificate `serial` ended while it was off
+        (the caller has checked that the CA issued it and that the node holds its key): only
+        if the node is still a member, that certificate was never revoked, and it ended less
+        than `grace` ago. Raises StoreError 403 with the reason otherwise."""
+        with self.engine.begin() as c:
+            enrolment = self._member(c, cluster, name, serial, "re-join")
+            ended = c.execute(
+                sa.select(certificates.c.not_after).where(certificates.c.serial == serial)
+            ).scalar_one()
+            ended = _utc(ended)
+            if ended is not None and ended + grace < now():
+                raise StoreError(
+                    403,
+                    f"re-join of {cluster}/{name} refused: certificate {serial} ended at "
+                    f"{ended:%Y-%m-%d %H:%M} UTC, more than {grace.days} days ago",
+                )
+            issued = sign(enrolment)
+            self._record(c, cluster, name, issued)
+            c.execute(
+                nodes.update()
+                .where(nodes.c.cluster == cluster, nodes.c.name == name)
+                .values(last_seen=now())
+            )
+            self._event(c, cluster, name, None, "rejoined", output=issued.serial)
+            return issued
+
+    def refused(self, cluster: str, name: str, message: str) -> None:
+        """Record a member's refused re-join as an event of its cluster (the node has proved
+        who it is, so this is no stranger's noise): status shows it, `crv repair` remakes it."""
+        with self.engine.begin() as c:
+            known = c.execute(
+                sa.select(nodes.c.name).where(nodes.c.cluster == cluster, nodes.c.name == name)
+            ).first()
+            if known is not None:
+                self._event(c, cluster, name, None, "rejoin_refused", output=message[-OUTPUT_TAIL:])
+
+    @staticmethod
+    def _member(c: Connection, cluster: str, name: str, serial: str, what: str) -> Enrolment:
+        row = c.execute(
+            sa.select(nodes).where(nodes.c.cluster == cluster, nodes.c.name == name)
+        ).first()
+        if row is None or row.stop or row.state not in ("enrolled", LEAVING):
+            state = "unknown" if row is None else ("stopping" if row.stop else row.state)
+            raise StoreError(403, f"{what} of {cluster}/{name} refused: not a member ({state})")
+        cert = c.execute(
+            sa.select(certificates.c.revoked_at).where(
+                certificates.c.serial == serial,
+                certificates.c.cluster == cluster,
+                certificates.c.node == name,
+            )
+        ).first()
+        if cert is None:
+            raise StoreError(
+                403, f"{what} of {cluster}/{name} refused: certificate {serial} is not its"
+            )
+        if cert.revoked_at is not None:
+            raise StoreError(
+                403, f"{what} of {cluster}/{name} refused: certificate {serial} is revoked"
+            )
+        return Enrolment(cluster, name, tuple(row.roles), row.address)
+
+    @staticmethod
+    def _record(c: Connection, cluster: str, name: str, issued: Issued) -> None:
+        c.execute(
+            certificates.insert().values(
+                serial=issued.serial,
+                cluster=cluster,
+                node=name,
+                not_after=issued.not_after,
+                issued_at=now(),
+                pem=issued.pem,
+            )
+        )
 
     def _revoke_node_certs(self, c: Connection, cluster: str, name: str) -> list[str]:
         serials = list(
@@ -633,12 +795,7 @@ class Store:
                 )
             ).scalars()
         )
-        if serials:
-            c.execute(
-                certificates.update()
-                .where(certificates.c.serial.in_(serials))
-                .values(revoked_at=now())
-            )
+        _revoke(c, serials)
         return serials
 
     def delete_node(self, cluster: str, name: str) -> list[str]:
@@ -657,11 +814,11 @@ class Store:
             self._event(c, cluster, name, None, "revoked", state="deleted")
         return revoked
 
-    def touch(self, cluster: str, name: str) -> None:
-        """Record that the node called; written at most every TOUCH_EVERY seconds per node
+    def touch(self, cluster: str, name: str, *, every: float = TOUCH_EVERY) -> None:
+        """Record that the node called; written at most every `every` seconds per node
         (`last_seen` is a heartbeat, not a log: a busy agent must not cost a write a call)."""
         at = time.monotonic()
-        if at - self._touched.get((cluster, name), -TOUCH_EVERY) < TOUCH_EVERY:
+        if at - self._touched.get((cluster, name), -every) < every:
             return
         self._touched[(cluster, name)] = at
         with self.engine.begin() as c:
@@ -673,25 +830,63 @@ class Store:
 
     # -- certificates -----------------------------------------------------------------------
 
-    def current_roles(self, serial: str, cluster: str, node: str) -> tuple[str, ...] | None:
-        """The node's roles if this certificate is current (recorded for the node, not
-        revoked, node still known), else None."""
+    def current_roles(
+        self, serial: str, cluster: str, node: str
+    ) -> tuple[tuple[str, ...] | None, list[str]]:
+        """(the node's roles if this certificate is current, else None; the serials it
+        supersedes). Current: recorded for the node, not revoked, node still known. The first
+        use of a renewed certificate revokes the node's older ones ("superseded"): until then
+        they stay valid, so an agent that lost the renewal's answer is not locked out."""
         with self.engine.connect() as c:
-            row = c.execute(
-                sa.select(nodes.c.roles)
+            rows = c.execute(
+                sa.select(nodes.c.roles, certificates.c.serial, certificates.c.issued_at)
                 .join(
                     certificates,
                     (certificates.c.cluster == nodes.c.cluster)
                     & (certificates.c.node == nodes.c.name),
                 )
                 .where(
-                    certificates.c.serial == serial,
                     certificates.c.cluster == cluster,
                     certificates.c.node == node,
                     certificates.c.revoked_at.is_(None),
                 )
-            ).first()
-            return tuple(row.roles) if row is not None else None
+            ).all()
+        mine = next((r for r in rows if r.serial == serial), None)
+        if mine is None:
+            return None, []
+        issued = _utc(mine.issued_at) or now()
+        older = [
+            r.serial for r in rows if r.serial != serial and (_utc(r.issued_at) or issued) <= issued
+        ]
+        if older:
+            with self.engine.begin() as c:
+                _revoke(c, older, "superseded")
+        return tuple(mine.roles), older
+
+    def liveness(self, cluster: str) -> dict[str, dict[str, str | None]]:
+        """Per node: when its agent last called, and when its newest standing certificate
+        ends (what a change waiting on the node reads when the node goes quiet)."""
+        with self.engine.connect() as c:
+            seen = c.execute(
+                sa.select(nodes.c.name, nodes.c.last_seen).where(nodes.c.cluster == cluster)
+            ).all()
+            ends = dict(
+                c.execute(
+                    sa.select(certificates.c.node, sa.func.max(certificates.c.not_after))
+                    .where(certificates.c.cluster == cluster, certificates.c.revoked_at.is_(None))
+                    .group_by(certificates.c.node)
+                )
+                .tuples()
+                .all()
+            )
+        out: dict[str, dict[str, str | None]] = {}
+        for name, last_seen in seen:
+            at, end = _utc(last_seen), _utc(ends.get(name))
+            out[name] = {
+                "last_seen": at.isoformat() if at else None,
+                "certificate_ends": end.isoformat() if end else None,
+            }
+        return out
 
     def revoked(self) -> list[tuple[int, datetime]]:
         with self.engine.connect() as c:
@@ -737,6 +932,8 @@ class Store:
                     "recipe": spec["drain"] if draining else spec["recipe"],
                     "appdir": spec["appdir"],
                     "env": {**spec["env"], "CRV_ACTION": "drain"} if draining else spec["env"],
+                    # what the agent does once it renewed the node's certificate
+                    "renew": spec.get("renew"),
                 }
             )
         return {

@@ -58,6 +58,7 @@ class Service:
     log: Path
     proc: subprocess.Popen[bytes] | None = None
     tokens: list[str] = field(default_factory=list)  # every token issued, for the log scan
+    env: dict[str, str] = field(default_factory=dict)  # settings of the service process
 
     @property
     def url(self) -> str:
@@ -71,7 +72,7 @@ class Service:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
-                env={**os.environ, "CRV_HOME": str(self.home.root)},
+                env={**os.environ, "CRV_HOME": str(self.home.root), **self.env},
             )
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:

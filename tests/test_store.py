@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from crv import store as store_module
-from crv.store import Store, StoreError, open_engine
+from crv.store import Issued, Store, StoreError, open_engine
 
 ROLES = {
     "web": {"recipe": "roles/web.sh", "appdir": "a0", "env": {}, "depends_on": []},
@@ -83,7 +83,9 @@ def test_an_enrolled_node_stays_enrolled_when_the_flow_says_provisioned_again(
 ) -> None:
     store.put_nodes("c", [node("c-g-0", ["web"], address="127.0.1.2", state="provisioned")])
     token = store.issue_tokens("c", ["c-g-0"], timedelta(minutes=5))
-    store.enrol("c", "c-g-0", token["c-g-0"], lambda e: ("abc1", store_module.now()))
+    store.enrol(
+        "c", "c-g-0", token["c-g-0"], "csr", lambda e: Issued("abc1", store_module.now(), "pem")
+    )
     assert store.status("c")["nodes"][0]["state"] == "enrolled"
     store.put_nodes("c", [node("c-g-0", ["web"], address="127.0.1.2", state="provisioned")])
     assert store.status("c")["nodes"][0]["state"] == "enrolled"
@@ -203,7 +205,8 @@ def test_a_leaving_node_that_is_wanted_again_is_enrolled_again_only_if_it_had_en
 ) -> None:
     store.put_nodes("c", [node(n, ["web"], state="provisioned") for n in ("c-g-0", "c-g-1")])
     token = store.issue_tokens("c", ["c-g-0"], timedelta(minutes=5))["c-g-0"]
-    store.enrol("c", "c-g-0", token, lambda _: ("abc123", store_module.now() + timedelta(days=1)))
+    issued = Issued("abc123", store_module.now() + timedelta(days=1), "pem")
+    store.enrol("c", "c-g-0", token, "csr", lambda _: issued)
     store.put_nodes("c", [node(n, ["web"], state="leaving") for n in ("c-g-0", "c-g-1")])
     store.put_nodes("c", [node(n, ["web"], state="provisioned") for n in ("c-g-0", "c-g-1")])
     states = {n["name"]: n["state"] for n in store.status("c")["nodes"]}

@@ -10,16 +10,19 @@ release within milliseconds and an idle one costs nothing.
 import asyncio
 import base64
 import binascii
+import hashlib
 import logging
 from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, Literal
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
@@ -30,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from crv.errors import PkiError
 from crv.pki import CertificateAuthority, is_admin, node_identity
 from crv.spec import ATTRIBUTE_PATTERN, NAME_PATTERN
-from crv.store import Enrolment, Store, StoreError
+from crv.store import REJOIN_GRACE, Enrolment, Issued, Store, StoreError
 
 log = logging.getLogger("crv.service")
 
@@ -39,6 +42,10 @@ MAX_ADMIN_BODY = 16 << 20
 MAX_VALUE = 64 * 1024
 MAX_WAIT = 30.0
 NODE_CERT_TTL = timedelta(hours=24)
+ALIVE_EVERY = 5.0  # seconds between writes of last_seen for a node's heartbeats
+# what a re-joining node signs with its last key, ahead of its new CSR (the CSR binds the
+# signature to the one key the new certificate may certify; the prefix to this use)
+REJOIN_CONTEXT = b"crv-rejoin-v1\x00"
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]
 RolePath = Annotated[str, PathParam(pattern=NAME_PATTERN, max_length=63)]
@@ -55,6 +62,18 @@ class EnrolRequest(_Body):
     node: Name
     token: Annotated[str, Field(min_length=16, max_length=128)]
     csr: Annotated[str, Field(max_length=16 * 1024)]
+
+
+class RenewRequest(_Body):
+    csr: Annotated[str, Field(max_length=16 * 1024)]
+
+
+class RejoinRequest(_Body):
+    cluster: Name
+    node: Name
+    certificate: Annotated[str, Field(max_length=16 * 1024)]  # its last one, ended
+    csr: Annotated[str, Field(max_length=16 * 1024)]  # for a new key made on the node
+    signature: Annotated[str, Field(max_length=512)]  # base64 DER ECDSA by the last key
 
 
 class AttributeValue(_Body):
@@ -78,6 +97,8 @@ class DependsOn(_Body):
 class RoleSpec(_Body):
     recipe: Annotated[str, Field(max_length=1024)]
     drain: Annotated[str, Field(max_length=1024)] | None = None
+    # after the node's certificate is renewed: "rerun" the recipe, or run this recipe
+    renew: Annotated[str, Field(max_length=1024)] | None = None
     appdir: Annotated[str, Field(max_length=64)]
     env: dict[str, str] = {}
     depends_on: list[DependsOn] = []
@@ -228,7 +249,13 @@ async def _too_large(send: Send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(store: Store, ca: CertificateAuthority) -> FastAPI:
+def create_app(
+    store: Store,
+    ca: CertificateAuthority,
+    *,
+    node_ttl: timedelta = NODE_CERT_TTL,
+    rejoin_grace: timedelta = REJOIN_GRACE,
+) -> FastAPI:
     node_waiters, cluster_waiters = Waiters(), Waiters()
     identities: OrderedDict[bytes, tuple[str, str, str, tuple[str, ...]] | None] = OrderedDict()
     # serial -> the node's current roles, or None when the certificate is not current: every
@@ -302,7 +329,10 @@ def create_app(store: Store, ca: CertificateAuthority) -> FastAPI:
         else:
             if len(current_roles) > 20_000:
                 current_roles.clear()
-            current = current_roles[serial] = store.current_roles(serial, cluster, node)
+            current, superseded = store.current_roles(serial, cluster, node)
+            for old in superseded:  # a renewed node's first call with its new certificate
+                current_roles.pop(old, None)
+            current_roles[serial] = current
         if current is None:
             raise StoreError(403, f"certificate {serial} of {cluster}/{node} is not current")
         # the plan decides today's roles; the certificate can only narrow them
@@ -321,8 +351,12 @@ def create_app(store: Store, ca: CertificateAuthority) -> FastAPI:
     # -- public -----------------------------------------------------------------------------
 
     @app.get("/v1/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok", "ca_sha256": ca.fingerprint_sha256}
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "ca_sha256": ca.fingerprint_sha256,
+            "node_cert_ttl": node_ttl.total_seconds(),
+        }
 
     @app.get("/v1/ca")
     async def ca_certificate() -> Response:
@@ -339,24 +373,35 @@ def create_app(store: Store, ca: CertificateAuthority) -> FastAPI:
         )
         return Response(pem, media_type="application/pkix-crl")
 
-    @app.post("/v1/enrol")
-    async def enrol(body: EnrolRequest) -> dict[str, str]:
-        issued: list[x509.Certificate] = []
-
-        def sign(e: Enrolment) -> tuple[str, Any]:
+    def signer(csr: str) -> Callable[[Enrolment], Issued]:
+        def sign(e: Enrolment) -> Issued:
             cert = ca.sign_node_csr(
-                body.csr.encode(),
+                csr.encode(),
                 cluster=e.cluster,
                 node=e.node,
                 roles=e.roles,
                 addresses=[e.address] if e.address else [],
-                ttl=NODE_CERT_TTL,
+                ttl=node_ttl,
             )
-            issued.append(cert)
-            return format(cert.serial_number, "x"), cert.not_valid_after_utc
+            pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+            return Issued(format(cert.serial_number, "x"), cert.not_valid_after_utc, pem)
 
+        return sign
+
+    def issued(pem: str) -> dict[str, Any]:
+        """The answer to enrol, renew and re-join. `expires_in` (seconds) lets the agent time
+        its renewal on its own clock, whatever the difference between the two clocks."""
+        end = x509.load_pem_x509_certificate(pem.encode()).not_valid_after_utc
+        left = (end - datetime.now(timezone.utc)).total_seconds()
+        return {"certificate": pem, "ca": ca.certificate_pem.decode(), "expires_in": left}
+
+    @app.post("/v1/enrol")
+    async def enrol(body: EnrolRequest) -> dict[str, Any]:
+        digest = hashlib.sha256(body.csr.encode()).hexdigest()
         try:
-            revoked = store.enrol(body.cluster, body.node, body.token, sign)
+            pem, revoked = store.enrol(
+                body.cluster, body.node, body.token, digest, signer(body.csr)
+            )
         except StoreError as e:
             if e.status == 401:
                 log.warning("enrolment refused: %s", e)
@@ -369,8 +414,73 @@ def create_app(store: Store, ca: CertificateAuthority) -> FastAPI:
             forget_identities()
         log.info("enrolled %s/%s", body.cluster, body.node)
         cluster_waiters.notify(body.cluster)
-        cert_pem = issued[0].public_bytes(serialization.Encoding.PEM).decode()
-        return {"certificate": cert_pem, "ca": ca.certificate_pem.decode()}
+        return issued(pem)
+
+    @app.post("/v1/renew")
+    async def renew(request: Request, caller: Node, body: RenewRequest) -> dict[str, Any]:
+        """A new certificate for the caller's node and roles, for a key it made (mutual TLS
+        with its current certificate proves who asks; the CSR that it holds the new key)."""
+        ident = _identity(request.state.tls_peer_cert)
+        assert ident is not None  # node_caller checked it
+        serial = ident[0]
+        try:
+            new = store.renew(caller.cluster, caller.node, serial, signer(body.csr))
+        except PkiError as e:
+            log.warning("renewal of %s/%s refused: %s", caller.cluster, caller.node, e)
+            raise StoreError(400, str(e)) from None
+        log.info("renewed %s/%s: %s supersedes %s", caller.cluster, caller.node, new.serial, serial)
+        cluster_waiters.notify(caller.cluster)
+        return issued(new.pem)
+
+    @app.post("/v1/rejoin")
+    async def rejoin(body: RejoinRequest) -> dict[str, Any]:
+        """A member whose certificate ended while it was off, suspended or cut off comes back
+        without a token: it shows its last certificate (issued by this CA to this node, never
+        revoked, ended less than the grace period ago) and proves it holds that certificate's
+        key by signing its new CSR with it (docs/pki.md, "Re-joining")."""
+        where = f"{body.cluster}/{body.node}"
+        try:
+            serial = _check_rejoin(body)
+        except PkiError as e:
+            log.warning("re-join of %s refused: %s", where, e)
+            raise StoreError(403, f"re-join of {where} refused: {e}") from None
+        try:
+            new = store.rejoin(
+                body.cluster, body.node, serial, signer(body.csr), grace=rejoin_grace
+            )
+        except PkiError as e:  # the new CSR
+            log.warning("re-join of %s refused: %s", where, e)
+            raise StoreError(400, f"re-join of {where} refused: {e}") from None
+        except StoreError as e:  # the node proved who it is, but may no longer come back
+            log.warning("%s", e)
+            store.refused(body.cluster, body.node, str(e))
+            cluster_waiters.notify(body.cluster)
+            raise
+        log.info("re-joined %s with certificate %s", where, new.serial)
+        cluster_waiters.notify(body.cluster)
+        return issued(new.pem)
+
+    def _check_rejoin(body: RejoinRequest) -> str:
+        """The serial of the certificate the node showed, once the CA's signature on it, its
+        identity and the node's signature with its key are checked."""
+        try:
+            cert = x509.load_pem_x509_certificate(body.certificate.encode())
+            cert.verify_directly_issued_by(ca.certificate)
+        except (ValueError, TypeError, InvalidSignature):
+            raise PkiError("the certificate shown was not issued by this CA") from None
+        serial = format(cert.serial_number, "x")
+        if node_identity(cert)[:2] != (body.cluster, body.node):
+            raise PkiError(f"certificate {serial} is not {body.cluster}/{body.node}'s")
+        key = cert.public_key()
+        try:
+            signature = base64.b64decode(body.signature, validate=True)
+            if not isinstance(key, ec.EllipticCurvePublicKey):
+                raise InvalidSignature
+            message = REJOIN_CONTEXT + body.csr.encode()
+            key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+        except (binascii.Error, ValueError, InvalidSignature):
+            raise PkiError(f"no proof of possession of certificate {serial}'s key") from None
+        return serial
 
     # -- nodes ------------------------------------------------------------------------------
 
@@ -392,6 +502,12 @@ def create_app(store: Store, ca: CertificateAuthority) -> FastAPI:
 
         await node_waiters.wait_until(key, changed, wait)
         return store.work(*key)
+
+    @app.post("/v1/alive", status_code=204)
+    async def alive(caller: Node) -> None:
+        """A heartbeat from an agent busy running a recipe (it does not poll meanwhile): a
+        change waiting on the node tells a long recipe from a node that is gone."""
+        store.touch(caller.cluster, caller.node, every=ALIVE_EVERY)
 
     @app.get("/v1/recipes")
     async def recipes(caller: Node) -> Response:
@@ -511,6 +627,13 @@ def create_app(store: Store, ca: CertificateAuthority) -> FastAPI:
             node_waiters.notify((cluster, node))
         cluster_waiters.notify(cluster)
         return {"results": results}
+
+    @app.get("/v1/admin/clusters/{cluster}/liveness", dependencies=[Admin])
+    async def liveness(cluster: ClusterPath) -> dict[str, Any]:
+        """When each node's agent last called and when its certificate ends: a change waiting
+        on a node that went quiet fails fast, saying why (crv.deploy.Mirror)."""
+        store.require_cluster(cluster)
+        return {"nodes": store.liveness(cluster)}
 
     @app.get("/v1/admin/clusters/{cluster}/attributes/{role}/{key}", dependencies=[Admin])
     async def attribute_readings(cluster: str, role: RolePath, key: KeyPath) -> dict[str, Any]:

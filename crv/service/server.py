@@ -23,7 +23,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from crv.errors import PkiError
 from crv.home import Home
-from crv.pki import CertificateAuthority
+from crv.pki import CertificateAuthority, node_ttl_from_env
 from crv.service.app import create_app
 from crv.store import Store, open_engine
 
@@ -108,7 +108,7 @@ def serve(home: Home, host: str, port: int) -> None:
     server_crt, server_key = ensure_credentials(home, ca)
     store = Store(open_engine(home.database))
     config = uvicorn.Config(
-        create_app(store, ca),
+        create_app(store, ca, node_ttl=node_ttl_from_env()),
         host=host,
         port=port,
         http=TlsPeerHttpToolsProtocol,
