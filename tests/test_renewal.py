@@ -94,10 +94,14 @@ def test_renewal_gives_the_same_identity_and_supersedes_the_old_one_once_used(
     r = renew(svc, old, csr)
     assert r.status_code == 200, r.text
     new_cert = x509.load_pem_x509_certificate(r.json()["certificate"].encode())
-    assert uris(new_cert) == uris(old.cert) == [
-        "crv://ren-ok/node/ren-ok-web-0",
-        "crv://ren-ok/role/web",
-    ]
+    assert (
+        uris(new_cert)
+        == uris(old.cert)
+        == [
+            "crv://ren-ok/node/ren-ok-web-0",
+            "crv://ren-ok/role/web",
+        ]
+    )
     assert new_cert.serial_number != old.cert.serial_number
     assert 23 * 3600 < r.json()["expires_in"] <= 24 * 3600
     new = write_creds(svc, "ren-ok", "ren-ok-web-0", new_cert, key)
