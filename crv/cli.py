@@ -182,6 +182,7 @@ def up() -> None:
     home = _home()
     with _user_errors():
         endpoints = _ensure_up(home)
+    home.tighten()  # running already: a home left open since (or by an older crv) is closed
     print(f"crv service: {endpoints.service_url}")
     print(f"Prefect UI:  {endpoints.prefect_ui_url}")
     print(f"Prefect API: {endpoints.prefect_api_url}")

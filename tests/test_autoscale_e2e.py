@@ -190,7 +190,12 @@ class Farm:
         """The settings of a Prefect client of this home (as the CLI sets them)."""
         status = json.loads((self.crv.home / "prefect" / "daemon.json").read_text())
         home = str(self.crv.home / "prefect")
-        return {**self.crv.env, "PREFECT_API_URL": status["url"], "PREFECT_HOME": home}
+        return {
+            **self.crv.env,
+            "PREFECT_API_URL": status["url"],
+            "PREFECT_API_AUTH_STRING": ":".join(self.crv.prefect_auth),
+            "PREFECT_HOME": home,
+        }
 
     def prefect(self, code: str, timeout: float = 120) -> str:
         """Run Python with a Prefect client of this home."""

@@ -26,6 +26,12 @@ from cryptography import x509
 from tests.conftest import CATALOG, LOCAL_NET, REPO, write_appliance
 
 
+def prefect_auth(home: Path) -> tuple[str, str]:
+    """The user and password of a CRV_HOME's Prefect API (basic auth; `crv up` made them)."""
+    user, _, password = (home / "prefect" / "api-auth").read_text().strip().partition(":")
+    return user, password
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -46,6 +52,10 @@ class Crv:
             env=self.env,
             timeout=timeout,
         )
+
+    @property
+    def prefect_auth(self) -> tuple[str, str]:
+        return prefect_auth(self.home)
 
     def up(self) -> subprocess.CompletedProcess[str]:
         """`crv up`; if it fails, stop what it did start, so that no daemon outlives the test."""
@@ -173,17 +183,18 @@ def test_webfarm_deploys_answers_round_robin_and_destroys_clean(crv: Crv) -> Non
 
     # the Prefect server has the run, its stage task runs and the cluster summary artifact
     api = prefect_api(crv)
-    runs = httpx.post(f"{api}/task_runs/filter", json={"limit": 200}).json()
+    auth = crv.prefect_auth
+    runs = httpx.post(f"{api}/task_runs/filter", json={"limit": 200}, auth=auth).json()
     names = {t["name"] for t in runs}
     assert {"provision[worker]", "certify[worker]", "contextualize[worker/web]",
             "verify[worker/web]", "contextualize[front/lb]", "verify[front/lb]"} <= names  # fmt: skip
-    artifacts = httpx.post(f"{api}/artifacts/filter", json={"limit": 50}).json()
+    artifacts = httpx.post(f"{api}/artifacts/filter", json={"limit": 50}, auth=auth).json()
     assert "cluster-farm" in {a["key"] for a in artifacts}
     assert "deploy-farm" in {a["key"] for a in artifacts}
 
     # nothing secret reached Prefect: flow parameters, task and flow logs, artifacts (F: secrets)
-    flow_runs = httpx.post(f"{api}/flow_runs/filter", json={"limit": 50}).json()
-    logs = httpx.post(f"{api}/logs/filter", json={"limit": 1000}).json()
+    flow_runs = httpx.post(f"{api}/flow_runs/filter", json={"limit": 50}, auth=auth).json()
+    logs = httpx.post(f"{api}/logs/filter", json={"limit": 1000}, auth=auth).json()
     seen = json.dumps([flow_runs, runs, logs, artifacts])
     assert "-----BEGIN" not in seen and "PRIVATE KEY" not in seen
     assert '"token"' not in seen.lower()

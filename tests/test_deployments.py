@@ -2,7 +2,8 @@
 destroy-cluster with typed forms, and another system drives them through Prefect's REST API.
 
 The API calls come from a separate process using nothing but httpx, as the README shows them:
-look the deployment up by name, create a flow run with parameters, poll the run until it ends.
+with the API's basic-auth credentials (`crv api-credentials`), look the deployment up by name,
+create a flow run with parameters, poll the run until it ends.
 Bad input is refused when the run is created (HTTP 409 naming the field) or, for what a schema
 cannot say, the run fails at once naming it; either way no node process is started.
 """
@@ -28,14 +29,16 @@ from deployments import forms
 from tests.conftest import CATALOG, REPO, write_appliance
 from tests.test_deploy_e2e import Crv, free_port
 
-# What another system runs: only an HTTP client, the Prefect API url and a deployment name.
+# What another system runs: only an HTTP client, the Prefect API url, its credentials and a
+# deployment name.
 CLIENT = textwrap.dedent(
     """
     import json, sys, time
     import httpx
 
     api, deployment, parameters = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    with httpx.Client(base_url=api, timeout=30) as http:
+    user, _, password = sys.argv[4].partition(":")
+    with httpx.Client(base_url=api, auth=(user, password), timeout=30) as http:
         found = http.get(f"/deployments/name/{deployment}")
         found.raise_for_status()
         for attempt in range(4):  # a server error (SQLite busy under load) is worth a retry
@@ -81,7 +84,15 @@ def serve_record(crv: Crv) -> dict[str, Any]:
 def trigger(crv: Crv, deployment: str, parameters: dict[str, Any]) -> dict[str, Any]:
     """Run a deployment from another process through the REST API; its final answer."""
     p = subprocess.run(
-        [sys.executable, "-c", CLIENT, api_url(crv), deployment, json.dumps(parameters)],
+        [
+            sys.executable,
+            "-c",
+            CLIENT,
+            api_url(crv),
+            deployment,
+            json.dumps(parameters),
+            ":".join(crv.prefect_auth),
+        ],
         capture_output=True,
         text=True,
         timeout=150,
@@ -93,13 +104,13 @@ def trigger(crv: Crv, deployment: str, parameters: dict[str, Any]) -> dict[str, 
 
 
 def deployment(crv: Crv, name: str) -> dict[str, Any]:
-    r = httpx.get(f"{api_url(crv)}/deployments/name/{name}", timeout=10)
+    r = httpx.get(f"{api_url(crv)}/deployments/name/{name}", auth=crv.prefect_auth, timeout=10)
     assert r.status_code == 200, r.text
     return dict(r.json())
 
 
 def flow_run_count(crv: Crv) -> int:
-    r = httpx.post(f"{api_url(crv)}/flow_runs/count", json={}, timeout=10)
+    r = httpx.post(f"{api_url(crv)}/flow_runs/count", json={}, auth=crv.prefect_auth, timeout=10)
     return int(r.json())
 
 
@@ -234,6 +245,7 @@ def test_bad_input_is_refused_when_the_run_is_created(
     r = httpx.post(
         f"{api_url(crv)}/deployments/{deployment(crv, name)['id']}/create_flow_run",
         json={"parameters": parameters},
+        auth=crv.prefect_auth,
         timeout=10,
     )
     assert r.status_code == 409, r.text
@@ -322,11 +334,15 @@ def test_schedules_survive_a_restart_of_the_served_deployments(crv: Crv) -> None
                 "parameters": {"name": "apifarm", "group": "worker", "count": 5},
             }
         ],
+        auth=crv.prefect_auth,
         timeout=10,
     )
     assert r.status_code == 201, r.text
     destroy = deployment(crv, "destroy-cluster/crv")
-    assert httpx.post(f"{api}/deployments/{destroy['id']}/pause_deployment").status_code < 300
+    paused = httpx.post(
+        f"{api}/deployments/{destroy['id']}/pause_deployment", auth=crv.prefect_auth
+    )
+    assert paused.status_code < 300, paused.text
 
     old = serve_record(crv)["pid"]
     os.killpg(old, signal.SIGTERM)

@@ -27,6 +27,7 @@ from crv import events
 from crv.daemons import prefect_env, running
 from crv.home import Home
 from tests.conftest import REPO
+from tests.test_deploy_e2e import prefect_auth
 
 PROBE = textwrap.dedent(
     """
@@ -143,7 +144,9 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Home
                        env=crv_env, timeout=120)  # fmt: skip
 
 
-def _read_events(api: str, cluster: str, want: int, deadline: float = 30) -> list[dict[str, Any]]:
+def _read_events(
+    home: Home, api: str, cluster: str, want: int, deadline: float = 30
+) -> list[dict[str, Any]]:
     """The server's events about this cluster, oldest first, once `want` are stored."""
     body = {
         "filter": {
@@ -155,7 +158,7 @@ def _read_events(api: str, cluster: str, want: int, deadline: float = 30) -> lis
     }
     found: list[dict[str, Any]] = []
     end = time.monotonic() + deadline
-    with httpx.Client(timeout=10) as client:
+    with httpx.Client(timeout=10, auth=prefect_auth(home.root)) as client:
         while time.monotonic() < end:
             r = client.post(f"{api}/events/filter", json=body)
             r.raise_for_status()
@@ -178,7 +181,7 @@ def test_flow_events_reach_the_server_with_cluster_node_and_flow_run(
     out = _python(PROBE, cluster, env=_env(prefect_env(home, api)))
     flow_run = out["flow_run"]
 
-    stored = _read_events(api, cluster, want=4)
+    stored = _read_events(home, api, cluster, want=4)
     assert [e["event"] for e in stored] == [
         "crv.cluster.deploying",
         "crv.node.verified",
@@ -250,7 +253,7 @@ def test_a_thread_without_run_context_still_relates_the_flow_run(
     cluster, run_id = f"ev{uuid.uuid4().hex[:8]}", str(uuid.uuid4())
     env = _env({**prefect_env(home, api), "PREFECT__FLOW_RUN_ID": run_id})
     assert _python(NO_CONTEXT, cluster, env=env) == {"event": True}
-    [stored] = _read_events(api, cluster, want=1)
+    [stored] = _read_events(home, api, cluster, want=1)
     assert stored["event"] == "crv.node.enrolled"
     assert stored["resource"]["crv.pool"] == "sim"
     [run] = _related(stored, "flow-run")

@@ -91,7 +91,7 @@ def prefect_events(crv: Crv, names: set[str], deadline: float = 30.0) -> list[di
     }
     end = time.monotonic() + deadline
     while True:
-        r = httpx.post(f"{api}/events/filter", json=body, timeout=10)
+        r = httpx.post(f"{api}/events/filter", json=body, auth=crv.prefect_auth, timeout=10)
         assert r.status_code == 200, r.text
         found = r.json()["events"]
         if names <= {e["event"] for e in found} or time.monotonic() > end:

@@ -3,7 +3,9 @@ the `deploy-appliance` run form and a finished deploy run, as a user would.
 
 One `crv up` in a temporary CRV_HOME serves the module; a throw-away one-node appliance is
 deployed through the CLI so that a finished `deploy-appliance` flow run with its stage task
-runs exists. The browser is driven with Playwright (`executable_path=/usr/bin/chromium`, no
+runs exists. The Prefect API requires crv's basic auth, so the browser first signs in on the
+UI's login page with the auth string (as a user pastes `crv api-credentials --auth-string`).
+The browser is driven with Playwright (`executable_path=/usr/bin/chromium`, no
 downloaded browser). Full-page screenshots are saved under `$CRV_TEST_ARTIFACTS/browser/`
 (default `<repo>/test-artifacts/browser/`): run-form.png and flow-run-task-runs.png, and a
 `*-failed.png` of the page when a test fails.
@@ -123,12 +125,12 @@ class System:
     ui: str  # the same server without /api
 
     def get(self, path: str) -> Any:
-        r = httpx.get(f"{self.api}{path}", timeout=30)
+        r = httpx.get(f"{self.api}{path}", auth=self.crv.prefect_auth, timeout=30)
         r.raise_for_status()
         return r.json()
 
     def post(self, path: str, body: dict[str, Any]) -> Any:
-        r = httpx.post(f"{self.api}{path}", json=body, timeout=30)
+        r = httpx.post(f"{self.api}{path}", json=body, auth=self.crv.prefect_auth, timeout=30)
         r.raise_for_status()
         return r.json()
 
@@ -170,18 +172,54 @@ def system(browser: Browser, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             c("down")
 
 
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
+@contextmanager
+def new_page(browser: Browser) -> Iterator[Page]:
     context = browser.new_context(viewport=VIEWPORT)
     context.set_default_timeout(UI_TIMEOUT)
     context.set_default_navigation_timeout(NAVIGATION_TIMEOUT)
     pg = context.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield pg
-    if errors:
-        print("page errors:", *errors, sep="\n  ")
-    context.close()
+    try:
+        yield pg
+    finally:
+        if errors:
+            print("page errors:", *errors, sep="\n  ")
+        context.close()
+
+
+def sign_in(page: Page, system: System, auth: str, then: str = "/deployments") -> None:
+    """Open a UI page: Prefect's UI sends to its login page, whose one field takes the auth
+    string (`user:password`); after *Login* it goes on to the page asked for."""
+    page.goto(f"{system.ui}{then}")
+    expect(page).to_have_url(re.compile(r"/login"), timeout=NAVIGATION_TIMEOUT)
+    field = page.get_by_placeholder("admin:pass")
+    field.fill(auth)
+    field.press("Enter")
+
+
+@pytest.fixture
+def page(browser: Browser, system: System) -> Iterator[Page]:
+    """A signed-in page (the UI keeps the credential in the browser's local storage)."""
+    with new_page(browser) as pg:
+        with shot_on_failure(pg, "login"):
+            sign_in(pg, system, ":".join(system.crv.prefect_auth))
+            expect(pg).to_have_url(re.compile(r"/deployments$"), timeout=NAVIGATION_TIMEOUT)
+        yield pg
+
+
+def test_the_ui_asks_for_the_auth_string(system: System, browser: Browser) -> None:
+    """Without the credential the UI shows only its login page, and a wrong one is refused;
+    the right one opens the deployments."""
+    with new_page(browser) as pg, shot_on_failure(pg, "login"):
+        user, password = system.crv.prefect_auth
+        sign_in(pg, system, f"{user}:not-{password}")
+        expect(pg.get_by_text("Authentication failed.").first).to_be_visible()
+        expect(pg).to_have_url(re.compile(r"/login"))
+        sign_in(pg, system, f"{user}:{password}")
+        expect(pg).to_have_url(re.compile(r"/deployments$"), timeout=NAVIGATION_TIMEOUT)
+        expect(pg.get_by_text("deploy-appliance").first).to_be_visible(timeout=NAVIGATION_TIMEOUT)
+        screenshot(pg, "signed-in.png")
 
 
 def form_property(page: Page, label: str) -> Locator:
