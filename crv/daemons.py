@@ -224,7 +224,10 @@ def _prefect_guard(url: str, auth: str | None) -> str:
         return "ok" if anonymous == 200 else "mismatch"
     if anonymous != 401:
         return "mismatch"
-    return "ok" if _prefect_get(probe, auth) == 200 else "mismatch"
+    signed = _prefect_get(probe, auth)
+    if signed == 0 or signed >= 500:  # busy, not refusing: never a reason to restart it
+        return "down"
+    return "ok" if signed == 200 else "mismatch"
 
 
 def _wanted_auth(home: Home) -> str | None:
