@@ -37,6 +37,7 @@ from crv.appliance import load_appliance
 from crv.client import Service
 from crv.home import Home
 from crv.plan import Plan, expand
+from crv.service.guard import DEFAULT_MAX_CONNS, ENV_MAX_CONNS
 from crv.teardown import teardown
 from pools.sim import SimPool
 
@@ -266,6 +267,11 @@ def main(argv: list[str] | None = None) -> None:
     saved = dict(os.environ)
     root = Path(tempfile.mkdtemp(prefix="crv-bench-"))
     os.environ["CRV_HOME"] = str(root)
+    # every simulated agent dials the service from 127.0.0.1 on a connection of its own: past
+    # the service's default cap per client address, raise it for this run (docs/service-api.md)
+    wanted = 2 * max(sizes, default=0) + 256
+    if wanted > DEFAULT_MAX_CONNS and not os.environ.get(ENV_MAX_CONNS):
+        os.environ[ENV_MAX_CONNS] = str(wanted)
     home = Home(root)
     print(f"crv deploy benchmark: sim pool, {os.cpu_count()} CPUs, CRV_HOME {root}")
     started = time.monotonic()

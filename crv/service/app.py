@@ -284,10 +284,20 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
+        """400, except a body field over its length (characters, items): 413, as for a body
+        or a value over its size in bytes, so that one limit gets one answer however it is
+        counted."""
+        errors = exc.errors()
+        too_long = [
+            e
+            for e in errors
+            if e.get("type") in ("string_too_long", "too_long") and e.get("loc", ("",))[0] == "body"
+        ]
+        first = too_long[0] if too_long else errors[0] if errors else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
         return JSONResponse(
-            {"detail": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=400
+            {"detail": f"{where}: {first.get('msg', 'invalid request')}"},
+            status_code=413 if too_long else 400,
         )
 
     def peer(request: Request) -> x509.Certificate | None:

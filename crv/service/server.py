@@ -2,19 +2,23 @@
 
 uvicorn does not hand the client certificate to the application, so a small protocol subclass
 puts the verified peer certificate (DER) into each request's state; routes then authorize by it.
+The same subclass bounds what one client can hold (crv.service.guard): connections per address
+and the time to send a request's headers; the loop bounds the TLS handshake.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
 import os
 import socket
 import ssl
+import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import uvicorn
 from cryptography import x509
@@ -25,19 +29,103 @@ from crv.errors import PkiError
 from crv.home import Home
 from crv.pki import CertificateAuthority, node_ttl_from_env
 from crv.service.app import create_app
+from crv.service.guard import (
+    ENV_HEADER_TIMEOUT,
+    ENV_MAX_CONNS,
+    ConnectionGuard,
+    Limits,
+    install_log_filter,
+    loop_factory,
+)
 from crv.store import Store, open_engine
+
+log = logging.getLogger("crv.service")
+
+_BUSY = b'{"detail": "too many connections from this address"}'
+TOO_MANY_CONNECTIONS = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+    b"retry-after: 1\r\nconnection: close\r\ncontent-length: "
+    + str(len(_BUSY)).encode()
+    + b"\r\n\r\n"
+    + _BUSY
+)
 
 
 class TlsPeerHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn does not pass the client certificate to the app: each connection puts the
-    verified peer certificate (DER) into its requests' state."""
+    verified peer certificate (DER) into its requests' state.
+
+    It also refuses a connection beyond the cap on its client address (503 with Retry-After,
+    which agents wait out, then closed), and closes one whose request headers are not complete
+    within the header timeout, counted from the connection (a client that sends nothing) or
+    from the request's first byte (slow-loris). uvicorn's keep-alive timeout covers the idle
+    time between requests."""
+
+    guard: ClassVar[ConnectionGuard] = ConnectionGuard(Limits())
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
+        self._address: str | None = None
+        self._header_timer: asyncio.TimerHandle | None = None
         ssl_object = transport.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         # per connection: the shared app_state dict is copied, not mutated
         self.app_state = {**self.app_state, "tls_peer_cert": der}
+        address = self.client[0] if self.client else ""
+        if not self.guard.admit(address):
+            log.warning(
+                "refused a connection from %s: %d connections open from it (%s)",
+                address,
+                self.guard.open[address],
+                ENV_MAX_CONNS,
+            )
+            transport.write(TOO_MANY_CONNECTIONS)
+            transport.close()
+            return
+        self._address = address
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        if self._address is not None:
+            self.guard.release(self._address)
+            self._address = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._address is None:  # refused: nothing it sends is read
+            return
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm_header_timer()  # unless the connection's own is still running
+
+    def on_headers_complete(self) -> None:
+        self._cancel_header_timer()
+        super().on_headers_complete()
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is None:
+            delay = self.guard.limits.header_timeout
+            self._header_timer = self.loop.call_later(delay, self._headers_too_slow)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        log.warning(
+            "closed a connection from %s: no complete request headers within %g s (%s)",
+            self._address,
+            self.guard.limits.header_timeout,
+            ENV_HEADER_TIMEOUT,
+        )
+        self.transport.abort()  # at once: no TLS close_notify exchange with a slow client
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -100,10 +188,25 @@ def ssl_context(home: Home, server_crt: Path, server_key: Path) -> ssl.SSLContex
     return ctx
 
 
+def _raise_open_files_limit() -> None:
+    """The soft limit on open files up to the hard one: the cap per client address is only a
+    cap below it (the sim pool does the same for its side)."""
+    with contextlib.suppress(ImportError, ValueError, OSError):
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def serve(home: Home, host: str, port: int) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    limits = Limits.from_env()
+    _raise_open_files_limit()
     ca = CertificateAuthority.create_or_load(home.ca_dir)
     server_crt, server_key = ensure_credentials(home, ca)
     store = Store(open_engine(home.database))
@@ -120,4 +223,17 @@ def serve(home: Home, host: str, port: int) -> None:
     )
     config.load()
     config.ssl = ssl_context(home, server_crt, server_key)
-    uvicorn.Server(config).run()
+    install_log_filter(limits)  # after uvicorn.Config, which sets up uvicorn's handlers
+    TlsPeerHttpToolsProtocol.guard = ConnectionGuard(limits)
+    server = uvicorn.Server(config)
+    # Server.run() would make a plain uvloop loop: ours bounds the TLS handshake
+    factory = loop_factory(limits)
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(server.serve())
+    else:
+        loop = factory()
+        try:
+            loop.run_until_complete(server.serve())
+        finally:
+            loop.close()
