@@ -36,6 +36,7 @@ from crv import daemons
 from crv.appliance import load_appliance
 from crv.client import Service
 from crv.home import Home
+from crv.placement import Drivers
 from crv.plan import Plan, expand
 from crv.service.guard import DEFAULT_MAX_CONNS, ENV_MAX_CONNS
 from crv.teardown import teardown
@@ -248,7 +249,7 @@ def run_one(home: Home, n: int, profile: str | None, timeline: bool) -> float:
     print(f"  service: {milestones(service, name, began_wall)}")
     if timeline:
         sampler.print()
-    teardown(name, pool, service)
+    teardown(name, Drivers(home), service)
     return ratio
 
 
