@@ -31,8 +31,8 @@ from tests.test_service_security import (
     setup_cluster,
 )
 
-HANDSHAKE_TIMEOUT = 2.0
-HEADER_TIMEOUT = 2.0
+HANDSHAKE_TIMEOUT = 3.0
+HEADER_TIMEOUT = 3.0
 MAX_CONNS = 8
 LOG_BURST = 10
 LOG_WINDOW = 6.0
@@ -45,7 +45,7 @@ HARDENING_ENV = {
     "CRV_SERVICE_LOG_WINDOW": str(LOG_WINDOW),
     "CRV_SERVICE_LOG_PER_KIND": str(LOG_PER_KIND),
 }
-SLACK = 2.5  # seconds a drop may come after its bound on a busy test machine
+SLACK = 3.0  # seconds a drop may come after its bound on a busy test machine
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_slow_loris_headers_are_cut_off(svc: Service) -> None:
     assert closed or sent < len(request), "the service waited for the slow headers"
     assert took <= HEADER_TIMEOUT + SLACK, took
     assert sent < len(request) and b"HTTP/" not in received, (sent, received)
-    assert "no complete request headers within 2 s" in svc.log_since(mark)
+    assert f"no complete request headers within {HEADER_TIMEOUT:g} s" in svc.log_since(mark)
 
 
 def test_idle_kept_alive_connections_and_long_polls_outlast_the_header_timeout(
@@ -241,7 +241,14 @@ def _flood(svc: Service, paths: list[str], threads: int = 4) -> None:
 
     def run(share: list[str]) -> None:
         with svc.client() as anonymous:
-            statuses.extend(anonymous.get(p).status_code for p in share)
+            for p in share:
+                for attempt in range(3):  # a machine this loaded may miss the handshake bound
+                    try:
+                        statuses.append(anonymous.get(p).status_code)
+                        break
+                    except httpx.ConnectError:
+                        if attempt == 2:
+                            raise
 
     workers = [threading.Thread(target=run, args=(paths[i::threads],)) for i in range(threads)]
     for w in workers:
