@@ -813,8 +813,41 @@ class Identity:
         self.lock = threading.RLock()
         self.version = 0  # bumped at every new certificate: services made before are stale
         self.changed = threading.Event()  # a new certificate the roles' renew hooks have not seen
+        self._main: Service | None = None  # the main loop's connection, and its version
+        self._main_version = -1
         recover_identity(home)
         self.schedule = load_schedule(home)
+
+    def call(self, method: str, path: str, body: dict | None = None, **options: object) -> Response:
+        """A node call on the main loop's kept-alive connection, made with the current
+        certificate: after a renewal or a re-join (perhaps by the keeper thread meanwhile,
+        which supersedes the old certificate) on a new connection, and again once if it was
+        refused in between. An ended certificate (the TLS alert, or 401 'expired' on a
+        connection opened before it ended) re-joins first."""
+        resp = None
+        for _ in range(3):
+            version = self.version
+            with self.lock:
+                if self._main is None or self._main_version != version:
+                    if self._main is not None:
+                        self._main.close()
+                    self._main, self._main_version = self.service(), version
+                service = self._main
+            try:
+                resp = call(service, method, path, body, **options)
+                if resp.status == 401 and "expired" in resp.detail():
+                    raise CertificateEnded(f"{method} {path}: {resp.detail()}")
+            except CertificateEnded:
+                with self.lock:
+                    if self.version == version:  # nobody re-joined meanwhile
+                        self.rejoin("the service says it has ended")
+                continue
+            if resp.status in (401, 403) and self.version != version:
+                continue
+            return resp
+        if resp is None:
+            raise AgentError(f"{method} {path}: the certificate ended again and again")
+        return resp
 
     def context(self) -> ssl.SSLContext:
         files = [self.home / n for n in ("ca.crt", "node.crt", "node.key")]
@@ -1005,14 +1038,13 @@ def _replace_dir(staging: Path, final: Path) -> None:
     shutil.rmtree(str(old), ignore_errors=True)
 
 
-def sync_bundle(service: Service, home: Path, state: dict, wanted: str) -> None:
+def sync_bundle(identity: Identity, home: Path, state: dict, wanted: str) -> None:
     """Fetches the recipes when the service's bundle differs from ours. The whole appliance
     directory is kept (recipes source their libraries through CRV_APPLIANCE_DIR)."""
     final = home / "appliance"
     if not wanted or (wanted == state.get("bundle") and final.is_dir()):
         return
-    resp = call(
-        service,
+    resp = identity.call(
         "GET",
         "/v1/recipes",
         timeout=120.0,
@@ -1229,10 +1261,10 @@ def _wait(proc: subprocess.Popen, timeout: float, out: BinaryIO) -> int | None:
     return code if code >= 0 else 128 - code  # killed by a signal: the shell's convention
 
 
-def report(service: Service, role: Role, state: str, code: int | None, output: str) -> None:
+def report(identity: Identity, role: Role, state: str, code: int | None, output: str) -> None:
     body = {"role": role.role, "release": role.release, "state": state}
     body.update(exit_code=code, output=output)
-    resp = call(service, "POST", "/v1/status", body, backoff_cap=DAEMON_BACKOFF)
+    resp = identity.call("POST", "/v1/status", body, backoff_cap=DAEMON_BACKOFF)
     if resp.status in (401, 403, 404):
         _raise_for_node(resp, "POST /v1/status")
     elif resp.status == 409:
@@ -1242,23 +1274,22 @@ def report(service: Service, role: Role, state: str, code: int | None, output: s
 
 
 def run_role(
-    service: Service,
+    identity: Identity,
     home: Path,
     boot: dict,
     work: Work,
     role: Role,
     state: dict,
     timeout: float,
-    identity: Identity,
 ) -> None:
     """The release is recorded after the final report: a crash in between re-runs the recipe
     (recipes are idempotent) rather than leaving the service waiting for a report."""
     log(f"running role {role.role} release {role.release}")
-    report(service, role, "running", None, "")
+    report(identity, role, "running", None, "")
     with Keeper(identity):
         code, output = run_recipe(home, boot, work, role, timeout)
     outcome = "done" if code == 0 else "failed"
-    report(service, role, outcome, code, output)
+    report(identity, role, outcome, code, output)
     state["releases"][role.role] = role.release
     save_state(home, state)
     log(f"role {role.role} release {role.release} {outcome} (exit {code})")
@@ -1309,7 +1340,6 @@ def save_state(home: Path, state: dict) -> None:
 
 def serve(home: Path, boot: dict, recipe_timeout: float) -> int:
     identity = Identity(home, boot)
-    service, version = identity.service(), identity.version
     install_shim(home)
     state = load_state(home)
     generation, backoff = 0, Backoff(cap=DAEMON_BACKOFF)
@@ -1317,27 +1347,20 @@ def serve(home: Path, boot: dict, recipe_timeout: float) -> int:
     while True:
         try:
             identity.keep()
-            if identity.version != version:  # a new certificate: a new connection with it
-                service.close()
-                service, version = identity.service(), identity.version
             if identity.changed.is_set():
                 run_renew_hooks(home, boot, work, state, recipe_timeout, identity)
             # the long poll ends in time for the renewal
             wait = int(max(1.0, min(POLL_WAIT, identity.seconds_left() + 1)))
             path = f"/v1/work?after={generation}&wait={wait}"
-            resp = call(service, "GET", path, timeout=wait + 15, backoff_cap=DAEMON_BACKOFF)
+            resp = identity.call("GET", path, timeout=wait + 15, backoff_cap=DAEMON_BACKOFF)
             _raise_for_node(resp, "GET /v1/work")
             work = parse_work(resp.json())
             if work.stop:
                 log("the service stops this node; exiting")
                 return EXIT_OK
-            sync_bundle(service, home, state, work.bundle)
+            sync_bundle(identity, home, state, work.bundle)
         except Refused:
             raise
-        except CertificateEnded:
-            with identity.lock:
-                identity.rejoin("the service says it has ended")
-            continue
         except AgentError as e:
             log(f"{e}; retrying")
             time.sleep(backoff.next())
@@ -1346,7 +1369,7 @@ def serve(home: Path, boot: dict, recipe_timeout: float) -> int:
         generation = work.generation
         for role in work.roles:
             if role.release > state["releases"].get(role.role, 0):
-                run_role(service, home, boot, work, role, state, recipe_timeout, identity)
+                run_role(identity, home, boot, work, role, state, recipe_timeout)
 
 
 # --- commands -------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import asyncio
 import enum
 import json
 import os
+import signal
 import sys
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from crv.appliance import NOT_SCALED, load_appliance, load_recorded, locate, par
 from crv.client import Service
 from crv.errors import CrvError, SpecError
 from crv.home import Home
+from crv.pki import node_ttl_from_env
 from crv.placement import Drift, Drivers, check, drift, place, pools_of
 from crv.plan import Plan, expand
 from crv.plan_view import describe
@@ -164,6 +166,7 @@ def _ensure_up(home: Home, *, quiet: bool = False) -> daemons.Endpoints:
     """Start the Prefect server and the service if they are not running, and point this
     process's Prefect client at them (before the first Prefect import)."""
     daemons.prefect_settings()  # a refused CRV_PREFECT_HOST/AUTH: one line, before anything
+    node_ttl_from_env()  # a bad CRV_NODE_CERT_TTL is bad input, before anything starts
     endpoints = daemons.running(home)
     if endpoints is None:
         if not quiet:
@@ -187,6 +190,12 @@ def up() -> None:
     print(f"Prefect UI:  {endpoints.prefect_ui_url}")
     print(f"Prefect API: {endpoints.prefect_api_url}")
     print(f"state:       {home.root}")
+    ttl = float(Service(home, endpoints.service_url).call("GET", "/v1/health")["node_cert_ttl"])
+    print(f"node certs:  {ttl:g} s lifetime, renewed by each agent at about 2/3 of it "
+          "(CRV_NODE_CERT_TTL)")  # fmt: skip
+    wanted = node_ttl_from_env().total_seconds()
+    if wanted != ttl:
+        print(f"             (CRV_NODE_CERT_TTL={wanted:g} takes effect after `crv down`)")
     with _user_errors():
         pid = daemons.ensure_served(home, endpoints)
     print(f"deployments: {', '.join(daemons.deployment_names())} (served by pid {pid})")
@@ -368,7 +377,10 @@ def _run_with_progress(
         PROGRESS_LISTENERS.append(
             lambda dag: progress.update(bar, completed=sum(dag.counts().values()))
         )
-        return asyncio.run(cast("Coroutine[Any, Any, State[dict[str, Any]]]", run))
+        try:
+            return asyncio.run(cast("Coroutine[Any, Any, State[dict[str, Any]]]", run))
+        except KeyboardInterrupt:  # past click, which would only say "Aborted!"
+            raise Stopped(signal.SIGINT) from None
 
 
 def _report(
@@ -680,12 +692,41 @@ app.add_typer(pxe_app, name="pxe")
 def main() -> None:
     try:
         app()
+    except KeyboardInterrupt:
+        _stopped(signal.SIGINT)
     except Exception as exc:
         message = _prefect_failure(exc)
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
+    except Stopped as exc:
+        _stopped(exc.signum)
+    except BaseException as exc:  # Prefect turns SIGTERM into TerminationSignal in a flow
+        if type(exc).__name__ != "TerminationSignal":
+            raise
+        _stopped(int(getattr(exc, "signal", signal.SIGTERM)))
+
+
+class Stopped(BaseException):
+    """Ctrl-C during a flow run, carried past click to `main`."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signum)
+
+
+def _stopped(signum: int) -> None:
+    """Ctrl-C or a kill in the middle of a change: one line, no traceback. What the change
+    made is kept (the flow run is marked crashed) and running the command again resumes."""
+    name = signal.Signals(signum).name
+    what = " ".join(sys.argv[1:3]) or "crv"
+    print(
+        f"error: `crv {what}` stopped by {name}; what it made is kept: run the same command "
+        "again to resume it",
+        file=sys.stderr,
+    )
+    sys.exit(128 + signum)
 
 
 def _prefect_failure(exc: Exception) -> str | None:

@@ -106,6 +106,11 @@ class AsyncService:
         result: dict[str, Any] = await self.call("GET", f"/v1/admin/clusters/{cluster}")
         return result
 
+    async def liveness(self, cluster: str) -> dict[str, dict[str, str | None]]:
+        """{node: {last_seen, certificate_ends}} (ISO times or None)."""
+        result = await self.call("GET", f"/v1/admin/clusters/{cluster}/liveness")
+        return dict(result["nodes"])
+
     async def decisions(
         self, cluster: str, group: str | None = None, limit: int = 50
     ) -> list[dict[str, Any]]:

@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Generic, TypeVar
 
 from crv import verify
@@ -35,6 +37,22 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 BATCH_MAX = 500
+LIVENESS_EVERY = 10.0  # seconds between reads of when each node's agent last called
+SILENCE_SETTING = "CRV_NODE_SILENCE"
+
+
+def silence_from_env() -> float:
+    """How long a node's agent may stay silent while a change waits on it: it long-polls every
+    25 s and heartbeats every 10 s while a recipe runs, so 90 s (the default) is three missed
+    calls. CRV_NODE_SILENCE overrides it (seconds, at least 40)."""
+    raw = os.environ.get(SILENCE_SETTING, "").strip()
+    try:
+        value = float(raw) if raw else 90.0
+    except ValueError:
+        value = float("nan")
+    if not 40.0 <= value <= 86400.0:
+        raise CrvError(f"{SILENCE_SETTING}={raw!r}: seconds between 40 and 86400")
+    return value
 
 
 class StepError(CrvError):
@@ -103,7 +121,12 @@ class Mirror:
         self.roles: dict[tuple[str, str], dict[str, Any]] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = defaultdict(list)
         self._task: asyncio.Task[None] | None = None
+        self._liveness_task: asyncio.Task[None] | None = None
         self.error: BaseException | None = None
+        # per node: when its agent last called and when its certificate ends (ISO, or None),
+        # read every LIVENESS_EVERY seconds; and why the service refused its re-join
+        self.liveness: dict[str, dict[str, str | None]] = {}
+        self.refused: dict[str, str] = {}
 
     async def start(self) -> None:
         first = await self.service.events(self.cluster, 0, 0)
@@ -116,6 +139,13 @@ class Mirror:
             for role, r in n["roles"].items():
                 self.roles[(n["name"], role)] = dict(r)
         self._task = asyncio.get_running_loop().create_task(self._follow(after))
+        self._liveness_task = asyncio.get_running_loop().create_task(self._watch_liveness())
+
+    async def _watch_liveness(self) -> None:
+        while True:
+            with contextlib.suppress(ServiceError):
+                self.liveness = await self.service.liveness(self.cluster)
+            await asyncio.sleep(LIVENESS_EVERY)
 
     async def _follow(self, after: int) -> None:
         failures = 0
@@ -141,6 +171,11 @@ class Mirror:
             return
         if ev["kind"] in ("enrolled", "node", "revoked"):
             self.nodes[node] = ev["state"]
+            self.refused.pop(node, None)
+        elif ev["kind"] == "rejoin_refused":
+            self.refused[node] = ev["output"] or "its re-join was refused"
+        elif ev["kind"] == "rejoined":
+            self.refused.pop(node, None)
         elif ev["kind"] in ("role", "verified"):
             slot = self.roles.setdefault((node, ev["role"]), {})
             slot["state"] = ev["state"]
@@ -161,23 +196,72 @@ class Mirror:
                     fut.set_result(None)
         self._waiters.clear()
 
-    async def wait(self, node: str, ready: Callable[[], bool], timeout: float, what: str) -> None:
+    async def wait(
+        self,
+        node: str,
+        ready: Callable[[], bool],
+        timeout: float,
+        what: str,
+        *,
+        silence: float | None = None,
+    ) -> None:
+        """Until `ready()`, the timeout, or (with `silence`) the node's agent staying silent
+        that long while we wait: then fail at once, saying when it was last seen and why it is
+        probably gone, instead of waiting out the timeout."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        since = datetime.now(timezone.utc)  # a node quiet before the wait gets a full bound
         while not ready():
             if self.error is not None:
                 raise StepError(f"lost the service's event stream: {self.error}", temporary=False)
+            if silence is not None:
+                self._check_alive(node, since, silence, what)
             left = deadline - loop.time()
             if left <= 0:
                 raise StepError(f"{node}: timed out after {timeout:.0f} s {what}", temporary=True)
             fut: asyncio.Future[None] = loop.create_future()
             self._waiters[node].append(fut)
+            step = left if silence is None else min(left, LIVENESS_EVERY / 2)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(fut, left)
+                await asyncio.wait_for(fut, step)
+
+    def _check_alive(self, node: str, since: datetime, silence: float, what: str) -> None:
+        refused = self.refused.get(node)
+        if refused is not None:
+            raise StepError(
+                f"{node}: {refused}; `crv repair {self.cluster}` makes it again", temporary=False
+            )
+        seen = _when(self.liveness.get(node, {}).get("last_seen"))
+        now = datetime.now(timezone.utc)
+        quiet_since = max(seen, since) if seen is not None else since
+        if (now - quiet_since).total_seconds() <= silence:
+            return
+        ends = _when(self.liveness.get(node, {}).get("certificate_ends"))
+        last = f"last seen {seen:%Y-%m-%d %H:%M:%S} UTC" if seen else "never seen"
+        if ends is not None and ends <= now:
+            why = (
+                f"its certificate ended at {ends:%Y-%m-%d %H:%M:%S} UTC and it has not re-joined "
+                f"(off, frozen or cut off; once back it re-joins by itself, else "
+                f"`crv repair {self.cluster}` makes it again)"
+            )
+        else:
+            why = "its machine is probably off, frozen or cut off from the service"
+        raise StepError(
+            f"{node} stopped answering {what}: {last}, nothing for over {silence:.0f} s; {why}",
+            temporary=False,
+        )
 
     def close(self) -> None:
-        if self._task:
-            self._task.cancel()
+        for task in (self._task, self._liveness_task):
+            if task:
+                task.cancel()
+
+
+def _when(iso: str | None) -> datetime | None:
+    if not iso:
+        return None
+    at = datetime.fromisoformat(iso)
+    return at if at.tzinfo else at.replace(tzinfo=timezone.utc)
 
 
 TEND_EVERY = 2.0  # seconds between a tending pool's looks at a node that has not enrolled
@@ -187,6 +271,8 @@ TEND_EVERY = 2.0  # seconds between a tending pool's looks at a node that has no
 class Timeouts:
     boot: float = 300.0  # provision returned -> the agent enrolled
     recipe: float = 1800.0  # release -> the agent reported done or failed
+    # a node whose agent is silent this long while a recipe is awaited is gone: fail then
+    silence: float = field(default_factory=silence_from_env)
 
 
 class ClusterRun:
@@ -470,7 +556,13 @@ class ClusterRun:
             r = self.mirror.roles.get(key, {})
             return r.get("release") == release and r.get("state") in ("done", "failed")
 
-        await self.mirror.wait(node, finished, self.timeouts.recipe, f"for the {role} recipe")
+        await self.mirror.wait(
+            node,
+            finished,
+            self.timeouts.recipe,
+            f"while crv waited for its {role} recipe",
+            silence=self.timeouts.silence,
+        )
         r = self.mirror.roles[key]
         if r["state"] == "failed":
             r["retry"] = True  # the next attempt releases again
@@ -517,7 +609,13 @@ class ClusterRun:
                 return r.get("release") == release and r.get("state") in DRAIN_STATES[1:]
 
             try:
-                await self.mirror.wait(node, finished, self.timeouts.recipe, f"for {role}'s drain")
+                await self.mirror.wait(
+                    node,
+                    finished,
+                    self.timeouts.recipe,
+                    f"while crv waited for {role}'s drain",
+                    silence=self.timeouts.silence,
+                )
             except StepError as e:
                 return str(e)
             r = self.mirror.roles[key]

@@ -12,6 +12,7 @@ import base64
 import binascii
 import hashlib
 import logging
+import time
 from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -263,6 +264,8 @@ def create_app(
     # roles change (enrolment, nodes, tokens, deletion)
     current_roles: dict[str, tuple[str, ...] | None] = {}
 
+    ends: dict[str, float] = {}  # serial -> when the certificate ends (Unix time)
+
     def forget_identities() -> None:
         identities.clear()
         current_roles.clear()
@@ -311,19 +314,19 @@ def create_app(
             identities.move_to_end(der)
             return identities[der]
         cert = x509.load_der_x509_certificate(der)
+        serial = format(cert.serial_number, "x")
         try:
             cluster, node, roles = node_identity(cert)
-            ident: tuple[str, str, str, tuple[str, ...]] | None = (
-                format(cert.serial_number, "x"),
-                cluster,
-                node,
-                roles,
-            )
+            ident: tuple[str, str, str, tuple[str, ...]] | None = (serial, cluster, node, roles)
+            ends[serial] = cert.not_valid_after_utc.timestamp()
         except PkiError:
             ident = None
         identities[der] = ident
         if len(identities) > 20_000:
             identities.popitem(last=False)
+        if len(ends) > 40_000:  # renewals add serials: start afresh (both refill on use)
+            identities.clear()
+            ends.clear()
         return ident
 
     async def node_caller(request: Request) -> NodeCaller:
@@ -334,6 +337,10 @@ def create_app(
         if ident is None:
             raise StoreError(403, "not a node certificate")
         serial, cluster, node, cert_roles = ident
+        if time.time() > ends.get(serial, 0.0):
+            # TLS checks the dates at the handshake only: a connection opened before the end
+            # would go on; 401 'expired' tells the agent to re-join
+            raise StoreError(401, f"certificate {serial} of {cluster}/{node} has expired")
         if serial in current_roles:
             current = current_roles[serial]
         else:
