@@ -9,7 +9,9 @@ The service process and its clients come from tests/test_service_security.py.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import socket
 import ssl
 import threading
@@ -173,6 +175,22 @@ def test_idle_kept_alive_connections_and_long_polls_outlast_the_header_timeout(
         again = node.get("/v1/work", params={"wait": 0})
         assert again.status_code == 200, again.text
         assert _local_port(again) == port  # the same connection all along
+
+
+def test_a_request_sent_while_the_service_was_held_up_is_answered(svc: Service) -> None:
+    """The header timeout is the client's time, not the service's: a service that cannot read
+    for longer than the bound (a blocking store call; here the process is stopped) answers the
+    requests that arrived meanwhile instead of dropping their connections."""
+    assert svc.proc is not None
+    with _tls(svc) as tls:  # handshake done: its header timer runs
+        os.kill(svc.proc.pid, signal.SIGSTOP)
+        try:
+            tls.sendall(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            time.sleep(HEADER_TIMEOUT + 1.5)
+        finally:
+            os.kill(svc.proc.pid, signal.SIGCONT)
+        tls.settimeout(10)
+        assert tls.recv(4096).startswith(b"HTTP/1.1 200 ")
 
 
 def _local_port(r: httpx.Response) -> int:

@@ -51,6 +51,10 @@ TOO_MANY_CONNECTIONS = (
 )
 
 
+STALL = 0.5  # seconds late a header timer fires when the service's loop was held up
+STALL_GRACE = 1.0  # seconds more such a connection gets to have its bytes read
+
+
 class TlsPeerHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn does not pass the client certificate to the app: each connection puts the
     verified peer certificate (DER) into its requests' state.
@@ -67,6 +71,7 @@ class TlsPeerHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._address: str | None = None
         self._header_timer: asyncio.TimerHandle | None = None
+        self._header_deadline = 0.0
         ssl_object = transport.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         # per connection: the shared app_state dict is copied, not mutated
@@ -105,9 +110,10 @@ class TlsPeerHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_header_timer()
         super().on_headers_complete()
 
-    def _arm_header_timer(self) -> None:
+    def _arm_header_timer(self, delay: float | None = None) -> None:
         if self._header_timer is None:
-            delay = self.guard.limits.header_timeout
+            delay = self.guard.limits.header_timeout if delay is None else delay
+            self._header_deadline = self.loop.time() + delay
             self._header_timer = self.loop.call_later(delay, self._headers_too_slow)
 
     def _cancel_header_timer(self) -> None:
@@ -118,6 +124,11 @@ class TlsPeerHttpToolsProtocol(HttpToolsProtocol):
     def _headers_too_slow(self) -> None:
         self._header_timer = None
         if self.transport.is_closing():
+            return
+        if self.loop.time() - self._header_deadline > STALL:
+            # the service itself was busy (a blocking store call, a paused process): bytes the
+            # client sent meanwhile are not read yet. A moment more lets the loop read them
+            self._arm_header_timer(STALL_GRACE)
             return
         log.warning(
             "closed a connection from %s: no complete request headers within %g s (%s)",
