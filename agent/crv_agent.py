@@ -736,7 +736,7 @@ def enrol(home: Path, boot: dict, deadline: float) -> None:
     )
     if resp.status != 200:
         raise Refused(f"enrolment refused: {resp.detail()}")
-    pem, expires_in = _issued(resp)
+    pem, expires_in = _issued(home, resp)
     write_file(cert, pem.encode("ascii"), 0o644)
     if not identity_ok(cert, key_path):
         raise Refused("the certificate the service issued does not match the node key")
@@ -747,14 +747,18 @@ def enrol(home: Path, boot: dict, deadline: float) -> None:
     log(f"enrolled as {boot['node']} in cluster {boot['cluster']}")
 
 
-def _issued(resp: Response) -> tuple:
-    """(certificate PEM, seconds it has left) of an enrol, renew or re-join answer."""
+def _issued(home: Path, resp: Response) -> tuple:
+    """(certificate PEM, seconds it has left) of an enrol, renew or re-join answer; the
+    cluster's CA bundle in it is written to cluster-ca.crt (CRV_CLUSTER_CA_FILE)."""
     data = resp.json()
     pem, left = data.get("certificate"), data.get("expires_in")
     if not isinstance(pem, str) or not pem.startswith("-----BEGIN CERTIFICATE-----"):
         raise Refused("the service's answer has no PEM certificate")
     if isinstance(left, bool) or not isinstance(left, (int, float)) or left <= 0:
         raise AgentError("the service's answer has no positive expires_in")
+    bundle = data.get("cluster_ca")
+    if isinstance(bundle, str) and bundle.startswith("-----BEGIN CERTIFICATE-----"):
+        write_file(home / "cluster-ca.crt", bundle.encode("ascii"), 0o644)
     return pem, float(left)
 
 
@@ -932,7 +936,7 @@ class Identity:
     def _install(self, resp: Response) -> None:
         """next.key is written; write next.crt, check the pair, then move both into place
         (recover_identity finishes this after a kill)."""
-        pem, expires_in = _issued(resp)
+        pem, expires_in = _issued(self.home, resp)
         next_key, next_crt = self.home / "next.key", self.home / "next.crt"
         write_file(next_crt, pem.encode("ascii"), 0o644)
         if not identity_ok(next_crt, next_key):
@@ -1179,6 +1183,8 @@ def recipe_env(home: Path, boot: dict, work: Work, role: Role) -> dict:
         CRV_ROLE=role.role,
         CRV_ADDRESS=work.address,
         CRV_CA_FILE=str(home / "ca.crt"),
+        # the node's cluster's own CA (then the root): what its daemons check peers against
+        CRV_CLUSTER_CA_FILE=str(home / "cluster-ca.crt"),
         CRV_CERT_FILE=str(home / "node.crt"),
         CRV_KEY_FILE=str(home / "node.key"),
         CRV_APPLIANCE_DIR=str(inside(appliance, role.appdir)),

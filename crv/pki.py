@@ -19,7 +19,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
@@ -59,9 +59,17 @@ _IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 class CertificateAuthority:
     """Holds the CA key in memory so that signing costs one ECDSA signature, no file I/O."""
 
-    def __init__(self, key: ec.EllipticCurvePrivateKey, certificate: x509.Certificate) -> None:
+    def __init__(
+        self,
+        key: ec.EllipticCurvePrivateKey,
+        certificate: x509.Certificate,
+        directory: Path | None = None,
+        parent: CertificateAuthority | None = None,
+    ) -> None:
         self._key = key
         self._cert = certificate
+        self._dir = directory  # the root's: its clusters' CAs live under it
+        self._parent = parent  # an intermediate's root
         try:
             ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
             self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
@@ -84,7 +92,135 @@ class CertificateAuthority:
                         _create_ca(key_path, cert_path, name)
             except OSError as e:
                 raise PkiError(f"{directory}: cannot create the CA: {e.strerror or e}") from e
-        return cls(*_load_ca(key_path, cert_path))
+        return cls(*_load_ca(key_path, cert_path), directory)
+
+    # -- one CA per cluster ---------------------------------------------------------------------
+
+    @property
+    def per_cluster(self) -> bool:
+        """Whether this root can have cluster CAs below it: a root made before them has
+        pathlen 0 and signs node certificates itself (recreate the CA directory to change)."""
+        bc = self._cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        return bc.path_length is None or bc.path_length >= 1
+
+    def cluster_ca(self, cluster: str, *, create: bool = True) -> CertificateAuthority | None:
+        """The cluster's own intermediate CA (made on first use, under a lock, published like
+        the root), which signs its node certificates: a daemon of one cluster that pins its
+        cluster's CA (MariaDB `REQUIRE ISSUER`, a partial-chain trust anchor) never accepts a
+        node of another cluster. None when `create` is false and there is none."""
+        _check_name("cluster", cluster)
+        if self._dir is None or self._parent is not None:
+            raise PkiError("only a root CA loaded from its directory has cluster CAs")
+        if not self.per_cluster:
+            return self
+        directory = self._dir / "clusters" / cluster
+        key_path, cert_path = directory / "ca.key", directory / "ca.crt"
+        if not cert_path.exists():
+            if not create:
+                return None
+            try:
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                with exclusive(self._dir / "clusters" / ".lock"):
+                    if not cert_path.exists():
+                        self._create_intermediate(key_path, cert_path, cluster)
+            except OSError as e:
+                raise PkiError(f"{directory}: cannot create the CA: {e.strerror or e}") from e
+        key, cert = _load_ca(key_path, cert_path)
+        try:
+            cert.verify_directly_issued_by(self._cert)
+        except (ValueError, TypeError, InvalidSignature):
+            raise PkiError(f"{cert_path}: not issued by the root CA {self._dir}") from None
+        return CertificateAuthority(key, cert, parent=self)
+
+    def _create_intermediate(self, key_path: Path, cert_path: Path, cluster: str) -> None:
+        key = _new_key(key_path)
+        now = datetime.now(timezone.utc)
+        # a random tag: a cluster made again under the same name gets a CA no daemon of the
+        # old one pins (REQUIRE ISSUER compares the name)
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "crv"),
+                x509.NameAttribute(
+                    NameOID.COMMON_NAME, f"{cluster} cluster CA {secrets.token_hex(4)}"
+                ),
+            ]
+        )
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(self._cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - SKEW_MARGIN)
+            .not_valid_after(self._cert.not_valid_after_utc)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .add_extension(self._aki, critical=False)
+            .sign(self._key, hashes.SHA256())
+        )
+        _publish(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+    def cluster_cas(self) -> dict[str, CertificateAuthority]:
+        """Every cluster CA in use, by cluster (for the CRLs)."""
+        if self._dir is None or not (self._dir / "clusters").is_dir():
+            return {}
+        found = {}
+        for entry in sorted((self._dir / "clusters").iterdir()):
+            if (entry / "ca.crt").is_file() and NAME_RE.fullmatch(entry.name):
+                ca = self.cluster_ca(entry.name, create=False)
+                if ca is not None:
+                    found[entry.name] = ca
+        return found
+
+    def retire_cluster_ca(self, cluster: str, *, last_crl: bytes = b"") -> int | None:
+        """A deleted cluster's CA signs nothing more: its key is deleted, its certificate kept
+        under retired/ for the root's CRL, with the last CRL it signed (`last_crl`, which
+        still lists its node certificates). The serial retired, if there was one."""
+        _check_name("cluster", cluster)
+        if self._dir is None or not self.per_cluster:
+            return None
+        directory = self._dir / "clusters" / cluster
+        try:
+            cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+        except (OSError, ValueError):
+            return None
+        retired = self._dir / "retired"
+        retired.mkdir(mode=0o700, exist_ok=True)
+        stem = retired / f"{cluster}-{cert.serial_number:x}"
+        if last_crl:
+            stem.with_suffix(".crl").write_bytes(last_crl)
+        (directory / "ca.key").unlink(missing_ok=True)
+        os.replace(directory / "ca.crt", stem.with_suffix(".crt"))
+        with contextlib.suppress(OSError):
+            directory.rmdir()
+        return int(cert.serial_number)
+
+    def retired(self) -> list[tuple[int, datetime]]:
+        """(serial, when) of the retired cluster CAs, for the root's CRL."""
+        if self._dir is None or not (self._dir / "retired").is_dir():
+            return []
+        out = []
+        for entry in sorted((self._dir / "retired").glob("*.crt")):
+            with contextlib.suppress(OSError, ValueError):
+                cert = x509.load_pem_x509_certificate(entry.read_bytes())
+                at = datetime.fromtimestamp(entry.stat().st_mtime, timezone.utc)
+                out.append((int(cert.serial_number), at))
+        return out
+
+    def final_crls(self) -> list[bytes]:
+        """The last CRL of each retired cluster CA (PEM)."""
+        if self._dir is None or not (self._dir / "retired").is_dir():
+            return []
+        return [p.read_bytes() for p in sorted((self._dir / "retired").glob("*.crl"))]
+
+    @property
+    def chain_pem(self) -> bytes:
+        """This CA's certificate up to the root (what a node sends after its own, and what a
+        daemon of the cluster loads to check its peers)."""
+        if self._parent is None:
+            return self.certificate_pem
+        return self.certificate_pem + self._parent.certificate_pem
 
     @property
     def certificate(self) -> x509.Certificate:
@@ -358,18 +494,7 @@ def _check_csr(csr_pem: bytes, node: str, ips: Sequence[_IP]) -> x509.Certificat
 
 
 def _create_ca(key_path: Path, cert_path: Path, name: str) -> None:
-    """A key already there without a certificate is a crash between the two publications:
-    certify that key rather than replace it."""
-    if key_path.exists():
-        key = _load_key(key_path)
-    else:
-        key = ec.generate_private_key(ec.SECP256R1())
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        _publish(key_path, pem, 0o600)
+    key = _new_key(key_path)
     now = datetime.now(timezone.utc)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} cluster CA")])
     cert = (
@@ -380,12 +505,28 @@ def _create_ca(key_path: Path, cert_path: Path, name: str) -> None:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - SKEW_MARGIN)
         .not_valid_after(now + CA_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        # pathlen 1: one level of cluster CAs below the root, and nothing below those
+        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
         .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     _publish(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def _new_key(key_path: Path) -> ec.EllipticCurvePrivateKey:
+    """A key already there without a certificate is a crash between the two publications:
+    certify that key rather than replace it."""
+    if key_path.exists():
+        return _load_key(key_path)
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _publish(key_path, pem, 0o600)
+    return key
 
 
 def _load_ca(

@@ -888,13 +888,15 @@ class Store:
             }
         return out
 
-    def revoked(self) -> list[tuple[int, datetime]]:
+    def revoked(self, cluster: str | None = None) -> list[tuple[int, datetime]]:
+        """(serial, when) of the revoked node certificates, of one cluster or all."""
+        query = sa.select(certificates.c.serial, certificates.c.revoked_at).where(
+            certificates.c.revoked_at.is_not(None)
+        )
+        if cluster is not None:
+            query = query.where(certificates.c.cluster == cluster)
         with self.engine.connect() as c:
-            rows = c.execute(
-                sa.select(certificates.c.serial, certificates.c.revoked_at).where(
-                    certificates.c.revoked_at.is_not(None)
-                )
-            ).all()
+            rows = c.execute(query).all()
         return [(int(r.serial, 16), _utc(r.revoked_at) or now()) for r in rows]
 
     # -- roles ------------------------------------------------------------------------------

@@ -64,6 +64,20 @@ def write_appliance(root: Path, name: str, yaml_text: str, recipes: tuple[str, .
     return directory
 
 
+def crl_serials(pem: bytes) -> set[int]:
+    """Every serial on the service's CRLs (GET /v1/crl sends one CRL per issuer: the root's,
+    then each cluster CA's, in one PEM file)."""
+    from cryptography import x509
+
+    blocks = pem.split(b"-----END X509 CRL-----")
+    found: set[int] = set()
+    for block in blocks:
+        if b"-----BEGIN X509 CRL-----" in block:
+            crl = x509.load_pem_x509_crl(block.strip() + b"\n-----END X509 CRL-----\n")
+            found.update(entry.serial_number for entry in crl)
+    return found
+
+
 @pytest.fixture
 def catalog() -> Path:
     return CATALOG

@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from crv.home import Home
+from tests.conftest import crl_serials
 from tests.test_agent_unit import agent
 from tests.test_service_security import Service, _free_port, issue_tokens
 
@@ -174,7 +175,7 @@ def role_state(svc: Service, c: str, node: str) -> tuple[str, int]:
 
 def crl(svc: Service) -> set[int]:
     with httpx.Client(base_url=svc.url, verify=svc.context()) as client:
-        return {r.serial_number for r in x509.load_pem_x509_crl(client.get("/v1/crl").content)}
+        return crl_serials(client.get("/v1/crl").content)
 
 
 def test_the_agent_renews_again_and_again_and_rejoins_after_a_freeze(

@@ -93,7 +93,7 @@ def test_ca_created_private_and_reloaded_identically(tmp_path: Path) -> None:
     cert = ca.certificate
     assert cert.subject.rfc4514_string() == "CN=demo cluster CA"
     bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
-    assert bc.critical and bc.value.ca and bc.value.path_length == 0
+    assert bc.critical and bc.value.ca and bc.value.path_length == 1  # one level: cluster CAs
     ku = cert.extensions.get_extension_for_class(x509.KeyUsage)
     assert ku.critical and ku.value.key_cert_sign and ku.value.crl_sign
     assert not ku.value.digital_signature

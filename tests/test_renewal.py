@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from crv.home import Home
+from tests import conftest
 from tests.test_service_security import (
     NodeCreds,
     Service,
@@ -78,8 +79,7 @@ def uris(cert: x509.Certificate) -> list[str]:
 
 def crl_serials(svc: Service) -> set[int]:
     with svc.client() as client:
-        crl = x509.load_pem_x509_crl(client.get("/v1/crl").content)
-    return {r.serial_number for r in crl}
+        return conftest.crl_serials(client.get("/v1/crl").content)
 
 
 # -- renewal -----------------------------------------------------------------------------------
@@ -233,10 +233,10 @@ def test_a_node_back_after_its_certificate_ended_rejoins_with_its_last_key(
         tokens = setup_cluster(later, admin, "back")
     creds = enrol(later, "back", "back-web-0", tokens["back-web-0"])
     other = enrol(later, "back", "back-web-1", tokens["back-web-1"])
-    forged = forge_certificate(
-        later, "back", "back-web-0", ("web",),
-        not_before=creds.cert.not_valid_before_utc, not_after=creds.cert.not_valid_after_utc,
-    )  # fmt: skip
+    dates = {"not_before": creds.cert.not_valid_before_utc,
+             "not_after": creds.cert.not_valid_after_utc}  # fmt: skip
+    forged = forge_certificate(later, "back", "back-web-0", ("web",), by_cluster_ca=True, **dates)
+    by_root = forge_certificate(later, "back", "back-web-0", ("web",), **dates)
     try:
         at_time(later, "+2d")  # the certificates (24 h) ended a day ago
         assert_handshake_refused(later, creds.cert_path, creds.key_path)
@@ -252,7 +252,10 @@ def test_a_node_back_after_its_certificate_ended_rejoins_with_its_last_key(
         assert r.status_code == 403, r.text
         r = post_rejoin(later, rejoin_body(forged, old_key(forged), csr))
         assert r.status_code == 403, r.text
+        r = post_rejoin(later, rejoin_body(by_root, old_key(by_root), csr))
+        assert r.status_code == 403, r.text
         log = later.log_since(mark)
+        assert "the certificate shown was not issued by its cluster's CA" in log
         assert "re-join of back/back-web-0 refused: no proof of possession" in log
         assert "is not back/back-web-0's" in log
         assert f"certificate {forged.serial} is not its" in log

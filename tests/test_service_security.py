@@ -270,9 +270,18 @@ class NodeCreds:
 
 
 def write_creds(svc: Service, c: str, node: str, cert: x509.Certificate, key: Any) -> NodeCreds:
+    """The certificate file holds the certificate, then the cluster CA that issued it (as the
+    agent's does: TLS peers trust the root and need the CA between)."""
     d = svc.home.root / "clients" / f"{c}-{node}-{cert.serial_number:x}"
     d.mkdir(parents=True)
-    (d / "node.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    chain = b""
+    cluster_ca = svc.home.ca_dir / "clusters" / c / "ca.crt"
+    if (
+        cluster_ca.exists()
+        and x509.load_pem_x509_certificate(cluster_ca.read_bytes()).subject == cert.issuer
+    ):
+        chain = cluster_ca.read_bytes()
+    (d / "node.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM) + chain)
     (d / "node.key").write_bytes(pem_key(key))
     return NodeCreds(c, node, cert, d / "node.crt", d / "node.key")
 
@@ -305,11 +314,14 @@ def forge_certificate(
     not_before: datetime,
     not_after: datetime,
     ekus: tuple[x509.ObjectIdentifier, ...] = (ExtendedKeyUsageOID.CLIENT_AUTH,),
+    by_cluster_ca: bool = False,
 ) -> NodeCreds:
-    """A node certificate signed with the service's real CA key, with the dates we choose
-    (crv.pki does not let a caller pick them) and never recorded by the service."""
-    ca_key = serialization.load_pem_private_key((svc.home.ca_dir / "ca.key").read_bytes(), None)
-    ca_cert = x509.load_pem_x509_certificate(svc.home.ca_file.read_bytes())
+    """A node certificate signed with the service's real root CA key (or its cluster's CA
+    key), with the dates we choose (crv.pki does not let a caller pick them) and never
+    recorded by the service."""
+    ca_dir = svc.home.ca_dir / "clusters" / c if by_cluster_ca else svc.home.ca_dir
+    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = [
         x509.DNSName(node),
@@ -941,11 +953,12 @@ def test_deleted_node_is_refused_at_once_and_listed_in_the_crl(
     with cl.client(svc, "rev-web-1") as other:  # the neighbour is untouched
         assert other.get("/v1/work").status_code == 200
     with svc.client() as anonymous:
-        r = anonymous.get("/v1/crl")
+        r = anonymous.get("/v1/crl", params={"cluster": "rev"})
     assert r.status_code == 200
-    crl = x509.load_pem_x509_crl(r.content)
-    ca = x509.load_pem_x509_certificate(svc.home.ca_file.read_bytes())
+    crl = x509.load_pem_x509_crl(r.content)  # signed by the cluster's own CA
+    ca = x509.load_pem_x509_certificate((svc.home.ca_dir / "clusters/rev/ca.crt").read_bytes())
     assert crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    assert victim.cert.issuer == ca.subject
     assert crl.get_revoked_certificate_by_serial_number(victim.cert.serial_number) is not None
     other_serial = cl.nodes["rev-web-1"].cert.serial_number
     assert crl.get_revoked_certificate_by_serial_number(other_serial) is None

@@ -382,17 +382,51 @@ def create_app(
         fingerprint that channel carried."""
         return Response(ca.certificate_pem, media_type="application/x-pem-file")
 
+    cluster_cas: dict[str, CertificateAuthority] = {}
+
+    def cluster_ca(cluster: str, *, create: bool = True) -> CertificateAuthority | None:
+        """The CA that signs the cluster's node certificates (its own intermediate)."""
+        found = cluster_cas.get(cluster)
+        if found is None:
+            found = ca.cluster_ca(cluster, create=create)
+            if found is not None:
+                cluster_cas[cluster] = found
+        return found
+
+    def crl_pem(
+        authority: CertificateAuthority,
+        revoked: list[tuple[int, datetime]],
+        next_update: timedelta = timedelta(days=1),
+    ) -> bytes:
+        crl = authority.build_crl(revoked, crl_number=len(revoked), next_update=next_update)
+        return crl.public_bytes(serialization.Encoding.PEM)
+
     @app.get("/v1/crl")
-    async def crl() -> Response:
-        revoked = store.revoked()
-        pem = ca.build_crl(revoked, crl_number=len(revoked)).public_bytes(
-            serialization.Encoding.PEM
-        )
-        return Response(pem, media_type="application/pkix-crl")
+    async def crl(
+        cluster: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=63)] = None,
+    ) -> Response:
+        """The CRLs, one per issuer, in one PEM file: the root's (the CAs of deleted
+        clusters), then each cluster CA's (its revoked node certificates), then the last CRL
+        each deleted cluster's CA signed before its key was deleted. `?cluster=C`: only C's."""
+        if cluster is not None:
+            authority = cluster_ca(cluster, create=False)
+            if authority is None:
+                raise StoreError(404, f"no CA for cluster {cluster!r}")
+            pem = crl_pem(authority, store.revoked(cluster))
+            return Response(pem, media_type="application/pkix-crl")
+        root = ca.retired() + ([] if ca.per_cluster else store.revoked())
+        parts = [crl_pem(ca, root)]
+        for name, authority in ca.cluster_cas().items():
+            if authority is not ca:
+                parts.append(crl_pem(authority, store.revoked(name)))
+        parts += ca.final_crls()
+        return Response(b"".join(parts), media_type="application/pkix-crl")
 
     def signer(csr: str) -> Callable[[Enrolment], Issued]:
         def sign(e: Enrolment) -> Issued:
-            cert = ca.sign_node_csr(
+            authority = cluster_ca(e.cluster)
+            assert authority is not None
+            cert = authority.sign_node_csr(
                 csr.encode(),
                 cluster=e.cluster,
                 node=e.node,
@@ -400,17 +434,28 @@ def create_app(
                 addresses=[e.address] if e.address else [],
                 ttl=node_ttl,
             )
-            pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+            # the node sends its CA with its certificate: peers and the service trust the root
+            chain = b"" if authority is ca else authority.certificate_pem
+            pem = (cert.public_bytes(serialization.Encoding.PEM) + chain).decode()
             return Issued(format(cert.serial_number, "x"), cert.not_valid_after_utc, pem)
 
         return sign
 
-    def issued(pem: str) -> dict[str, Any]:
-        """The answer to enrol, renew and re-join. `expires_in` (seconds) lets the agent time
-        its renewal on its own clock, whatever the difference between the two clocks."""
+    def issued(cluster: str, pem: str) -> dict[str, Any]:
+        """The answer to enrol, renew and re-join: the certificate followed by its cluster's
+        CA, the root, and the cluster's CA bundle (for its daemons: CRV_CLUSTER_CA_FILE).
+        `expires_in` (seconds) lets the agent time its renewal on its own clock, whatever the
+        difference between the two clocks."""
         end = x509.load_pem_x509_certificate(pem.encode()).not_valid_after_utc
         left = (end - datetime.now(timezone.utc)).total_seconds()
-        return {"certificate": pem, "ca": ca.certificate_pem.decode(), "expires_in": left}
+        authority = cluster_ca(cluster)
+        assert authority is not None
+        return {
+            "certificate": pem,
+            "ca": ca.certificate_pem.decode(),
+            "cluster_ca": authority.chain_pem.decode(),
+            "expires_in": left,
+        }
 
     @app.post("/v1/enrol")
     async def enrol(body: EnrolRequest) -> dict[str, Any]:
@@ -431,7 +476,7 @@ def create_app(
             forget_identities()
         log.info("enrolled %s/%s", body.cluster, body.node)
         cluster_waiters.notify(body.cluster)
-        return issued(pem)
+        return issued(body.cluster, pem)
 
     @app.post("/v1/renew")
     async def renew(request: Request, caller: Node, body: RenewRequest) -> dict[str, Any]:
@@ -447,7 +492,7 @@ def create_app(
             raise StoreError(400, str(e)) from None
         log.info("renewed %s/%s: %s supersedes %s", caller.cluster, caller.node, new.serial, serial)
         cluster_waiters.notify(caller.cluster)
-        return issued(new.pem)
+        return issued(caller.cluster, new.pem)
 
     @app.post("/v1/rejoin")
     async def rejoin(body: RejoinRequest) -> dict[str, Any]:
@@ -475,16 +520,19 @@ def create_app(
             raise
         log.info("re-joined %s with certificate %s", where, new.serial)
         cluster_waiters.notify(body.cluster)
-        return issued(new.pem)
+        return issued(body.cluster, new.pem)
 
     def _check_rejoin(body: RejoinRequest) -> str:
         """The serial of the certificate the node showed, once the CA's signature on it, its
         identity and the node's signature with its key are checked."""
-        try:
+        authority = cluster_ca(body.cluster, create=False)
+        if authority is None:
+            raise PkiError(f"cluster {body.cluster} has no CA (deleted?)")
+        try:  # the first certificate of the file: the node's own
             cert = x509.load_pem_x509_certificate(body.certificate.encode())
-            cert.verify_directly_issued_by(ca.certificate)
+            cert.verify_directly_issued_by(authority.certificate)
         except (ValueError, TypeError, InvalidSignature):
-            raise PkiError("the certificate shown was not issued by this CA") from None
+            raise PkiError("the certificate shown was not issued by its cluster's CA") from None
         serial = format(cert.serial_number, "x")
         if node_identity(cert)[:2] != (body.cluster, body.node):
             raise PkiError(f"certificate {serial} is not {body.cluster}/{body.node}'s")
@@ -726,6 +774,11 @@ def create_app(
     async def delete_cluster(cluster: str) -> dict[str, list[str]]:
         nodes = store.node_names(cluster)
         result = await _forget(cluster, lambda: store.delete_cluster(cluster))
+        # its CA signs a last CRL (every node certificate revoked), then loses its key
+        authority = cluster_cas.pop(cluster, None) or cluster_ca(cluster, create=False)
+        if authority is not None and authority is not ca:
+            last = crl_pem(authority, store.revoked(cluster), next_update=timedelta(days=3650))
+            ca.retire_cluster_ca(cluster, last_crl=last)
         for node in nodes:
             node_waiters.notify((cluster, node))
         return result

@@ -32,7 +32,7 @@ need python3 python3-pymysql
 
 install -d -m 755 "$etc"
 changed=0
-install -m 644 "$CRV_CA_FILE" "$etc/ca.pem.new"
+install -m 644 "${CRV_CLUSTER_CA_FILE:-$CRV_CA_FILE}" "$etc/ca.pem.new"
 install -m 644 "$CRV_CERT_FILE" "$etc/cert.pem.new"
 install -m 600 "$CRV_KEY_FILE" "$etc/key.pem.new"
 for f in ca cert key; do swap "$etc/$f.pem.new" "$etc/$f.pem" && changed=1; done

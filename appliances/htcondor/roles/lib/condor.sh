@@ -51,7 +51,7 @@ configure_condor() {
     d=/etc/condor/crv
     install -d -m 755 "$d"
     changed=0
-    install -m 644 "$CRV_CA_FILE" "$d/ca.pem.new"
+    install -m 644 "${CRV_CLUSTER_CA_FILE:-$CRV_CA_FILE}" "$d/ca.pem.new"
     install -m 644 "$CRV_CERT_FILE" "$d/cert.pem.new"
     install -m 600 "$CRV_KEY_FILE" "$d/key.pem.new"
     for f in ca cert key; do swap "$d/$f.pem.new" "$d/$f.pem" && changed=1; done

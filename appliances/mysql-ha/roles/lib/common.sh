@@ -23,7 +23,7 @@ install_identity() {
     crt=/etc/mysql/crv
     install -d -m 750 -o root -g mysql "$crt"
     certs=0
-    install -m 644 "$CRV_CA_FILE" "$crt/ca.pem.new"
+    install -m 644 "${CRV_CLUSTER_CA_FILE:-$CRV_CA_FILE}" "$crt/ca.pem.new"
     install -m 644 "$CRV_CERT_FILE" "$crt/cert.pem.new"
     install -m 600 -o mysql -g mysql "$CRV_KEY_FILE" "$crt/key.pem.new"
     for f in ca cert key; do swap "$crt/$f.pem.new" "$crt/$f.pem" && certs=1; done
