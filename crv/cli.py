@@ -14,6 +14,7 @@ import signal
 import sys
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
@@ -28,7 +29,7 @@ from crv.client import Service
 from crv.errors import CrvError, SpecError
 from crv.home import Home
 from crv.pki import node_ttl_from_env
-from crv.placement import Drift, Drivers, check, drift, place, pools_of
+from crv.placement import Drift, Drivers, check, drift, lapsed, place, pools_of
 from crv.plan import Plan, expand
 from crv.plan_view import describe
 from crv.spec import json_schema
@@ -576,17 +577,31 @@ def repair(
         if found is None:
             raise SpecError("cluster", name, "no such cluster (see `crv list`)")
         found_drift = drift(found, Drivers(home))
+        liveness = Service(home, endpoints.service_url).call(
+            "GET", f"/v1/admin/clusters/{name}/liveness"
+        )["nodes"]
+        missing = {n["name"] for n in found_drift.missing}
+        ended = [
+            n
+            for n in lapsed(found, liveness, datetime.now(timezone.utc))
+            if n["name"] not in missing
+        ]
         counts = dict(found.get("counts") or {})
         plan = expand(load_recorded(found["source"], found["parameters"] or {}, counts), name)
     for n in found_drift.orphans:
         print(f"destroying {n['name']} in pool {n['pool']}: tagged for {name}, not in its records")
     for n in found_drift.missing:
         print(f"making {n['name']} again in pool {n['pool']}: missing ({n['state']})")
+    for n in ended:
+        print(
+            f"making {n['name']} again in pool {n['pool']}: its certificate ended at "
+            f"{n['ended']} and it did not re-join"
+        )
     for pool, why in found_drift.unreachable.items():
         print(f"error: pool {pool} could not be asked: {why}", file=sys.stderr)
     if found_drift.unreachable:
         raise typer.Exit(1)
-    if not found_drift:
+    if not found_drift and not ended:
         print(f"no drift: the pools hold what crv recorded for {name}")
     if dry_run:
         return

@@ -19,6 +19,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from crv.appliance import Appliance
@@ -183,6 +184,26 @@ class Drift:
 
     def to_json(self) -> dict[str, Any]:
         return {"missing": self.missing, "orphans": self.orphans, "unreachable": self.unreachable}
+
+
+def lapsed(
+    status: Mapping[str, Any], liveness: Mapping[str, Mapping[str, str | None]], now: datetime
+) -> list[dict[str, Any]]:
+    """Enrolled nodes whose certificate has ended and that have not re-joined (off past their
+    grace period, or refused): the pool still holds them, but only a new machine brings them
+    back. `crv repair` remakes them like missing nodes."""
+    out = []
+    for n in status["nodes"]:
+        if n["state"] not in ("enrolled", "leaving"):
+            continue
+        ends = (liveness.get(n["name"]) or {}).get("certificate_ends")
+        end = datetime.fromisoformat(ends) if ends else None
+        if end is not None and end.tzinfo is None:
+            end = end.replace(tzinfo=timezone.utc)
+        if end is None or end <= now:
+            when = f"{end:%Y-%m-%d %H:%M} UTC" if end else "(no certificate)"
+            out.append({"name": n["name"], "pool": n["pool"], "ended": when})
+    return sorted(out, key=lambda n: natural_key(n["name"]))
 
 
 def drift(status: Mapping[str, Any], drivers: Drivers) -> Drift:

@@ -12,6 +12,7 @@ it run again if what they read changed. It holds the cluster's change slot like 
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
@@ -19,9 +20,10 @@ from pydantic import Field
 
 from crv import events
 from crv.appliance import load_recorded
+from crv.client import AsyncService
 from crv.deploy import Timeouts
 from crv.locks import cluster_change
-from crv.placement import Drivers, drift, recorded
+from crv.placement import Drivers, drift, lapsed, recorded
 from flows.deploy import (
     WAIT,
     DeployFailed,
@@ -41,7 +43,7 @@ async def repair_cluster(
     wait: Annotated[float | None, WAIT] = None,
 ) -> dict[str, Any]:
     logger = get_run_logger()
-    home, _ = running_service()
+    home, endpoints = running_service()
     drivers = Drivers(home)
     async with cluster_change(name, wait=wait):
         status = await require_cluster(name)
@@ -54,6 +56,25 @@ async def repair_cluster(
                 "%s is missing from pool %s (%s): it will be made again", n["name"], n["pool"],
                 n["state"],
             )  # fmt: skip
+        # nodes whose certificate ended without a re-join: the pool holds a machine that can
+        # never be trusted again; it is destroyed here and made again below
+        service = AsyncService(home, endpoints.service_url)
+        try:
+            liveness = await service.liveness(name)
+        finally:
+            await service.close()
+        missing = {n["name"] for n in found.missing}
+        ended = [
+            n for n in lapsed(status, liveness, datetime.now(timezone.utc))
+            if n["name"] not in missing
+        ]  # fmt: skip
+        for n in ended:
+            logger.warning(
+                "%s: its certificate ended at %s and it did not re-join: it will be made again",
+                n["name"], n["ended"],
+            )  # fmt: skip
+            await asyncio.to_thread(drivers(n["pool"]).destroy_node, n["name"])
+        found.missing += [{"name": n["name"], "pool": n["pool"], "state": "lapsed"} for n in ended]
         for n in found.orphans:
             logger.warning(
                 "%s in pool %s is tagged for cluster %s but crv has no record of it: destroying it",

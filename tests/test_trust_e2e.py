@@ -10,6 +10,7 @@ issue (120 s certificates, 5 minutes, a 200 s freeze) is `CRV_TRUST_E2E_FULL=1`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -171,6 +172,31 @@ def test_a_resize_stopped_by_a_signal_says_so_in_one_line(crv: Crv, tmp_path: Pa
         assert r.returncode == 0, r.stdout + r.stderr
         assert f"cluster sig is ready ({count} nodes)" in r.stdout
     assert crv("destroy", "sig").returncode == 0
+
+
+def test_repair_remakes_a_node_whose_certificate_ended_without_a_rejoin(
+    crv: Crv, tmp_path: Path
+) -> None:
+    """A node kept off (here: its agent frozen) past the end of its certificate has not come
+    back: `crv repair` destroys its machine and makes it again, with a new certificate."""
+    directory = write_appliance(tmp_path, "slow", SLOW, ("slow.sh",))
+    r = crv("deploy", str(directory), "--name", "lapse", timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    before = serial(crv, "lapse-w-0")
+    pid = agent_pid(crv, "lapse-w-0")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(TTL + 5)
+        r = crv("repair", "lapse", timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "making lapse-w-0 again in pool local: its certificate ended at" in r.stdout
+    assert agent_pid(crv, "lapse-w-0") != pid
+    assert serial(crv, "lapse-w-0") != before
+    assert before in crv.revoked_serials()
+    assert crv("destroy", "lapse").returncode == 0
 
 
 @pytest.mark.parametrize("value", ["5", "soon", "700000"])
