@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -115,7 +116,7 @@ def _measure(
     deadline = time.monotonic() + 60
     while True:
         try:
-            ctx = httpx.create_ssl_context(verify=str(home.ca_file))
+            ctx = ssl.create_default_context(cafile=str(home.ca_file))
             ctx.load_cert_chain(home.admin_cert, home.admin_key)
             admin = httpx.Client(base_url=url, verify=ctx, timeout=30)
             admin.get("/v1/health").raise_for_status()
