@@ -26,10 +26,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from crv.home import Home
 from tests.conftest import crl_serials
 from tests.test_agent_unit import agent
-from tests.test_service_security import Service, _free_port, issue_tokens
+from tests.test_service_security import Service, issue_tokens, started_service
 
 REPO = Path(__file__).resolve().parent.parent
 AGENT = REPO / "agent" / "crv_agent.py"
@@ -41,14 +40,7 @@ RENEW = b'#!/bin/sh\necho "renew $CRV_ACTION $(cat "$CRV_CERT_FILE" | cksum)" >>
 
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    root = tmp_path_factory.mktemp("crv-home")
-    service = Service(Home(root), _free_port(), root / "service-process.log")
-    service.env = {"CRV_NODE_CERT_TTL": str(TTL)}
-    service.start()
-    try:
-        yield service
-    finally:
-        service.stop()
+    yield from started_service(tmp_path_factory, CRV_NODE_CERT_TTL=str(TTL))
 
 
 def _bundle() -> str:

@@ -22,28 +22,21 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from crv.home import Home
 from crv.pki import CertificateAuthority
 from tests.test_service_security import (
     NodeCreds,
     Service,
-    _free_port,
     make_csr,
     post_enrol,
     setup_cluster,
+    started_service,
     write_creds,
 )
 
 
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    root = tmp_path_factory.mktemp("crv-home")
-    service = Service(Home(root), _free_port(), root / "service-process.log")
-    service.start()
-    try:
-        yield service
-    finally:
-        service.stop()
+    yield from started_service(tmp_path_factory)
 
 
 def enrol(svc: Service, c: str, node: str, token: str) -> tuple[NodeCreds, str]:

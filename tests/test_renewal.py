@@ -21,12 +21,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from crv.home import Home
 from tests import conftest
 from tests.test_service_security import (
     NodeCreds,
     Service,
-    _free_port,
     assert_handshake_refused,
     enrol,
     forge_certificate,
@@ -34,6 +32,7 @@ from tests.test_service_security import (
     node_client,
     post_enrol,
     setup_cluster,
+    started_service,
     write_creds,
 )
 
@@ -47,13 +46,7 @@ needs_faketime = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    root = tmp_path_factory.mktemp("crv-home")
-    service = Service(Home(root), _free_port(), root / "service-process.log")
-    service.start()
-    try:
-        yield service
-    finally:
-        service.stop()
+    yield from started_service(tmp_path_factory)
 
 
 @pytest.fixture
@@ -210,13 +203,7 @@ def old_key(creds: NodeCreds) -> Any:
 @pytest.fixture(scope="module")
 def later(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """A service of its own, restarted with the clock moved by the tests."""
-    root = tmp_path_factory.mktemp("crv-home-later")
-    service = Service(Home(root), _free_port(), root / "service-process.log")
-    service.start()
-    try:
-        yield service
-    finally:
-        service.stop()
+    yield from started_service(tmp_path_factory)
 
 
 def at_time(svc: Service, offset: str | None) -> None:

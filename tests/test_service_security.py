@@ -120,15 +120,21 @@ class Service:
             return f.read().decode(errors="replace")
 
 
-@pytest.fixture(scope="module")
-def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def started_service(tmp_path_factory: pytest.TempPathFactory, **env: str) -> Iterator[Service]:
+    """A service process of its own (its own CRV_HOME, the settings `env`), for a fixture:
+    `yield from started_service(tmp_path_factory)`."""
     root = tmp_path_factory.mktemp("crv-home")
-    service = Service(Home(root), _free_port(), root / "service-process.log")
+    service = Service(Home(root), _free_port(), root / "service-process.log", env=dict(env))
     service.start()
     try:
         yield service
     finally:
         service.stop()
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    yield from started_service(tmp_path_factory)
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from cryptography import x509
 
 from tests.conftest import CATALOG, write_appliance
 from tests.test_deploy_e2e import Crv, free_port
+from tests.test_scale_e2e import SLOW
 
 FULL = os.environ.get("CRV_TRUST_E2E_FULL") == "1"
 TTL = 120 if FULL else 30
@@ -128,16 +129,6 @@ def test_a_farm_with_short_lived_certificates_stays_manageable(crv: Crv) -> None
     r = crv("scale", "ll", "worker", "3", timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert answers(lb, 6) == {f"hello from ll-worker-{i}" for i in range(3)}
-
-
-SLOW = """\
-apiVersion: crv/v1
-name: slow
-nodes:
-  w: {count: 1, roles: [slow], scale: {min: 1, max: 4}}
-roles:
-  slow: {recipe: slow.sh}
-"""
 
 
 def test_a_resize_stopped_by_a_signal_says_so_in_one_line(crv: Crv, tmp_path: Path) -> None:
