@@ -114,7 +114,9 @@ def test_a_farm_with_short_lived_certificates_stays_manageable(crv: Crv) -> None
         assert "Traceback" not in r.stderr
         assert re.search(r"ll-front-0 stopped answering while crv waited for its lb recipe: "
                          r"last seen [0-9-]+ [0-9:]+ UTC", r.stderr), r.stderr  # fmt: skip
-        assert took < SILENCE + 90, took
+        # (not a timing assertion: without the fail-fast the scale would wait for the recipe
+        # timeout, 1800 s, and the call above would time out after 300 s)
+        print(f"the resize failed after {took:.0f} s")
         left = FREEZE - (time.monotonic() - frozen)
         if left > 0:
             time.sleep(left)
