@@ -63,6 +63,7 @@ OUTPUT_TAIL = 4096
 CLI_DEADLINE = 30.0
 DAEMON_BACKOFF = 5.0  # cap, seconds: enrolment waits at most 2 s, a running node may wait longer
 KILL_GRACE = 5.0
+CHECK_TIMEOUT = 60.0  # seconds for a verify run on the node (crv.deploy waits 120)
 # The certificate is renewed at about two thirds of the lifetime it had when it arrived, with
 # jitter so that a cluster enrolled in one minute does not renew in one second.
 RENEW_AT = (0.62, 0.72)
@@ -266,17 +267,21 @@ def _point(q: tuple[int, int]) -> bytes:
     return b"\x04" + q[0].to_bytes(32, "big") + q[1].to_bytes(32, "big")
 
 
-def make_csr(node: str, key: tuple[int, tuple[int, int]]) -> bytes:
+def make_csr(node: str | None, key: tuple[int, tuple[int, int]]) -> bytes:
     """PKCS#10 with CN=node and SAN DNS:node, nothing else: the CA takes every other name from
-    the plan and refuses CSRs that ask for more."""
-    if not NAME_RE.fullmatch(node):
+    the plan and refuses CSRs that ask for more. No node (pairing: the service names it): no
+    names at all."""
+    if node is not None and not NAME_RE.fullmatch(node):
         raise ConfigError(f"bad node name {node!r}")
     d, q = key
-    name = node.encode("ascii")
-    subject = _seq(_der(0x31, _seq(_OID_CN, _der(0x0C, name))))
     spki = _seq(_EC_ALGORITHM, _bit_string(_point(q)))
-    extensions = _seq(_seq(_OID_SAN, _der(0x04, _seq(_der(0x82, name)))))
-    attributes = _der(0xA0, _seq(_OID_EXTENSION_REQUEST, _der(0x31, extensions)))
+    if node is None:
+        subject, attributes = _seq(), _der(0xA0, b"")
+    else:
+        name = node.encode("ascii")
+        subject = _seq(_der(0x31, _seq(_OID_CN, _der(0x0C, name))))
+        extensions = _seq(_seq(_OID_SAN, _der(0x04, _seq(_der(0x82, name)))))
+        attributes = _der(0xA0, _seq(_OID_EXTENSION_REQUEST, _der(0x31, extensions)))
     info = _seq(_der_int(0), subject, spki, attributes)
     r, s = ecdsa_sign(d, info)
     return _pem(
@@ -747,6 +752,59 @@ def enrol(home: Path, boot: dict, deadline: float) -> None:
     log(f"enrolled as {boot['node']} in cluster {boot['cluster']}")
 
 
+def pair(
+    home: Path, url: str, pin: str, ca_sha256: str, address: str | None, deadline: float
+) -> None:
+    """Join a cluster with a one-time PIN from `crv pair` (a machine crv did not make): trust
+    the service's CA only if it has the fingerprint printed next to the PIN, make a key here
+    and a CSR without names, and send them with the PIN; the service names the node and
+    answers with its certificate. bootstrap.json (no token: the PIN is spent) is written
+    before the certificate, and the key and CSR are kept until it arrives, so that pairing
+    again after a lost answer gets the same certificate; a paired home pairs no more."""
+    recover_identity(home)
+    cert, key_path, csr_path = home / "node.crt", home / "node.key", home / "node.csr"
+    if (home / "bootstrap.json").is_file() and identity_ok(cert, key_path):
+        boot = load_bootstrap(home)
+        log(f"already paired as {boot['node']} of cluster {boot['cluster']}")
+        return
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ConfigError(f"service {url!r} is not an https:// URL")
+    pinned = ca_sha256.strip().lower().replace(":", "")
+    if not re.fullmatch(r"[0-9a-f]{64}", pinned):
+        raise ConfigError("--ca-sha256: not a SHA-256 fingerprint (64 hex digits)")
+    ca = fetch_ca(url, deadline)
+    install_ca(home, {"ca": ca, "ca_sha256": pinned})
+    if key_path.is_file() and csr_path.is_file():
+        csr = csr_path.read_bytes()
+    else:
+        key = generate_key()
+        write_file(key_path, key_pem(key), 0o600)
+        csr = make_csr(None, key)
+        write_file(csr_path, csr, 0o600)
+    body = {"pin": pin, "csr": csr.decode("ascii"), "address": address}
+    service = Service(url, tls_context(home / "ca.crt"))
+    resp = call_once(service, "not paired", "POST", "/v1/pair", deadline, body)
+    if resp.status != 200:
+        raise Refused(f"pairing refused: {resp.detail()}")
+    data = resp.json()
+    cluster, node = data.get("cluster"), data.get("node")
+    if not (isinstance(cluster, str) and NAME_RE.fullmatch(cluster)):
+        raise Refused("the service's pairing answer has no cluster name")
+    if not (isinstance(node, str) and NAME_RE.fullmatch(node)):
+        raise Refused("the service's pairing answer has no node name")
+    pem, expires_in = _issued(home, resp)
+    boot = {"service": url, "ca": ca, "ca_sha256": pinned, "cluster": cluster, "node": node}
+    write_file(home / "bootstrap.json", json.dumps(boot, indent=1).encode(), 0o600)
+    write_file(cert, pem.encode("ascii"), 0o644)
+    if not identity_ok(cert, key_path):
+        raise Refused("the certificate the service issued does not match the node key")
+    schedule_renewal(home, expires_in)
+    with contextlib.suppress(FileNotFoundError):
+        csr_path.unlink()
+    log(f"paired as {node} of cluster {cluster}")
+
+
 def _issued(home: Path, resp: Response) -> tuple:
     """(certificate PEM, seconds it has left) of an enrol, renew or re-join answer; the
     cluster's CA bundle in it is written to cluster-ca.crt (CRV_CLUSTER_CA_FILE)."""
@@ -1079,6 +1137,7 @@ class Role(NamedTuple):
     appdir: str
     env: dict
     renew: str | None = None  # after a renewal: "rerun" the recipe, or run this recipe
+    check: dict | None = None  # a verify to run here and report: {id, command}
 
 
 class Work(NamedTuple):
@@ -1118,7 +1177,15 @@ def parse_work(data: dict) -> Work:
         renew = item.get("renew")
         if renew is not None and not isinstance(renew, str):
             raise AgentError(f"malformed /v1/work answer: bad renew of role {item['role']}")
-        roles.append(Role(item["role"], item["release"], recipe, appdir, env, renew))
+        check = item.get("check")
+        if check is not None and not (
+            isinstance(check, dict)
+            and _int(check.get("id"))
+            and isinstance(check.get("command"), str)
+            and "\0" not in check["command"]
+        ):
+            raise AgentError(f"malformed /v1/work answer: bad check of role {item['role']}")
+        roles.append(Role(item["role"], item["release"], recipe, appdir, env, renew, check))
     if not (_int(data.get("generation")) and isinstance(data.get("stop", False), bool)):
         raise AgentError("malformed /v1/work answer: bad generation or stop")
     return Work(
@@ -1301,6 +1368,42 @@ def run_role(
     log(f"role {role.role} release {role.release} {outcome} (exit {code})")
 
 
+def run_check(identity: Identity, home: Path, boot: dict, work: Work, role: Role) -> None:
+    """A verify crv cannot run from outside (`verify: {on_node: ...}`: the node is behind NAT,
+    or the check needs the node's own view): `sh -c` in the role's environment, reported."""
+    assert role.check is not None
+    ident, command = role.check["id"], role.check["command"]
+    log(f"running check {ident} of role {role.role}")
+    try:
+        proc = subprocess.Popen(
+            ["sh", "-c", command],
+            cwd=str(home / "work"),
+            env=recipe_env(home, boot, work, role),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    except OSError as e:
+        code, output = 127, f"crv-agent: cannot start the check: {one_line(str(e))}"
+    else:
+        try:
+            out, _ = proc.communicate(timeout=CHECK_TIMEOUT)
+            code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+            output = out.decode("utf-8", "replace")[-OUTPUT_TAIL:]
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            code, output = 124, f"crv-agent: check timed out after {CHECK_TIMEOUT:g} s; killed"
+    body = {"role": role.role, "check": ident, "exit_code": code, "output": output}
+    resp = identity.call("POST", "/v1/check", body, backoff_cap=DAEMON_BACKOFF)
+    if resp.status in (401, 403, 404):
+        _raise_for_node(resp, "POST /v1/check")
+    elif not 200 <= resp.status < 300:  # 409: a newer check was asked meanwhile
+        log(f"check {ident} of role {role.role} not taken: {resp.detail()}")
+    else:
+        log(f"check {ident} of role {role.role}: exit {code}")
+
+
 def run_renew_hooks(
     home: Path, boot: dict, work: Work | None, state: dict, timeout: float, identity: Identity
 ) -> None:
@@ -1376,6 +1479,9 @@ def serve(home: Path, boot: dict, recipe_timeout: float) -> int:
         for role in work.roles:
             if role.release > state["releases"].get(role.role, 0):
                 run_role(identity, home, boot, work, role, state, recipe_timeout)
+        for role in work.roles:
+            if role.check is not None and state["releases"].get(role.role, 0) >= role.release:
+                run_check(identity, home, boot, work, role)
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -1416,6 +1522,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     install_ca(home, boot)
     enrol(home, boot, deadline)
     call_back(home, boot, deadline)
+    return serve(home, boot, args.recipe_timeout)
+
+
+def cmd_pair(args: argparse.Namespace) -> int:
+    home = _home(args)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    _lock(home)
+    deadline = time.monotonic() + args.deadline
+    pair(home, args.service, args.pin, args.ca_sha256, args.address, deadline)
+    boot = load_bootstrap(home)
+    if args.no_run:
+        return EXIT_OK
     return serve(home, boot, args.recipe_timeout)
 
 
@@ -1513,6 +1632,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="take the bootstrap from crv.* words of a kernel command line (/proc/cmdline)",
     )
     run.set_defaults(func=cmd_run)
+
+    pairp = sub.add_parser(
+        "pair",
+        parents=[home],
+        help="join a cluster with a PIN from `crv pair` (a machine crv did not make), then run",
+    )
+    pairp.add_argument("service", metavar="SERVICE-URL", help="the crv service, https://...")
+    pairp.add_argument("pin", metavar="PIN", help="the one-time PIN `crv pair` printed")
+    pairp.add_argument(
+        "--ca-sha256", required=True, metavar="HEX", help="the CA fingerprint printed with it"
+    )
+    pairp.add_argument(
+        "--address", help="this machine's IP address as other nodes reach it (default: none)"
+    )
+    pairp.add_argument("--deadline", type=float, default=120.0, help="seconds to pair (120)")
+    pairp.add_argument("--recipe-timeout", type=float, default=1800.0, help="seconds (1800)")
+    pairp.add_argument("--no-run", action="store_true", help="pair, then exit (run it later)")
+    pairp.set_defaults(func=cmd_pair)
 
     setp = sub.add_parser("set", parents=[home], help="publish KEY=VALUE for $CRV_ROLE")
     setp.add_argument("key")

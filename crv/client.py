@@ -186,3 +186,12 @@ class Service:
 
     def delete_cluster(self, cluster: str) -> list[str]:
         return list(self.call("DELETE", f"/v1/admin/clusters/{cluster}")["revoked"])
+
+    def create_pairing(self, cluster: str, group: str, roles: list[str], ttl: float) -> Any:
+        """{id, pin, expires_at, ca_sha256}: a one-time PIN for a machine to join `group`."""
+        body = {"group": group, "roles": roles, "ttl": ttl}
+        return self.call("POST", f"/v1/admin/clusters/{cluster}/pairings", json=body)
+
+    def pairing(self, ident: str) -> dict[str, Any]:
+        """{id, cluster, group, state (open, paired, expired, locked), node, ...}."""
+        return dict(self.call("GET", f"/v1/admin/pairings/{ident}"))

@@ -31,13 +31,15 @@ from crv.errors import CrvError
 from crv.placement import ALIVE, NoCapacity, Placement, capacities
 from crv.plan import Plan
 from crv.store import DRAIN_STATES, LEAVING, natural_key
-from pools.base import NodeSpec, Pool
+from crv.verify import Check
+from pools.base import NodeInfo, NodeSpec, Pool
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 BATCH_MAX = 500
 LIVENESS_EVERY = 10.0  # seconds between reads of when each node's agent last called
+ON_NODE_TIMEOUT = 120.0  # asking a node's agent to run a check -> its report
 SILENCE_SETTING = "CRV_NODE_SILENCE"
 
 
@@ -176,6 +178,10 @@ class Mirror:
             self.refused[node] = ev["output"] or "its re-join was refused"
         elif ev["kind"] == "rejoined":
             self.refused.pop(node, None)
+        elif ev["kind"] == "check":  # the result of a verify the node's agent ran
+            slot = self.roles.setdefault((node, ev["role"]), {})
+            slot["check"] = {"id": ev["release"], "exit_code": ev["exit_code"],
+                             "output": ev["output"] or ""}  # fmt: skip
         elif ev["kind"] in ("role", "verified"):
             slot = self.roles.setdefault((node, ev["role"]), {})
             slot["state"] = ev["state"]
@@ -452,6 +458,10 @@ class ClusterRun:
     async def provision(self, node: str) -> None:
         assert self._node_updates is not None and self._tokens is not None
         pool = self.drivers(self.pool_of(node))
+        adopt = getattr(pool, "adopt", None)
+        if adopt is not None:  # a pool of machines that join by themselves (crv pair)
+            await self._adopt(node, adopt)
+            return
         existing = await self._in_thread(pool.get_node, node)
         alive = existing is not None and existing.state in ALIVE
         if existing is not None and alive and self.mirror.nodes.get(node) == "enrolled":
@@ -483,6 +493,23 @@ class ClusterRun:
             },
         )
         info = await self._in_thread(pool.create_node, spec)
+        self.mirror.addresses[node] = info.address
+        await self._node_updates.submit(
+            self._node_item(node, address=info.address, state="provisioned")
+        )
+
+    async def _adopt(self, node: str, adopt: Callable[[str, str, str | None], NodeInfo]) -> None:
+        """A machine crv did not make (pools.manual): it is there once its agent has paired;
+        the pool records it. Nothing can make it again: pairing it once more is the way."""
+        assert self._node_updates is not None
+        if self.mirror.nodes.get(node) not in ("enrolled", LEAVING):
+            raise StepError(
+                f"{node} is a paired machine ({self.pool_of(node)} pool) that is not enrolled: "
+                f"crv cannot make it again; pair a machine with `crv pair {self.cluster} "
+                f"{self.plan.nodes[node].group}`",
+                temporary=False,
+            )
+        info = await self._in_thread(adopt, node, self.cluster, self.mirror.addresses.get(node))
         self.mirror.addresses[node] = info.address
         await self._node_updates.submit(
             self._node_item(node, address=info.address, state="provisioned")
@@ -582,7 +609,10 @@ class ClusterRun:
                 dict(spec.params),
             )
             try:
-                await verify.run(check, self._http)
+                if check.kind == "on_node":
+                    await self._check_on_node(node, role, check)
+                else:
+                    await verify.run(check, self._http)
             except verify.VerifyFailed as e:
                 err = StepError(f"verify of {role} on {node} ({check}) failed: {e}", temporary=True)
                 await self._roles.submit(
@@ -591,6 +621,32 @@ class ClusterRun:
                 raise err from None
         await self._roles.submit({"node": node, "role": role, "op": "verified"})
         self.mirror.roles.setdefault((node, role), {})["state"] = "verified"
+
+    async def _check_on_node(self, node: str, role: str, check: Check) -> None:
+        """Ask the node's agent to run the check (it calls out; crv never dials the node) and
+        wait for its report."""
+        assert self._roles is not None
+        asked = await self._roles.submit(
+            {"node": node, "role": role, "op": "check", "message": check.target}
+        )
+        key, ident = (node, role), asked["check"]
+
+        def reported() -> bool:
+            return bool((self.mirror.roles.get(key, {}).get("check") or {}).get("id") == ident)
+
+        try:
+            await self.mirror.wait(
+                node, reported, ON_NODE_TIMEOUT, f"for its agent to run the {role} check",
+                silence=self.timeouts.silence,
+            )  # fmt: skip
+        except StepError as e:
+            if not e.temporary:  # the node is gone: no retry helps
+                raise
+            raise verify.VerifyFailed(str(e)) from None
+        result = self.mirror.roles[key]["check"]
+        if result["exit_code"] != 0:
+            tail = (result["output"] or "").strip()[-verify.OUTPUT_TAIL :]
+            raise verify.VerifyFailed(f"on the node, exited {result['exit_code']}: {tail}")
 
     async def drain(self, node: str, roles: Iterable[str]) -> str | None:
         """Run the drain recipe of each of `roles` on `node`, one after another (a node about

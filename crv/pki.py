@@ -435,6 +435,16 @@ def is_admin(cert: x509.Certificate) -> bool:
     return san.get_values_for_type(x509.UniformResourceIdentifier) == [ADMIN_URI]
 
 
+def check_unnamed_csr(csr_pem: bytes) -> None:
+    """A CSR from a machine that does not know its node name yet (pairing): every check of a
+    node's CSR, and no names at all (the CA writes them)."""
+    with contextlib.suppress(ValueError, UnsupportedAlgorithm, x509.DuplicateExtension):
+        csr = x509.load_pem_x509_csr(csr_pem[:MAX_CSR_BYTES])
+        if len(csr.subject) or len(csr.extensions):
+            raise PkiError("CSR for pairing: it names no node (the service does); no subject")
+    _check_csr(csr_pem, "a pairing machine", ())
+
+
 def _check_csr(csr_pem: bytes, node: str, ips: Sequence[_IP]) -> x509.CertificateSigningRequest:
     """Refuses rather than ignores what a hostile CSR asks for, so the attempt shows in logs."""
     what = f"CSR for {node}"

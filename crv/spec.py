@@ -294,29 +294,43 @@ DependencyEntry = Annotated[
 ]
 
 
+class OnNode(_Model):
+    """A check the node's own agent runs (`sh -c`, in the role's directory, with the recipe's
+    environment) and reports: for a node crv cannot reach (behind NAT), whose agent calls out."""
+
+    command: Annotated[str, Field(min_length=1, max_length=4096)]
+
+
 class Verify(_Model):
-    """How crv checks a role from outside the node; exactly one of the three kinds."""
+    """How crv checks a role; exactly one of the four kinds. `http`, `tcp` and `command` run on
+    crv's side and reach the node; `on_node` runs on the node."""
 
     http: Annotated[str, Field(max_length=2048)] | None = None
     tcp: Annotated[str, Field(max_length=512)] | None = None
     command: Annotated[str, Field(max_length=4096)] | None = None
+    on_node: OnNode | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Verify:
-        given = [k for k in ("http", "tcp", "command") if getattr(self, k) is not None]
+        given = [k for k in KINDS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of http, tcp or command")
+            raise ValueError("give exactly one of http, tcp, command or on_node")
         return self
 
     @property
     def kind(self) -> str:
-        return "http" if self.http is not None else "tcp" if self.tcp is not None else "command"
+        return next(k for k in KINDS if getattr(self, k) is not None)
 
     @property
     def template(self) -> str:
+        if self.on_node is not None:
+            return self.on_node.command
         value = self.http if self.http is not None else self.tcp or self.command
         assert value is not None
         return value
+
+
+KINDS = ("http", "tcp", "command", "on_node")
 
 
 class Estimates(_Model):

@@ -83,6 +83,12 @@ role_states = sa.Table(
     # digest of what the role read when it was last released: its dependencies' nodes and
     # their attributes. A `refresh` re-runs the role only when this changed (a resize).
     sa.Column("inputs", sa.String(64)),
+    # a verify the node's agent runs and reports (`verify: {on_node: ...}`): the newest one
+    # asked, its command, and its result once reported (none: not yet)
+    sa.Column("check_id", sa.Integer),
+    sa.Column("check_command", sa.Text),
+    sa.Column("check_exit", sa.Integer),
+    sa.Column("check_output", sa.Text),
 )
 
 attributes = sa.Table(
@@ -124,6 +130,25 @@ events = sa.Table(
     sa.Column("exit_code", sa.Integer),
     sa.Column("output", sa.Text),
     sa.Column("attributes", sa.JSON),
+)
+
+# Pairing (`crv pair`): a one-time PIN with which a machine crv did not make joins a group of a
+# cluster. Only the PIN's hash is kept; a PIN is used once, ends after a few minutes, and every
+# wrong PIN sent counts against all open ones (PAIR_TRIES wrong ones lock them out).
+pairings = sa.Table(
+    "pairings",
+    METADATA,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("pin_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("cluster", sa.String(63), nullable=False, index=True),
+    sa.Column("grp", sa.String(63), nullable=False),
+    sa.Column("roles", sa.JSON, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("failures", sa.Integer, nullable=False),
+    sa.Column("used_at", sa.DateTime(timezone=True)),
+    sa.Column("node", sa.String(63)),  # the node it made
+    sa.Column("csr", sa.String(64)),  # digest of the CSR it was used with
 )
 
 # Autoscaling: whether the `autoscale/<cluster>` deployment should exist, and how often it runs
@@ -174,6 +199,11 @@ REMADE_FROM = ("provisioned", "enrolled", LEAVING)
 TOUCH_EVERY = 10.0  # seconds between writes of a node's last_seen
 ENROL_REPLAY = timedelta(minutes=10)  # the same enrolment again gets the same certificate
 REJOIN_GRACE = timedelta(days=30)  # a certificate ended this long ago can still re-join
+MANUAL_POOL = "manual"  # where paired machines are recorded: crv did not make them
+PAIR_TRIES = 10  # wrong PINs sent while a pairing is open, after which it is locked out
+PAIR_TTL = timedelta(minutes=10)  # default life of a PIN
+PIN_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford's base32: no I, L, O or U
+PIN_LENGTH = 8  # 40 bits; with PAIR_TRIES guesses, 1 in 10^11 per open PIN
 
 
 _DECISION_FIELDS = (
@@ -202,6 +232,38 @@ def natural_key(name: str) -> tuple[Any, ...]:
 def token_hash(token: str) -> str:
     # 256 random bits need no slow hash: nothing to brute-force, only to not store in clear.
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _pairing_state(row: sa.Row[Any], at: datetime) -> str:
+    if row.used_at is not None:
+        return "paired"
+    if row.failures >= PAIR_TRIES:
+        return "locked"
+    expires = _utc(row.expires_at)
+    return "expired" if expires is None or expires <= at else "open"
+
+
+def normal_pin(pin: str) -> str:
+    """What a person typed, as the PIN was made: upper case, without spaces and dashes, and
+    the letters Crockford's base32 reads as digits (O as 0, I and L as 1)."""
+    text = pin.upper().replace("-", "").replace(" ", "")
+    return text.translate(str.maketrans("OIL", "011"))
+
+
+def new_pin() -> str:
+    """A PIN as shown: two groups of four, `7KQ2-M9XD`."""
+    raw = "".join(secrets.choice(PIN_ALPHABET) for _ in range(PIN_LENGTH))
+    return f"{raw[:4]}-{raw[4:]}"
+
+
+def pin_hash(pin: str) -> str:
+    return hashlib.sha256(b"crv-pin\x00" + normal_pin(pin).encode()).hexdigest()
+
+
+def pairing_token(pin: str) -> str:
+    """The enrolment token a pairing gives its node, derived from the PIN, so that the same PIN
+    and CSR again (the answer was lost) get the same certificate through `enrol`'s replay."""
+    return hmac.new(normal_pin(pin).encode(), b"crv-pair-token", hashlib.sha256).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -402,6 +464,7 @@ class Store:
             c.execute(events.delete().where(events.c.cluster == name))
             c.execute(autoscaling.delete().where(autoscaling.c.cluster == name))
             c.execute(decisions.delete().where(decisions.c.cluster == name))
+            c.execute(pairings.delete().where(pairings.c.cluster == name))
             return revoked
 
     # -- nodes ------------------------------------------------------------------------------
@@ -828,6 +891,141 @@ class Store:
                 .values(last_seen=now())
             )
 
+    # -- pairing ----------------------------------------------------------------------------
+
+    def create_pairing(
+        self, cluster: str, group: str, roles: Sequence[str], ttl: timedelta = PAIR_TTL
+    ) -> dict[str, Any]:
+        """A one-time PIN for a machine to join `group` (whose nodes hold `roles`) of `cluster`:
+        {id, pin, expires_at}. The PIN itself is shown once and kept only as a hash."""
+        at = now()
+        pin, ident = new_pin(), secrets.token_hex(8)
+        with self.engine.begin() as c:
+            if (
+                c.execute(sa.select(clusters.c.name).where(clusters.c.name == cluster)).first()
+                is None
+            ):
+                raise StoreError(404, f"no cluster {cluster!r}")
+            c.execute(
+                pairings.insert().values(
+                    id=ident, pin_hash=pin_hash(pin), cluster=cluster, grp=group,
+                    roles=list(roles), created_at=at, expires_at=at + ttl, failures=0,
+                )
+            )  # fmt: skip
+        return {"id": ident, "pin": pin, "expires_at": (at + ttl).isoformat()}
+
+    def pairing(self, ident: str) -> dict[str, Any]:
+        """A pairing's state: open, paired (with its node), expired or locked."""
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(pairings).where(pairings.c.id == ident)).first()
+        if row is None:
+            raise StoreError(404, f"no pairing {ident!r}")
+        return {
+            "id": row.id,
+            "cluster": row.cluster,
+            "group": row.grp,
+            "state": _pairing_state(row, now()),
+            "node": row.node,
+            "failures": row.failures,
+            "expires_at": (_utc(row.expires_at) or now()).isoformat(),
+        }
+
+    def pair(
+        self, pin: str, csr_digest: str, address: str | None, sign: Signer
+    ) -> tuple[str, str, str, list[str]]:
+        """Use a PIN: the machine becomes the next node of the pairing's group (state enrolled,
+        pool `manual`, its group's count one more) and gets its certificate. The same PIN with
+        the same CSR again within ENROL_REPLAY gets the same certificate; anything else with a
+        used, expired or locked-out PIN is refused (403, the reason for the service log), and a
+        PIN that matches no pairing counts as a wrong try against every open one.
+        Returns (cluster, node, the certificate's PEM, revoked serials)."""
+        at = now()
+        refusal, node = None, None
+        with self.engine.begin() as c:
+            row = c.execute(sa.select(pairings).where(pairings.c.pin_hash == pin_hash(pin))).first()
+            state = "wrong" if row is None else _pairing_state(row, at)
+            if state == "wrong":
+                c.execute(
+                    pairings.update()
+                    .where(pairings.c.used_at.is_(None), pairings.c.expires_at > at)
+                    .values(failures=pairings.c.failures + 1)
+                )
+                refusal = "pairing refused: wrong PIN"
+            elif row is not None and state == "paired":
+                same = hmac.compare_digest(row.csr or "", csr_digest)
+                if not (same and at - (_utc(row.used_at) or at) <= ENROL_REPLAY):
+                    refusal = f"pairing refused: PIN already used (by {row.cluster}/{row.node})"
+            elif state == "locked":
+                refusal = f"pairing refused: PIN locked out after {PAIR_TRIES} wrong PINs"
+            elif state == "expired":
+                refusal = "pairing refused: PIN expired"
+            else:
+                assert row is not None
+                node = self._claim(c, row, pairing_token(pin), csr_digest, address, at)
+        if refusal is not None:  # after the commit: the wrong try is counted
+            raise StoreError(403, refusal)
+        assert row is not None
+        node = node or row.node
+        pem, revoked = self.enrol(row.cluster, node, pairing_token(pin), csr_digest, sign)
+        return row.cluster, node, pem, revoked
+
+    def _claim(
+        self,
+        c: Connection,
+        row: sa.Row[Any],
+        token: str,
+        csr_digest: str,
+        address: str | None,
+        at: datetime,
+    ) -> str:
+        """Mark the pairing used and record its node: the next free index of the group, its
+        roles pending, an enrolment token derived from the PIN; the group's count grows."""
+        cluster, group = row.cluster, row.grp
+        names = set(c.execute(sa.select(nodes.c.name).where(nodes.c.cluster == cluster)).scalars())
+        prefix, index = f"{cluster}-{group}-", 0
+        while f"{prefix}{index}" in names:
+            index += 1
+        node = f"{prefix}{index}"
+        if len(node) > 63:
+            raise StoreError(409, f"pairing refused: node name {node!r} is too long")
+        used = c.execute(
+            pairings.update()
+            .where(pairings.c.id == row.id, pairings.c.used_at.is_(None))
+            .values(used_at=at, node=node, csr=csr_digest)
+        )
+        if used.rowcount != 1:
+            raise StoreError(403, "pairing refused: PIN already used")
+        c.execute(
+            nodes.insert().values(
+                cluster=cluster, name=node, grp=group, roles=list(row.roles), pool=MANUAL_POOL,
+                address=address, state="provisioned", generation=1, stop=False,
+                token_hash=token_hash(token),
+                token_expires=at + ENROL_REPLAY,
+            )
+        )  # fmt: skip
+        if row.roles:
+            c.execute(
+                role_states.insert(),
+                [
+                    {"cluster": cluster, "node": node, "role": role, "state": "pending",
+                     "release": 0, "output": "", "updated_at": at}
+                    for role in row.roles
+                ],
+            )  # fmt: skip
+        members = c.execute(
+            sa.select(sa.func.count()).where(
+                nodes.c.cluster == cluster, nodes.c.grp == group, nodes.c.state != LEAVING
+            )
+        ).scalar_one()
+        counts = c.execute(sa.select(clusters.c.counts).where(clusters.c.name == cluster)).scalar()
+        c.execute(
+            clusters.update()
+            .where(clusters.c.name == cluster)
+            .values(counts={**(counts or {}), group: int(members)})
+        )
+        self._event(c, cluster, node, None, "node", state="provisioned", output="paired")
+        return node
+
     # -- certificates -----------------------------------------------------------------------
 
     def current_roles(
@@ -936,6 +1134,12 @@ class Store:
                     "env": {**spec["env"], "CRV_ACTION": "drain"} if draining else spec["env"],
                     # what the agent does once it renewed the node's certificate
                     "renew": spec.get("renew"),
+                    # a verify for the agent to run and report, while it is not reported
+                    "check": (
+                        {"id": st.check_id, "command": st.check_command}
+                        if st is not None and st.check_id and st.check_exit is None
+                        else None
+                    ),
                 }
             )
         return {
@@ -1005,6 +1209,23 @@ class Store:
                     release, state = row.release + 1, "draining"
                     extra = {"exit_code": None}
                     woken.add(_new_work(c, cluster, node))
+                elif op == "check":  # a verify the agent runs: asked here, reported by it
+                    check = (row.check_id or 0) + 1
+                    c.execute(
+                        role_states.update()
+                        .where(
+                            role_states.c.cluster == cluster,
+                            role_states.c.node == node,
+                            role_states.c.role == role,
+                        )
+                        .values(
+                            check_id=check, check_command=message, check_exit=None,
+                            check_output=None,
+                        )
+                    )  # fmt: skip
+                    woken.add(_new_work(c, cluster, node))
+                    results.append({**_as_is(row), "check": check})
+                    continue
                 elif op == "verified":
                     state = "verified"
                 elif op == "verify_failed":
@@ -1142,6 +1363,31 @@ class Store:
                 output=tail if state != "running" else None,
                 attributes=attrs,
             )
+
+    def report_check(
+        self, cluster: str, node: str, role: str, *, check: int, exit_code: int, output: str
+    ) -> None:
+        """The result of the verify the node's agent ran (`update_roles` op check): only the
+        newest one asked, and only once."""
+        tail = output[-OUTPUT_TAIL:]
+        with self.engine.begin() as c:
+            done = c.execute(
+                role_states.update()
+                .where(
+                    role_states.c.cluster == cluster,
+                    role_states.c.node == node,
+                    role_states.c.role == role,
+                    role_states.c.check_id == check,
+                    role_states.c.check_exit.is_(None),
+                )
+                .values(check_exit=exit_code, check_output=tail)
+            )
+            if done.rowcount != 1:
+                raise StoreError(409, f"{node}/{role}: check {check} is not awaited")
+            self._event(
+                c, cluster, node, role, "check", state="checked", release=check,
+                exit_code=exit_code, output=tail,
+            )  # fmt: skip
 
     # -- attributes -------------------------------------------------------------------------
 

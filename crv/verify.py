@@ -1,4 +1,5 @@
-"""Checking a role from outside its node: `{http: URL}`, `{tcp: HOST:PORT}` or `{command: ...}`.
+"""Checking a role from outside its node: `{http: URL}`, `{tcp: HOST:PORT}` or `{command: ...}`;
+`{on_node: {command: ...}}` is rendered here and run by the node's agent (crv.deploy).
 
 Templates see `self` (the attributes the role published on that node), `node` and `params`.
 Published attributes come from the node, so they are untrusted: in a `command` every value is
@@ -45,7 +46,8 @@ def render(
     params: Mapping[str, Any],
 ) -> Check:
     kind = verify.kind
-    quote = (lambda v: shlex.quote(str(v))) if kind == "command" else (lambda v: v)
+    shell = kind in ("command", "on_node")
+    quote = (lambda v: shlex.quote(str(v))) if shell else (lambda v: v)
     variables = {
         "self": {k: quote(v) for k, v in attributes.items()},
         "node": {k: quote(v) for k, v in node.items()},

@@ -1,4 +1,4 @@
-"""Resource pool drivers (local, libvirt, libcloud, baremetal).
+"""Resource pool drivers (local, sim, libvirt, libcloud, baremetal, and manual: paired machines).
 
 Layer rule: pools know nothing of Prefect. A driver is the five methods of the pool contract
 (validate, list_nodes, get_node, create_node, destroy_node); it translates library errors into
@@ -28,6 +28,10 @@ def get_pool(name: str, state_dir: Path) -> Pool:
         from pools.sim import SimPool
 
         pool = SimPool(state_dir)
+    elif name == "manual":  # machines that joined with `crv pair`; not a place to make nodes
+        from pools.manual import ManualPool
+
+        pool = ManualPool(state_dir)
     else:
         from pools import config
 

@@ -358,7 +358,7 @@ CASES: list[tuple[str, str, list[str], str]] = [
         "verify-two-kinds",
         edit('verify: {http: "{{ self.url }}/health"}', 'verify: {http: "x", tcp: "y:1"}'),
         [],
-        "error: {F}: roles.web.verify: give exactly one of http, tcp or command",
+        "error: {F}: roles.web.verify: give exactly one of http, tcp, command or on_node",
     ),
     (
         "too-many-nodes",

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import ipaddress
 import logging
 import time
 from collections import OrderedDict, defaultdict
@@ -32,9 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crv.errors import PkiError
-from crv.pki import CertificateAuthority, is_admin, node_identity
+from crv.pki import CertificateAuthority, check_unnamed_csr, is_admin, node_identity
 from crv.spec import ATTRIBUTE_PATTERN, NAME_PATTERN
-from crv.store import REJOIN_GRACE, Enrolment, Issued, Store, StoreError
+from crv.store import PAIR_TTL, REJOIN_GRACE, Enrolment, Issued, Store, StoreError
 
 log = logging.getLogger("crv.service")
 
@@ -44,6 +45,7 @@ MAX_VALUE = 64 * 1024
 MAX_WAIT = 30.0
 NODE_CERT_TTL = timedelta(hours=24)
 ALIVE_EVERY = 5.0  # seconds between writes of last_seen for a node's heartbeats
+WRONG_PIN_DELAY = 1.0  # seconds before the answer to a wrong PIN: guessing is slow
 # what a re-joining node signs with its last key, ahead of its new CSR (the CSR binds the
 # signature to the one key the new certificate may certify; the prefix to this use)
 REJOIN_CONTEXT = b"crv-rejoin-v1\x00"
@@ -75,6 +77,25 @@ class RejoinRequest(_Body):
     certificate: Annotated[str, Field(max_length=16 * 1024)]  # its last one, ended
     csr: Annotated[str, Field(max_length=16 * 1024)]  # for a new key made on the node
     signature: Annotated[str, Field(max_length=512)]  # base64 DER ECDSA by the last key
+
+
+class PairingRequest(_Body):
+    group: Name
+    roles: list[Name]
+    ttl: Annotated[float, Field(ge=30, le=86400)] = PAIR_TTL.total_seconds()
+
+
+class PairRequest(_Body):
+    pin: Annotated[str, Field(min_length=4, max_length=32)]
+    csr: Annotated[str, Field(max_length=16 * 1024)]  # for a key made on the machine, no names
+    address: Annotated[str, Field(max_length=64)] | None = None  # as other nodes reach it
+
+
+class CheckReport(_Body):
+    role: Name
+    check: Annotated[int, Field(ge=1)]
+    exit_code: int
+    output: Annotated[str, Field(max_length=64 * 1024)] = ""
 
 
 class AttributeValue(_Body):
@@ -139,7 +160,7 @@ class TokensRequest(_Body):
 class RoleUpdate(_Body):
     node: Name
     role: Name
-    op: Literal["release", "refresh", "verified", "verify_failed", "drain"]
+    op: Literal["release", "refresh", "verified", "verify_failed", "drain", "check"]
     message: Annotated[str, Field(max_length=64 * 1024)] | None = None
 
 
@@ -478,6 +499,37 @@ def create_app(
         cluster_waiters.notify(body.cluster)
         return issued(body.cluster, pem)
 
+    @app.post("/v1/pair")
+    async def pair(body: PairRequest) -> dict[str, Any]:
+        """A machine crv did not make joins with a one-time PIN from `crv pair` (docs/pki.md,
+        "Pairing"): it becomes the next node of the PIN's group, in the manual pool."""
+        try:
+            if body.address is not None:
+                ipaddress.ip_address(body.address)
+            check_unnamed_csr(body.csr.encode())
+        except ValueError:
+            raise StoreError(400, f"address: {body.address!r} is not an IP address") from None
+        except PkiError as e:
+            log.warning("pairing refused: %s", e)
+            raise StoreError(400, str(e)) from None
+        digest = hashlib.sha256(body.csr.encode()).hexdigest()
+        try:
+            cluster, node, pem, revoked = store.pair(
+                body.pin, digest, body.address, signer(body.csr)
+            )
+        except StoreError as e:
+            if "wrong PIN" in str(e):
+                await asyncio.sleep(WRONG_PIN_DELAY)
+            raise
+        except PkiError as e:
+            log.warning("pairing refused: %s", e)
+            raise StoreError(400, str(e)) from None
+        if revoked:
+            forget_identities()
+        log.info("paired %s/%s%s", cluster, node, f" at {body.address}" if body.address else "")
+        cluster_waiters.notify(cluster)
+        return {**issued(cluster, pem), "cluster": cluster, "node": node}
+
     @app.post("/v1/renew")
     async def renew(request: Request, caller: Node, body: RenewRequest) -> dict[str, Any]:
         """A new certificate for the caller's node and roles, for a key it made (mutual TLS
@@ -630,6 +682,17 @@ def create_app(
         log.info("%s/%s %s: %s", caller.cluster, caller.node, body.role, body.state)
         cluster_waiters.notify(caller.cluster)
 
+    @app.post("/v1/check", status_code=204)
+    async def check_report(caller: Node, body: CheckReport) -> None:
+        """The result of a verify the node's agent ran (`verify: {on_node: ...}`)."""
+        if body.role not in caller.roles:
+            raise StoreError(403, f"{caller.node} does not host role {body.role!r}")
+        store.report_check(
+            caller.cluster, caller.node, body.role,
+            check=body.check, exit_code=body.exit_code, output=body.output,
+        )  # fmt: skip
+        cluster_waiters.notify(caller.cluster)
+
     # -- admin ------------------------------------------------------------------------------
 
     @app.get("/v1/admin/clusters", dependencies=[Admin])
@@ -692,6 +755,18 @@ def create_app(
             node_waiters.notify((cluster, node))
         cluster_waiters.notify(cluster)
         return {"results": results}
+
+    @app.post("/v1/admin/clusters/{cluster}/pairings", dependencies=[Admin])
+    async def create_pairing(cluster: ClusterPath, body: PairingRequest) -> dict[str, Any]:
+        """A one-time PIN for a machine to join `group` (`crv pair`), with the fingerprint of
+        the CA the machine's agent pins."""
+        made = store.create_pairing(cluster, body.group, body.roles, timedelta(seconds=body.ttl))
+        log.info("pairing %s opened for %s group %s", made["id"], cluster, body.group)
+        return {**made, "ca_sha256": ca.fingerprint_sha256}
+
+    @app.get("/v1/admin/pairings/{ident}", dependencies=[Admin])
+    async def pairing(ident: Annotated[str, PathParam(pattern="^[0-9a-f]{16}$")]) -> dict[str, Any]:
+        return store.pairing(ident)
 
     @app.get("/v1/admin/clusters/{cluster}/liveness", dependencies=[Admin])
     async def liveness(cluster: ClusterPath) -> dict[str, Any]:
