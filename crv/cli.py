@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -24,7 +25,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from crv import __version__, daemons
-from crv.appliance import NOT_SCALED, load_appliance, load_recorded, locate, parse_overrides
+from crv.appliance import (
+    NOT_SCALED,
+    load_appliance,
+    load_recorded,
+    locate,
+    parse_overrides,
+    with_counts,
+)
 from crv.client import Service
 from crv.errors import CrvError, SpecError
 from crv.home import Home
@@ -33,12 +41,15 @@ from crv.placement import Drift, Drivers, check, drift, lapsed, place, pools_of
 from crv.plan import Plan, expand
 from crv.plan_view import describe
 from crv.spec import json_schema
+from crv.store import LEAVING
+from pools import AGENT as AGENT_FILE
 from pools import get_pool
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import State
 
 EXIT_BAD_INPUT = 2
+PAIR_POLL = 1.0  # seconds between looks at a pairing while crv pair waits
 
 app = typer.Typer(
     name="crv",
@@ -433,6 +444,103 @@ def scale(
     )
     state = _run_with_progress(run, endpoints, f"scaling {name} {group} to {count}", plan)
     _report(state, "scale", home, endpoints, plan)
+
+
+@app.command()
+def pair(
+    name: Annotated[str, typer.Argument(help="Cluster name.")],
+    group: Annotated[str, typer.Argument(help="Node group the machine joins (e.g. worker).")],
+    ttl: Annotated[
+        str, typer.Option(help="How long the PIN can be used, e.g. 10m (30 s to 1 day).")
+    ] = "10m",
+    no_wait: Annotated[
+        bool,
+        typer.Option(
+            "--no-wait",
+            help="Print the PIN and return; the next deploy, scale or repair of the cluster "
+            "contextualizes the machine once it has paired.",
+        ),
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object and return (like --no-wait).")
+    ] = False,
+    retries: Annotated[int, typer.Option(help="Retries per step (temporary errors).")] = 2,
+) -> None:
+    """Let a machine crv did not make (a desktop, a server behind NAT) join a node group:
+    prints a one-time PIN, the CA fingerprint and the command to run on the machine
+    (`crv-agent pair`), waits until the machine has paired, then contextualizes it like any
+    new node of the group (its roles, and the roles that read the group, run)."""
+    from crv.autoscale_cli import interval
+
+    home = _home()
+    with _user_errors():
+        seconds = interval("--ttl", ttl, least=30)
+        endpoints = _ensure_up(home, quiet=as_json)
+        service = Service(home, endpoints.service_url)
+        found = service.status(name)
+        if found is None:
+            raise SpecError("crv pair", "CLUSTER", f"no cluster {name!r}")
+        counts = found.get("counts") or {}
+        loaded = load_recorded(found["source"], found["parameters"] or {}, counts)
+        if group not in loaded.groups:
+            known = ", ".join(loaded.groups)
+            raise SpecError("crv pair", "GROUP", f"no group {group!r} in {name} ({known})")
+        members = sum(1 for n in found["nodes"] if n["group"] == group and n["state"] != LEAVING)
+        with_counts(loaded, {**counts, group: members + 1})  # a fixed group, or at its max
+        roles = list(loaded.groups[group].roles)
+        made = service.create_pairing(name, group, roles, seconds)
+    agent = AGENT_FILE
+    command = (
+        f"python3 crv_agent.py --home /var/lib/crv-agent pair {endpoints.service_url} "
+        f"{made['pin']} --ca-sha256 {made['ca_sha256']} --address ADDRESS"
+    )
+    if as_json:
+        print(json.dumps({**made, "cluster": name, "group": group,
+                          "service": endpoints.service_url, "agent": str(agent),
+                          "command": command}))  # fmt: skip
+        return
+    until = datetime.fromisoformat(made["expires_at"]).strftime("%H:%M:%S UTC")
+    print(f"PIN {made['pin']} for cluster {name} group {group}: once, until {until}")
+    print(f"CA fingerprint (SHA-256): {made['ca_sha256']}")
+    print(f"on the machine (the agent is {agent}, one file, Python 3 only):")
+    print(f"  {command}")
+    print("  (ADDRESS: the machine's IP address as the other nodes reach it; leave out "
+          "--address when none does)")  # fmt: skip
+    sys.stdout.flush()
+    if no_wait:
+        return
+    node = _await_pairing(service, made["id"], seconds)
+    with _user_errors():
+        found = service.status(name)
+        assert found is not None
+        count = sum(1 for n in found["nodes"] if n["group"] == group and n["state"] != LEAVING)
+        counts = {**(found.get("counts") or {}), group: count}
+        plan = expand(load_recorded(found["source"], found["parameters"] or {}, counts), name)
+    print(f"{node} paired; contextualizing it")
+    from flows.scale import scale_role
+
+    run = scale_role(name=name, group=group, count=count, retries=retries, return_state=True)
+    state = _run_with_progress(run, endpoints, f"contextualizing {node}", plan)
+    _report(state, "pairing", home, endpoints, plan)
+
+
+def _await_pairing(service: Service, ident: str, seconds: float) -> str:
+    """The node the machine became, once it paired; exit 1 when the PIN ended unused."""
+    deadline = time.monotonic() + seconds + 5
+    try:
+        while time.monotonic() < deadline:
+            found = service.pairing(ident)
+            if found["state"] == "paired":
+                return str(found["node"])
+            if found["state"] in ("expired", "locked"):
+                why = "it expired" if found["state"] == "expired" else "it was locked out"
+                print(f"error: no machine paired: {why}; run crv pair again", file=sys.stderr)
+                raise typer.Exit(1)
+            time.sleep(PAIR_POLL)
+    except KeyboardInterrupt:
+        raise Stopped(signal.SIGINT) from None
+    print("error: no machine paired: the PIN expired; run crv pair again", file=sys.stderr)
+    raise typer.Exit(1)
 
 
 def _reason(state: State[Any]) -> str:
