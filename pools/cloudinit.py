@@ -5,8 +5,12 @@ a NoCloud seed ISO, a libcloud pool passes it as user-data (EC2's is limited to 
 gzip: cloud-init recognises gzip-compressed user-data by its magic bytes). It carries:
 
 - the agent program itself (`/usr/local/bin/crv-agent`, stdlib-only Python without its
-  comments and docstrings; the whole document is about 11 KiB compressed), so a stock cloud
-  image with python3 and cloud-init needs nothing else;
+  comments and docstrings), so a stock cloud image with python3 and cloud-init needs nothing
+  else; or, in a compressed document (cloud user-data: EC2's 16 KiB no longer holds the agent,
+  about 15 KiB compressed by now), a small fetcher that cloud-init runs first: it downloads the
+  agent from the service (`GET /v1/agent`) over TLS checked against the bootstrap's CA (itself
+  checked against its fingerprint) and installs it only if its SHA-256 is the one the pool
+  pinned in the document;
 - the bootstrap data (`/var/lib/crv-agent/bootstrap.json`, mode 0600: the one-time token, the
   service URL, the CA and its fingerprint);
 - a systemd unit that runs `crv-agent run` and restarts it, started at once.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import ast
 import base64
 import gzip
+import hashlib
 import json
 import threading
 from collections.abc import Mapping
@@ -34,6 +39,37 @@ AGENT_HOME = "/var/lib/crv-agent"
 BOOTSTRAP_PATH = f"{AGENT_HOME}/bootstrap.json"
 UNIT_PATH = "/etc/systemd/system/crv-agent.service"
 EC2_USER_DATA_LIMIT = 16 * 1024
+FETCH_PATH = "/usr/local/lib/crv-agent-fetch"
+# argv: bootstrap.json, where the agent goes, its SHA-256. Tries for 10 minutes (the network or
+# the service may not be up yet); a node that never gets its agent never enrols, and its deploy
+# step gives up on it like on any node that does not boot.
+FETCH = """\
+import hashlib, json, os, ssl, sys, time, urllib.request
+boot_path, target, want = sys.argv[1:4]
+boot = json.load(open(boot_path))
+der = ssl.PEM_cert_to_DER_cert(boot["ca"].strip())
+if hashlib.sha256(der).hexdigest() != boot["ca_sha256"].strip().lower().replace(":", ""):
+    sys.exit("crv-agent-fetch: the CA does not match ca_sha256; not trusting it")
+ctx = ssl.create_default_context(cadata=ssl.DER_cert_to_PEM_cert(der))
+url = boot["service"].rstrip("/") + "/v1/agent"
+for attempt in range(120):
+    try:
+        with urllib.request.urlopen(url, context=ctx, timeout=30) as answer:
+            body = answer.read(1 << 22)
+        break
+    except OSError as e:
+        print(f"crv-agent-fetch: {url}: {e}; retrying", file=sys.stderr, flush=True)
+        time.sleep(5)
+else:
+    sys.exit(f"crv-agent-fetch: no agent from {url}")
+if hashlib.sha256(body).hexdigest() != want:
+    sys.exit("crv-agent-fetch: the service's agent is not the one this node was made for")
+tmp = target + ".tmp"
+with open(tmp, "wb") as f:
+    f.write(body)
+os.chmod(tmp, 0o755)
+os.replace(tmp, target)
+"""
 
 UNIT = f"""\
 [Unit]
@@ -90,17 +126,25 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def agent_sha256() -> str:
+    """What `GET /v1/agent` serves (the agent file as it is), by its SHA-256."""
+    return hashlib.sha256(AGENT.read_bytes()).hexdigest()
+
+
 def user_data(bootstrap: Mapping[str, str], hostname: str, *, compress: bool = False) -> bytes:
-    """The cloud-config for one node; gzip-compressed when `compress` (cloud user-data)."""
+    """The cloud-config for one node. `compress` (cloud user-data): gzip-compressed, and the
+    agent is fetched from the service rather than carried (module doc)."""
+    if compress:
+        agent: dict[str, Any] = {"path": FETCH_PATH, "permissions": "0755", "content": FETCH}
+        fetch = [["/usr/bin/python3", FETCH_PATH, BOOTSTRAP_PATH, AGENT_PATH, agent_sha256()]]
+    else:  # plain text: the whole document compresses best
+        agent = {"path": AGENT_PATH, "permissions": "0755", "owner": "root:root",
+                 "content": agent_source()}  # fmt: skip
+        fetch = []
     doc: dict[str, Any] = {
         "hostname": hostname,
         "write_files": [
-            {  # plain text: the gzip of the whole document compresses it best
-                "path": AGENT_PATH,
-                "permissions": "0755",
-                "owner": "root:root",
-                "content": agent_source(),
-            },
+            agent,
             {
                 "path": BOOTSTRAP_PATH,
                 "permissions": "0600",
@@ -111,6 +155,7 @@ def user_data(bootstrap: Mapping[str, str], hostname: str, *, compress: bool = F
             {"path": UNIT_PATH, "permissions": "0644", "content": UNIT},
         ],
         "runcmd": [
+            *fetch,
             ["systemctl", "daemon-reload"],
             ["systemctl", "enable", "--now", "crv-agent.service"],
         ],
@@ -120,15 +165,25 @@ def user_data(bootstrap: Mapping[str, str], hostname: str, *, compress: bool = F
     return gzip.compress(data, mtime=0) if compress else data
 
 
-def parse(data: bytes) -> dict[str, bytes]:
-    """The files a user-data document writes, by path (gzip-compressed documents too)."""
+def _document(data: bytes) -> dict[str, Any]:
     if data[:2] == b"\x1f\x8b":
         data = gzip.decompress(data)
     text = data.decode()
     if not text.startswith("#cloud-config\n"):
         raise ValueError("not a #cloud-config document")
+    doc: dict[str, Any] = yaml.safe_load(text)
+    return doc
+
+
+def runcmd(data: bytes) -> list[list[str]]:
+    """The commands a user-data document runs at first boot, in order."""
+    return [list(c) for c in _document(data).get("runcmd", [])]
+
+
+def parse(data: bytes) -> dict[str, bytes]:
+    """The files a user-data document writes, by path (gzip-compressed documents too)."""
     files: dict[str, bytes] = {}
-    for f in yaml.safe_load(text).get("write_files", []):
+    for f in _document(data).get("write_files", []):
         content = f["content"].encode() if isinstance(f["content"], str) else f["content"]
         encoding = f.get("encoding", "")
         if encoding in ("b64", "base64"):

@@ -41,6 +41,7 @@ import base64
 import contextlib
 import io
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -76,6 +77,7 @@ class Machines:
         self._lock = threading.RLock()
         self._booted: set[str] = set()
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._fetch: dict[str, list[str]] = {}  # id -> its first boot's agent fetch (runcmd)
         self._stopping: dict[str, float] = {}  # id -> when SIGKILL is due
         self._present: set[str] = set()
         self._stop = threading.Event()
@@ -206,19 +208,36 @@ class Machines:
         agent = root / "crv-agent"
         if not (home / "bootstrap.json").exists():  # cloud-init's write_files: first boot only
             files = cloudinit.parse(user_data)
-            missing = {cloudinit.AGENT_PATH, cloudinit.BOOTSTRAP_PATH} - set(files)
+            carried = (
+                cloudinit.AGENT_PATH if cloudinit.AGENT_PATH in files else cloudinit.FETCH_PATH
+            )
+            missing = {carried, cloudinit.BOOTSTRAP_PATH} - set(files)
             if missing:
                 raise ValueError(f"user-data of {machine} writes no {sorted(missing)}")
             root.mkdir(parents=True, exist_ok=True)
             home.mkdir(mode=0o700, exist_ok=True)
             home.chmod(0o700)
-            agent.write_bytes(files[cloudinit.AGENT_PATH])
-            agent.chmod(0o755)
+            if carried == cloudinit.AGENT_PATH:
+                agent.write_bytes(files[cloudinit.AGENT_PATH])
+                agent.chmod(0o755)
+            else:  # cloud-init's runcmd fetches it from the service first: the real fetcher
+                (root / "crv-agent-fetch").write_bytes(files[cloudinit.FETCH_PATH])
+                (fetch,) = (c for c in cloudinit.runcmd(user_data) if cloudinit.FETCH_PATH in c)
+                self._fetch[machine] = [
+                    sys.executable, str(root / "crv-agent-fetch"), str(home / "bootstrap.json"),
+                    str(agent), fetch[-1],
+                ]  # fmt: skip
             fd = os.open(home / "bootstrap.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(files[cloudinit.BOOTSTRAP_PATH])
         command = [sys.executable, str(agent), "run", "--home", str(home)]
         command += ["--deadline", str(self.deadline)]
+        if not agent.exists() and machine in self._fetch:  # the first boot's runcmd, then run
+            command = [
+                "sh",
+                "-c",
+                f"{shlex.join(self._fetch[machine])} && exec {shlex.join(command)}",
+            ]
         with open(self.log_path(machine), "ab") as log:
             self._procs[machine] = subprocess.Popen(
                 command,

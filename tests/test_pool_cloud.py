@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import json
 import os
 import re
@@ -23,7 +24,7 @@ import requests
 import yaml
 from pydantic import ValidationError
 
-from pools import cloudinit
+from pools import AGENT, cloudinit
 from pools.base import TAG_CLUSTER, TAG_NODE, NodeSpec, Pool, PoolError
 from pools.cloud import CloudOptions, CloudPool, _client_token
 from pools.credentials import SecretRef, resolve
@@ -224,7 +225,10 @@ def test_user_data_read_back_from_ec2(pool: CloudPool) -> None:
     assert len(data) <= cloudinit.EC2_USER_DATA_LIMIT
     files = cloudinit.parse(data)
     assert json.loads(files[cloudinit.BOOTSTRAP_PATH]) == dict(s.bootstrap)
-    assert files[cloudinit.AGENT_PATH].startswith(b"#!/usr/bin/env python3")
+    # the agent no longer fits: the document carries a fetcher pinned to its SHA-256
+    assert files[cloudinit.FETCH_PATH] == cloudinit.FETCH.encode()
+    (fetch,) = (c for c in cloudinit.runcmd(data) if cloudinit.FETCH_PATH in c)
+    assert fetch[-1] == hashlib.sha256(AGENT.read_bytes()).hexdigest()
     # the token is in the user-data only: not in tags, NodeInfo or what lists return
     tags = ec2(
         pool,
@@ -443,3 +447,47 @@ def test_capacity_is_max_nodes_minus_the_instances_held(
         assert p.capacity() == max(0, 50 - held - 1)
     finally:
         p.destroy_node(name)
+
+
+def test_the_fetcher_installs_only_the_pinned_agent(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The first-boot fetcher of cloud user-data, run for real against a real service: the
+    agent it installs is the pinned one; another SHA-256, or a CA that is not the pinned one,
+    installs nothing."""
+    import subprocess
+    import sys
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from tests.test_service_security import started_service
+
+    tmp = tmp_path_factory.mktemp("fetch")
+    for svc in started_service(tmp_path_factory):
+        pem = svc.home.ca_file.read_text()
+        der = x509.load_pem_x509_certificate(pem.encode()).public_bytes(Encoding.DER)
+        boot = {"service": svc.url, "ca": pem, "ca_sha256": hashlib.sha256(der).hexdigest()}
+        (tmp / "boot.json").write_text(json.dumps(boot))
+        (tmp / "wrong-ca.json").write_text(json.dumps({**boot, "ca_sha256": "ab" * 32}))
+        (tmp / "fetch").write_text(cloudinit.FETCH)
+
+        def fetch(boot_file: str, sha: str) -> subprocess.CompletedProcess[str]:
+            argv = [
+                sys.executable,
+                str(tmp / "fetch"),
+                str(tmp / boot_file),
+                str(tmp / "agent"),
+                sha,
+            ]
+            return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+        r = fetch("boot.json", "00" * 32)
+        assert r.returncode == 1 and "not the one this node was made for" in r.stderr
+        r = fetch("wrong-ca.json", cloudinit.agent_sha256())
+        assert r.returncode == 1 and "does not match ca_sha256" in r.stderr
+        assert not (tmp / "agent").exists()
+        r = fetch("boot.json", cloudinit.agent_sha256())
+        assert r.returncode == 0, r.stderr
+        assert (tmp / "agent").read_bytes() == AGENT.read_bytes()
+        assert (tmp / "agent").stat().st_mode & 0o777 == 0o755

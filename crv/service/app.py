@@ -36,6 +36,7 @@ from crv.errors import PkiError
 from crv.pki import CertificateAuthority, check_unnamed_csr, is_admin, node_identity
 from crv.spec import ATTRIBUTE_PATTERN, NAME_PATTERN
 from crv.store import PAIR_TTL, REJOIN_GRACE, Enrolment, Issued, Store, StoreError
+from pools import AGENT
 
 log = logging.getLogger("crv.service")
 
@@ -395,6 +396,13 @@ def create_app(
             "ca_sha256": ca.fingerprint_sha256,
             "node_cert_ttl": node_ttl.total_seconds(),
         }
+
+    @app.get("/v1/agent")
+    async def agent_program() -> Response:
+        """The agent program (one stdlib-only file), for machines that fetch it at first boot
+        (cloud user-data, pools/cloudinit.py) and check it against the SHA-256 their pool
+        pinned."""
+        return Response(AGENT.read_bytes(), media_type="text/x-python")
 
     @app.get("/v1/ca")
     async def ca_certificate() -> Response:
