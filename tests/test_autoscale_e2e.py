@@ -222,10 +222,12 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
         assert "autoscaling every 5 s" in r.stdout
         yield Farm(crv)
     finally:
-        crv("destroy", CLUSTER, timeout=300)
-        crv("down")
-        for pid in crv.node_processes():  # what a failed test left behind
-            os.kill(pid, 9)
+        try:
+            crv("destroy", CLUSTER, timeout=300)
+        finally:  # a destroy that timed out must not leave the daemons running
+            crv("down")
+            for pid in crv.node_processes():  # what a failed test left behind
+                os.kill(pid, 9)
 
 
 def one_error_line(stderr: str) -> str:
