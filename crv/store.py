@@ -342,6 +342,15 @@ def _feeding(table: sa.Table, cluster: str, role: str, *columns: Any) -> sa.Sele
     )
 
 
+def _role_key(cluster: str, node: str, role: str) -> tuple[Any, ...]:
+    """The where-clause of one role on one node."""
+    return (
+        role_states.c.cluster == cluster,
+        role_states.c.node == node,
+        role_states.c.role == role,
+    )
+
+
 def _as_is(row: sa.Row[Any]) -> dict[str, Any]:
     """The answer to a release (refresh, drain) that changed nothing: the role as it is."""
     return {
@@ -1213,11 +1222,7 @@ class Store:
                     check = (row.check_id or 0) + 1
                     c.execute(
                         role_states.update()
-                        .where(
-                            role_states.c.cluster == cluster,
-                            role_states.c.node == node,
-                            role_states.c.role == role,
-                        )
+                        .where(*_role_key(cluster, node, role))
                         .values(
                             check_id=check, check_command=message, check_exit=None,
                             check_output=None,
@@ -1374,9 +1379,7 @@ class Store:
             done = c.execute(
                 role_states.update()
                 .where(
-                    role_states.c.cluster == cluster,
-                    role_states.c.node == node,
-                    role_states.c.role == role,
+                    *_role_key(cluster, node, role),
                     role_states.c.check_id == check,
                     role_states.c.check_exit.is_(None),
                 )

@@ -127,15 +127,23 @@ class Crv:
         return found
 
 
-@pytest.fixture(scope="module")
-def crv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crv]:
+def started_crv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crv]:
+    """`crv up` in a new CRV_HOME for a module's fixture (`yield from started_crv(...)`); after
+    the module, its local nodes are killed and `crv down` stops the daemons."""
     c = Crv(tmp_path_factory.mktemp("crv-home"))
     up = c.up()
     assert "Prefect UI:  http://127.0.0.1:" in up.stdout
-    yield c
-    for pid in c.node_processes():
-        os.kill(pid, signal.SIGKILL)
-    c("down")
+    try:
+        yield c
+    finally:
+        for pid in c.node_processes():
+            os.kill(pid, signal.SIGKILL)
+        c("down")
+
+
+@pytest.fixture(scope="module")
+def crv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crv]:
+    yield from started_crv(tmp_path_factory)
 
 
 def prefect_api(crv: Crv) -> str:

@@ -10,8 +10,6 @@ and its agent stops.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import ssl
 import subprocess
 import sys
@@ -24,7 +22,7 @@ import pytest
 from crv.client import Service
 from crv.home import Home
 from tests.conftest import write_appliance
-from tests.test_deploy_e2e import Crv
+from tests.test_deploy_e2e import Crv, started_crv
 from tests.test_pairing import _csr
 
 AGENT = Path(__file__).resolve().parent.parent / "agent" / "crv_agent.py"
@@ -56,12 +54,7 @@ HUB_RECIPE = (
 
 @pytest.fixture(scope="module")
 def crv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crv]:
-    c = Crv(tmp_path_factory.mktemp("crv-home"))
-    c.up()
-    yield c
-    for pid in c.node_processes():
-        os.kill(pid, signal.SIGKILL)
-    c("down")
+    yield from started_crv(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
