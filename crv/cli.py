@@ -33,7 +33,7 @@ from crv.appliance import (
     parse_overrides,
     with_counts,
 )
-from crv.client import Service
+from crv.client import Service, ServiceError
 from crv.errors import CrvError, SpecError
 from crv.home import Home
 from crv.pki import node_ttl_from_env
@@ -539,6 +539,9 @@ def _await_pairing(service: Service, ident: str, seconds: float) -> str:
             time.sleep(PAIR_POLL)
     except KeyboardInterrupt:
         raise Stopped(signal.SIGINT) from None
+    except ServiceError as e:  # the service went away while we waited
+        print(f"error: waiting for the machine to pair: {e}", file=sys.stderr)
+        raise typer.Exit(1) from None
     print("error: no machine paired: the PIN expired; run crv pair again", file=sys.stderr)
     raise typer.Exit(1)
 
