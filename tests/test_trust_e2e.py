@@ -124,7 +124,12 @@ def test_a_farm_with_short_lived_certificates_stays_manageable(crv: Crv) -> None
         os.kill(lb_agent, signal.SIGCONT)
 
     # resumed: it re-joins by itself, and the resize that needs it re-runs it
-    wait_for("lb re-joined", lambda: "re-joined cluster ll" in agent_log(crv, "ll-front-0"), 60)
+    try:
+        wait_for("lb re-joined", lambda: "re-joined cluster ll" in agent_log(crv, "ll-front-0"), 60)
+    except pytest.fail.Exception:
+        pytest.fail(
+            f"lb did not re-join within 60 s; its agent log:\n{agent_log(crv, 'll-front-0')[-4000:]}"
+        )
     r = crv("scale", "ll", "worker", "2", timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert answers(lb, 4) == {"hello from ll-worker-0", "hello from ll-worker-1"}
