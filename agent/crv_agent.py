@@ -36,6 +36,7 @@ import threading
 import time
 import urllib.parse
 import zlib
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, NamedTuple
 
@@ -674,10 +675,14 @@ def call(
     timeout: float = 30.0,
     limit: int = MAX_JSON_BYTES,
     backoff_cap: float = 2.0,
+    ended: Callable[[], bool] | None = None,
 ) -> Response:
     """The first answer that is not worth waiting out. Network errors, 5xx and
     `retry_statuses` are retried with backoff (Retry-After wins when the service sends it)
-    until `deadline` (a time.monotonic() value; None: forever)."""
+    until `deadline` (a time.monotonic() value; None: forever). `ended` (a node's call): a
+    network error once the certificate has ended by this node's clock is CertificateEnded,
+    not one more retry: a service refusing an ended certificate may reset the connection
+    instead of sending the TLS alert that says so (seen after a 200 s freeze)."""
     backoff, last = Backoff(cap=backoff_cap), ""
     while True:
         try:
@@ -686,6 +691,8 @@ def call(
                 return resp
             reason, delay = f"{method} {path}: {resp.detail()}", _retry_after(resp)
         except Unreachable as e:
+            if ended is not None and ended():
+                raise CertificateEnded(f"{e}; the certificate has ended") from None
             reason, delay = str(e), None
         if delay is None:
             delay = backoff.next()
@@ -896,7 +903,7 @@ class Identity:
                     self._main, self._main_version = self.service(), version
                 service = self._main
             try:
-                resp = call(service, method, path, body, **options)
+                resp = call(service, method, path, body, ended=self.ended, **options)
                 if resp.status == 401 and "expired" in resp.detail():
                     raise CertificateEnded(f"{method} {path}: {resp.detail()}")
             except CertificateEnded:
@@ -917,6 +924,10 @@ class Identity:
 
     def service(self) -> Service:
         return Service(self.boot["service"], self.context())
+
+    def ended(self) -> bool:
+        """The certificate has ended, by this node's clock (its schedule)."""
+        return time.time() >= self.schedule["expires_at"]
 
     def seconds_left(self) -> float:
         """Until the renewal is due (0 when it is)."""

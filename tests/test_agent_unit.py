@@ -536,3 +536,23 @@ sys.exit(a.main(["get", "web", "url"]))
     assert proc.stderr == "crv-agent: no agent home: pass --home DIR or set CRV_AGENT_HOME\n"
     assert openssl_verifies(tmp_path / "r.csr").returncode == 0
     load_pem_private_key((tmp_path / "node.key").read_bytes(), password=None)
+
+
+def test_a_node_call_that_cannot_connect_once_its_certificate_ended_re_joins() -> None:
+    """A service refusing an ended client certificate may reset the connection instead of
+    sending the TLS alert: once the certificate has ended by the node's clock, such an error
+    ends the retries (the caller re-joins) instead of retrying for ever."""
+
+    class Down:
+        calls = 0
+
+        def request(self, *args: object, **kwargs: object) -> object:
+            Down.calls += 1
+            raise agent.Unreachable("https://127.0.0.1:1: [Errno 104] Connection reset by peer")
+
+    with pytest.raises(agent.CertificateEnded, match="the certificate has ended"):
+        agent.call(Down(), "GET", "/v1/work", ended=lambda: True)
+    assert Down.calls == 1
+    with pytest.raises(agent.Unreachable):  # not ended: retried until the deadline
+        agent.call(Down(), "GET", "/v1/work", ended=lambda: False, deadline=time.monotonic() + 0.6)
+    assert Down.calls > 2
