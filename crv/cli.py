@@ -485,8 +485,7 @@ def pair(
         if group not in loaded.groups:
             known = ", ".join(loaded.groups)
             raise SpecError("crv pair", "GROUP", f"no group {group!r} in {name} ({known})")
-        members = sum(1 for n in found["nodes"] if n["group"] == group and n["state"] != LEAVING)
-        with_counts(loaded, {**counts, group: members + 1})  # a fixed group, or at its max
+        with_counts(loaded, {**counts, group: _members(found, group) + 1})  # fixed, or at max
         roles = list(loaded.groups[group].roles)
         made = service.create_pairing(name, group, roles, seconds)
     agent = AGENT_FILE
@@ -513,7 +512,7 @@ def pair(
     with _user_errors():
         found = service.status(name)
         assert found is not None
-        count = sum(1 for n in found["nodes"] if n["group"] == group and n["state"] != LEAVING)
+        count = _members(found, group)
         counts = {**(found.get("counts") or {}), group: count}
         plan = expand(load_recorded(found["source"], found["parameters"] or {}, counts), name)
     print(f"{node} paired; contextualizing it")
@@ -522,6 +521,11 @@ def pair(
     run = scale_role(name=name, group=group, count=count, retries=retries, return_state=True)
     state = _run_with_progress(run, endpoints, f"contextualizing {node}", plan)
     _report(state, "pairing", home, endpoints, plan)
+
+
+def _members(status: dict[str, Any], group: str) -> int:
+    """The nodes of `group` that count (a shrink's victims, `leaving`, no longer do)."""
+    return sum(1 for n in status["nodes"] if n["group"] == group and n["state"] != LEAVING)
 
 
 def _await_pairing(service: Service, ident: str, seconds: float) -> str:

@@ -323,11 +323,8 @@ class Verify(_Model):
 
     @property
     def template(self) -> str:
-        if self.on_node is not None:
-            return self.on_node.command
-        value = self.http if self.http is not None else self.tcp or self.command
-        assert value is not None
-        return value
+        value = getattr(self, self.kind)
+        return value.command if isinstance(value, OnNode) else str(value)
 
 
 KINDS = ("http", "tcp", "command", "on_node")

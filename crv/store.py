@@ -220,6 +220,13 @@ class StoreError(CrvError):
         super().__init__(message)
 
 
+class WrongPin(StoreError):
+    """A PIN that matches no pairing: counted against the open ones, answered slowly."""
+
+    def __init__(self) -> None:
+        super().__init__(403, "pairing refused: wrong PIN")
+
+
 def now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -949,7 +956,8 @@ class Store:
         PIN that matches no pairing counts as a wrong try against every open one.
         Returns (cluster, node, the certificate's PEM, revoked serials)."""
         at = now()
-        refusal, node = None, None
+        refusal: StoreError | None = None
+        node: str | None = None
         with self.engine.begin() as c:
             row = c.execute(sa.select(pairings).where(pairings.c.pin_hash == pin_hash(pin))).first()
             state = "wrong" if row is None else _pairing_state(row, at)
@@ -959,20 +967,24 @@ class Store:
                     .where(pairings.c.used_at.is_(None), pairings.c.expires_at > at)
                     .values(failures=pairings.c.failures + 1)
                 )
-                refusal = "pairing refused: wrong PIN"
+                refusal = WrongPin()
             elif row is not None and state == "paired":
                 same = hmac.compare_digest(row.csr or "", csr_digest)
                 if not (same and at - (_utc(row.used_at) or at) <= ENROL_REPLAY):
-                    refusal = f"pairing refused: PIN already used (by {row.cluster}/{row.node})"
+                    refusal = StoreError(
+                        403, f"pairing refused: PIN already used (by {row.cluster}/{row.node})"
+                    )
             elif state == "locked":
-                refusal = f"pairing refused: PIN locked out after {PAIR_TRIES} wrong PINs"
+                refusal = StoreError(
+                    403, f"pairing refused: PIN locked out after {PAIR_TRIES} wrong PINs"
+                )
             elif state == "expired":
-                refusal = "pairing refused: PIN expired"
+                refusal = StoreError(403, "pairing refused: PIN expired")
             else:
                 assert row is not None
                 node = self._claim(c, row, pairing_token(pin), csr_digest, address, at)
         if refusal is not None:  # after the commit: the wrong try is counted
-            raise StoreError(403, refusal)
+            raise refusal
         assert row is not None
         node = node or row.node
         pem, revoked = self.enrol(row.cluster, node, pairing_token(pin), csr_digest, sign)
@@ -1185,11 +1197,7 @@ class Store:
             for u in updates:
                 node, role, op = u["node"], u["role"], u["op"]
                 row = c.execute(
-                    sa.select(role_states).where(
-                        role_states.c.cluster == cluster,
-                        role_states.c.node == node,
-                        role_states.c.role == role,
-                    )
+                    sa.select(role_states).where(*_role_key(cluster, node, role))
                 ).first()
                 if row is None:
                     raise StoreError(404, f"no role {role!r} on node {node!r}")
@@ -1239,11 +1247,7 @@ class Store:
                     raise StoreError(400, f"unknown op {op!r}")
                 c.execute(
                     role_states.update()
-                    .where(
-                        role_states.c.cluster == cluster,
-                        role_states.c.node == node,
-                        role_states.c.role == role,
-                    )
+                    .where(*_role_key(cluster, node, role))
                     .values(
                         state=state,
                         release=release,
@@ -1322,9 +1326,7 @@ class Store:
         with self.engine.begin() as c:
             row = c.execute(
                 sa.select(role_states.c.release, role_states.c.state).where(
-                    role_states.c.cluster == cluster,
-                    role_states.c.node == node,
-                    role_states.c.role == role,
+                    *_role_key(cluster, node, role)
                 )
             ).first()
             if row is None:
@@ -1336,11 +1338,7 @@ class Store:
             tail = output[-OUTPUT_TAIL:]
             c.execute(
                 role_states.update()
-                .where(
-                    role_states.c.cluster == cluster,
-                    role_states.c.node == node,
-                    role_states.c.role == role,
-                )
+                .where(*_role_key(cluster, node, role))
                 .values(state=state, exit_code=exit_code, output=tail, updated_at=now())
             )
             attrs: dict[str, str] | None = None

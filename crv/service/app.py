@@ -35,7 +35,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from crv.errors import PkiError
 from crv.pki import CertificateAuthority, check_unnamed_csr, is_admin, node_identity
 from crv.spec import ATTRIBUTE_PATTERN, NAME_PATTERN
-from crv.store import PAIR_TTL, REJOIN_GRACE, Enrolment, Issued, Store, StoreError
+from crv.store import (
+    PAIR_TTL,
+    REJOIN_GRACE,
+    Enrolment,
+    Issued,
+    Store,
+    StoreError,
+    WrongPin,
+)
 from pools import AGENT
 
 log = logging.getLogger("crv.service")
@@ -511,23 +519,19 @@ def create_app(
     async def pair(body: PairRequest) -> dict[str, Any]:
         """A machine crv did not make joins with a one-time PIN from `crv pair` (docs/pki.md,
         "Pairing"): it becomes the next node of the PIN's group, in the manual pool."""
-        try:
-            if body.address is not None:
+        if body.address is not None:
+            try:
                 ipaddress.ip_address(body.address)
-            check_unnamed_csr(body.csr.encode())
-        except ValueError:
-            raise StoreError(400, f"address: {body.address!r} is not an IP address") from None
-        except PkiError as e:
-            log.warning("pairing refused: %s", e)
-            raise StoreError(400, str(e)) from None
+            except ValueError:
+                raise StoreError(400, f"address: {body.address!r} is not an IP address") from None
         digest = hashlib.sha256(body.csr.encode()).hexdigest()
         try:
+            check_unnamed_csr(body.csr.encode())
             cluster, node, pem, revoked = store.pair(
                 body.pin, digest, body.address, signer(body.csr)
             )
-        except StoreError as e:
-            if "wrong PIN" in str(e):
-                await asyncio.sleep(WRONG_PIN_DELAY)
+        except WrongPin:
+            await asyncio.sleep(WRONG_PIN_DELAY)
             raise
         except PkiError as e:
             log.warning("pairing refused: %s", e)
