@@ -88,7 +88,12 @@ def boot_enrol_destroy(
         assert machines.running() == {machine}, machines.log(machine)
         pid = machines.pid(machine)
         assert pid is not None and alive(pid)
-        assert (machines.home(machine) / "node.crt").is_file()  # the agent's own enrolment
+        # the agent's own enrolment: the service records it before the agent writes the answer
+        machines.wait(
+            lambda: (machines.home(machine) / "node.crt").is_file(),
+            ENROL_TIMEOUT,
+            f"{name}'s node.crt; agent log:\n{machines.log(machine)}",
+        )
         assert boot["token"] not in machines.log(machine)
         assert boot["token"] not in svc.log_since(mark)
 

@@ -182,8 +182,9 @@ def test_a_request_sent_while_the_service_was_held_up_is_answered(svc: Service) 
     for longer than the bound (a blocking store call; here the process is stopped) answers the
     requests that arrived meanwhile instead of dropping their connections."""
     assert svc.proc is not None
-    with _tls(svc) as tls:  # handshake done: its header timer runs
-        os.kill(svc.proc.pid, signal.SIGSTOP)
+    with _tls(svc) as tls:
+        _wait_for_session_ticket(tls)  # the service's side of the handshake is done too
+        os.kill(svc.proc.pid, signal.SIGSTOP)  # with its header timer running
         try:
             tls.sendall(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             time.sleep(HEADER_TIMEOUT + 1.5)
@@ -191,6 +192,22 @@ def test_a_request_sent_while_the_service_was_held_up_is_answered(svc: Service) 
             os.kill(svc.proc.pid, signal.SIGCONT)
         tls.settimeout(10)
         assert tls.recv(4096).startswith(b"HTTP/1.1 200 ")
+
+
+def _wait_for_session_ticket(tls: ssl.SSLSocket, timeout: float = 10.0) -> None:
+    """The client's handshake ends when it sends its Finished; the service's when it reads it,
+    and then it sends its TLS 1.3 session tickets. Stopping the service before that would test
+    the handshake timeout, not the header timeout."""
+    deadline = time.monotonic() + timeout
+    tls.settimeout(0.2)
+    while not (tls.session is not None and tls.session.has_ticket):
+        assert time.monotonic() < deadline, "no session ticket from the service"
+        try:
+            assert tls.recv(1) == b"", "the service sent data before any request"
+            raise AssertionError("the service closed the connection after the handshake")
+        except (TimeoutError, ssl.SSLWantReadError):
+            pass
+    tls.settimeout(5)
 
 
 def _local_port(r: httpx.Response) -> int:
