@@ -47,8 +47,8 @@ EXIT_FAILED = 1  # could not do it now: unreachable service, no value, deadline 
 EXIT_CONFIG = 2  # a retry cannot help: bad home or arguments, request refused by the service
 EXIT_REFUSED = 3  # the service refused this node's identity: provision the node again
 
-NAME_RE = re.compile(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?")  # crv.spec.NAME_PATTERN
-KEY_RE = re.compile(r"[a-z][a-z0-9_]{0,62}")  # crv.spec.ATTRIBUTE_PATTERN
+NAME_RE = re.compile(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?")  # crv.appliance.spec.NAME_PATTERN
+KEY_RE = re.compile(r"[a-z][a-z0-9_]{0,62}")  # crv.appliance.spec.ATTRIBUTE_PATTERN
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Inherited variables that look like credentials stay out of recipes: a recipe's output ends
 # up in the service and in flow results.
@@ -64,7 +64,7 @@ OUTPUT_TAIL = 4096
 CLI_DEADLINE = 30.0
 DAEMON_BACKOFF = 5.0  # cap, seconds: enrolment waits at most 2 s, a running node may wait longer
 KILL_GRACE = 5.0
-CHECK_TIMEOUT = 60.0  # seconds for a verify run on the node (crv.deploy waits 120)
+CHECK_TIMEOUT = 60.0  # seconds for a verify run on the node (crv.engine.stages waits 120)
 # The certificate is renewed at about two thirds of the lifetime it had when it arrived, with
 # jitter so that a cluster enrolled in one minute does not renew in one second.
 RENEW_AT = (0.62, 0.72)

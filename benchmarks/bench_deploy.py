@@ -32,14 +32,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from crv import daemons
-from crv.appliance import load_appliance
-from crv.client import Service
-from crv.home import Home
-from crv.placement import Drivers
-from crv.plan import Plan, expand
+from crv.appliance.loader import load_appliance
+from crv.appliance.plan import Plan, expand
+from crv.base.home import Home
+from crv.engine.placement import Drivers
+from crv.engine.teardown import teardown
+from crv.service.client import Service
 from crv.service.guard import DEFAULT_MAX_CONNS, ENV_MAX_CONNS
-from crv.teardown import teardown
+from crv_cli import daemons
 from pools.sim import SimPool
 
 APPLIANCE = Path(__file__).resolve().parent / "appliances" / "scale"

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from crv.pki import CertificateAuthority
+from crv.service.pki import CertificateAuthority
 
 COUNT = 2000
 

@@ -18,9 +18,9 @@ from typing import TypeVar
 
 from rich.console import Console
 
-from crv.appliance import load_appliance
-from crv.plan import Plan, expand
-from crv.plan_view import describe
+from crv.appliance.loader import load_appliance
+from crv.appliance.plan import Plan, expand
+from crv_cli.plan_view import describe
 
 CATALOG = Path(__file__).resolve().parent.parent / "appliances"
 TARGET_SECONDS = 2.0

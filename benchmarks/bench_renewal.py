@@ -32,7 +32,7 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from crv.home import Home
+from crv.base.home import Home
 
 REPO = Path(__file__).resolve().parent.parent
 DAY = 86400.0

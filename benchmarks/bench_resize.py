@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from crv import daemons
-from crv.client import Service
-from crv.home import Home
+from crv.base.home import Home
+from crv.service.client import Service
+from crv_cli import daemons
 
 REPO = Path(__file__).resolve().parent.parent
 

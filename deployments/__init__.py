@@ -9,7 +9,7 @@ pools, so the Prefect UI renders a real form and the API refuses bad input when 
 created. `DEPLOYMENTS` is the list to extend.
 
 Importing this package does not import Prefect: Prefect reads its settings when first
-imported, so the caller sets `PREFECT_API_URL` and `PREFECT_HOME` first (`crv.daemons`).
+imported, so the caller sets `PREFECT_API_URL` and `PREFECT_HOME` first (`crv_cli.daemons`).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def build(catalog: Mapping[str, forms.CatalogEntry] | None = None) -> list[Runne
     from prefect.utilities.callables import ParameterSchema
     from pydantic import ConfigDict
 
-    from crv.home import Home
+    from crv.base.home import Home
     from pools import pool_names
 
     class FormSchema(ParameterSchema):

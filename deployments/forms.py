@@ -28,15 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crv.appliance import APPLIANCE_FILE, Appliance, default_search_path, load_appliance
-from crv.errors import CrvError
-from crv.spec import NAME_PATTERN, Parameter
+from crv.appliance.loader import APPLIANCE_FILE, Appliance, default_search_path, load_appliance
+from crv.appliance.spec import NAME_PATTERN, Parameter
+from crv.base.errors import CrvError
 
 log = logging.getLogger(__name__)
 
 Schema = dict[str, Any]
 
-# `--set` text the loader reads as each type (crv.parameters._from_text), as JSON Schema
+# `--set` text the loader reads as each type (crv.appliance.parameters._from_text), as JSON Schema
 # patterns that both Python's re and the browser's RegExp read, kept short: the UI shows them
 # in its error message. (The loader still checks the rest: bounds, 18 digits at most.)
 INTEGER_TEXT = r"^[+-]?[0-9]+$"

@@ -111,7 +111,7 @@ class AutoscaleWatch:
     """Keeps the `autoscale/<cluster>` deployments in line with the store (module doc)."""
 
     def __init__(self, runner: Runner) -> None:
-        from crv.home import Home
+        from crv.base.home import Home
 
         self.runner = runner
         self.applied: dict[str, float] = {}  # cluster -> the `every` this process applied
@@ -127,7 +127,7 @@ class AutoscaleWatch:
 
     async def tick(self) -> None:
         """One pass, under the settings' lock (module doc)."""
-        from crv.flock import exclusive_async
+        from crv.base.flock import exclusive_async
 
         async with exclusive_async(self.lock):
             await self._apply()
@@ -199,9 +199,9 @@ async def remove_deployment(client: PrefectClient, deployment: DeploymentRespons
 
 def _enabled() -> dict[str, float]:
     """cluster -> every, of the clusters whose autoscaling is enabled."""
-    from crv import daemons
-    from crv.client import Service
-    from crv.home import Home
+    from crv.base import running as daemons
+    from crv.base.home import Home
+    from crv.service.client import Service
 
     home = Home.from_env()
     endpoints = daemons.running(home)

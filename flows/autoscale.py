@@ -2,17 +2,17 @@
 
 One run takes one decision per scaled group and records every one of them, "none" included, in
 the store (`crv autoscale status`, the admin API) and in the cluster's `autoscale-<cluster>`
-table artifact. The rules are crv.autoscale.decide, the same the what-if replay uses; what a
+table artifact. The rules are crv.engine.autoscale.decide, the same the what-if replay uses; what a
 decision needs from the ones before it (when the group last grew, since when the metric has
 asked for fewer nodes) is read back from the group's newest recorded decision, so a run carries
 no state of its own.
 
-A run holds the cluster's change slot (crv.locks) from reading the cluster to the end of the
+A run holds the cluster's change slot (flows.locks) from reading the cluster to the end of the
 resize, so it never interleaves with a deploy, resize, repair or destroy: with `wait=0` (the
 schedule's default) a run that finds another change under way records "skipped" and ends; the
 next scheduled run decides again. The resize itself is flows.scale.resize, the scale-role
 flow's: new nodes go through every step, and a shrink takes its victims in
-crv.placement.release_order (the last preferred pool first, then idle-first by the `busy`
+crv.engine.placement.release_order (the last preferred pool first, then idle-first by the `busy`
 attribute the group's roles publish, then the newest), runs their `drain` recipes (a node whose
 drain fails is kept and reported in the decision's outcome), re-runs the dependents without
 them, and only then destroys them.
@@ -34,16 +34,16 @@ from prefect.artifacts import acreate_table_artifact
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from crv import autoscale as policy
-from crv.appliance import NOT_SCALED, Appliance, load_recorded
-from crv.client import AsyncService, ServiceError
-from crv.deploy import Timeouts
-from crv.errors import CrvError
-from crv.home import Home
-from crv.locks import ClusterBusy, cluster_change
-from crv.placement import Drivers, capacities, recorded
-from crv.spec import Scaling
+from crv.appliance.loader import NOT_SCALED, Appliance, load_recorded
+from crv.appliance.spec import Scaling
+from crv.base.errors import CrvError
+from crv.base.home import Home
+from crv.engine import autoscale as policy
+from crv.engine.placement import Drivers, capacities, recorded
+from crv.engine.stages import Timeouts
+from crv.service.client import AsyncService, ServiceError
 from flows.deploy import WAIT, DeployFailed, require_cluster, running_service
+from flows.locks import ClusterBusy, cluster_change
 from flows.scale import resize
 
 HTTP_LIMIT = 64 * 1024  # bytes of an HTTP metric's answer that are read

@@ -1,9 +1,9 @@
 """The `deploy-appliance` flow: load, plan, then run every stage at once along the DAG.
 
-The flow holds no pool or domain logic: crv.deploy does the steps, crv.executor keeps them on
-the DAG's edges, tasks/stages.py makes each stage a task run. The flow adds what Prefect is for:
-the run itself, a progress artifact while it runs, a cluster summary table at the end, and a
-final state that is Completed only when every role on every node was verified.
+The flow holds no pool or domain logic: crv.engine.stages does the steps, crv.engine.executor
+keeps them on the DAG's edges, tasks/stages.py makes each stage a task run. The flow adds what
+Prefect is for: the run itself, a progress artifact while it runs, a cluster summary table at
+the end, and a final state that is Completed only when every role on every node was verified.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ from prefect.artifacts import (
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from crv import daemons, events
-from crv.appliance import (
+from crv.appliance.loader import (
     NOT_SCALED,
     Appliance,
     load_appliance,
@@ -33,18 +32,20 @@ from crv.appliance import (
     locate,
     with_counts,
 )
-from crv.client import AsyncService, Service, ServiceError
-from crv.deploy import ClusterRun, Timeouts
-from crv.errors import CrvError
-from crv.executor import DagRun, StepResult, stages
-from crv.home import Home
-from crv.locks import cluster_change
-from crv.pki import CertificateAuthority
-from crv.placement import Drivers, NoCapacity, Placement, check, place, recorded
-from crv.plan import Plan, expand, members, node_index
-from crv.retry import RetryPolicy
-from crv.store import LEAVING, natural_key
-from crv.teardown import teardown
+from crv.appliance.plan import Plan, expand, members, node_index
+from crv.base import running as daemons
+from crv.base.errors import CrvError
+from crv.base.home import Home
+from crv.base.retry import RetryPolicy
+from crv.engine.executor import DagRun, StepResult, stages
+from crv.engine.placement import Drivers, NoCapacity, Placement, check, place, recorded
+from crv.engine.stages import ClusterRun, Timeouts
+from crv.engine.teardown import teardown
+from crv.service.client import AsyncService, Service, ServiceError
+from crv.service.pki import CertificateAuthority
+from crv.service.store import LEAVING, natural_key
+from flows import events
+from flows.locks import cluster_change
 from tasks.stages import BY_KIND, drain
 
 # In-process observers (the CLI's progress bar); a flow started from the UI has none.
@@ -56,7 +57,7 @@ class DeployFailed(CrvError):
     pass
 
 
-# Every flow that changes a cluster holds its change slot (crv.locks) for its whole run.
+# Every flow that changes a cluster holds its change slot (flows.locks) for its whole run.
 WAIT = Field(
     ge=0,
     description="Seconds to wait while another change of this cluster runs (empty: as long as "
@@ -212,7 +213,7 @@ async def converge(
     On failure, `on_failure` (default: the appliance's) says what stays: `keep` leaves
     everything for a run again to resume from; `rollback` removes what this run added and
     converges the cluster back to what was recorded before it (or removes it, if it is new).
-    `remove_first` names the nodes a shrink should take first (crv.plan.members)."""
+    `remove_first` names the nodes a shrink should take first (crv.appliance.plan.members)."""
     home, endpoints = running_service()
     service = AsyncService(home, endpoints.service_url)
     try:

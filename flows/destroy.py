@@ -7,9 +7,9 @@ from typing import Annotated, Any
 from prefect import flow
 from pydantic import Field
 
-from crv import events
-from crv.locks import cluster_change
+from flows import events
 from flows.deploy import WAIT
+from flows.locks import cluster_change
 from tasks.deprovision import deprovision
 
 

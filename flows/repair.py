@@ -1,6 +1,6 @@
 """The `repair-cluster` flow: bring a cluster back to its records when its pools drifted.
 
-Drift (crv.placement.drift) is what the pools hold for the cluster against what crv recorded:
+Drift (crv.engine.placement.drift) is what the pools hold for the cluster against what crv recorded:
 a node missing from its pool (deleted by hand, lost with its host, stopped) and a node its pool
 holds tagged for the cluster that crv has no record of (an orphan). Repair says what it found,
 destroys the orphans, then converges the cluster on its recorded appliance, parameters, counts
@@ -18,12 +18,11 @@ from typing import Annotated, Any
 from prefect import flow, get_run_logger
 from pydantic import Field
 
-from crv import events
-from crv.appliance import load_recorded
-from crv.client import AsyncService
-from crv.deploy import Timeouts
-from crv.locks import cluster_change
-from crv.placement import Drivers, drift, lapsed, recorded
+from crv.appliance.loader import load_recorded
+from crv.engine.placement import Drivers, drift, lapsed, recorded
+from crv.engine.stages import Timeouts
+from crv.service.client import AsyncService
+from flows import events
 from flows.deploy import (
     WAIT,
     DeployFailed,
@@ -32,6 +31,7 @@ from flows.deploy import (
     require_cluster,
     running_service,
 )
+from flows.locks import cluster_change
 
 
 @flow(name="repair-cluster", persist_result=False, log_prints=True)

@@ -5,7 +5,7 @@ certify -> contextualize -> verify, the nodes already verified are left alone, a
 reads the group (the web farm's load balancer) runs again because what it reads changed — the
 service compares a digest of each role's inputs (`refresh`), so only those dependents run.
 
-Shrinking takes its victims in crv.placement.release_order: the last preferred pool first,
+Shrinking takes its victims in crv.engine.placement.release_order: the last preferred pool first,
 then idle-first by the `busy` attribute the group's roles publish (the web farm's web servers
 publish their requests per second; a node without a fresh reading counts as busy), then the
 newest (highest index). It runs their roles' `drain` recipes first (a node whose drain fails
@@ -23,14 +23,13 @@ from typing import Annotated, Any
 from prefect import flow, get_run_logger
 from pydantic import Field
 
-from crv import events
-from crv.appliance import Group, load_recorded
-from crv.autoscale import number
-from crv.client import AsyncService, ServiceError
-from crv.deploy import Timeouts
-from crv.locks import cluster_change
-from crv.placement import recorded, release_order
-from crv.retry import DEFAULT_POLICY
+from crv.appliance.loader import Group, load_recorded
+from crv.base.retry import DEFAULT_POLICY
+from crv.engine.autoscale import number
+from crv.engine.placement import recorded, release_order
+from crv.engine.stages import Timeouts
+from crv.service.client import AsyncService, ServiceError
+from flows import events
 from flows.deploy import (
     ON_FAILURE,
     WAIT,
@@ -40,6 +39,7 @@ from flows.deploy import (
     require_cluster,
     running_service,
 )
+from flows.locks import cluster_change
 
 BUSY_STALE = 300.0  # seconds a node's busy reading counts for, in a group without scaling
 
@@ -81,7 +81,7 @@ async def resize(
 ) -> dict[str, Any]:
     """Resize one group of a cluster (`status`: its record), inside the caller's
     `cluster_change`: the scale-role and autoscale flows both come here. A shrink takes its
-    victims in crv.placement.release_order (module doc)."""
+    victims in crv.engine.placement.release_order (module doc)."""
     logger = get_run_logger()
     counts = {**(status.get("counts") or {}), group: count}
     loaded = load_recorded(status["source"], status["parameters"] or {}, counts)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from crv.errors import SpecError
+from crv.base.errors import SpecError
 from pools.base import Pool
 
 AGENT = Path(__file__).resolve().parent.parent / "agent" / "crv_agent.py"

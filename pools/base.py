@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from crv.errors import CrvError
+from crv.base.errors import CrvError
 
 # Every resource a pool makes carries these tags, so a reconciler can find what a killed deploy
 # left behind (FAULTS F1, F11) by listing the pool, not by trusting a local record.
@@ -85,7 +85,7 @@ class Capacity(Protocol):
 
     def capacity(self) -> int | None:
         """How many more nodes this pool can make now (0: none); None: no known limit. No
-        waiting; a failure to find out is a PoolError (crv.placement counts it as 0)."""
+        waiting; a failure to find out is a PoolError (crv.engine.placement counts it as 0)."""
         ...
 
 

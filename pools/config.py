@@ -36,9 +36,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from crv.errors import SpecError
-from crv.spec import Name, validation_error
-from crv.yamldoc import load_yaml_file
+from crv.appliance.spec import Name, validation_error
+from crv.appliance.yamldoc import load_yaml_file
+from crv.base.errors import SpecError
 
 BUILTIN = ("local", "sim")
 # driver name -> (module, pool class or factory (name, state_dir, options), options model);

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -87,6 +88,17 @@ def _read_file(path: str, pool: str, option: str) -> str:
     return value
 
 
+# Reads a Prefect Secret block's value by name. Pools know nothing of Prefect: the layer that
+# does (tasks/secrets.py, imported with every flow and by the CLI) hands its reader over.
+SecretReader = Callable[[str], object]
+_prefect_secret_reader: SecretReader | None = None
+
+
+def read_prefect_secrets_with(reader: SecretReader) -> None:
+    global _prefect_secret_reader
+    _prefect_secret_reader = reader
+
+
 def resolve(ref: SecretRef, pool: str, option: str) -> str:
     """The credential's value; a permanent PoolError naming pool and option if it is missing."""
     if ref.env is not None:
@@ -96,10 +108,12 @@ def resolve(ref: SecretRef, pool: str, option: str) -> str:
         return _read_file(ref.file, pool, option)
     name = ref.prefect_secret
     assert name is not None  # the model guarantees exactly one
+    if _prefect_secret_reader is None:
+        raise PoolError(
+            pool, f"option {option}: Prefect Secret block {name!r} is read only in crv's flows"
+        )
     try:
-        from prefect.blocks.system import Secret  # lazily: pools do not need Prefect otherwise
-
-        value = Secret.load(name).get()  # type: ignore[union-attr]  # sync in a sync context
+        value = _prefect_secret_reader(name)
     except ValueError as exc:  # Prefect: "Unable to find block document named ..."
         raise PoolError(pool, f"option {option}: Prefect Secret block {name!r} not found") from exc
     except Exception as exc:  # the API is down, ... : worth a retry

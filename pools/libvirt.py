@@ -43,7 +43,7 @@ import pycdlib
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from crv.flock import exclusive
+from crv.base.flock import exclusive
 from pools import cloudinit
 from pools.base import TAG_CLUSTER, TAG_NODE, NodeInfo, NodeSpec, PoolError, write_atomic
 

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from crv.flock import exclusive
+from crv.base.flock import exclusive
 from pools.base import NodeInfo, NodeSpec, PoolError, write_atomic
 
 NAME = "manual"

@@ -49,7 +49,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from crv.flock import exclusive
+from crv.base.flock import exclusive
 from pools.base import TAG_CLUSTER, TAG_NODE, NodeInfo, NodeSpec, PoolError
 
 NAME = "sim"

@@ -1,4 +1,4 @@
-"""The deprovision task: one call that tears a whole cluster down (crv.teardown)."""
+"""The deprovision task: one call that tears a whole cluster down (crv.engine.teardown)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from crv import daemons
-from crv.client import Service
-from crv.home import Home
-from crv.placement import Drivers
-from crv.teardown import teardown
+from crv.base import running as daemons
+from crv.base.home import Home
+from crv.engine.placement import Drivers
+from crv.engine.teardown import teardown
+from crv.service.client import Service
 from tasks.policy import task_options
 
 

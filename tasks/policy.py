@@ -1,6 +1,6 @@
 """The shared retry policy in Prefect's terms, for tasks that are one call (register, destroy).
 
-Stage tasks retry each node-step themselves with the same `RetryPolicy` (crv.executor): a
+Stage tasks retry each node-step themselves with the same `RetryPolicy` (crv.engine.executor): a
 Prefect retry of a stage would re-run every node of it, the ones that succeeded included.
 """
 
@@ -11,7 +11,7 @@ from typing import Any
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.tasks import Task
 
-from crv.retry import DEFAULT_POLICY, RetryPolicy
+from crv.base.retry import DEFAULT_POLICY, RetryPolicy
 
 
 def task_options(policy: RetryPolicy = DEFAULT_POLICY) -> dict[str, Any]:

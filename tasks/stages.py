@@ -1,5 +1,5 @@
 """Prefect tasks: one task run per stage (a step kind of one node group and role), each driving
-all of that stage's nodes concurrently along the DAG (crv.executor explains why not one task
+all of that stage's nodes concurrently along the DAG (crv.engine.executor explains why not one task
 run per node). A stage's task run fails when any of its nodes failed, naming them."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from crv.deploy import ClusterRun
-from crv.executor import DagRun, Stage, StageFailed, StageSummary
+from crv.engine.executor import DagRun, Stage, StageFailed, StageSummary
+from crv.engine.stages import ClusterRun
 
 
 async def _run(stage: Stage, dag: DagRun, run: ClusterRun) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from crv.cli import app
+from crv_cli.main import app
 
 # Parallel workers (pytest-xdist, `-n` in pyproject.toml) each give their local pools their own
 # 127.N.0.0/16, so two tests' nodes never share a loopback address (and a port on it).
@@ -41,7 +41,7 @@ def crv(*args: str) -> Result:
 def crv_process(*args: str, env: dict[str, str] | None = None) -> Result:
     """Run `crv` as a real separate process, for what only a process can show."""
     p = subprocess.run(
-        [sys.executable, "-m", "crv", *args],
+        [sys.executable, "-m", "crv_cli", *args],
         capture_output=True,
         text=True,
         cwd=REPO,

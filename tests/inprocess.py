@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from crv.cli import app
+from crv_cli.main import app
 from tests.machines import LibvirtMachines
 
 MARK = "=== exit"

@@ -26,7 +26,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
 
-from crv.pki import CertificateAuthority
+from crv.service.pki import CertificateAuthority
 
 REPO = Path(__file__).resolve().parent.parent
 AGENT = REPO / "agent" / "crv_agent.py"

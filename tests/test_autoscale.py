@@ -1,4 +1,4 @@
-"""Autoscaling decisions (crv/autoscale.py) and the what-if replay (`crv autoscale simulate`):
+"""Autoscaling decisions (crv/engine/autoscale.py) and the what-if replay (`crv autoscale simulate`):
 the `scaling` section's validation, every rule of `decide`, and replays of square waves that
 prove cooldowns, the scale-down delay and no flapping."""
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from crv.autoscale import Memory, Reading, decide, direction_changes, read_trace, replay
-from crv.errors import SpecError
-from crv.spec import Scaling
+from crv.appliance.spec import Scaling
+from crv.base.errors import SpecError
+from crv.engine.autoscale import Memory, Reading, decide, direction_changes, read_trace, replay
 from tests.conftest import crv, write_appliance
 
 SCALED = """\
@@ -223,7 +223,7 @@ def test_simulate_bad_input_is_exit_2(tmp_path: Path) -> None:
 
 
 def test_a_blackboard_metric_aggregates_fresh_numbers_only() -> None:
-    from crv.autoscale import from_attribute
+    from crv.engine.autoscale import from_attribute
 
     s = scaling(
         metric={"attribute": {"role": "lb", "key": "rps", "aggregate": "sum"}, "stale_after": 60}
@@ -244,7 +244,7 @@ def test_a_blackboard_metric_aggregates_fresh_numbers_only() -> None:
 
 
 def test_growth_is_limited_to_the_pools_room_or_becomes_no_capacity() -> None:
-    from crv.autoscale import within_room
+    from crv.engine.autoscale import within_room
 
     s = scaling()
     before = Memory(last_scale_up=-1000.0)  # the last growth is long past: no cooldown now
@@ -282,7 +282,7 @@ def test_growth_is_limited_to_the_pools_room_or_becomes_no_capacity() -> None:
      ('{"value": 42}', 42.0), ('{"value": "0.5", "unit": "rps"}', 0.5), ('{"value": 0}', 0.0)],
 )  # fmt: skip
 def test_an_http_metric_is_a_number_as_text_or_json(body: str, value: float) -> None:
-    from crv.autoscale import from_http_body
+    from crv.engine.autoscale import from_http_body
 
     assert from_http_body("http://m/x", 200, body) == Reading(value)
 
@@ -294,7 +294,7 @@ def test_an_http_metric_is_a_number_as_text_or_json(body: str, value: float) -> 
      '{"rps": 12}', '{"value": [1]}', '{"value": "many"}'],
 )  # fmt: skip
 def test_an_http_metric_that_is_not_a_finite_number_is_no_metric(body: str) -> None:
-    from crv.autoscale import from_http_body
+    from crv.engine.autoscale import from_http_body
 
     url = "http://127.0.0.1:9/metric"
     got = from_http_body(url, 200, body)
@@ -306,7 +306,7 @@ def test_an_http_metric_that_is_not_a_finite_number_is_no_metric(body: str) -> N
 
 
 def test_an_http_metric_answered_with_an_error_status_is_no_metric() -> None:
-    from crv.autoscale import from_http_body
+    from crv.engine.autoscale import from_http_body
 
     for status in (500, 404, 204, 301):
         got = from_http_body("http://m/rps", status, "12")  # a number, but not a 200 answer

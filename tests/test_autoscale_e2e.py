@@ -24,10 +24,10 @@ from typing import Any
 import pytest
 
 from benchmarks.bench_autoscale import Load, fast_farm
-from crv.client import Service
-from crv.daemons import running
-from crv.flock import exclusive
-from crv.home import Home
+from crv.base.flock import exclusive
+from crv.base.home import Home
+from crv.service.client import Service
+from crv_cli.daemons import running
 from tests.conftest import CATALOG, REPO
 from tests.test_deploy_e2e import Crv
 
@@ -126,7 +126,7 @@ class Farm:
     def deployment_there(self) -> bool:
         """Whether the Prefect server has `autoscale/<CLUSTER>` (after the cluster is gone)."""
         found = self.prefect(
-            "from crv.autoscale_cli import _deployment\n"
+            "from crv_cli.autoscale import _deployment\n"
             f"print('there' if _deployment({CLUSTER!r}) else 'gone')\n"
         )
         return found.strip() == "there"
@@ -332,18 +332,21 @@ def test_grows_under_load_and_shrinks_to_min_idle_first(farm: Farm) -> None:
 
 def test_a_run_that_finds_another_change_skips(farm: Farm) -> None:
     """Hold the cluster's change slot (as a deploy or resize would) from another process: the
-    scheduled runs meanwhile record "skipped" and change nothing."""
+    scheduled runs meanwhile record "skipped" and change nothing. The slot is held until a skip
+    is seen (at most 120 s): on a loaded machine a flow run can take longer to start than a
+    fixed hold would last."""
     before = len(farm.decisions())
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import asyncio, sys\n"
-         "from crv.locks import cluster_change\n"
+         "from flows.locks import cluster_change\n"
          "async def main():\n"
          f"    async with cluster_change({CLUSTER!r}, wait=60):\n"
          "        print('held', flush=True)\n"
-         "        await asyncio.sleep(15)\n"
+         "        await asyncio.wait_for(asyncio.to_thread(sys.stdin.readline), 120)\n"
          "asyncio.run(main())\n"],
-        stdout=subprocess.PIPE, text=True, cwd=REPO, env=farm.prefect_env(),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+        env=farm.prefect_env(),
     )  # fmt: skip
 
     def skipped() -> list[dict[str, Any]]:
@@ -353,9 +356,11 @@ def test_a_run_that_finds_another_change_skips(farm: Farm) -> None:
 
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        found = wait_for("a skipped decision", skipped, 40)
+        found = wait_for("a skipped decision", skipped, 110)
         assert "another change" in found[0]["reason"] and found[0]["action"] == "none"
     finally:
+        assert holder.stdin is not None
+        holder.stdin.close()  # lets the slot go
         holder.wait(timeout=60)
     assert len(farm.workers()) == 1
 
@@ -415,7 +420,7 @@ PAUSED_PASS = f"""
 import asyncio, pathlib, sys, time
 from prefect.runner import Runner
 import deployments.serve as serve
-from crv.autoscale_cli import _deployment
+from crv_cli.autoscale import _deployment
 read, go, done = (pathlib.Path(a) for a in sys.argv[1:4])
 real = serve._enabled
 

@@ -36,9 +36,9 @@ import pytest
 import yaml
 
 import pools
-from crv.errors import SpecError
-from crv.home import Home
-from crv.pki import CertificateAuthority
+from crv.base.errors import SpecError
+from crv.base.home import Home
+from crv.service.pki import CertificateAuthority
 from pools.baremetal import boot, inventory, simbmc, simrack
 from pools.baremetal.pool import BaremetalOptions, BaremetalPool
 from pools.base import NodeSpec, PoolError, write_atomic

@@ -11,8 +11,8 @@ import jsonschema
 import pytest
 import yaml
 
-from crv.appliance import load_appliance
-from crv.errors import SpecError
+from crv.appliance.loader import load_appliance
+from crv.base.errors import SpecError
 from tests.conftest import CATALOG, REPO, crv
 
 
@@ -113,7 +113,7 @@ def test_dev_script_usage() -> None:
 @pytest.fixture
 def no_daemons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty CRV_HOME; starting the daemons fails the test (the checks come first)."""
-    from crv import daemons
+    from crv_cli import daemons
 
     home = tmp_path / "home"
     monkeypatch.setenv("CRV_HOME", str(home))
@@ -157,7 +157,7 @@ def test_a_failed_prefect_request_is_one_line_naming_it(
     import httpx
     from prefect.exceptions import PrefectHTTPStatusError
 
-    from crv.cli import _prefect_failure
+    from crv_cli.main import _prefect_failure
 
     monkeypatch.setenv("CRV_HOME", str(tmp_path))
     log = tmp_path / "prefect" / "prefect.log"

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from crv.pki import CertificateAuthority
+from crv.service.pki import CertificateAuthority
 from tests.test_service_security import (
     NodeCreds,
     Service,

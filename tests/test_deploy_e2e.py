@@ -45,7 +45,7 @@ class Crv:
 
     def __call__(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "crv", *args],
+            [sys.executable, "-m", "crv_cli", *args],
             capture_output=True,
             text=True,
             cwd=REPO,
@@ -77,7 +77,7 @@ class Crv:
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            [sys.executable, "-m", "crv", *args],
+            [sys.executable, "-m", "crv_cli", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -1,4 +1,4 @@
-"""crv.events against a real Prefect server: what a flow emits is what the server stores (names,
+"""flows.events against a real Prefect server: what a flow emits is what the server stores (names,
 the cluster as resource, the node and the flow run as related resources, the payload), and
 emitting never raises, whatever state the Prefect API is in.
 
@@ -23,9 +23,9 @@ from typing import Any
 import httpx
 import pytest
 
-from crv import events
-from crv.daemons import prefect_env, running
-from crv.home import Home
+from crv.base.home import Home
+from crv_cli.daemons import prefect_env, running
+from flows import events
 from tests.conftest import REPO
 from tests.test_deploy_e2e import prefect_auth
 
@@ -33,7 +33,7 @@ PROBE = textwrap.dedent(
     """
     import asyncio, json, sys
     from prefect import flow
-    from crv import events
+    from flows import events
 
     cluster = sys.argv[1]
 
@@ -62,7 +62,7 @@ UNREACHABLE = textwrap.dedent(
     """
     import json
     from pathlib import Path
-    from crv import events
+    from flows import events
 
     huge = "x" * 2_000_000  # over Prefect's 1.5 MB event limit unless cut
     results = [
@@ -82,7 +82,7 @@ UNREACHABLE = textwrap.dedent(
 NO_CONTEXT = textwrap.dedent(
     """
     import json, sys, threading
-    from crv import events
+    from flows import events
 
     out = []
     t = threading.Thread(target=lambda: out.append(
@@ -95,7 +95,7 @@ NO_CONTEXT = textwrap.dedent(
 NO_API = textwrap.dedent(
     """
     import json, time
-    from crv import events
+    from flows import events
 
     t = time.monotonic()
     e = events.cluster_event("offline", "webfarm", "local", "ready")
@@ -132,7 +132,7 @@ def _python(code: str, *args: str, env: dict[str, str], timeout: float = 60) -> 
 def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Home, str]]:
     home = Home(tmp_path_factory.mktemp("crv-home"))
     crv_env = {**os.environ, "CRV_HOME": str(home.root)}
-    up = subprocess.run([sys.executable, "-m", "crv", "up"], capture_output=True, text=True,
+    up = subprocess.run([sys.executable, "-m", "crv_cli", "up"], capture_output=True, text=True,
                         cwd=REPO, env=crv_env, timeout=300)  # fmt: skip
     try:
         assert up.returncode == 0, up.stdout + up.stderr
@@ -140,7 +140,7 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Home
         assert endpoints is not None
         yield home, endpoints.prefect_api_url
     finally:
-        subprocess.run([sys.executable, "-m", "crv", "down"], capture_output=True, cwd=REPO,
+        subprocess.run([sys.executable, "-m", "crv_cli", "down"], capture_output=True, cwd=REPO,
                        env=crv_env, timeout=120)  # fmt: skip
 
 

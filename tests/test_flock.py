@@ -1,4 +1,4 @@
-"""crv.flock: an exclusive file lock between processes and threads, released when its holder
+"""crv.base.flock: an exclusive file lock between processes and threads, released when its holder
 dies; the async waiter does not block the event loop and a cancelled one leaves nothing held."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from crv.flock import exclusive, exclusive_async
+from crv.base.flock import exclusive, exclusive_async
 from tests.conftest import REPO
 
 HOLD = """
 import sys, time, pathlib
-from crv.flock import exclusive
+from crv.base.flock import exclusive
 with exclusive(pathlib.Path(sys.argv[1])):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))

@@ -8,7 +8,7 @@ points are reached deterministically: the recipes of a throw-away appliance writ
 into their node's `work/` and sleep, and the test polls those files, the pool's `node.json`
 records and `node.crt` (written once the agent enrolled) before it kills.
 
-A killed change keeps its cluster's change slot (crv/locks.py) until its lease expires, 60-75 s
+A killed change keeps its cluster's change slot (flows/locks.py) until its lease expires, 60-75 s
 after the kill, so the re-run waits that long. Every scenario therefore has a cluster of its own,
 and all of them run at once (one thread each, every `crv` a separate process): the waits overlap.
 The module fixture drives every scenario to its end and records what it saw; the tests then
@@ -36,14 +36,14 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from crv import daemons
-from crv.client import Service
-from crv.home import Home
+from crv.base.home import Home
+from crv.service.client import Service
+from crv_cli import daemons
 from pools import get_pool
 from tests.conftest import REPO, write_appliance
 from tests.test_deploy_e2e import Crv
 
-# Node states (crv/store.py, crv/service/app.py) that say the pool may or may not hold the
+# Node states (crv/service/store.py, crv/service/app.py) that say the pool may or may not hold the
 # node yet: registered, being made, or being removed. Every other state is settled: the pool
 # holds that node and it runs.
 TRANSITIONAL = {"planned", "provisioning", "leaving"}
@@ -515,7 +515,7 @@ class Processes:
     def popen(self, crv: Crv, log: Path, *args: str) -> subprocess.Popen[bytes]:
         with open(log, "wb") as out:
             p = subprocess.Popen(
-                [sys.executable, "-m", "crv", *args],
+                [sys.executable, "-m", "crv_cli", *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,

@@ -1,4 +1,4 @@
-"""One change per cluster at a time (crv.locks) against a real Prefect server, no mocks.
+"""One change per cluster at a time (flows.locks) against a real Prefect server, no mocks.
 
 Every holder is a separate process (Prefect reads its settings at import), started with the
 env a Prefect client of this crv home gets. Each holder appends `enter`/`exit` lines with its
@@ -26,17 +26,17 @@ from pathlib import Path
 
 import pytest
 
-from crv import daemons
-from crv.home import Home
-from crv.locks import LEASE_SECONDS as LEASE
-from crv.locks import SERVER_SETTINGS
+from crv.base.home import Home
+from crv_cli import daemons
+from flows.locks import LEASE_SECONDS as LEASE
+from flows.locks import SERVER_SETTINGS
 from tests.conftest import REPO
 
 HOLDER = r"""
 import asyncio, os, sys, time
 from pathlib import Path
 
-from crv.locks import ClusterBusy, cluster_change
+from flows.locks import ClusterBusy, cluster_change
 
 cluster, wait_arg, hold, log, mode = sys.argv[1:6]
 wait = None if wait_arg == "none" else float(wait_arg)
@@ -194,10 +194,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     base = {**os.environ, "CRV_HOME": str(home), "PYTHONUNBUFFERED": "1"}
 
     def crv(*args: str) -> subprocess.CompletedProcess[str]:
-        # reaches the server through `crv up`'s environment: the settings crv.locks asks for,
+        # reaches the server through `crv up`'s environment: the settings flows.locks asks for,
         # with a repossessor loop of 1 s so the crash test waits for the lease and little else
         env = {**base, **SERVER_SETTINGS, "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1"}
-        return subprocess.run([sys.executable, "-m", "crv", *args], capture_output=True,
+        return subprocess.run([sys.executable, "-m", "crv_cli", *args], capture_output=True,
                               text=True, cwd=REPO, env=env, timeout=300)  # fmt: skip
 
     up = crv("up")

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from crv.home import Home
+from crv.base.home import Home
 from pools import cloudinit
 from pools.base import NodeSpec, Pool
 from tests.machines import Ec2Machines, LibvirtMachines, Machines

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from crv.client import Service
-from crv.home import Home
+from crv.base.home import Home
+from crv.service.client import Service
 from tests.conftest import write_appliance
 from tests.test_deploy_e2e import Crv, started_crv
 from tests.test_pairing import _csr

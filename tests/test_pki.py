@@ -24,8 +24,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtensionOID, NameOID
 
-from crv.errors import PkiError
-from crv.pki import CertificateAuthority, node_identity
+from crv.base.errors import PkiError
+from crv.service.pki import CertificateAuthority, node_identity
 
 EC_P256 = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1")
 
@@ -112,7 +112,7 @@ def test_concurrent_creation_yields_one_ca(tmp_path: Path) -> None:
         f"""
         import os, time
         from pathlib import Path
-        from crv.pki import CertificateAuthority
+        from crv.service.pki import CertificateAuthority
         while not os.path.exists({str(go)!r}):
             time.sleep(0.001)
         ca = CertificateAuthority.create_or_load(Path({str(tmp_path / "ca")!r}))

@@ -1,4 +1,4 @@
-"""Which pool each node group goes to (crv.placement.place) and the pools a cluster uses."""
+"""Which pool each node group goes to (crv.engine.placement.place) and the pools a cluster uses."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from crv.appliance import load_appliance
-from crv.errors import SpecError
-from crv.placement import Placement, capacities, place, pools_of, recorded, release_order
+from crv.appliance.loader import load_appliance
+from crv.base.errors import SpecError
+from crv.engine.placement import Placement, capacities, place, pools_of, recorded, release_order
 from pools.base import PoolError
 from tests.conftest import write_appliance
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from crv.home import Home
-from crv.placement import Drivers
+from crv.base.home import Home
+from crv.engine.placement import Drivers
 from pools.base import NodeSpec
 from tests.conftest import write_appliance
 from tests.test_deploy_e2e import Crv

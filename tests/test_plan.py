@@ -9,8 +9,8 @@ from typing import Any
 import networkx as nx
 import pytest
 
-from crv.appliance import load_appliance
-from crv.plan import expand
+from crv.appliance.loader import load_appliance
+from crv.appliance.plan import expand
 from tests.conftest import CATALOG, crv, crv_process, write_appliance
 
 
@@ -314,8 +314,8 @@ def test_a_very_deep_dependency_chain_plans_without_recursion_limits(tmp_path: P
 
 
 def test_members_keep_the_oldest_and_fill_the_lowest_free_indices() -> None:
-    from crv.appliance import with_counts
-    from crv.plan import members
+    from crv.appliance.loader import with_counts
+    from crv.appliance.plan import members
 
     app = load_appliance(CATALOG / "webfarm")
     existing = [("w-front-0", "front"), *((f"w-worker-{i}", "worker") for i in (0, 2, 5, 7))]
@@ -340,8 +340,8 @@ def test_members_keep_the_oldest_and_fill_the_lowest_free_indices() -> None:
 
 def test_members_remove_the_named_nodes_first_in_order_then_the_newest() -> None:
     """The autoscaler's idle-first order (`remove_first`) picks a shrink's victims."""
-    from crv.appliance import with_counts
-    from crv.plan import members
+    from crv.appliance.loader import with_counts
+    from crv.appliance.plan import members
 
     app = load_appliance(CATALOG / "webfarm")
     existing = [("w-front-0", "front"), *((f"w-worker-{i}", "worker") for i in range(5))]

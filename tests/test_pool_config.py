@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from crv.errors import SpecError
+from crv.base.errors import SpecError
 from pools import config, get_pool, pool_names
 from tests.conftest import REPO
 
@@ -19,7 +19,7 @@ def run(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CRV_HOME": str(home)}
     env.pop("CRV_POOLS_FILE", None)
     return subprocess.run(
-        [sys.executable, "-m", "crv", *args],
+        [sys.executable, "-m", "crv_cli", *args],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from crv.pki import CertificateAuthority
+from crv.service.pki import CertificateAuthority
 from pools import AGENT
 from pools.base import TAG_CLUSTER, TAG_NODE, NodeSpec, Pool, PoolError
 from tests.moto_server import moto_ec2  # noqa: F401  (a fixture the ec2 driver needs)
@@ -72,7 +72,7 @@ def rack_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     machines network-boot for real but never call back (nobody answers at the service URL)."""
     if not os.access("/usr/bin/ipmi_sim", os.X_OK) and os.environ.get("CI") != "true":
         pytest.skip("OpenIPMI's ipmi_sim (Debian package openipmi) is not installed")
-    from crv.home import Home
+    from crv.base.home import Home
     from pools import get_pool
     from pools.baremetal import simrack
 

@@ -158,7 +158,7 @@ def test_missing_credentials_are_bad_input_and_nothing_is_made(crv: Crv, tmp_pat
     directory, _ = anywhere(tmp_path)
     env = {k: v for k, v in crv.env.items() if k != KEY_VAR}
     r = subprocess.run(
-        [sys.executable, "-m", "crv", "deploy", str(directory), "--name", "nocreds",
+        [sys.executable, "-m", "crv_cli", "deploy", str(directory), "--name", "nocreds",
          "--pool-for", "worker=ec2"],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
     )  # fmt: skip
@@ -171,8 +171,8 @@ def test_missing_credentials_are_bad_input_and_nothing_is_made(crv: Crv, tmp_pat
 def test_an_image_the_cloud_lacks_fails_at_once_and_rolls_back_every_pool(
     crv: Crv, moto_ec2: MotoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from crv.home import Home
-    from crv.placement import Drivers
+    from crv.base.home import Home
+    from crv.engine.placement import Drivers
 
     directory, out = anywhere(tmp_path)
     r = crv("deploy", str(directory), "--name", "noimage", "--set", f"out={out}",

@@ -296,7 +296,7 @@ def test_an_api_open_beyond_loopback_is_refused(
     home = tmp_path / "home"
     for command in (["up"], ["deploy", "appliances/webfarm", "--name", "x"]):
         p = subprocess.run(
-            [sys.executable, "-m", "crv", *command],
+            [sys.executable, "-m", "crv_cli", *command],
             capture_output=True,
             text=True,
             cwd=REPO,
@@ -313,7 +313,7 @@ def test_an_api_open_beyond_loopback_is_refused(
 def test_loopback_without_auth_is_allowed_and_says_so(tmp_path: Path) -> None:
     """CRV_PREFECT_AUTH=off on a loopback address is the one way to an open API; the
     refusal is about the address, not the setting. (Checked without starting a server.)"""
-    from crv import daemons
+    from crv_cli import daemons
 
     saved = {k: os.environ.get(k) for k in ("CRV_PREFECT_HOST", "CRV_PREFECT_AUTH")}
     try:

@@ -1,4 +1,4 @@
-"""crv.retry: the one retry policy's `call`."""
+"""crv.base.retry: the one retry policy's `call`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from crv.errors import CrvError
-from crv.retry import RetryPolicy
+from crv.base.errors import CrvError
+from crv.base.retry import RetryPolicy
 
 FAST = RetryPolicy(retries=2, base=0.0)
 

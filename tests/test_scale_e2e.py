@@ -23,9 +23,9 @@ import pytest
 from cryptography import x509
 
 from benchmarks.bench_autoscale import Load
-from crv import daemons
-from crv.client import Service
-from crv.home import Home
+from crv.base.home import Home
+from crv.service.client import Service
+from crv_cli import daemons
 from tests.conftest import CATALOG, write_appliance
 from tests.test_deploy_e2e import Crv, free_port
 

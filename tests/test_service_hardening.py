@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from crv.home import Home
+from crv.base.home import Home
 from crv.service.guard import MAX_LINE
 from tests.test_service_security import (
     Service,

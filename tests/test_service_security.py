@@ -35,8 +35,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from crv.home import Home
-from crv.pki import CertificateAuthority
+from crv.base.home import Home
+from crv.service.pki import CertificateAuthority
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 30.0
@@ -323,7 +323,7 @@ def forge_certificate(
     by_cluster_ca: bool = False,
 ) -> NodeCreds:
     """A node certificate signed with the service's real root CA key (or its cluster's CA
-    key), with the dates we choose (crv.pki does not let a caller pick them) and never
+    key), with the dates we choose (crv.service.pki does not let a caller pick them) and never
     recorded by the service."""
     ca_dir = svc.home.ca_dir / "clusters" / c if by_cluster_ca else svc.home.ca_dir
     ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)

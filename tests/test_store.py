@@ -1,4 +1,4 @@
-"""crv/store.py directly: the node upsert the flows rely on (done in bulk) and the throttled
+"""crv/service/store.py directly: the node upsert the flows rely on (done in bulk) and the throttled
 heartbeat. The service's routes over the store are tested through real TLS in
 test_service_security.py and end to end in test_deploy_e2e.py."""
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from crv import store as store_module
-from crv.store import Issued, Store, StoreError, open_engine
+from crv.service import store as store_module
+from crv.service.store import Issued, Store, StoreError, open_engine
 
 ROLES = {
     "web": {"recipe": "roles/web.sh", "appdir": "a0", "env": {}, "depends_on": []},

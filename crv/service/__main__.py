@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from crv.home import Home
+from crv.base.home import Home
 from crv.service.server import serve
 
 parser = argparse.ArgumentParser(prog="python -m crv.service")

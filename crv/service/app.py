@@ -32,10 +32,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from crv.errors import PkiError
-from crv.pki import CertificateAuthority, check_unnamed_csr, is_admin, node_identity
-from crv.spec import ATTRIBUTE_PATTERN, NAME_PATTERN
-from crv.store import (
+from crv.appliance.spec import ATTRIBUTE_PATTERN, NAME_PATTERN
+from crv.base.errors import PkiError
+from crv.service.pki import CertificateAuthority, check_unnamed_csr, is_admin, node_identity
+from crv.service.store import (
     PAIR_TTL,
     REJOIN_GRACE,
     Enrolment,
@@ -783,7 +783,7 @@ def create_app(
     @app.get("/v1/admin/clusters/{cluster}/liveness", dependencies=[Admin])
     async def liveness(cluster: ClusterPath) -> dict[str, Any]:
         """When each node's agent last called and when its certificate ends: a change waiting
-        on a node that went quiet fails fast, saying why (crv.deploy.Mirror)."""
+        on a node that went quiet fails fast, saying why (crv.engine.stages.Mirror)."""
         store.require_cluster(cluster)
         return {"nodes": store.liveness(cluster)}
 

@@ -25,9 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from crv.errors import PkiError
-from crv.home import Home
-from crv.pki import CertificateAuthority, node_ttl_from_env
+from crv.base.errors import PkiError
+from crv.base.home import Home
 from crv.service.app import create_app
 from crv.service.guard import (
     ENV_HEADER_TIMEOUT,
@@ -37,7 +36,8 @@ from crv.service.guard import (
     install_log_filter,
     loop_factory,
 )
-from crv.store import Store, open_engine
+from crv.service.pki import CertificateAuthority, node_ttl_from_env
+from crv.service.store import Store, open_engine
 
 log = logging.getLogger("crv.service")
 

@@ -242,26 +242,6 @@ def _signal_when_started(server: Any, ready: threading.Event) -> None:
     ready.set()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m pools.baremetal.boot --pool NAME`: what `crv up` runs for each bare-metal pool
-    (CRV_HOME and CRV_POOLS_FILE from the environment)."""
-    import argparse
-
-    from crv.home import Home
-    from pools import get_pool
-    from pools.baremetal.pool import BaremetalPool
-
-    parser = argparse.ArgumentParser(prog="python -m pools.baremetal.boot")
-    parser.add_argument("--pool", required=True)
-    args = parser.parse_args(argv)
-    home = Home.from_env()
-    pool = get_pool(args.pool, home.pool_dir(args.pool))
-    if not isinstance(pool, BaremetalPool):
-        raise SystemExit(f"pool {args.pool} is not a bare-metal pool")
-    pool.serve_boot()
-    return 0
-
-
 def dnsmasq_config(pool: Any, *, network: str, interface: str | None) -> str:
     """A dnsmasq configuration adding PXE/iPXE boot to an existing DHCP network as a proxy
     (the site's DHCP server keeps handing out addresses; dnsmasq adds only the boot part)."""
@@ -304,7 +284,3 @@ def dnsmasq_config(pool: Any, *, network: str, interface: str | None) -> str:
         f"#  `chain {http}/ipxe/${{mac:hexhyp}}` needs no second DHCP answer at all)",
     ]
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -33,10 +33,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from crv.errors import SpecError
-from crv.flock import exclusive
-from crv.spec import Name, validation_error
-from crv.yamldoc import load_yaml_file
+from crv.appliance.spec import Name, validation_error
+from crv.appliance.yamldoc import load_yaml_file
+from crv.base.errors import SpecError
+from crv.base.flock import exclusive
 from pools.base import write_atomic
 from pools.credentials import SecretRef
 

@@ -35,8 +35,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from crv.errors import SpecError
-from crv.spec import Name
+from crv.appliance.spec import Name
+from crv.base.errors import SpecError
 from pools.baremetal import boot, inventory
 from pools.baremetal.inventory import Lease, Leases, Ledger, Machine
 from pools.baremetal.ipmi import Bmc, Power

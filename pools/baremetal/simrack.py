@@ -33,8 +33,8 @@ from typing import Any
 
 import yaml
 
-from crv.errors import CrvError
-from crv.home import Home
+from crv.base.errors import CrvError
+from crv.base.home import Home
 from pools import AGENT
 from pools.baremetal import simbmc
 from pools.base import write_atomic

@@ -1,5 +1,5 @@
 """Checking a role from outside its node: `{http: URL}`, `{tcp: HOST:PORT}` or `{command: ...}`;
-`{on_node: {command: ...}}` is rendered here and run by the node's agent (crv.deploy).
+`{on_node: {command: ...}}` is rendered here and run by the node's agent (crv.engine.stages).
 
 Templates see `self` (the attributes the role published on that node), `node` and `params`.
 Published attributes come from the node, so they are untrusted: in a `command` every value is
@@ -18,9 +18,9 @@ from typing import Any
 
 import httpx
 
-from crv import templating
-from crv.errors import CrvError
-from crv.spec import Verify
+from crv.appliance import templating
+from crv.appliance.spec import Verify
+from crv.base.errors import CrvError
 
 TIMEOUT = 10.0
 OUTPUT_TAIL = 2000

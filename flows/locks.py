@@ -75,8 +75,7 @@ from prefect.concurrency.asyncio import (
 from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-from crv.daemons import PREFECT_SERVER_SETTINGS
-from crv.errors import CrvError
+from crv.base.errors import CrvError
 
 LIMIT_PREFIX = "crv-cluster-"
 # The shortest lease Prefect's server accepts (it answers 422 below 60 s): the fastest recovery
@@ -85,8 +84,18 @@ LEASE_SECONDS = 60.0
 # How long a bounded wait may overrun `wait` (first contact with the server, Prefect's queue).
 GRACE_SECONDS = 10.0
 
-# The Prefect server's settings for these leases; `crv up` starts its server with them.
-SERVER_SETTINGS = PREFECT_SERVER_SETTINGS
+# The Prefect server's settings for these leases; `crv up` starts its server with them:
+# concurrency leases kept on disk, so a slot held across a server restart is not taken for good
+# (the default keeps leases in memory but the count in the database), and a dead holder's slot
+# freed within ~5 s of its lease running out.
+SERVER_SETTINGS: dict[str, str] = {
+    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": (
+        "prefect.server.concurrency.lease_storage.filesystem"
+    ),
+    "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "5",
+    # a request answered 503 (the database busy) leaves its cause in prefect.log
+    "PREFECT_SERVER_LOG_RETRYABLE_ERRORS": "true",
+}
 
 
 class ClusterBusy(CrvError):

@@ -9,23 +9,20 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
-import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine, Iterator
-from contextlib import contextmanager
+from collections.abc import Coroutine
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from crv import __version__, daemons
-from crv.appliance import (
+from crv import __version__
+from crv.appliance.loader import (
     NOT_SCALED,
     load_appliance,
     load_recorded,
@@ -33,22 +30,30 @@ from crv.appliance import (
     parse_overrides,
     with_counts,
 )
-from crv.client import Service, ServiceError
-from crv.errors import CrvError, SpecError
-from crv.home import Home
-from crv.pki import node_ttl_from_env
-from crv.placement import Drift, Drivers, check, drift, lapsed, place, pools_of
-from crv.plan import Plan, expand
-from crv.plan_view import describe
-from crv.spec import json_schema
-from crv.store import LEAVING
+from crv.appliance.plan import Plan, expand
+from crv.appliance.spec import json_schema
+from crv.base.errors import CrvError, SpecError
+from crv.base.home import Home
+from crv.engine.placement import Drift, Drivers, check, drift, lapsed, place, pools_of
+from crv.service.client import Service, ServiceError
+from crv.service.pki import node_ttl_from_env
+from crv.service.store import LEAVING
+from crv_cli import daemons
+from crv_cli.common import (
+    EXIT_BAD_INPUT,
+    console,
+    ensure_up,
+    err_console,
+    user_errors,
+)
+from crv_cli.common import home as cli_home
+from crv_cli.plan_view import describe
 from pools import AGENT as AGENT_FILE
 from pools import get_pool
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import State
 
-EXIT_BAD_INPUT = 2
 PAIR_POLL = 1.0  # seconds between looks at a pairing while crv pair waits
 
 app = typer.Typer(
@@ -59,8 +64,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-console = Console()
-err_console = Console(stderr=True)
 
 Directory = Annotated[
     Path, typer.Argument(metavar="DIR", help="An appliance directory (holds appliance.yaml).")
@@ -109,16 +112,6 @@ ClusterName = Annotated[
 ]
 
 
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """Bad input becomes one line on stderr and exit code 2."""
-    try:
-        yield
-    except CrvError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
-
-
 def _plan(directory: Path, sets: list[str] | None, name: str | None) -> Plan:
     return expand(load_appliance(directory, parse_overrides(sets or [])), cluster=name)
 
@@ -126,7 +119,7 @@ def _plan(directory: Path, sets: list[str] | None, name: str | None) -> Plan:
 @app.command()
 def validate(directory: Directory, set_: Sets = None, name: ClusterName = None) -> None:
     """Check an appliance (and its plan) without provisioning anything."""
-    with _user_errors():
+    with user_errors():
         plan = _plan(directory, set_, name)
     a = plan.appliance
     print(
@@ -145,7 +138,7 @@ def plan(
     ] = False,
 ) -> None:
     """Print the DAG of steps a deploy would run, by levels, and its critical path."""
-    with _user_errors():
+    with user_errors():
         result = _plan(directory, set_, name)
     if as_json:
         sys.stdout.write(json.dumps(result.to_json()) + "\n")
@@ -170,33 +163,13 @@ def schema(
 # -- running clusters -----------------------------------------------------------------------
 
 
-def _home() -> Home:
-    return Home.from_env()
-
-
-def _ensure_up(home: Home, *, quiet: bool = False) -> daemons.Endpoints:
-    """Start the Prefect server and the service if they are not running, and point this
-    process's Prefect client at them (before the first Prefect import)."""
-    daemons.prefect_settings()  # a refused CRV_PREFECT_HOST/AUTH: one line, before anything
-    node_ttl_from_env()  # a bad CRV_NODE_CERT_TTL is bad input, before anything starts
-    endpoints = daemons.running(home)
-    if endpoints is None:
-        if not quiet:
-            err_console.print(f"starting the crv service and a Prefect server in {home.root} ...")
-        endpoints = daemons.up(home)
-    else:
-        daemons.ensure_boot_services(home)  # a bare-metal pool added since `crv up`
-    os.environ.update(daemons.prefect_env(home, endpoints.prefect_api_url))
-    return endpoints
-
-
 @app.command()
 def up() -> None:
     """Start the crv service, a Prefect server and the served deployments in the background
     (idempotent)."""
-    home = _home()
-    with _user_errors():
-        endpoints = _ensure_up(home)
+    home = cli_home()
+    with user_errors():
+        endpoints = ensure_up(home)
     home.tighten()  # running already: a home left open since (or by an older crv) is closed
     print(f"crv service: {endpoints.service_url}")
     print(f"Prefect UI:  {endpoints.prefect_ui_url}")
@@ -208,7 +181,7 @@ def up() -> None:
     wanted = node_ttl_from_env().total_seconds()
     if wanted != ttl:
         print(f"             (CRV_NODE_CERT_TTL={wanted:g} takes effect after `crv down`)")
-    with _user_errors():
+    with user_errors():
         pid = daemons.ensure_served(home, endpoints)
     print(f"deployments: {', '.join(daemons.deployment_names())} (served by pid {pid})")
     print(f"run forms:   {endpoints.prefect_ui_url}/deployments")
@@ -238,15 +211,15 @@ def api_credentials(
     """Print what another system needs to use the Prefect API: its URL, the user and password
     of its basic auth, and a curl line (starts crv if it is not running). Keep the output to
     yourself: whoever has it can run crv's flows."""
-    home = _home()
-    with _user_errors():
+    home = cli_home()
+    with user_errors():
         if auth_string:
             home.ensure()
             if not daemons.prefect_auth_enabled():
                 raise daemons.DaemonError("the Prefect API has no auth (CRV_PREFECT_AUTH=off)")
             print(daemons.ensure_api_auth(home))
             return
-        endpoints = _ensure_up(home, quiet=as_json)
+        endpoints = ensure_up(home, quiet=as_json)
         auth = daemons.api_auth(home)
     api = endpoints.prefect_api_url
     user, _, password = auth.partition(":") if auth else (None, "", None)
@@ -281,7 +254,7 @@ def api_credentials(
 def down() -> None:
     """Stop the served deployments, the crv service and the Prefect server (nodes keep
     running)."""
-    stopped = daemons.down(_home())
+    stopped = daemons.down(cli_home())
     print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
 
 
@@ -289,8 +262,8 @@ def down() -> None:
 def serve() -> None:
     """Serve the Prefect deployments (deploy-appliance, scale-role, destroy-cluster) in the
     foreground until Ctrl-C; `crv up` already serves them in the background."""
-    home = _home()
-    with _user_errors():
+    home = cli_home()
+    with user_errors():
         daemons.serve_foreground(home)
 
 
@@ -320,20 +293,20 @@ def deploy(
     ] = "60s",
 ) -> None:
     """Deploy an appliance: provision, certify, contextualize and verify every node."""
-    home = _home()
+    home = cli_home()
     overrides = parse_overrides(set_ or []) if set_ else {}
-    with _user_errors():
+    with user_errors():
         plan = expand(load_appliance(locate(directory), overrides), cluster=name)
         groups = _pool_for(pool_for)
         check(home, plan.appliance, place(plan.appliance, pool, groups), groups)
         every = None
         if autoscale:
-            from crv.autoscale_cli import interval
+            from crv_cli.autoscale import interval
 
             every = interval("--autoscale-every", autoscale_every)
             if not plan.appliance.scaled:
                 raise SpecError(plan.appliance.source, "nodes", f"--autoscale: {NOT_SCALED}")
-        endpoints = _ensure_up(home)
+        endpoints = ensure_up(home)
     from flows.deploy import deploy_appliance
 
     run = deploy_appliance(
@@ -422,9 +395,9 @@ def scale(
     contextualized again, removed nodes (the idlest by their `busy` reports, then the newest)
     are drained, let go by their dependents, destroyed and their certificates revoked. Nodes
     nothing changed for are not touched."""
-    home = _home()
-    with _user_errors():
-        endpoints = _ensure_up(home)
+    home = cli_home()
+    with user_errors():
+        endpoints = ensure_up(home)
         found = Service(home, endpoints.service_url).status(name)
         if found is None:
             raise SpecError("crv scale", "NAME", f"no cluster {name!r}")
@@ -470,12 +443,12 @@ def pair(
     prints a one-time PIN, the CA fingerprint and the command to run on the machine
     (`crv-agent pair`), waits until the machine has paired, then contextualizes it like any
     new node of the group (its roles, and the roles that read the group, run)."""
-    from crv.autoscale_cli import interval
+    from crv_cli.autoscale import interval
 
-    home = _home()
-    with _user_errors():
+    home = cli_home()
+    with user_errors():
         seconds = interval("--ttl", ttl, least=30)
-        endpoints = _ensure_up(home, quiet=as_json)
+        endpoints = ensure_up(home, quiet=as_json)
         service = Service(home, endpoints.service_url)
         found = service.status(name)
         if found is None:
@@ -509,7 +482,7 @@ def pair(
     if no_wait:
         return
     node = _await_pairing(service, made["id"], seconds)
-    with _user_errors():
+    with user_errors():
         found = service.status(name)
         assert found is not None
         count = _members(found, group)
@@ -580,9 +553,9 @@ def status(
 ) -> None:
     """Show a cluster's nodes, their pools and the state of every role on them, and where the
     pools disagree with crv's records (drift: `crv repair` converges it)."""
-    home = _home()
-    with _user_errors():
-        endpoints = _ensure_up(home, quiet=as_json)
+    home = cli_home()
+    with user_errors():
+        endpoints = ensure_up(home, quiet=as_json)
         found = Service(home, endpoints.service_url).status(name)
         if found is None:
             raise SpecError("cluster", name, "no such cluster (see `crv list`)")
@@ -647,9 +620,9 @@ def destroy(
     wait: Wait = None,
 ) -> None:
     """Remove every node of a cluster and revoke all its certificates."""
-    home = _home()
-    with _user_errors():
-        endpoints = _ensure_up(home)
+    home = cli_home()
+    with user_errors():
+        endpoints = ensure_up(home)
         found = Service(home, endpoints.service_url).status(name)
         pool_name = pool or (found["pool"] if found else "local")
         for used in pools_of(found, pool_name):  # every pool its nodes are in
@@ -685,9 +658,9 @@ def repair(
     """Converge a cluster whose pools drifted from crv's records: destroy the nodes its pools
     hold for it that crv does not know (after saying so), make again the nodes missing from
     their pools through every step, and re-run the roles that read them."""
-    home = _home()
-    with _user_errors():
-        endpoints = _ensure_up(home)
+    home = cli_home()
+    with user_errors():
+        endpoints = ensure_up(home)
         found = Service(home, endpoints.service_url).status(name)
         if found is None:
             raise SpecError("cluster", name, "no such cluster (see `crv list`)")
@@ -734,9 +707,9 @@ def list_clusters(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """List the clusters this crv home knows."""
-    home = _home()
-    with _user_errors():
-        endpoints = _ensure_up(home, quiet=as_json)
+    home = cli_home()
+    with user_errors():
+        endpoints = ensure_up(home, quiet=as_json)
         clusters = Service(home, endpoints.service_url).clusters()
     if as_json:
         sys.stdout.write(json.dumps({"clusters": clusters}) + "\n")
@@ -776,8 +749,8 @@ def pools_list() -> None:
     """List the pools a deploy may name, with their driver and where they are configured."""
     from pools import config
 
-    home = _home()
-    with _user_errors():
+    home = cli_home()
+    with user_errors():
         found = config.load(config.config_file(home.root))
     table = Table("pool", "driver", "configured in", "description", box=None)
     for p in found.values():
@@ -795,8 +768,8 @@ def pools_check(
 ) -> None:
     """Check a pool's configuration without side effects (no network call unless --connect).
     Exit 2: the configuration is wrong; exit 1: --connect could not reach the pool."""
-    home = _home()
-    with _user_errors():
+    home = cli_home()
+    with user_errors():
         pool = get_pool(name, home.pool_dir(name))
     print(f"ok: pool {name}: configuration valid")
     if connect:
@@ -811,8 +784,8 @@ def pools_check(
         ))  # fmt: skip
 
 
-from crv.autoscale_cli import autoscale_app  # noqa: E402  (these use the helpers above)
-from crv.baremetal_cli import baremetal_app, pxe_app  # noqa: E402
+from crv_cli.autoscale import autoscale_app  # noqa: E402  (these use the helpers above)
+from crv_cli.baremetal import baremetal_app, pxe_app  # noqa: E402
 
 app.add_typer(autoscale_app, name="autoscale")
 app.add_typer(baremetal_app, name="baremetal")

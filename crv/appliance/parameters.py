@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from crv import spec
-from crv.errors import SpecError, brief
-from crv.spec import CONTROL_RE, ParamValue
+from crv.appliance import spec
+from crv.appliance.spec import CONTROL_RE, ParamValue
+from crv.base.errors import SpecError, brief
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}

@@ -15,9 +15,9 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from crv.appliance import Appliance, Role
-from crv.errors import SpecError
-from crv.spec import ParamValue
+from crv.appliance.loader import Appliance, Role
+from crv.appliance.spec import ParamValue
+from crv.base.errors import SpecError
 
 MAX_BUNDLE_BYTES = 16 << 20
 SKIPPED = {".git", "__pycache__", ".venv"}

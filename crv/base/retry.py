@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from crv.errors import CrvError
+from crv.base.errors import CrvError
 
 T = TypeVar("T")
 

@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
-from crv.errors import CrvError
+from crv.base.errors import CrvError
 
 METADATA = sa.MetaData()
 
@@ -163,7 +163,7 @@ autoscaling = sa.Table(
 )
 
 # Every decision an autoscale run took, "none" ones included; the newest of a group also holds
-# what the next decision needs (crv.autoscale.Memory).
+# what the next decision needs (crv.engine.autoscale.Memory).
 decisions = sa.Table(
     "decisions",
     METADATA,

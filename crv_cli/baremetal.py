@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from crv.errors import CrvError, SpecError
-from crv.home import Home
+from crv.base.errors import CrvError, SpecError
+from crv.base.home import Home
+from crv_cli import common, daemons
 
 if TYPE_CHECKING:
     from pools.baremetal.pool import BaremetalPool
@@ -29,12 +30,6 @@ PoolOption = Annotated[
     typer.Option("--pool", "-p", help="The bare-metal pool (default: the only one configured)."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
-
-
-def _cli() -> Any:
-    from crv import cli  # the shared helpers; imported late (crv.cli imports this module)
-
-    return cli
 
 
 def _pool(home: Home, name: str | None) -> BaremetalPool:
@@ -59,9 +54,8 @@ def _pool(home: Home, name: str | None) -> BaremetalPool:
 @baremetal_app.command("list")
 def baremetal_list(pool: PoolOption = None, as_json: JsonOption = False) -> None:
     """The machines of a bare-metal pool: class, addresses, and free, leased or failed."""
-    cli = _cli()
-    home = cli._home()
-    with cli._user_errors():
+    home = common.home()
+    with common.user_errors():
         bm = _pool(home, pool)
         machines = bm.machines()
         ledger = bm.leases.read()
@@ -97,7 +91,7 @@ def baremetal_list(pool: PoolOption = None, as_json: JsonOption = False) -> None
             r["machine"], r["class"], r["address"] or "-", r["bmc"], r["state"],
             r["node"] or "-", detail,
         )  # fmt: skip
-    cli.console.print(table)
+    common.console.print(table)
     counts = {s: sum(r["state"] == s for r in rows) for s in ("free", "leased", "failed")}
     print(
         f"pool {bm.name}: {len(rows)} machines, " + ", ".join(f"{v} {k}" for k, v in counts.items())
@@ -112,9 +106,8 @@ def baremetal_check(
 ) -> None:
     """Read each machine's power state through its BMC (a presence ping, then an IPMI 2.0
     session). Exit 1 if a BMC could not be read; credentials are never printed."""
-    cli = _cli()
-    home = cli._home()
-    with cli._user_errors():
+    home = common.home()
+    with common.user_errors():
         bm = _pool(home, pool)
         machines = bm.machines()
         if name is not None and name not in machines:
@@ -152,9 +145,8 @@ def baremetal_clear(
     pool: PoolOption = None,
 ) -> None:
     """Return a machine written off as failed to the free set, once fixed (powers it off)."""
-    cli = _cli()
-    home = cli._home()
-    with cli._user_errors():
+    home = common.home()
+    with common.user_errors():
         bm = _pool(home, pool)
         bm.clear(name)
     print(f"machine {name} is free again (powered off)")
@@ -181,9 +173,8 @@ def simulate_rack(
     machines that network-boot through the pool's boot service, and the pool in pools.yaml."""
     from pools.baremetal import simrack
 
-    cli = _cli()
-    home = cli._home()
-    with cli._user_errors():
+    home = common.home()
+    with common.user_errors():
         if stop:
             stopped = simrack.stop(home, pool)
             print(f"rack {pool}: {stopped} BMCs stopped, every machine powered off")
@@ -197,7 +188,7 @@ def simulate_rack(
         rack = simrack.create(
             home, pool, machines=machines, classes=counts, boot_timeout=boot_timeout
         )
-        started = cli.daemons.ensure_boot_services(home)
+        started = daemons.ensure_boot_services(home)
     for line in rack.describe():
         print(line)
     if pool in started:
@@ -225,9 +216,8 @@ def dnsmasq_config(
     loader (crv's TFTP) and, to iPXE, the boot script URL on crv's boot service."""
     from pools.baremetal.boot import dnsmasq_config as render
 
-    cli = _cli()
-    home = cli._home()
-    with cli._user_errors():
+    home = common.home()
+    with common.user_errors():
         bm = _pool(home, pool)
         text = render(bm, network=network, interface=interface)
     sys.stdout.write(text)
@@ -237,9 +227,8 @@ def dnsmasq_config(
 def pxe_serve(pool: PoolOption = None) -> None:
     """Run a bare-metal pool's boot service in the foreground (`crv up` runs it in the
     background for every bare-metal pool)."""
-    cli = _cli()
-    home = cli._home()
-    with cli._user_errors():
+    home = common.home()
+    with common.user_errors():
         bm = _pool(home, pool)
     print(f"boot service of {bm.name}: {bm.http_url}/ipxe/<mac> (Ctrl-C stops it)")
     bm.serve_boot()

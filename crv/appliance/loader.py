@@ -18,17 +18,17 @@ from pathlib import Path, PurePosixPath
 import networkx as nx
 from pydantic import ValidationError
 
-from crv import spec, templating
-from crv.errors import SpecError
-from crv.parameters import Binding, resolve_parameters, template_variables
-from crv.spec import CONTROL_RE, MAX_NODES, ParamValue
-from crv.yamldoc import load_yaml_file
+from crv.appliance import spec, templating
+from crv.appliance.parameters import Binding, resolve_parameters, template_variables
+from crv.appliance.spec import CONTROL_RE, MAX_NODES, ParamValue
+from crv.appliance.yamldoc import load_yaml_file
+from crv.base.errors import SpecError
 
 APPLIANCE_FILE = "appliance.yaml"
 MAX_RECIPE_BYTES = 1 << 20
 MAX_INCLUDE_DEPTH = 8
 VERIFY_VARIABLES = ("self", "node", "params")
-_BUILTIN_CATALOG = Path(__file__).resolve().parent.parent / "appliances"
+_BUILTIN_CATALOG = Path(__file__).resolve().parents[2] / "appliances"
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from crv.errors import SpecError
-from crv.spec import Scaling
+from crv.appliance.spec import Scaling
+from crv.base.errors import SpecError
 
 AGGREGATES: dict[str, Callable[[Sequence[float]], float]] = {
     "sum": sum,

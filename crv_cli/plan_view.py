@@ -15,7 +15,7 @@ from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from crv.plan import Plan, node_name
+from crv.appliance.plan import Plan, node_name
 
 
 def fold_indices(indices: Iterable[int]) -> str:

@@ -24,7 +24,6 @@ The Prefect server and the service run with umask 077: their databases and logs 
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import functools
 import ipaddress
@@ -33,7 +32,6 @@ import os
 import secrets
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -41,72 +39,49 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-from crv.errors import CrvError
-from crv.home import Home
+from crv.base.home import Home
+from crv.base.processes import start_time
+from crv.base.running import (  # and what `crv_cli.daemons` users read from it
+    PREFECT_USER as PREFECT_USER,
+)
+from crv.base.running import (
+    DaemonError as DaemonError,
+)
+from crv.base.running import (
+    Endpoints as Endpoints,
+)
+from crv.base.running import (
+    api_auth as api_auth,
+)
+from crv.base.running import (
+    prefect_auth_enabled as prefect_auth_enabled,
+)
+from crv.base.running import (
+    prefect_env as prefect_env,
+)
+from crv.base.running import (
+    prefect_guard,
+    prefect_healthy,
+    prefect_record,
+    read_auth,
+    read_record,
+    request_with_auth,
+    running_url,
+    serve_record,
+    service_healthy,
+    service_record,
+)
+from crv.base.running import (
+    running as running,
+)
+from flows.locks import SERVER_SETTINGS as PREFECT_SERVER_SETTINGS
 
 SERVICE_PORT = 8443
 PREFECT_PORT = 4200
 START_TIMEOUT = 120.0
-PREFECT_USER = "crv"  # the user name of the Prefect API's basic auth
-
-
-class DaemonError(CrvError):
-    temporary = True
-
-
-# The Prefect server's own settings (crv.locks): concurrency leases kept on disk, so a slot held
-# across a server restart is not taken for good (the default keeps leases in memory but the
-# count in the database), and a dead holder's slot freed within ~5 s of its lease running out.
-PREFECT_SERVER_SETTINGS: dict[str, str] = {
-    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": (
-        "prefect.server.concurrency.lease_storage.filesystem"
-    ),
-    "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "5",
-    # a request answered 503 (the database busy) leaves its cause in prefect.log
-    "PREFECT_SERVER_LOG_RETRYABLE_ERRORS": "true",
-}
-
-
-@dataclass(frozen=True)
-class Endpoints:
-    service_url: str
-    prefect_api_url: str
-
-    @property
-    def prefect_ui_url(self) -> str:
-        return self.prefect_api_url.removesuffix("/api")
-
-
-def prefect_env(home: Home, api_url: str | None = None) -> dict[str, str]:
-    """Settings for the Prefect server and for every Prefect client crv runs: the state under
-    CRV_HOME, no telemetry (there is no internet here, and nothing should phone home)."""
-    env = {
-        "PREFECT_HOME": str(home.prefect_dir),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "true",
-        # flow and task logs go to the Prefect UI; the terminal shows crv's own progress
-        "PREFECT_LOGGING_LEVEL": "INFO",
-        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
-        # a request answered 503 (the server's SQLite database locked by a burst of writes,
-        # as 7 parallel deploys on a loaded 2-CPU machine caused for over 2 minutes) is tried
-        # again 7 times, backing off 2, 4, ... 128 s (Prefect's default: 5 times, about 1 min)
-        # (a setting of the caller's own wins)
-        "PREFECT_CLIENT_MAX_RETRIES": os.environ.get("PREFECT_CLIENT_MAX_RETRIES", "7"),
-    }
-    if api_url:
-        env["PREFECT_API_URL"] = api_url
-        auth = api_auth(home)
-        if auth is not None:
-            env["PREFECT_API_AUTH_STRING"] = auth
-    return env
-
-
-# -- who may use the Prefect API -------------------------------------------------------------
 
 
 def prefect_host() -> str:
@@ -118,14 +93,6 @@ def prefect_host() -> str:
     except ValueError:
         raise DaemonError(f"CRV_PREFECT_HOST={host!r} is not an IP address") from None
     return host
-
-
-def prefect_auth_enabled() -> bool:
-    """Whether the Prefect API requires the auth string: yes, unless CRV_PREFECT_AUTH=off."""
-    value = os.environ.get("CRV_PREFECT_AUTH", "").strip().lower() or "on"
-    if value not in ("on", "off"):
-        raise DaemonError(f"CRV_PREFECT_AUTH={value!r}: it is on (the default) or off")
-    return value == "on"
 
 
 def prefect_settings() -> tuple[str, bool]:
@@ -149,34 +116,12 @@ def _dial_address(host: str) -> str:
     return host
 
 
-def _read_auth(path: Path) -> str:
-    value = path.read_text().strip()
-    user, sep, password = value.partition(":")
-    if not (sep and user and password) or any(c.isspace() for c in value):
-        raise DaemonError(
-            f"{path}: not a user:password line; remove it and run `crv down` then `crv up` "
-            "(a new one is made, and given to crv's clients)"
-        )
-    return value
-
-
-def api_auth(home: Home) -> str | None:
-    """The auth string (`user:password`) crv's Prefect clients send; None when the Prefect API
-    has no auth (CRV_PREFECT_AUTH=off) or `crv up` has not made one yet."""
-    if not prefect_auth_enabled():
-        return None
-    try:
-        return _read_auth(home.prefect_auth_file)
-    except FileNotFoundError:
-        return None
-
-
 def ensure_api_auth(home: Home) -> str:
     """The auth string, generated the first time (mode 0600, never overwritten: two `crv up`
     at once agree on the first one written)."""
     path = home.prefect_auth_file
     with contextlib.suppress(FileNotFoundError):
-        return _read_auth(path)
+        return read_auth(path)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".api-auth.{os.getpid()}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -188,62 +133,7 @@ def ensure_api_auth(home: Home) -> str:
         pass
     finally:
         tmp.unlink()
-    return _read_auth(path)
-
-
-def _request(url: str, auth: str | None) -> urllib.request.Request:
-    """A GET of `url` that carries the auth string, if given, as HTTP basic auth."""
-    request = urllib.request.Request(url)
-    if auth is not None:
-        token = base64.b64encode(auth.encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    return request
-
-
-def _prefect_get(url: str, auth: str | None) -> int:
-    """The HTTP status of GET `url` (sending the auth string if given); 0: no answer."""
-    try:
-        with urllib.request.urlopen(_request(url, auth), timeout=2) as r:
-            return int(r.status)
-    except urllib.error.HTTPError as e:
-        return int(e.code)
-    except (OSError, ValueError):
-        return 0
-
-
-def _prefect_guard(url: str, auth: str | None) -> str:
-    """How the Prefect server at `url` (its /api) answers: "ok" as wanted (with `auth`: only
-    to a request that carries it; without: to anyone), "down" (no answer, or a server error),
-    or "mismatch" (it answers, but guards its API otherwise: started before crv had auth,
-    with another password, or with auth where none is wanted)."""
-    probe = f"{url}/admin/version"  # behind the auth (/health is not)
-    anonymous = _prefect_get(probe, None)
-    if anonymous == 0 or anonymous >= 500:
-        return "down"
-    if auth is None:
-        return "ok" if anonymous == 200 else "mismatch"
-    if anonymous != 401:
-        return "mismatch"
-    signed = _prefect_get(probe, auth)
-    if signed == 0 or signed >= 500:  # busy, not refusing: never a reason to restart it
-        return "down"
-    return "ok" if signed == 200 else "mismatch"
-
-
-def _wanted_auth(home: Home) -> str | None:
-    """The auth string the server should require, "" if one is wanted but none exists yet."""
-    if not prefect_auth_enabled():
-        return None
-    return api_auth(home) or ""
-
-
-def _start_time(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return None if fields[0] == "Z" else fields[19]
+    return read_auth(path)
 
 
 class ExitedAtStart(DaemonError):
@@ -272,39 +162,6 @@ def service_address() -> str:
     return address
 
 
-def _read(record: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(record.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or _start_time(int(data["pid"])) != data.get("started"):
-        return None
-    return data
-
-
-def _service_healthy(home: Home, url: str) -> bool:
-    try:
-        ctx = ssl.create_default_context(cafile=str(home.ca_file))
-        with urllib.request.urlopen(f"{url}/v1/health", timeout=2, context=ctx) as r:
-            return bool(r.status == 200)
-    except (OSError, ValueError):
-        return False
-
-
-def _prefect_healthy(home: Home, url: str) -> bool:
-    """It answers, and requires the auth string crv's clients send (or none, with auth off)."""
-    auth = _wanted_auth(home)
-    return auth != "" and _prefect_guard(url, auth) == "ok"
-
-
-def _running(record: Path, healthy: Callable[[str], bool]) -> str | None:
-    data = _read(record)
-    if data is None:
-        return None
-    url = str(data["url"])
-    return url if healthy(url) else None
-
-
 def _start(
     name: str,
     record: Path,
@@ -330,7 +187,7 @@ def _start(
             close_fds=True,
             umask=umask,
         )
-    started = _start_time(proc.pid)
+    started = start_time(proc.pid)
     tmp = record.with_suffix(".tmp")
     tmp.write_text(json.dumps({"pid": proc.pid, "started": started, "url": url}))
     os.replace(tmp, record)
@@ -375,7 +232,7 @@ def _serves(session: int, url: str) -> bool:
 
 
 def _stop(record: Path) -> bool:
-    data = _read(record)
+    data = read_record(record)
     with contextlib.suppress(FileNotFoundError):
         record.unlink()
     if data is None:
@@ -387,40 +244,22 @@ def _stop(record: Path) -> bool:
     with contextlib.suppress(ProcessLookupError):
         kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 15
-    while _start_time(pid) is not None and time.monotonic() < deadline:
+    while start_time(pid) is not None and time.monotonic() < deadline:
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         kill(pid, signal.SIGKILL)
     return True
 
 
-def _service_record(home: Home) -> Path:
-    return home.service_dir / "daemon.json"
-
-
-def _prefect_record(home: Home) -> Path:
-    return home.prefect_dir / "daemon.json"
-
-
-def _serve_record(home: Home) -> Path:
-    return home.prefect_dir / "serve.json"
-
-
-def running(home: Home) -> Endpoints | None:
-    service = _running(_service_record(home), lambda u: _service_healthy(home, u))
-    prefect = _running(_prefect_record(home), functools.partial(_prefect_healthy, home))
-    return Endpoints(service, prefect) if service and prefect else None
-
-
 def _stop_unguarded_prefect(home: Home, auth: str | None) -> bool:
     """Stop this home's Prefect server if it answers but does not guard its API as wanted (a
     home from before crv had auth: its API open to any local user), with the process serving
     the deployments against it (which lacks the auth string)."""
-    data = _read(_prefect_record(home))
-    if data is None or _prefect_guard(str(data["url"]), auth) != "mismatch":
+    data = read_record(prefect_record(home))
+    if data is None or prefect_guard(str(data["url"]), auth) != "mismatch":
         return False
-    _stop(_serve_record(home))
-    _stop(_prefect_record(home))
+    _stop(serve_record(home))
+    _stop(prefect_record(home))
     return True
 
 
@@ -431,8 +270,8 @@ def up(home: Home, *, serve: bool = True) -> Endpoints:
     home.ensure()
     auth = ensure_api_auth(home) if with_auth else None
     _stop_unguarded_prefect(home, auth)
-    service = _running(_service_record(home), lambda u: _service_healthy(home, u))
-    prefect = _running(_prefect_record(home), functools.partial(_prefect_healthy, home))
+    service = running_url(service_record(home), lambda u: service_healthy(home, u))
+    prefect = running_url(prefect_record(home), functools.partial(prefect_healthy, home))
     pending: list[Callable[[], str]] = []
     if prefect is None:
 
@@ -449,12 +288,12 @@ def up(home: Home, *, serve: bool = True) -> Endpoints:
                 try:
                     return _start(
                         "prefect",
-                        _prefect_record(home),
+                        prefect_record(home),
                         [*argv, "--port", str(port)],
                         # the UI asks the server where the API is: this port, not 4200
                         {**server_env, "PREFECT_UI_API_URL": api_url},
                         api_url,
-                        functools.partial(_prefect_healthy, home),
+                        functools.partial(prefect_healthy, home),
                         listens=True,
                         umask=0o077,
                     )
@@ -487,7 +326,7 @@ def up(home: Home, *, serve: bool = True) -> Endpoints:
                 try:
                     url = _start(
                         "service",
-                        _service_record(home),
+                        service_record(home),
                         [
                             sys.executable,
                             "-m",
@@ -499,7 +338,7 @@ def up(home: Home, *, serve: bool = True) -> Endpoints:
                         ],
                         {"CRV_HOME": str(home.root), "CRV_SERVICE_ADDRESS": address},
                         f"https://{host}:{port}",
-                        functools.partial(_service_healthy, home),  # our CA: ours answers
+                        functools.partial(service_healthy, home),  # our CA: ours answers
                         umask=0o077,
                     )
                     last.write_text(f"{urllib.parse.urlsplit(url).port}\n")
@@ -548,13 +387,13 @@ def ensure_boot_services(home: Home) -> list[str]:
 
         url = BaremetalPool(pool.name, home.pool_dir(pool.name), pool.options).http_url
         record = _boot_record(home, pool.name)
-        data = _read(record)
+        data = read_record(record)
         if data is not None and data.get("url") == url and _boot_healthy(url):
             continue
         _stop(record)
         record.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         env = {"CRV_HOME": str(home.root)}
-        argv = [sys.executable, "-m", "pools.baremetal.boot", "--pool", pool.name]
+        argv = [sys.executable, "-m", "pools.baremetal.serve_boot", "--pool", pool.name]
         _start(f"boot-{pool.name}", record, argv, env, url, _boot_healthy)
         started.append(pool.name)
     return started
@@ -580,11 +419,11 @@ def _in_parallel(calls: list[Callable[[], str]]) -> list[str]:
 
 def down(home: Home) -> list[str]:
     stopped = []
-    if _stop(_serve_record(home)):  # first: it runs flows against the other two
+    if _stop(serve_record(home)):  # first: it runs flows against the other two
         stopped.append("deployments")
-    if _stop(_service_record(home)):
+    if _stop(service_record(home)):
         stopped.append("service")
-    if _stop(_prefect_record(home)):
+    if _stop(prefect_record(home)):
         stopped.append("prefect")
     stopped += _stop_boot_services(home)
     from pools.baremetal import simrack
@@ -606,7 +445,7 @@ def _deployments_polled(api_url: str, since: float, auth: str | None) -> bool:
     """Every deployment is registered and was polled for runs after `since` (by the process
     just started, not one before it: Prefect keeps a deployment `READY` for a while)."""
     for full_name in deployment_names():
-        request = _request(f"{api_url}/deployments/name/{full_name}", auth)
+        request = request_with_auth(f"{api_url}/deployments/name/{full_name}", auth)
         try:
             with urllib.request.urlopen(request, timeout=2) as r:
                 polled = json.load(r).get("last_polled")
@@ -623,7 +462,7 @@ def _timestamp(iso: str) -> float:
 
 def served(home: Home, api_url: str) -> int | None:
     """The pid serving the deployments against `api_url`, if one does."""
-    data = _read(_serve_record(home))
+    data = read_record(serve_record(home))
     if data is None or data.get("url") != api_url:
         return None
     return int(data["pid"])
@@ -640,11 +479,11 @@ def serve_env(home: Home, api_url: str) -> dict[str, str]:
 
 
 def _start_serving(home: Home, api_url: str) -> str:
-    _stop(_serve_record(home))  # one that serves a Prefect server that is gone
+    _stop(serve_record(home))  # one that serves a Prefect server that is gone
     since = time.time()
     return _start(
         "deployments",
-        _serve_record(home),
+        serve_record(home),
         [sys.executable, "-m", "deployments"],
         serve_env(home, api_url),
         api_url,
@@ -674,16 +513,16 @@ def serve_foreground(home: Home) -> None:
             "`crv serve`); `crv down` stops everything"
         )
     os.environ.update(serve_env(home, endpoints.prefect_api_url))
-    record = _serve_record(home)
+    record = serve_record(home)
     me = os.getpid()
-    entry = {"pid": me, "started": _start_time(me), "url": endpoints.prefect_api_url}
+    entry = {"pid": me, "started": start_time(me), "url": endpoints.prefect_api_url}
     record.write_text(json.dumps({**entry, "group": False}))
     try:
         from deployments.serve import serve
 
         serve()
     finally:
-        data = _read(record)
+        data = read_record(record)
         if data is not None and int(data["pid"]) == me:
             with contextlib.suppress(FileNotFoundError):
                 record.unlink()

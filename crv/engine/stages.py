@@ -1,7 +1,7 @@
 """The four step kinds of a deploy, for one node at a time, against a pool and the service.
 
-Many nodes run these at once (crv.executor), so everything that talks to the service is shared:
-one event stream mirrors the cluster's state (a certify or contextualize step waits on an
+Many nodes run these at once (crv.engine.executor), so everything that talks to the service is
+shared: one event stream mirrors the cluster's state (a certify or contextualize step waits on an
 asyncio future, holding no thread), and calls that many nodes make at the same moment (node
 records, tokens, releases) are batched into one request. Pool calls are blocking library calls
 and run in a bounded thread pool.
@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Generic, TypeVar
 
-from crv import verify
-from crv.bundle import Bundle, build
-from crv.client import AsyncService, ServiceError
-from crv.errors import CrvError
-from crv.placement import ALIVE, NoCapacity, Placement, capacities
-from crv.plan import Plan
-from crv.store import DRAIN_STATES, LEAVING, natural_key
-from crv.verify import Check
+from crv.appliance.bundle import Bundle, build
+from crv.appliance.plan import Plan
+from crv.base.errors import CrvError
+from crv.engine import verify
+from crv.engine.placement import ALIVE, NoCapacity, Placement, capacities
+from crv.engine.verify import Check
+from crv.service.client import AsyncService, ServiceError
+from crv.service.store import DRAIN_STATES, LEAVING, natural_key
 from pools.base import NodeInfo, NodeSpec, Pool
 
 T = TypeVar("T")

@@ -11,8 +11,8 @@ from typing import Any
 
 import httpx
 
-from crv.errors import CrvError
-from crv.home import Home
+from crv.base.errors import CrvError
+from crv.base.home import Home
 
 
 class ServiceError(CrvError):

@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from crv.errors import SpecError, brief
+from crv.base.errors import SpecError, brief
 
 API_VERSION = "crv/v1"
 MAX_NODES = 20_000  # per cluster; refused before any expansion
@@ -246,7 +246,7 @@ class NodeGroup(_Model):
     # deploy's --pool. `crv deploy --pool-for GROUP=POOL` overrides it.
     pool: Name | None = None
     # or pools in order of preference: growth fills the first with capacity, shrinking
-    # releases from the last (crv.placement); not together with `pool`
+    # releases from the last (crv.engine.placement); not together with `pool`
     pools: list[Name] | None = Field(
         default=None, min_length=1, max_length=8, json_schema_extra={"uniqueItems": True}
     )

@@ -18,9 +18,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from crv.errors import CrvError
-from crv.plan import Plan
-from crv.retry import RetryPolicy
+from crv.appliance.plan import Plan
+from crv.base.errors import CrvError
+from crv.base.retry import RetryPolicy
 
 StepFn = Callable[[str], Awaitable[None]]
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from crv.errors import SpecError
+from crv.base.errors import SpecError
 
 MAX_DOCUMENT_BYTES = 1 << 20  # appliance files are hand-written; a megabyte is already absurd
 MAX_EXPANDED_NODES = 100_000  # scalars + collections, counting every alias expansion

@@ -5,13 +5,20 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
-from crv.errors import SpecError
-from crv.flock import exclusive
+from crv.base.errors import SpecError
+from crv.base.flock import exclusive
+from crv_cli import common
+
+if TYPE_CHECKING:
+    from crv.appliance.loader import Appliance
+    from crv.base.home import Home
+    from crv.service.client import Service
+    from crv_cli import daemons
 
 autoscale_app = typer.Typer(
     no_args_is_help=True, help="Autoscaling: node groups sized by a metric (their `scaling`)."
@@ -20,12 +27,6 @@ autoscale_app = typer.Typer(
 
 MIN_EVERY, MAX_EVERY = 5.0, 86400.0  # the autoscale schedule's interval, seconds
 DEPLOYMENT_WAIT = 60.0  # seconds `enable` waits for the serve process to add the deployment
-
-
-def _cli() -> Any:
-    from crv import cli  # the shared helpers; imported late (crv.cli imports this module)
-
-    return cli
 
 
 @autoscale_app.command("simulate")
@@ -58,11 +59,10 @@ def simulate(
 ) -> None:
     """Replay a recorded metric trace against a group's scaling policy on a simulated clock (no
     machines): every decision, the node count over time, and optionally a PNG plot."""
-    from crv import autoscale
-    from crv.appliance import load_appliance, parse_overrides
+    from crv.appliance.loader import load_appliance, parse_overrides
+    from crv.engine import autoscale
 
-    cli = _cli()
-    with cli._user_errors():
+    with common.user_errors():
         appliance = load_appliance(directory, parse_overrides(sets or []))
         scaled = appliance.scaled
         if group is None:
@@ -116,7 +116,7 @@ def simulate(
                 _clock(d.at), metric, f"{d.current}->{d.target}" if d.action != "none"
                 else str(d.current), str(d.desired), d.action, d.reason,
             )  # fmt: skip
-    cli.console.print(table)
+    common.console.print(table)
     print(
         f"{summary['ticks']} decisions every {every}: {len(actions)} changes "
         f"({summary['grow']} grow, {summary['shrink']} shrink, "
@@ -129,7 +129,7 @@ def simulate(
 
 def interval(option: str, text: str, least: float = MIN_EVERY) -> float:
     """A schedule interval from `60s`, `5m`, `1h` or seconds; a SpecError naming the option."""
-    from crv.spec import parse_duration
+    from crv.appliance.spec import parse_duration
 
     try:
         seconds = parse_duration(text)
@@ -148,14 +148,16 @@ def _clock(seconds: float) -> str:
 ClusterArg = Annotated[str, typer.Argument(metavar="NAME", help="Cluster name.")]
 
 
-def _cluster(cli: Any, name: str, command: str) -> tuple[Any, Any, Any, dict[str, Any], Any]:
+def _cluster(
+    name: str, command: str
+) -> tuple[Home, daemons.Endpoints, Service, dict[str, Any], Appliance]:
     """(home, endpoints, service, status, appliance) of a cluster whose appliance has a scaling
     section; a SpecError (exit 2) otherwise."""
-    from crv.appliance import NOT_SCALED, load_recorded
-    from crv.client import Service
+    from crv.appliance.loader import NOT_SCALED, load_recorded
+    from crv.service.client import Service
 
-    home = cli._home()
-    endpoints = cli._ensure_up(home)
+    home = common.home()
+    endpoints = common.ensure_up(home)
     service = Service(home, endpoints.service_url)
     status = service.status(name)
     if status is None:
@@ -210,13 +212,12 @@ def enable(
     flow every interval (pause it in the Prefect UI; `crv autoscale disable` removes it)."""
     import time
 
-    from crv import daemons
+    from crv_cli import daemons
     from deployments.serve import _interval
 
-    cli = _cli()
-    with cli._user_errors():
+    with common.user_errors():
         seconds = interval("--every", every)
-        home, endpoints, service, _, _ = _cluster(cli, name, "enable")
+        home, endpoints, service, _, _ = _cluster(name, "enable")
         daemons.ensure_served(home, endpoints)
         with exclusive(home.autoscale_lock):  # not in the middle of a pass (deployments.serve)
             service.put_autoscaling(name, True, seconds)
@@ -244,9 +245,8 @@ def enable(
 def disable(name: ClusterArg) -> None:
     """Stop autoscaling a cluster: its `autoscale/NAME` deployment and schedule are removed
     (its recorded decisions are kept; the cluster keeps its current size)."""
-    cli = _cli()
-    with cli._user_errors():
-        home, _, service, _, _ = _cluster(cli, name, "disable")  # sets up this process's Prefect
+    with common.user_errors():
+        home, _, service, _, _ = _cluster(name, "disable")  # sets up this process's Prefect
         # under the lock: a pass of the serve process that read "enabled" before this change
         # would make the deployment again after it was deleted (deployments.serve)
         with exclusive(home.autoscale_lock):
@@ -264,9 +264,8 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Whether a cluster autoscales, its scaled groups and its latest decisions."""
-    cli = _cli()
-    with cli._user_errors():
-        _, endpoints, service, found, loaded = _cluster(cli, name, "status")
+    with common.user_errors():
+        _, endpoints, service, found, loaded = _cluster(name, "status")
         setting = service.autoscaling(name)[0]
         deployment = _deployment(name)
         decisions = service.decisions(name, limit=last)
@@ -312,7 +311,7 @@ def status(
             d["reason"], d["outcome"] or "",
         )  # fmt: skip
     if decisions:
-        cli.console.print(table)
+        common.console.print(table)
     else:
         print("no decisions yet")
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import networkx as nx
 
-from crv.appliance import Appliance
-from crv.errors import PlanError
-from crv.spec import NAME_PATTERN, NAME_RULE
+from crv.appliance.loader import Appliance
+from crv.appliance.spec import NAME_PATTERN, NAME_RULE
+from crv.base.errors import PlanError
 
 DEFAULT_ESTIMATES: Mapping[str, float] = {
     "provision": 60.0,

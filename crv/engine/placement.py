@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from crv.appliance import Appliance
-from crv.errors import CrvError, SpecError
-from crv.home import Home
-from crv.store import natural_key
+from crv.appliance.loader import Appliance
+from crv.base.errors import CrvError, SpecError
+from crv.base.home import Home
+from crv.service.store import natural_key
 from pools import get_pool
 from pools.base import Pool
 

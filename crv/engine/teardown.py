@@ -11,8 +11,8 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from crv.client import Service
-from crv.placement import Drivers, pools_of
+from crv.engine.placement import Drivers, pools_of
+from crv.service.client import Service
 
 
 @dataclass(frozen=True)

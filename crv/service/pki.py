@@ -25,9 +25,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from crv.errors import PkiError
-from crv.flock import exclusive
-from crv.spec import CONTROL_RE, NAME_PATTERN, NAME_RULE
+from crv.appliance.spec import CONTROL_RE, NAME_PATTERN, NAME_RULE
+from crv.base.errors import PkiError
+from crv.base.flock import exclusive
 
 __all__ = ["ADMIN_URI", "CertificateAuthority", "is_admin", "node_identity"]
 

@@ -1,3 +1,0 @@
-from crv.cli import main
-
-main()

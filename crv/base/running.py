@@ -1,0 +1,194 @@
+"""What `crv up` left running, for whoever needs it: the service's and the Prefect server's
+records under CRV_HOME, their health, and the environment a Prefect client of them needs.
+
+Each daemon leaves `<dir>/daemon.json` (pid, its start time, url). "Running" means that pid is
+alive with the same start time (pids are reused) and answers its health check. The Prefect API
+requires HTTP basic auth (`user:password` in `prefect/api-auth`, made by `crv up`) unless
+CRV_PREFECT_AUTH=off. Read by the CLI, the deployments, the flows and the tasks; started and
+stopped by `crv_cli.daemons`."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import os
+import ssl
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crv.base.errors import CrvError
+from crv.base.home import Home
+from crv.base.processes import start_time
+
+
+class DaemonError(CrvError):
+    temporary = True
+
+
+PREFECT_USER = "crv"  # the user name of the Prefect API's basic auth
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    service_url: str
+    prefect_api_url: str
+
+    @property
+    def prefect_ui_url(self) -> str:
+        return self.prefect_api_url.removesuffix("/api")
+
+
+def prefect_env(home: Home, api_url: str | None = None) -> dict[str, str]:
+    """Settings for the Prefect server and for every Prefect client crv runs: the state under
+    CRV_HOME, no telemetry (there is no internet here, and nothing should phone home)."""
+    env = {
+        "PREFECT_HOME": str(home.prefect_dir),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "true",
+        # flow and task logs go to the Prefect UI; the terminal shows crv's own progress
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
+        # a request answered 503 (the server's SQLite database locked by a burst of writes,
+        # as 7 parallel deploys on a loaded 2-CPU machine caused for over 2 minutes) is tried
+        # again 7 times, backing off 2, 4, ... 128 s (Prefect's default: 5 times, about 1 min)
+        # (a setting of the caller's own wins)
+        "PREFECT_CLIENT_MAX_RETRIES": os.environ.get("PREFECT_CLIENT_MAX_RETRIES", "7"),
+    }
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+        auth = api_auth(home)
+        if auth is not None:
+            env["PREFECT_API_AUTH_STRING"] = auth
+    return env
+
+
+def prefect_auth_enabled() -> bool:
+    """Whether the Prefect API requires the auth string: yes, unless CRV_PREFECT_AUTH=off."""
+    value = os.environ.get("CRV_PREFECT_AUTH", "").strip().lower() or "on"
+    if value not in ("on", "off"):
+        raise DaemonError(f"CRV_PREFECT_AUTH={value!r}: it is on (the default) or off")
+    return value == "on"
+
+
+def read_auth(path: Path) -> str:
+    value = path.read_text().strip()
+    user, sep, password = value.partition(":")
+    if not (sep and user and password) or any(c.isspace() for c in value):
+        raise DaemonError(
+            f"{path}: not a user:password line; remove it and run `crv down` then `crv up` "
+            "(a new one is made, and given to crv's clients)"
+        )
+    return value
+
+
+def api_auth(home: Home) -> str | None:
+    """The auth string (`user:password`) crv's Prefect clients send; None when the Prefect API
+    has no auth (CRV_PREFECT_AUTH=off) or `crv up` has not made one yet."""
+    if not prefect_auth_enabled():
+        return None
+    try:
+        return read_auth(home.prefect_auth_file)
+    except FileNotFoundError:
+        return None
+
+
+def request_with_auth(url: str, auth: str | None) -> urllib.request.Request:
+    """A GET of `url` that carries the auth string, if given, as HTTP basic auth."""
+    request = urllib.request.Request(url)
+    if auth is not None:
+        token = base64.b64encode(auth.encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    return request
+
+
+def _prefect_get(url: str, auth: str | None) -> int:
+    """The HTTP status of GET `url` (sending the auth string if given); 0: no answer."""
+    try:
+        with urllib.request.urlopen(request_with_auth(url, auth), timeout=2) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+    except (OSError, ValueError):
+        return 0
+
+
+def prefect_guard(url: str, auth: str | None) -> str:
+    """How the Prefect server at `url` (its /api) answers: "ok" as wanted (with `auth`: only
+    to a request that carries it; without: to anyone), "down" (no answer, or a server error),
+    or "mismatch" (it answers, but guards its API otherwise: started before crv had auth,
+    with another password, or with auth where none is wanted)."""
+    probe = f"{url}/admin/version"  # behind the auth (/health is not)
+    anonymous = _prefect_get(probe, None)
+    if anonymous == 0 or anonymous >= 500:
+        return "down"
+    if auth is None:
+        return "ok" if anonymous == 200 else "mismatch"
+    if anonymous != 401:
+        return "mismatch"
+    signed = _prefect_get(probe, auth)
+    if signed == 0 or signed >= 500:  # busy, not refusing: never a reason to restart it
+        return "down"
+    return "ok" if signed == 200 else "mismatch"
+
+
+def wanted_auth(home: Home) -> str | None:
+    """The auth string the server should require, "" if one is wanted but none exists yet."""
+    if not prefect_auth_enabled():
+        return None
+    return api_auth(home) or ""
+
+
+def read_record(record: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or start_time(int(data["pid"])) != data.get("started"):
+        return None
+    return data
+
+
+def service_healthy(home: Home, url: str) -> bool:
+    try:
+        ctx = ssl.create_default_context(cafile=str(home.ca_file))
+        with urllib.request.urlopen(f"{url}/v1/health", timeout=2, context=ctx) as r:
+            return bool(r.status == 200)
+    except (OSError, ValueError):
+        return False
+
+
+def prefect_healthy(home: Home, url: str) -> bool:
+    """It answers, and requires the auth string crv's clients send (or none, with auth off)."""
+    auth = wanted_auth(home)
+    return auth != "" and prefect_guard(url, auth) == "ok"
+
+
+def running_url(record: Path, healthy: Callable[[str], bool]) -> str | None:
+    data = read_record(record)
+    if data is None:
+        return None
+    url = str(data["url"])
+    return url if healthy(url) else None
+
+
+def service_record(home: Home) -> Path:
+    return home.service_dir / "daemon.json"
+
+
+def prefect_record(home: Home) -> Path:
+    return home.prefect_dir / "daemon.json"
+
+
+def serve_record(home: Home) -> Path:
+    return home.prefect_dir / "serve.json"
+
+
+def running(home: Home) -> Endpoints | None:
+    service = running_url(service_record(home), lambda u: service_healthy(home, u))
+    prefect = running_url(prefect_record(home), functools.partial(prefect_healthy, home))
+    return Endpoints(service, prefect) if service and prefect else None

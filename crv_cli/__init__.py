@@ -1,0 +1,1 @@
+"""The `crv` command and the background daemons it starts (`crv up`)."""

@@ -1,0 +1,3 @@
+from crv_cli.main import main
+
+main()
