@@ -15,8 +15,9 @@ from crv.base.flock import exclusive
 from crv_cli import common
 
 if TYPE_CHECKING:
-    from crv.appliance.loader import Appliance
+    from crv.appliance.loader import Appliance, Group
     from crv.base.home import Home
+    from crv.engine.autoscale import Decision
     from crv.service.client import Service
     from crv_cli import daemons
 
@@ -64,18 +65,7 @@ def simulate(
 
     with common.user_errors():
         appliance = load_appliance(directory, parse_overrides(sets or []))
-        scaled = appliance.scaled
-        if group is None:
-            if len(scaled) != 1:
-                names = ", ".join(g.name for g in scaled) or "none has a scaling section"
-                raise SpecError("--group", "", f"name the node group ({names})")
-            chosen = scaled[0]
-        else:
-            found = appliance.groups.get(group)
-            if found is None or found.scaling is None:
-                names = ", ".join(g.name for g in scaled) or "none"
-                raise SpecError("--group", group, f"no scaling section (groups with one: {names})")
-            chosen = found
+        chosen = _scaled_group(appliance, group)
         seconds = interval("--every", every, least=0.001)
         readings = autoscale.read_trace(trace)
         assert chosen.scaling is not None
@@ -93,21 +83,47 @@ def simulate(
                 autoscale.plot(decisions, plot_file, title)
             except OSError as exc:
                 raise SpecError("--plot", str(plot_file), exc.strerror or str(exc)) from None
-    actions = [d for d in decisions if d.action != "none"]
-    summary = {
-        "group": chosen.name,
-        "ticks": len(decisions),
-        "grow": sum(d.action == "grow" for d in decisions),
-        "shrink": sum(d.action == "shrink" for d in decisions),
-        "direction_changes": autoscale.direction_changes(decisions),
-        "min_nodes": min(d.target for d in decisions),
-        "max_nodes": max(d.target for d in decisions),
-        "final_nodes": decisions[-1].target,
-    }
+    summary = _summary(chosen.name, decisions)
     if as_json:
         rows = [d.row() for d in decisions]
         sys.stdout.write(json.dumps({**summary, "decisions": rows}) + "\n")
         return
+    _print_replay(decisions, summary, every)
+    if plot_file is not None:
+        print(f"plot: {plot_file}")
+
+
+def _scaled_group(appliance: Appliance, group: str | None) -> Group:
+    """The group `--group` names, or the only one with a scaling section."""
+    scaled = appliance.scaled
+    if group is None:
+        if len(scaled) != 1:
+            names = ", ".join(g.name for g in scaled) or "none has a scaling section"
+            raise SpecError("--group", "", f"name the node group ({names})")
+        return scaled[0]
+    found = appliance.groups.get(group)
+    if found is None or found.scaling is None:
+        names = ", ".join(g.name for g in scaled) or "none"
+        raise SpecError("--group", group, f"no scaling section (groups with one: {names})")
+    return found
+
+
+def _summary(group: str, decisions: list[Decision]) -> dict[str, int | str]:
+    from crv.engine.autoscale import direction_changes
+
+    return {
+        "group": group,
+        "ticks": len(decisions),
+        "grow": sum(d.action == "grow" for d in decisions),
+        "shrink": sum(d.action == "shrink" for d in decisions),
+        "direction_changes": direction_changes(decisions),
+        "min_nodes": min(d.target for d in decisions),
+        "max_nodes": max(d.target for d in decisions),
+        "final_nodes": decisions[-1].target,
+    }
+
+
+def _print_replay(decisions: list[Decision], summary: dict[str, int | str], every: str) -> None:
     table = Table("time", "metric", "nodes", "desired", "action", "reason", box=None)
     for d in decisions:
         if d.action != "none" or d is decisions[0] or d is decisions[-1]:
@@ -117,14 +133,13 @@ def simulate(
                 else str(d.current), str(d.desired), d.action, d.reason,
             )  # fmt: skip
     common.console.print(table)
+    changes = sum(d.action != "none" for d in decisions)
     print(
-        f"{summary['ticks']} decisions every {every}: {len(actions)} changes "
+        f"{summary['ticks']} decisions every {every}: {changes} changes "
         f"({summary['grow']} grow, {summary['shrink']} shrink, "
         f"{summary['direction_changes']} direction changes); nodes "
         f"{summary['min_nodes']}-{summary['max_nodes']}, {summary['final_nodes']} at the end"
     )
-    if plot_file is not None:
-        print(f"plot: {plot_file}")
 
 
 def interval(option: str, text: str, least: float = MIN_EVERY) -> float:

@@ -44,6 +44,19 @@ from pathlib import Path
 
 from crv.base.home import Home
 from crv.base.processes import start_time
+from crv.base.running import (
+    PREFECT_SERVER_SETTINGS,
+    prefect_guard,
+    prefect_healthy,
+    prefect_record,
+    read_auth,
+    read_record,
+    request_with_auth,
+    running_url,
+    serve_record,
+    service_healthy,
+    service_record,
+)
 from crv.base.running import (  # and what `crv_cli.daemons` users read from it
     PREFECT_USER as PREFECT_USER,
 )
@@ -63,21 +76,8 @@ from crv.base.running import (
     prefect_env as prefect_env,
 )
 from crv.base.running import (
-    prefect_guard,
-    prefect_healthy,
-    prefect_record,
-    read_auth,
-    read_record,
-    request_with_auth,
-    running_url,
-    serve_record,
-    service_healthy,
-    service_record,
-)
-from crv.base.running import (
     running as running,
 )
-from flows.locks import SERVER_SETTINGS as PREFECT_SERVER_SETTINGS
 
 SERVICE_PORT = 8443
 PREFECT_PORT = 4200
@@ -168,7 +168,7 @@ def _start(
     argv: list[str],
     env: dict[str, str],
     url: str,
-    healthy: Callable[[str], bool],
+    healthy: Callable[[str], bool | None],
     *,
     listens: bool = False,  # `url` is its own listener: check that it is ours that answers
     umask: int = -1,  # -1: the caller's
@@ -274,81 +274,12 @@ def up(home: Home, *, serve: bool = True) -> Endpoints:
     prefect = running_url(prefect_record(home), functools.partial(prefect_healthy, home))
     pending: list[Callable[[], str]] = []
     if prefect is None:
-
-        def start_prefect() -> str:
-            argv = [sys.executable, "-m", "prefect", "server", "start", "--host", host]
-            dial = _dial_address(host)
-            dial_host = f"[{dial}]" if ":" in dial else dial
-            server_env = {**prefect_env(home), **PREFECT_SERVER_SETTINGS}
-            if auth is not None:
-                server_env["PREFECT_SERVER_API_AUTH_STRING"] = auth
-            for preferred in (PREFECT_PORT, 0):  # 4200, or any port if another took it first
-                port = _free_port(preferred, host)
-                api_url = f"http://{dial_host}:{port}/api"
-                try:
-                    return _start(
-                        "prefect",
-                        prefect_record(home),
-                        [*argv, "--port", str(port)],
-                        # the UI asks the server where the API is: this port, not 4200
-                        {**server_env, "PREFECT_UI_API_URL": api_url},
-                        api_url,
-                        functools.partial(prefect_healthy, home),
-                        listens=True,
-                        umask=0o077,
-                    )
-                except ExitedAtStart:
-                    if preferred == 0:
-                        raise
-            raise AssertionError("unreachable")
-
-        if serve:
-            pending.append(lambda: _start_serving(home, start_prefect()))
-        else:
-            pending.append(start_prefect)
+        start = functools.partial(_start_prefect, home, host, auth)
+        pending.append((lambda: _start_serving(home, start())) if serve else start)
     elif serve and served(home, prefect) is None:
         pending.append(functools.partial(_start_serving, home, prefect))
     if service is None:
-        address = service_address()
-        host = f"[{address}]" if ":" in address else address
-
-        def start_service() -> str:
-            # the port it had before (running nodes' agents call that address), else 8443, or
-            # any port if another home's service took it between the check and the bind
-            # (parallel `crv up`s, as the test-suite's workers run them)
-            last = home.service_dir / "port"
-            try:
-                before = int(last.read_text())
-            except (OSError, ValueError):
-                before = SERVICE_PORT
-            for preferred in (before, 0):
-                port = _free_port(preferred, address)
-                try:
-                    url = _start(
-                        "service",
-                        service_record(home),
-                        [
-                            sys.executable,
-                            "-m",
-                            "crv.service",
-                            "--host",
-                            address,
-                            "--port",
-                            str(port),
-                        ],
-                        {"CRV_HOME": str(home.root), "CRV_SERVICE_ADDRESS": address},
-                        f"https://{host}:{port}",
-                        functools.partial(service_healthy, home),  # our CA: ours answers
-                        umask=0o077,
-                    )
-                    last.write_text(f"{urllib.parse.urlsplit(url).port}\n")
-                    return url
-                except ExitedAtStart:
-                    if preferred == 0:
-                        raise
-            raise AssertionError("unreachable")
-
-        pending.append(start_service)
+        pending.append(functools.partial(_start_service, home))
     results = _in_parallel(pending)
     ep = running(home)
     if ep is None:
@@ -356,6 +287,67 @@ def up(home: Home, *, serve: bool = True) -> Endpoints:
     home.tighten()  # files a home from before the daemons' umask 077 left open
     ensure_boot_services(home)
     return ep
+
+
+def _start_prefect(home: Home, host: str, auth: str | None) -> str:
+    """A Prefect server for `home` on `host`: its API URL."""
+    argv = [sys.executable, "-m", "prefect", "server", "start", "--host", host]
+    dial = _dial_address(host)
+    dial_host = f"[{dial}]" if ":" in dial else dial
+    server_env = {**prefect_env(home), **PREFECT_SERVER_SETTINGS}
+    if auth is not None:
+        server_env["PREFECT_SERVER_API_AUTH_STRING"] = auth
+    for preferred in (PREFECT_PORT, 0):  # 4200, or any port if another took it first
+        port = _free_port(preferred, host)
+        api_url = f"http://{dial_host}:{port}/api"
+        try:
+            return _start(
+                "prefect",
+                prefect_record(home),
+                [*argv, "--port", str(port)],
+                # the UI asks the server where the API is: this port, not 4200
+                {**server_env, "PREFECT_UI_API_URL": api_url},
+                api_url,
+                functools.partial(prefect_healthy, home),
+                listens=True,
+                umask=0o077,
+            )
+        except ExitedAtStart:
+            if preferred == 0:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_service(home: Home) -> str:
+    """The crv service for `home`: its URL. On the port it had before (running nodes' agents
+    call that address), else 8443, or any port if another home's service took it between the
+    check and the bind (parallel `crv up`s, as the test-suite's workers run them)."""
+    address = service_address()
+    host = f"[{address}]" if ":" in address else address
+    last = home.service_dir / "port"
+    try:
+        before = int(last.read_text())
+    except (OSError, ValueError):
+        before = SERVICE_PORT
+    argv = [sys.executable, "-m", "crv.service", "--host", address]
+    for preferred in (before, 0):
+        port = _free_port(preferred, address)
+        try:
+            url = _start(
+                "service",
+                service_record(home),
+                [*argv, "--port", str(port)],
+                {"CRV_HOME": str(home.root), "CRV_SERVICE_ADDRESS": address},
+                f"https://{host}:{port}",
+                functools.partial(service_healthy, home),  # our CA: ours answers
+                umask=0o077,
+            )
+            last.write_text(f"{urllib.parse.urlsplit(url).port}\n")
+            return url
+        except ExitedAtStart:
+            if preferred == 0:
+                raise
+    raise AssertionError("unreachable")
 
 
 # -- the boot services of bare-metal pools ---------------------------------------------------

@@ -21,12 +21,12 @@ What Prefect 3.8.8 does (read in its source, then measured on this machine):
   one repossessor loop, plus the waiter's next retry. Measured, killed 1 s after entry: the
   next holder entered 72 s after the first had (default 15 s loop), 60.4 s (1 s loop, as in
   tests/test_locks.py). 60 s is the floor the server allows, so "within a minute" is the best
-  Prefect can do; `SERVER_SETTINGS` shortens the loop.
+  Prefect can do; `PREFECT_SERVER_SETTINGS` shortens the loop.
 - The server keeps leases in memory by default while the occupied count is in its database: a
   server restart while a slot is held forgets the lease, not the count, and the slot stays taken
   for good (measured: `active_slots` still 1, 85 s after the restart; the way out is resetting
   the limit's active slots in the UI). With the filesystem lease storage (under PREFECT_HOME,
-  see `SERVER_SETTINGS`) the lease survives and expires as usual (measured: free 64 s after
+  see `PREFECT_SERVER_SETTINGS`) the lease survives and expires as usual (measured: free 64 s after
   entry across a restart).
 - If renewal fails (the server unreachable for ~3 s of retries, or this process suspended past
   its lease) the slot may already be someone else's: Prefect cancels the body
@@ -84,18 +84,12 @@ LEASE_SECONDS = 60.0
 # How long a bounded wait may overrun `wait` (first contact with the server, Prefect's queue).
 GRACE_SECONDS = 10.0
 
-# The Prefect server's settings for these leases; `crv up` starts its server with them:
+# The Prefect server's settings for these leases (`PREFECT_SERVER_SETTINGS` in crv.base.running,
+# with crv's other Prefect environment, so the CLI need not import Prefect to start a server);
+# `crv up` starts its server with them:
 # concurrency leases kept on disk, so a slot held across a server restart is not taken for good
 # (the default keeps leases in memory but the count in the database), and a dead holder's slot
 # freed within ~5 s of its lease running out.
-SERVER_SETTINGS: dict[str, str] = {
-    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": (
-        "prefect.server.concurrency.lease_storage.filesystem"
-    ),
-    "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "5",
-    # a request answered 503 (the database busy) leaves its cause in prefect.log
-    "PREFECT_SERVER_LOG_RETRYABLE_ERRORS": "true",
-}
 
 
 class ClusterBusy(CrvError):

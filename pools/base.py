@@ -28,11 +28,15 @@ TAG_NODE = "crv-node"
 
 
 class PoolError(CrvError):
-    """A pool operation failed; `temporary` says whether the same call may succeed later."""
+    """A pool operation failed; `temporary` says whether the same call may succeed later, and
+    `delay` how long the pool asked to be left alone first (a cloud's Retry-After), if it did."""
 
-    def __init__(self, pool: str, message: str, *, temporary: bool = False) -> None:
+    def __init__(
+        self, pool: str, message: str, *, temporary: bool = False, delay: float | None = None
+    ) -> None:
         self.pool = pool
         self.temporary = temporary
+        self.delay = delay
         super().__init__(f"pool {pool}: {' '.join(message.split())}")
 
 

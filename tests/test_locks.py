@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 
 from crv.base.home import Home
+from crv.base.running import PREFECT_SERVER_SETTINGS as SERVER_SETTINGS
 from crv_cli import daemons
 from flows.locks import LEASE_SECONDS as LEASE
-from flows.locks import SERVER_SETTINGS
 from tests.conftest import REPO
 
 HOLDER = r"""

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from crv.base.errors import CrvError
+from crv.base.errors import CrvError, PermanentError, TemporaryError
 from crv.base.retry import RetryPolicy
 
 FAST = RetryPolicy(retries=2, base=0.0)
@@ -51,3 +51,30 @@ def test_anything_else_is_raised_at_once(error: Exception) -> None:
     with pytest.raises(type(error)):
         asyncio.run(FAST.call(attempt))
     assert attempt.attempts == 1
+
+
+def test_a_temporary_error_that_asks_for_a_delay_is_waited_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    attempt = Flaky(TemporaryError("throttled", delay=7.5), TemporaryError("busy"))
+    assert asyncio.run(FAST.call(attempt)) == "ok"
+    assert slept == [7.5, 0.0]  # the asked delay, then the policy's own (base 0 here)
+
+
+def test_an_asked_delay_never_shortens_the_policy_and_is_capped() -> None:
+    policy = RetryPolicy(retries=1, base=10.0, jitter=0.0, asked_cap=60.0)
+    assert policy.delay(0, TemporaryError("x", delay=2.0)) == 10.0
+    assert policy.delay(0, TemporaryError("x", delay=3600.0)) == 60.0
+    assert policy.delay(0, TemporaryError("x")) == 10.0
+
+
+def test_temporary_and_permanent_errors_say_so() -> None:
+    assert RetryPolicy.retryable(TemporaryError("busy"))
+    assert not RetryPolicy.retryable(PermanentError("refused"))
+    assert TemporaryError("busy", delay=3).delay == 3

@@ -1,7 +1,9 @@
 """Errors that say where the problem is and whether a retry can help.
 
 Every crv error carries `temporary`: the Prefect retry condition retries only temporary errors,
-so a bad appliance or a refused certificate fails at once instead of burning retries.
+so a bad appliance or a refused certificate fails at once instead of burning retries. A temporary
+error may also carry `delay`, the seconds the other side asked us to wait (a cloud's
+`Retry-After`), as kopf's `TemporaryError(delay=...)`: the retry policy waits at least that long.
 """
 
 from __future__ import annotations
@@ -17,6 +19,23 @@ class CrvError(Exception):
     """Base of every error crv raises on purpose; its message is one line for the user."""
 
     temporary: bool = False
+    delay: float | None = None  # seconds to wait before trying again, when the cause said so
+
+
+class TemporaryError(CrvError):
+    """A failure the same call may get past later (a busy or restarting peer, a rate limit)."""
+
+    temporary = True
+
+    def __init__(self, message: str, *, delay: float | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+class PermanentError(CrvError):
+    """A failure no retry helps (a refusal, a bad request): it is reported at once."""
+
+    temporary = False
 
 
 class SpecError(CrvError):

@@ -30,9 +30,17 @@ class RetryPolicy:
         """The nominal delays before retry 1..retries, without jitter."""
         return [min(self.cap, self.base * self.factor**i) for i in range(self.retries)]
 
-    def delay(self, attempt: int) -> float:
+    asked_cap: float = 300.0  # the longest wait an error's own `delay` may impose
+
+    def delay(self, attempt: int, error: BaseException | None = None) -> float:
+        """The wait before retry `attempt + 1`: the nominal delay with jitter, or longer when
+        the error asked for a longer wait (`CrvError.delay`, e.g. a cloud's Retry-After)."""
         nominal = self.delays()[attempt]
-        return max(0.0, nominal * random.uniform(1 - self.jitter, 1 + self.jitter))
+        wait = max(0.0, nominal * random.uniform(1 - self.jitter, 1 + self.jitter))
+        asked = getattr(error, "delay", None)
+        if isinstance(asked, int | float) and asked > 0:
+            wait = max(wait, min(float(asked), self.asked_cap))
+        return wait
 
     @staticmethod
     def retryable(error: BaseException) -> bool:
@@ -47,7 +55,8 @@ class RetryPolicy:
             except Exception as e:
                 if not self.retryable(e):
                     raise
-            await asyncio.sleep(self.delay(tried))
+                wait = self.delay(tried, e)
+            await asyncio.sleep(wait)
         return await attempt()
 
 

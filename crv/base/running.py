@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import ssl
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -65,6 +66,18 @@ def prefect_env(home: Home, api_url: str | None = None) -> dict[str, str]:
         if auth is not None:
             env["PREFECT_API_AUTH_STRING"] = auth
     return env
+
+
+# what the Prefect server crv starts runs with: the change lock's leases on files, reclaimed
+# every 5 s (flows/locks.py says why), and the cause of any 503 left in prefect.log
+PREFECT_SERVER_SETTINGS: dict[str, str] = {
+    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": (
+        "prefect.server.concurrency.lease_storage.filesystem"
+    ),
+    "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "5",
+    # a request answered 503 (the database busy) leaves its cause in prefect.log
+    "PREFECT_SERVER_LOG_RETRYABLE_ERRORS": "true",
+}
 
 
 def prefect_auth_enabled() -> bool:
@@ -153,27 +166,54 @@ def read_record(record: Path) -> dict[str, Any] | None:
     return data
 
 
-def service_healthy(home: Home, url: str) -> bool:
+def service_healthy(home: Home, url: str) -> bool | None:
+    """True: our service answers; False: something else answers there (another CA, an
+    error); None: no answer yet (starting, or too busy to answer within 2 s)."""
     try:
         ctx = ssl.create_default_context(cafile=str(home.ca_file))
         with urllib.request.urlopen(f"{url}/v1/health", timeout=2, context=ctx) as r:
             return bool(r.status == 200)
-    except (OSError, ValueError):
+    except urllib.error.HTTPError as e:
+        return None if e.code >= 500 else False
+    except ssl.SSLCertVerificationError:
         return False
+    except (OSError, ValueError):
+        return None
 
 
-def prefect_healthy(home: Home, url: str) -> bool:
-    """It answers, and requires the auth string crv's clients send (or none, with auth off)."""
+def prefect_healthy(home: Home, url: str) -> bool | None:
+    """True: it answers, and requires the auth string crv's clients send (or none, with auth
+    off); False: it guards its API otherwise; None: no answer yet (starting, or busy)."""
     auth = wanted_auth(home)
-    return auth != "" and prefect_guard(url, auth) == "ok"
+    if auth == "":
+        return False
+    guard = prefect_guard(url, auth)
+    return None if guard == "down" else guard == "ok"
 
 
-def running_url(record: Path, healthy: Callable[[str], bool]) -> str | None:
+# how long a daemon whose process is alive may take to answer before it counts as not running:
+# a Prefect server under load (the kill tests run seven clusters at once) can miss a 2 s probe,
+# and taking it for dead would start a second server beside it
+BUSY_PATIENCE = 30.0
+
+
+def running_url(
+    record: Path, healthy: Callable[[str], bool | None], patience: float = BUSY_PATIENCE
+) -> str | None:
+    """The recorded daemon's URL if its process is alive and it answers as ours; while it is
+    alive but does not answer, ask again for up to `patience` seconds."""
     data = read_record(record)
     if data is None:
         return None
     url = str(data["url"])
-    return url if healthy(url) else None
+    deadline = time.monotonic() + patience
+    while True:
+        answer = healthy(url)
+        if answer:
+            return url
+        if answer is False or time.monotonic() >= deadline or read_record(record) != data:
+            return None
+        time.sleep(0.5)
 
 
 def service_record(home: Home) -> Path:
@@ -188,7 +228,9 @@ def serve_record(home: Home) -> Path:
     return home.prefect_dir / "serve.json"
 
 
-def running(home: Home) -> Endpoints | None:
-    service = running_url(service_record(home), lambda u: service_healthy(home, u))
-    prefect = running_url(prefect_record(home), functools.partial(prefect_healthy, home))
+def running(home: Home, patience: float = BUSY_PATIENCE) -> Endpoints | None:
+    service = running_url(service_record(home), lambda u: service_healthy(home, u), patience)
+    if service is None:
+        return None
+    prefect = running_url(prefect_record(home), functools.partial(prefect_healthy, home), patience)
     return Endpoints(service, prefect) if service and prefect else None

@@ -122,7 +122,7 @@ class DagRun:
                 result.error = str(e) if isinstance(e, CrvError) else f"{type(e).__name__}: {e}"
                 if attempt == self.policy.retries or not self.policy.retryable(e):
                     break
-                await asyncio.sleep(self.policy.delay(attempt))
+                await asyncio.sleep(self.policy.delay(attempt, e))
         result.state = "failed"
         return self._finish(sid, result)
 

@@ -27,11 +27,12 @@ from typing import Any, Generic, TypeVar
 from crv.appliance.bundle import Bundle, build
 from crv.appliance.plan import Plan
 from crv.base.errors import CrvError
+from crv.base.states import DRAIN_STATES
 from crv.engine import verify
 from crv.engine.placement import ALIVE, NoCapacity, Placement, capacities
 from crv.engine.verify import Check
 from crv.service.client import AsyncService, ServiceError
-from crv.service.store import DRAIN_STATES, LEAVING, natural_key
+from crv.service.store import LEAVING, natural_key
 from pools.base import NodeInfo, NodeSpec, Pool
 
 T = TypeVar("T")

@@ -28,6 +28,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
 from crv.base.errors import CrvError
+from crv.base.states import DRAIN_STATES, REMADE_FROM, NodeState, RoleState
 
 METADATA = sa.MetaData()
 
@@ -184,18 +185,10 @@ decisions = sa.Table(
 )
 DECISIONS_KEPT = 2000  # per cluster; older ones are dropped
 
-# Role states: pending -> released -> running -> done | failed; done -> verified | verify_failed.
-# Before a shrink removes a node: draining -> drained | drain_failed (the role's drain recipe).
-ROLE_STATES = (
-    "pending", "released", "running", "done", "failed", "verified", "verify_failed",
-    "draining", "drained", "drain_failed",
-)  # fmt: skip
-DRAIN_STATES = ("draining", "drained", "drain_failed")
+ROLE_STATES = tuple(RoleState)  # the order a role on a node moves through (crv.base.states)
 MAX_KEYS_PER_ROLE = 256
 OUTPUT_TAIL = 4096
-LEAVING = "leaving"  # node state during a shrink: it still runs, but no longer feeds anyone
-# a node recorded `provisioning` again from these states has lost its machine: it is remade
-REMADE_FROM = ("provisioned", "enrolled", LEAVING)
+LEAVING = NodeState.LEAVING  # during a shrink: it still runs, but no longer feeds anyone
 TOUCH_EVERY = 10.0  # seconds between writes of a node's last_seen
 ENROL_REPLAY = timedelta(minutes=10)  # the same enrolment again gets the same certificate
 REJOIN_GRACE = timedelta(days=30)  # a certificate ended this long ago can still re-join
