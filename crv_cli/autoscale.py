@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from crv.base.home import Home
     from crv.engine.autoscale import Decision
     from crv.service.client import Service
+    from crv.service.models import ClusterStatus
     from crv_cli import daemons
 
 autoscale_app = typer.Typer(
@@ -165,7 +166,7 @@ ClusterArg = Annotated[str, typer.Argument(metavar="NAME", help="Cluster name.")
 
 def _cluster(
     name: str, command: str
-) -> tuple[Home, daemons.Endpoints, Service, dict[str, Any], Appliance]:
+) -> tuple[Home, daemons.Endpoints, Service, ClusterStatus, Appliance]:
     """(home, endpoints, service, status, appliance) of a cluster whose appliance has a scaling
     section; a SpecError (exit 2) otherwise."""
     from crv.appliance.loader import NOT_SCALED, load_recorded

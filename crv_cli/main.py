@@ -36,6 +36,7 @@ from crv.base.errors import CrvError, SpecError
 from crv.base.home import Home
 from crv.engine.placement import Drift, Drivers, check, drift, lapsed, place, pools_of
 from crv.service.client import Service, ServiceError
+from crv.service.models import ClusterStatus
 from crv.service.pki import node_ttl_from_env
 from crv.service.store import LEAVING
 from crv_cli import daemons
@@ -496,7 +497,7 @@ def pair(
     _report(state, "pairing", home, endpoints, plan)
 
 
-def _members(status: dict[str, Any], group: str) -> int:
+def _members(status: ClusterStatus, group: str) -> int:
     """The nodes of `group` that count (a shrink's victims, `leaving`, no longer do)."""
     return sum(1 for n in status["nodes"] if n["group"] == group and n["state"] != LEAVING)
 
@@ -534,11 +535,11 @@ def _reason(state: State[Any]) -> str:
     return state.message or state.name or "failed"
 
 
-def _entry_points(plan: Plan, status: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+def _entry_points(plan: Plan, status: ClusterStatus | None) -> list[tuple[str, str, str]]:
     """The `url` of roles no other role depends on: where a user starts (the load balancer)."""
     used = {d.role for r in plan.appliance.roles.values() for d in r.depends_on}
     out = []
-    for n in (status or {}).get("nodes", []):
+    for n in status["nodes"] if status else []:
         for role, r in n["roles"].items():
             url = r.get("attributes", {}).get("url")
             if role not in used and url:
@@ -588,7 +589,7 @@ def _drift_lines(cluster: str, found: Drift) -> list[str]:
     return lines
 
 
-def status_json(found: dict[str, Any], found_drift: Drift | None = None) -> dict[str, Any]:
+def status_json(found: ClusterStatus, found_drift: Drift | None = None) -> dict[str, Any]:
     """The `crv status --json` contract: add fields, never rename them."""
     return {
         "name": found["name"],

@@ -42,6 +42,7 @@ from crv.engine import autoscale as policy
 from crv.engine.placement import Drivers, capacities, recorded
 from crv.engine.stages import Timeouts
 from crv.service.client import AsyncService, ServiceError
+from crv.service.models import ClusterStatus
 from flows.deploy import WAIT, DeployFailed, require_cluster, running_service
 from flows.locks import ClusterBusy, cluster_change
 from flows.scale import resize
@@ -128,14 +129,14 @@ async def _stopped_schedule(service: AsyncService, name: str) -> str | None:
     return None
 
 
-def _scaled_groups(name: str, status: dict[str, Any]) -> list[str]:
+def _scaled_groups(name: str, status: ClusterStatus) -> list[str]:
     scaled = [g.name for g in _loaded(status).scaled]
     if not scaled:
         raise DeployFailed(f"cluster {name}: its appliance {status['appliance']}: {NOT_SCALED}")
     return scaled
 
 
-def _loaded(status: dict[str, Any]) -> Appliance:
+def _loaded(status: ClusterStatus) -> Appliance:
     return load_recorded(status["source"], status["parameters"] or {}, status.get("counts") or {})
 
 
@@ -181,7 +182,7 @@ class _Run:
         d = policy.Decision(time.time(), None, current, current, current, "none", reason, memory)
         await self.record(group, d)
 
-    async def group(self, status: dict[str, Any], name: str) -> None:
+    async def group(self, status: ClusterStatus, name: str) -> None:
         loaded = _loaded(status)
         group = loaded.groups[name]
         scaling = group.scaling

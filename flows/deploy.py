@@ -42,6 +42,7 @@ from crv.engine.placement import Drivers, NoCapacity, Placement, check, place, r
 from crv.engine.stages import ClusterRun, Timeouts
 from crv.engine.teardown import teardown
 from crv.service.client import AsyncService, Service, ServiceError
+from crv.service.models import ClusterStatus, NodeStatus
 from crv.service.pki import CertificateAuthority
 from crv.service.store import LEAVING, natural_key
 from flows import events
@@ -82,7 +83,7 @@ def failure_message(dag: DagRun) -> str:
     return f"{sid} failed after {result.attempts} attempts: {result.error}{more}"
 
 
-def summary_rows(status: dict[str, Any]) -> list[dict[str, Any]]:
+def summary_rows(status: ClusterStatus) -> list[dict[str, Any]]:
     return [
         {
             "node": n["name"],
@@ -233,7 +234,7 @@ async def converge(
         await service.close()
 
 
-async def require_cluster(name: str) -> dict[str, Any]:
+async def require_cluster(name: str) -> ClusterStatus:
     """The cluster's recorded status (a resize and a repair start from it)."""
     home, endpoints = running_service()
     service = AsyncService(home, endpoints.service_url)
@@ -246,7 +247,7 @@ async def require_cluster(name: str) -> dict[str, Any]:
     return status
 
 
-async def _status(service: AsyncService, cluster: str) -> dict[str, Any] | None:
+async def _status(service: AsyncService, cluster: str) -> ClusterStatus | None:
     try:
         return await service.status(cluster)
     except ServiceError as e:
@@ -377,7 +378,7 @@ class _Change:
             "kept": kept,
         }
 
-    async def roll_back(self, before: dict[str, Any] | None) -> str:
+    async def roll_back(self, before: ClusterStatus | None) -> str:
         """Undo a failed run: a cluster that did not exist goes entirely; otherwise the nodes
         this run added go and the cluster converges back to the appliance, parameters and
         counts recorded before the run (the dependents let the added nodes go first)."""
@@ -419,7 +420,7 @@ def plan_indices(plan: Plan) -> dict[str, list[int]]:
     return out
 
 
-async def drain_nodes(run: ClusterRun, victims: list[dict[str, Any]]) -> dict[str, str]:
+async def drain_nodes(run: ClusterRun, victims: list[NodeStatus]) -> dict[str, str]:
     """Run the drain recipes of the victims that have a running agent and roles that ran, all
     victims at once; the nodes whose drain failed, and why (they are kept)."""
     appliance = run.plan.appliance
@@ -441,7 +442,7 @@ async def drain_nodes(run: ClusterRun, victims: list[dict[str, Any]]) -> dict[st
 
 
 async def remove_nodes(
-    service: AsyncService, drivers: Drivers, cluster: str, victims: list[dict[str, Any]]
+    service: AsyncService, drivers: Drivers, cluster: str, victims: list[NodeStatus]
 ) -> int:
     """Destroy the victims in their pools, then forget them (which revokes their certificates
     and purges their attributes). In that order: a node is never gone from crv's records while
@@ -480,7 +481,7 @@ def _node_milestones(
     return on_step
 
 
-async def publish_summary(cluster: str, status: dict[str, Any]) -> None:
+async def publish_summary(cluster: str, status: ClusterStatus) -> None:
     """The cluster summary table artifact; every flow that changes the cluster updates it."""
     await acreate_table_artifact(
         key=f"cluster-{cluster}",
@@ -491,12 +492,12 @@ async def publish_summary(cluster: str, status: dict[str, Any]) -> None:
     )
 
 
-def _pools_text(status: dict[str, Any]) -> str:
+def _pools_text(status: ClusterStatus) -> str:
     used = sorted({n["pool"] for n in status["nodes"]} or {status["pool"]})
     return f"pool{'s' if len(used) > 1 else ''} {', '.join(used)}"
 
 
-async def _run_stages(plan: Plan, dag: DagRun, run: ClusterRun) -> dict[str, Any]:
+async def _run_stages(plan: Plan, dag: DagRun, run: ClusterRun) -> ClusterStatus:
     progress_id = await acreate_progress_artifact(
         progress=0.0, key=f"deploy-{plan.cluster}", description="steps done"
     )

@@ -29,6 +29,7 @@ from crv.engine.autoscale import number
 from crv.engine.placement import recorded, release_order
 from crv.engine.stages import Timeouts
 from crv.service.client import AsyncService, ServiceError
+from crv.service.models import ClusterStatus
 from flows import events
 from flows.deploy import (
     ON_FAILURE,
@@ -71,7 +72,7 @@ async def scale_role(
 
 async def resize(
     name: str,
-    status: dict[str, Any],
+    status: ClusterStatus,
     group: str,
     count: int,
     *,
@@ -118,7 +119,7 @@ async def resize(
     return {**result, "group": group, "before": before, "after": after}
 
 
-async def busy_values(cluster: str, status: dict[str, Any], group: Group) -> dict[str, float]:
+async def busy_values(cluster: str, status: ClusterStatus, group: Group) -> dict[str, float]:
     """node -> the `busy` value its roles publish (the highest of its roles; readings older
     than the group's metric's stale_after, else BUSY_STALE, left out)."""
     mine = {n["name"] for n in status["nodes"] if n["group"] == group.name}

@@ -13,6 +13,7 @@ import httpx
 
 from crv.base.errors import CrvError
 from crv.base.home import Home
+from crv.service.models import CLUSTER_STATUS, ClusterStatus
 
 
 class ServiceError(CrvError):
@@ -102,9 +103,10 @@ class AsyncService:
         found: list[dict[str, Any]] = (await self.call("GET", path))["values"]
         return found
 
-    async def status(self, cluster: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self.call("GET", f"/v1/admin/clusters/{cluster}")
-        return result
+    async def status(self, cluster: str) -> ClusterStatus:
+        return CLUSTER_STATUS.validate_python(
+            await self.call("GET", f"/v1/admin/clusters/{cluster}")
+        )
 
     async def liveness(self, cluster: str) -> dict[str, dict[str, str | None]]:
         """{node: {last_seen, certificate_ends}} (ISO times or None)."""
@@ -158,14 +160,14 @@ class Service:
             raise _transport_error(e, self.url) from None
         return _check(r)
 
-    def status(self, cluster: str) -> dict[str, Any] | None:
+    def status(self, cluster: str) -> ClusterStatus | None:
         try:
-            result: dict[str, Any] = self.call("GET", f"/v1/admin/clusters/{cluster}")
+            result = self.call("GET", f"/v1/admin/clusters/{cluster}")
         except ServiceError as e:
             if e.status == 404:
                 return None
             raise
-        return result
+        return CLUSTER_STATUS.validate_python(result)
 
     def clusters(self) -> list[dict[str, Any]]:
         return list(self.call("GET", "/v1/admin/clusters")["clusters"])

@@ -29,6 +29,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from crv.base.errors import CrvError
 from crv.base.states import DRAIN_STATES, REMADE_FROM, NodeState, RoleState
+from crv.service.models import PAIR_TTL, ClusterStatus, NodeStatus, RoleStatus
 
 METADATA = sa.MetaData()
 
@@ -194,7 +195,6 @@ ENROL_REPLAY = timedelta(minutes=10)  # the same enrolment again gets the same c
 REJOIN_GRACE = timedelta(days=30)  # a certificate ended this long ago can still re-join
 MANUAL_POOL = "manual"  # where paired machines are recorded: crv did not make them
 PAIR_TRIES = 10  # wrong PINs sent while a pairing is open, after which it is locked out
-PAIR_TTL = timedelta(minutes=10)  # default life of a PIN
 PIN_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford's base32: no I, L, O or U
 PIN_LENGTH = 8  # 40 bits; with PAIR_TRIES guesses, 1 in 10^11 per open PIN
 
@@ -1511,13 +1511,13 @@ class Store:
 
     # -- status and events ------------------------------------------------------------------
 
-    def status(self, cluster: str) -> dict[str, Any]:
+    def status(self, cluster: str) -> ClusterStatus:
         with self.engine.connect() as c:
             cl = c.execute(sa.select(clusters).where(clusters.c.name == cluster)).first()
             if cl is None:
                 raise StoreError(404, f"no cluster {cluster!r}")
             node_rows = c.execute(sa.select(nodes).where(nodes.c.cluster == cluster)).all()
-            roles: dict[str, dict[str, Any]] = {}
+            roles: dict[str, dict[str, RoleStatus]] = {}
             for r in c.execute(sa.select(role_states).where(role_states.c.cluster == cluster)):
                 roles.setdefault(r.node, {})[r.role] = {
                     "state": r.state,
@@ -1531,7 +1531,7 @@ class Store:
                 if slot is not None:
                     slot["attributes"][a.key] = a.value
             counts = self._role_counts(c, cluster)
-        out_nodes = []
+        out_nodes: list[NodeStatus] = []
         for n in sorted(node_rows, key=lambda r: natural_key(r.name)):
             seen = _utc(n.last_seen)
             out_nodes.append(
@@ -1543,7 +1543,8 @@ class Store:
                     "state": n.state,
                     "last_seen": seen.isoformat() if seen else None,
                     "roles": {
-                        r: roles.get(n.name, {}).get(r, {"state": "pending"}) for r in n.roles
+                        r: roles.get(n.name, {}).get(r, RoleStatus(state="pending"))
+                        for r in n.roles
                     },
                 }
             )

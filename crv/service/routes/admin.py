@@ -1,0 +1,213 @@
+"""Routes crv's own clients call with the admin certificate (the CLI, the flows, the serve
+process): clusters, their nodes, tokens and role changes, pairings, autoscaling and its
+decisions, the event stream, and deletion."""
+
+import base64
+import binascii
+import logging
+from datetime import timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi import Path as PathParam
+
+from crv.service.models import (
+    AutoscalingSetting,
+    ClusterPath,
+    ClusterSpec,
+    ClusterStatus,
+    DecisionRecord,
+    KeyPath,
+    NodesRequest,
+    Outcome,
+    PairingRequest,
+    RolePath,
+    RolesRequest,
+    TokensRequest,
+)
+from crv.service.routes.node import MAX_WAIT
+from crv.service.state import Admin, Svc
+from crv.service.store import StoreError
+
+log = logging.getLogger("crv.service")
+router = APIRouter(prefix="/v1/admin", dependencies=[Admin])
+
+
+@router.get("/clusters")
+async def list_clusters(svc: Svc) -> dict[str, Any]:
+    return {"clusters": svc.store.list_clusters()}
+
+
+@router.put("/clusters/{cluster}")
+async def put_cluster(svc: Svc, cluster: ClusterPath, body: ClusterSpec) -> dict[str, str]:
+    try:
+        bundle = base64.b64decode(body.bundle, validate=True)
+    except (binascii.Error, ValueError):
+        raise StoreError(400, "bundle: not base64") from None
+    for role, spec in body.roles.items():
+        for dep in spec.depends_on:
+            if dep.role not in body.roles:
+                raise StoreError(400, f"roles.{role}.depends_on: unknown role {dep.role!r}")
+    digest, changed = svc.store.put_cluster(
+        cluster,
+        appliance=body.appliance,
+        source=body.source,
+        pool=body.pool,
+        parameters=body.parameters,
+        counts=body.counts,
+        pools=body.pools,
+        roles={r: s.model_dump() for r, s in body.roles.items()},
+        bundle=bundle,
+    )
+    if changed:
+        svc.wake_cluster_nodes(cluster)
+    return {"name": cluster, "bundle": digest}
+
+
+@router.get("/clusters/{cluster}")
+async def cluster_status(svc: Svc, cluster: str) -> ClusterStatus:
+    return svc.store.status(cluster)
+
+
+@router.put("/clusters/{cluster}/nodes")
+async def put_nodes(svc: Svc, cluster: str, body: NodesRequest) -> dict[str, int]:
+    svc.store.require_cluster(cluster)
+    changed = svc.store.put_nodes(cluster, [n.model_dump() for n in body.nodes])
+    svc.current_roles.clear()
+    for node in changed:
+        svc.node_waiters.notify((cluster, node))
+    svc.cluster_waiters.notify(cluster)
+    return {"nodes": len(body.nodes)}
+
+
+@router.post("/clusters/{cluster}/tokens")
+async def tokens(svc: Svc, cluster: str, body: TokensRequest) -> dict[str, dict[str, str]]:
+    svc.store.require_cluster(cluster)
+    svc.current_roles.clear()
+    ttl = timedelta(seconds=body.ttl)
+    return {"tokens": svc.store.issue_tokens(cluster, body.nodes, ttl)}
+
+
+@router.post("/clusters/{cluster}/roles")
+async def roles(svc: Svc, cluster: str, body: RolesRequest) -> dict[str, Any]:
+    results, woken = svc.store.update_roles(cluster, [u.model_dump() for u in body.updates])
+    for node in woken:
+        svc.node_waiters.notify((cluster, node))
+    svc.cluster_waiters.notify(cluster)
+    return {"results": results}
+
+
+@router.post("/clusters/{cluster}/pairings")
+async def create_pairing(svc: Svc, cluster: ClusterPath, body: PairingRequest) -> dict[str, Any]:
+    """A one-time PIN for a machine to join `group` (`crv pair`), with the fingerprint of
+    the CA the machine's agent pins."""
+    ttl = timedelta(seconds=body.ttl)
+    made = svc.store.create_pairing(cluster, body.group, body.roles, ttl)
+    log.info("pairing %s opened for %s group %s", made["id"], cluster, body.group)
+    return {**made, "ca_sha256": svc.ca.fingerprint_sha256}
+
+
+@router.get("/pairings/{ident}")
+async def pairing(
+    svc: Svc, ident: Annotated[str, PathParam(pattern="^[0-9a-f]{16}$")]
+) -> dict[str, Any]:
+    return svc.store.pairing(ident)
+
+
+@router.get("/clusters/{cluster}/liveness")
+async def liveness(svc: Svc, cluster: ClusterPath) -> dict[str, Any]:
+    """When each node's agent last called and when its certificate ends: a change waiting
+    on a node that went quiet fails fast, saying why (crv.engine.stages.Mirror)."""
+    svc.store.require_cluster(cluster)
+    return {"nodes": svc.store.liveness(cluster)}
+
+
+@router.get("/clusters/{cluster}/attributes/{role}/{key}")
+async def attribute_readings(
+    svc: Svc, cluster: str, role: RolePath, key: KeyPath
+) -> dict[str, Any]:
+    """Every node's value of a role's attribute with its age: the autoscale flow's
+    blackboard metric."""
+    svc.store.require_cluster(cluster)
+    readings = svc.store.attribute_readings(cluster, role, key)
+    return {
+        "role": role,
+        "key": key,
+        "values": [{"node": n, "value": v, "age": age} for n, v, age in readings],
+    }
+
+
+@router.get("/autoscaling")
+async def autoscaling_all(svc: Svc) -> dict[str, Any]:
+    """Every cluster's autoscaling setting: the serve process makes the `autoscale/<cluster>`
+    deployments match it."""
+    return {"clusters": svc.store.autoscaling()}
+
+
+@router.get("/clusters/{cluster}/autoscaling")
+async def autoscaling(svc: Svc, cluster: str) -> dict[str, Any]:
+    svc.store.require_cluster(cluster)
+    found = svc.store.autoscaling(cluster)
+    return found[0] if found else {"cluster": cluster, "enabled": False, "every": None}
+
+
+@router.put("/clusters/{cluster}/autoscaling")
+async def put_autoscaling(svc: Svc, cluster: str, body: AutoscalingSetting) -> dict[str, Any]:
+    return svc.store.put_autoscaling(cluster, body.enabled, body.every)
+
+
+@router.post("/clusters/{cluster}/decisions")
+async def add_decision(svc: Svc, cluster: str, body: DecisionRecord) -> dict[str, int]:
+    return {"seq": svc.store.add_decision(cluster, body.model_dump())}
+
+
+@router.patch("/clusters/{cluster}/decisions/{seq}", status_code=204)
+async def set_outcome(svc: Svc, cluster: str, seq: int, body: Outcome) -> None:
+    svc.store.set_outcome(cluster, seq, body.outcome)
+
+
+@router.get("/clusters/{cluster}/decisions")
+async def list_decisions(
+    svc: Svc,
+    cluster: str,
+    group: Annotated[str | None, Query(max_length=63)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+) -> dict[str, Any]:
+    """The newest decisions first."""
+    svc.store.require_cluster(cluster)
+    return {"decisions": svc.store.decisions(cluster, group, limit)}
+
+
+@router.get("/clusters/{cluster}/events")
+async def cluster_events(
+    svc: Svc,
+    cluster: str,
+    after: Annotated[int, Query(ge=0)] = 0,
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT)] = 0,
+) -> dict[str, Any]:
+    store = svc.store
+    await svc.cluster_waiters.wait_until(cluster, lambda: store.last_event(cluster) > after, wait)
+    found = store.events_after(cluster, after)
+    return {"last": found[-1]["seq"] if found else after, "events": found}
+
+
+@router.delete("/clusters/{cluster}/nodes/{node}")
+async def delete_node(svc: Svc, cluster: str, node: str) -> dict[str, list[str]]:
+    result = svc.forget(cluster, lambda: svc.store.delete_node(cluster, node))
+    svc.node_waiters.notify((cluster, node))
+    return result
+
+
+@router.delete("/clusters/{cluster}")
+async def delete_cluster(svc: Svc, cluster: str) -> dict[str, list[str]]:
+    nodes = svc.store.node_names(cluster)
+    result = svc.forget(cluster, lambda: svc.store.delete_cluster(cluster))
+    # its CA signs a last CRL (every node certificate revoked), then loses its key
+    authority = svc.cluster_cas.pop(cluster, None) or svc.cluster_ca(cluster, create=False)
+    if authority is not None and authority is not svc.ca:
+        revoked = svc.store.revoked(cluster)
+        last = svc.crl_pem(authority, revoked, next_update=timedelta(days=3650))
+        svc.ca.retire_cluster_ca(cluster, last_crl=last)
+    for node in nodes:
+        svc.node_waiters.notify((cluster, node))
+    return result
