@@ -9,10 +9,12 @@ loopback addresses, and the load balancer is then checked over real HTTP.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import socket
 import subprocess
+import tarfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from crv.appliance import bundle
+from crv.appliance.loader import load_appliance
 from tests.conftest import CATALOG
 
 RECIPES = sorted(CATALOG.glob("*/roles/*.sh"))  # run by the agent: executable
@@ -70,6 +74,12 @@ def run_role(
 ) -> subprocess.CompletedProcess[str]:
     work = base / node
     work.mkdir(exist_ok=True)
+    # the recipes run from the unpacked bundle, where crv's lib/crv.sh sits next to a0/
+    appliance = base / "appliance"
+    if not appliance.exists():
+        data = bundle.build(load_appliance(CATALOG / "webfarm")).data
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+            tar.extractall(appliance, filter="data")
     env = {
         "PATH": f"{base / 'bin'}:{os.environ['PATH']}",
         "BOARD": str(base / "board"),
@@ -78,12 +88,12 @@ def run_role(
         "CRV_GROUP": node.split("-")[1],
         "CRV_ROLE": role,
         "CRV_ADDRESS": address,
-        "CRV_APPLIANCE_DIR": str(CATALOG / "webfarm"),
+        "CRV_APPLIANCE_DIR": str(appliance / "a0"),
         "CRV_PARAM_WORKERS": "2",
         "CRV_PARAM_PORT": str(port),
         "CRV_PARAM_RATE_EVERY": "1",
     }
-    recipe = CATALOG / "webfarm" / "roles" / f"{role}.sh"
+    recipe = appliance / "a0" / "roles" / f"{role}.sh"
     return subprocess.run(
         [str(recipe)], cwd=work, env=env, capture_output=True, text=True, timeout=60
     )

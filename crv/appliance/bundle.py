@@ -1,9 +1,12 @@
 """What a node receives: its cluster's recipes as one reproducible tar.
 
 Each appliance directory the cluster uses (the appliance, then each included one) becomes `a0/`,
-`a1/`, ... so a recipe can source its own appliance's files through CRV_APPLIANCE_DIR. The tar is
-byte-for-byte reproducible (sorted names, zero times and owners), so re-running a deploy yields
-the same digest and agents do not fetch it again.
+`a1/`, ... so a recipe can source its own appliance's files through CRV_APPLIANCE_DIR. Next to
+them, every bundle carries crv's own shell helpers at `lib/crv.sh` (need, swap, wait_for_port),
+which a recipe sources as `"$CRV_APPLIANCE_DIR/../lib/crv.sh"`: no appliance can put a file
+there, since each one's files land under its own `aN/`. The tar is byte-for-byte reproducible
+(sorted names, zero times and owners), so re-running a deploy yields the same digest and agents
+do not fetch it again.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from crv.base.errors import SpecError
 
 MAX_BUNDLE_BYTES = 16 << 20
 SKIPPED = {".git", "__pycache__", ".venv"}
+HELPERS = Path(__file__).with_name("lib") / "crv.sh"
+HELPERS_NAME = "lib/crv.sh"  # in the bundle, next to a0/, a1/, ...
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,8 @@ def build(appliance: Appliance) -> Bundle:
     ):
         for directory, prefix in dirs.items():
             _add_tree(tar, directory, prefix, appliance.source)
+        _add(tar, "lib", is_dir=True, mode=0o755)
+        _add(tar, HELPERS_NAME, data=HELPERS.read_bytes(), mode=0o644)
     data = buf.getvalue()
     if len(data) > MAX_BUNDLE_BYTES:
         raise SpecError(

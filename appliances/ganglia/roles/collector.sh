@@ -6,8 +6,8 @@ set -eu
 port=8649
 export DEBIAN_FRONTEND=noninteractive
 
-# shellcheck source=lib/common.sh
-. "$CRV_APPLIANCE_DIR/roles/lib/common.sh"
+# shellcheck source=../../../crv/appliance/lib/crv.sh
+. "$CRV_APPLIANCE_DIR/../lib/crv.sh"
 
 need ganglia-monitor python3
 # Debian's gmond was built with an unexpanded module directory ("${prefix}/lib/..."), so the
@@ -71,16 +71,6 @@ else
     systemctl start ganglia-monitor
 fi
 
-python3 - "$port" <<'PY'
-import socket, sys, time
-for _ in range(150):
-    try:
-        socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1).close()
-        break
-    except OSError:
-        time.sleep(0.2)
-else:
-    sys.exit("gmond did not start listening")
-PY
+wait_for_port 127.0.0.1 "$port" 30 || { echo "gmond did not start listening" >&2; exit 1; }
 crv-agent set host "$CRV_ADDRESS"
 crv-agent set port "$port"

@@ -6,8 +6,8 @@
 set -eu
 export DEBIAN_FRONTEND=noninteractive
 
-# shellcheck source=lib/common.sh
-. "$CRV_APPLIANCE_DIR/roles/lib/common.sh"
+# shellcheck source=../../../crv/appliance/lib/crv.sh
+. "$CRV_APPLIANCE_DIR/../lib/crv.sh"
 
 # The collector is local (a local dependency): poll it on loopback, where its ACL lets us in.
 cport=$(crv-agent get collector port)
@@ -36,15 +36,5 @@ else
     systemctl start gmetad
 fi
 
-python3 <<'PY'
-import socket, sys, time
-for _ in range(150):
-    try:
-        socket.create_connection(("127.0.0.1", 8651), 1).close()
-        break
-    except OSError:
-        time.sleep(0.2)
-else:
-    sys.exit("gmetad did not start listening")
-PY
+wait_for_port 127.0.0.1 8651 30 || { echo "gmetad did not start listening" >&2; exit 1; }
 crv-agent set host "$CRV_ADDRESS"

@@ -8,8 +8,8 @@ set -eu
 port=8649
 export DEBIAN_FRONTEND=noninteractive
 
-# shellcheck source=lib/common.sh
-. "$CRV_APPLIANCE_DIR/roles/lib/common.sh"
+# shellcheck source=../../../crv/appliance/lib/crv.sh
+. "$CRV_APPLIANCE_DIR/../lib/crv.sh"
 
 # One send channel per collector. Values come from other nodes and end up in gmond.conf:
 # anything that is not a host name, an address or a port is refused.
@@ -86,15 +86,5 @@ else
     systemctl start ganglia-monitor
 fi
 
-python3 - "$port" <<'PY'
-import socket, sys, time
-for _ in range(150):
-    try:
-        socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1).close()
-        break
-    except OSError:
-        time.sleep(0.2)
-else:
-    sys.exit("gmond did not start listening")
-PY
+wait_for_port 127.0.0.1 "$port" 30 || { echo "gmond did not start listening" >&2; exit 1; }
 crv-agent set host "$CRV_ADDRESS"

@@ -7,8 +7,8 @@ set -eu
 port=8650
 export DEBIAN_FRONTEND=noninteractive
 
-# shellcheck source=lib/common.sh
-. "$CRV_APPLIANCE_DIR/roles/lib/common.sh"
+# shellcheck source=../../../crv/appliance/lib/crv.sh
+. "$CRV_APPLIANCE_DIR/../lib/crv.sh"
 
 # gmond is a local dependency: its XML port is the one its role is checked on.
 gmond_port=8649
@@ -94,15 +94,5 @@ else
     systemctl start crv-ganglia-proxy.service
 fi
 
-python3 - "$port" <<'PY'
-import socket, sys, time
-for _ in range(150):
-    try:
-        socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1).close()
-        break
-    except OSError:
-        time.sleep(0.2)
-else:
-    sys.exit("the proxy did not start listening")
-PY
+wait_for_port 127.0.0.1 "$port" 30 || { echo "the proxy did not start listening" >&2; exit 1; }
 crv-agent set url "http://$CRV_ADDRESS:$port"

@@ -6,8 +6,8 @@ set -eu
 gw=/usr/share/ganglia-webfrontend
 export DEBIAN_FRONTEND=noninteractive
 
-# shellcheck source=lib/common.sh
-. "$CRV_APPLIANCE_DIR/roles/lib/common.sh"
+# shellcheck source=../../../crv/appliance/lib/crv.sh
+. "$CRV_APPLIANCE_DIR/../lib/crv.sh"
 
 # Named explicitly: without recommends, apt would otherwise pick whichever PHP alternative
 # comes first, and php-gd (graphs) is only a recommendation of the front end.

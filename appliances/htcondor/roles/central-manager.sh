@@ -9,6 +9,8 @@
 # O=<cluster> match, not the CA, is what keeps other clusters' nodes out.
 # The shared part (install, SSL identity, configuration) is in lib/condor.sh.
 set -eu
+# shellcheck source=../../../crv/appliance/lib/crv.sh
+. "$CRV_APPLIANCE_DIR/../lib/crv.sh"
 # shellcheck source=lib/condor.sh
 . "$CRV_APPLIANCE_DIR/roles/lib/condor.sh"
 

@@ -5,6 +5,8 @@
 # Security: as in central-manager.sh - every daemon authenticates with its crv node certificate
 # (SSL, crv CA only) and only certificates of this cluster (O=<cluster>) are authorized.
 set -eu
+# shellcheck source=../../../crv/appliance/lib/crv.sh
+. "$CRV_APPLIANCE_DIR/../lib/crv.sh"
 # shellcheck source=lib/condor.sh
 . "$CRV_APPLIANCE_DIR/roles/lib/condor.sh"
 slots="${CRV_PARAM_SLOTS:-0}"

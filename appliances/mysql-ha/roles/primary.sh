@@ -19,6 +19,8 @@ case "$db" in
 esac
 export DEBIAN_FRONTEND=noninteractive
 
+# shellcheck source=../../../crv/appliance/lib/crv.sh
+. "$CRV_APPLIANCE_DIR/../lib/crv.sh"
 # shellcheck source=lib/common.sh
 . "$CRV_APPLIANCE_DIR/roles/lib/common.sh"
 

@@ -10,6 +10,8 @@ set -eu
 port=3306
 export DEBIAN_FRONTEND=noninteractive
 
+# shellcheck source=../../../crv/appliance/lib/crv.sh
+. "$CRV_APPLIANCE_DIR/../lib/crv.sh"
 # shellcheck source=lib/common.sh
 . "$CRV_APPLIANCE_DIR/roles/lib/common.sh"
 

@@ -3,6 +3,8 @@
 # Re-contextualization (scale up/down) rewrites backends.txt; the running proxy picks it up.
 # Every rate_every seconds the proxy publishes requests_per_second (the autoscaling metric).
 set -eu
+# shellcheck source=../../../crv/appliance/lib/crv.sh
+. "$CRV_APPLIANCE_DIR/../lib/crv.sh"
 port="${CRV_PARAM_PORT:-8080}"
 every="${CRV_PARAM_RATE_EVERY:-10}"
 
@@ -80,15 +82,5 @@ if ! { [ -f lb.pid ] && kill -0 "$(cat lb.pid)" 2>/dev/null; }; then
     echo $! >lb.pid
 fi
 
-python3 - "$CRV_ADDRESS" "$port" <<'PY'
-import socket, sys, time
-for _ in range(100):
-    try:
-        socket.create_connection((sys.argv[1], int(sys.argv[2])), 0.2).close()
-        break
-    except OSError:
-        time.sleep(0.1)
-else:
-    sys.exit("load balancer did not start listening")
-PY
+wait_for_port "$CRV_ADDRESS" "$port" 10 || { echo "load balancer did not start listening" >&2; exit 1; }
 crv-agent set url "http://$CRV_ADDRESS:$port"

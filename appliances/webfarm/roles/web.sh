@@ -4,6 +4,8 @@
 # Every rate_every seconds it publishes `busy`, the requests per second it served (health checks
 # left out): a shrink of the autoscaled group removes the idlest nodes first.
 set -eu
+# shellcheck source=../../../crv/appliance/lib/crv.sh
+. "$CRV_APPLIANCE_DIR/../lib/crv.sh"
 port="${CRV_PARAM_PORT:-8080}"
 every="${CRV_PARAM_RATE_EVERY:-10}"
 
@@ -61,15 +63,5 @@ fi
 nohup python3 web.py "$CRV_ADDRESS" "$port" "$every" >web.log 2>&1 &
 echo $! >web.pid
 
-python3 - "$CRV_ADDRESS" "$port" <<'PY'
-import socket, sys, time
-for _ in range(100):
-    try:
-        socket.create_connection((sys.argv[1], int(sys.argv[2])), 0.2).close()
-        break
-    except OSError:
-        time.sleep(0.1)
-else:
-    sys.exit("web server did not start listening")
-PY
+wait_for_port "$CRV_ADDRESS" "$port" 10 || { echo "web server did not start listening" >&2; exit 1; }
 crv-agent set url "http://$CRV_ADDRESS:$port"

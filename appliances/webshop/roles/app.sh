@@ -12,8 +12,8 @@ port=8080
 etc=/etc/crv-webshop
 export DEBIAN_FRONTEND=noninteractive
 
-# shellcheck source=lib/common.sh
-. "$CRV_APPLIANCE_DIR/roles/lib/common.sh"
+# shellcheck source=../../../crv/appliance/lib/crv.sh
+. "$CRV_APPLIANCE_DIR/../lib/crv.sh"
 
 endpoint() {  # HOST PORT -> host:port, refusing what is not an address (values come from other nodes)
     case "$1" in '' | *[!A-Za-z0-9.:-]*) echo "bad database host '$1'" >&2; exit 1 ;; esac
@@ -169,15 +169,5 @@ fi
 systemctl enable crv-webshop-app.service
 if [ "$changed" = 1 ]; then systemctl restart crv-webshop-app.service; else systemctl start crv-webshop-app.service; fi
 
-python3 - "$port" <<'PY'
-import socket, sys, time
-for _ in range(150):
-    try:
-        socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1).close()
-        break
-    except OSError:
-        time.sleep(0.2)
-else:
-    sys.exit("the app did not start listening")
-PY
+wait_for_port 127.0.0.1 "$port" 30 || { echo "the app did not start listening" >&2; exit 1; }
 crv-agent set url "http://$CRV_ADDRESS:$port"

@@ -8,8 +8,8 @@ port=80
 cfg=/etc/haproxy/haproxy.cfg
 export DEBIAN_FRONTEND=noninteractive
 
-# shellcheck source=lib/common.sh
-. "$CRV_APPLIANCE_DIR/roles/lib/common.sh"
+# shellcheck source=../../../crv/appliance/lib/crv.sh
+. "$CRV_APPLIANCE_DIR/../lib/crv.sh"
 
 # Each url is http://HOST:PORT, published by an app node; anything else would be injected
 # into the configuration, so it is refused.
@@ -71,15 +71,5 @@ else
     systemctl start haproxy
 fi
 
-python3 - "$port" <<'PY'
-import socket, sys, time
-for _ in range(150):
-    try:
-        socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1).close()
-        break
-    except OSError:
-        time.sleep(0.2)
-else:
-    sys.exit("haproxy did not start listening")
-PY
+wait_for_port 127.0.0.1 "$port" 30 || { echo "haproxy did not start listening" >&2; exit 1; }
 crv-agent set url "http://$CRV_ADDRESS:$port"

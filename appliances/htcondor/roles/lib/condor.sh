@@ -1,27 +1,12 @@
 # shellcheck shell=sh disable=SC2034,SC2154  # sourced: callers use port, define cm_port
 # Shared by central-manager.sh, schedd.sh and startd.sh (sourced, not run): installing HTCondor
 # from its own apt repository and configuring SSL authentication with the crv node identity.
-# Callers have done `set -eu`; this file defines variables and functions only.
+# Callers have done `set -eu` and sourced crv's lib/crv.sh (need, swap, wait_for_port); this
+# file defines variables and functions only.
 port=9618
 series="${CRV_PARAM_SERIES:-24.x}"
 case "$series" in '' | *[!0-9.x]*) echo "bad HTCondor series '$series'" >&2; exit 1 ;; esac
 export DEBIAN_FRONTEND=noninteractive
-
-need() {  # installs only what is missing, so a re-run does not touch apt
-    missing=""
-    for p in "$@"; do
-        dpkg-query -W -f="\${Status}\n" "$p" 2>/dev/null | grep -q ' installed$' || missing="$missing $p"
-    done
-    [ -z "$missing" ] && return 0
-    apt-get update -q
-    # shellcheck disable=SC2086  # one word per package
-    apt-get install -y -q --no-install-recommends $missing
-}
-
-swap() {  # moves $1 over $2 only if the content differs; true when $2 changed
-    if cmp -s "$1" "$2"; then rm -f "$1"; return 1; fi
-    mv -f "$1" "$2" || exit 1
-}
 
 # HTCondor's repository layout: repo/<debian|ubuntu>/<series> <codename> main, signed by
 # repo/keys/HTCondor-<series>-Key (fetched over HTTPS once per series).
@@ -116,15 +101,5 @@ EOF
 }
 
 wait_port() {
-    python3 - "$1" <<'PY'
-import socket, sys, time
-for _ in range(300):
-    try:
-        socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1).close()
-        break
-    except OSError:
-        time.sleep(0.2)
-else:
-    sys.exit("HTCondor is not listening")
-PY
+    wait_for_port 127.0.0.1 "$1" 60 || { echo "HTCondor is not listening" >&2; exit 1; }
 }
