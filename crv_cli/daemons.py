@@ -32,7 +32,6 @@ import os
 import secrets
 import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.error
@@ -43,7 +42,7 @@ from datetime import datetime
 from pathlib import Path
 
 from crv.base.home import Home
-from crv.base.processes import start_time
+from crv.base.processes import session_listens, spawn, start_time, wait_ready
 from crv.base.running import (
     PREFECT_SERVER_SETTINGS,
     prefect_guard,
@@ -174,31 +173,22 @@ def _start(
     umask: int = -1,  # -1: the caller's
 ) -> str:
     log = record.parent / f"{name}.log"
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.fchmod(fd, 0o600)  # one from before (a umask's 0644)
-    with open(fd, "ab") as out:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # survives the CLI that started it, and Ctrl-C in it
-            env={**os.environ, **env},
-            close_fds=True,
-            umask=umask,
-        )
+    # its own session: survives the CLI that started it, and Ctrl-C in it; the log 0600 (one
+    # from before too: a umask's 0644)
+    proc = spawn(argv, log=log, env={**os.environ, **env}, umask=umask, log_mode=0o600)
     started = start_time(proc.pid)
     tmp = record.with_suffix(".tmp")
     tmp.write_text(json.dumps({"pid": proc.pid, "started": started, "url": url}))
     os.replace(tmp, record)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-            raise ExitedAtStart(f"{name} exited at start ({'; '.join(tail)}); see {log}")
-        if healthy(url) and (not listens or _serves(proc.pid, url)):
-            return url
-        time.sleep(0.2)
+
+    def answers() -> bool:
+        return bool(healthy(url)) and (not listens or _serves(proc.pid, url))
+
+    if wait_ready(proc, answers, timeout=START_TIMEOUT, interval=0.2):
+        return url
+    if proc.returncode is not None:
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        raise ExitedAtStart(f"{name} exited at start ({'; '.join(tail)}); see {log}")
     _stop(record)
     raise DaemonError(f"{name} did not answer within {START_TIMEOUT:.0f} s; see {log}")
 
@@ -208,27 +198,7 @@ def _serves(session: int, url: str) -> bool:
     another crv home's daemon that took the port first (two `crv up` at once both find it
     free; ours then fails to bind while the other one answers). Linux /proc; elsewhere: yes."""
     port = urllib.parse.urlsplit(url).port
-    try:
-        table = Path("/proc/net/tcp").read_text().splitlines()[1:]
-    except OSError:
-        return True
-    inodes = {
-        f"socket:[{cols[9]}]"
-        for cols in (line.split() for line in table)
-        if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port  # 0A: LISTEN
-    }
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            if int(stat[stat.rindex(")") + 2 :].split()[3]) != session:  # field 6: session id
-                continue
-            if any(os.readlink(fd) in inodes for fd in (entry / "fd").iterdir()):
-                return True
-        except (OSError, ValueError):
-            continue
-    return False
+    return session_listens(session, port)
 
 
 def _stop(record: Path) -> bool:

@@ -93,6 +93,23 @@ class Capacity(Protocol):
         ...
 
 
+class _Capped(Protocol):
+    max_nodes: int | None
+
+    def list_nodes(self, cluster: str | None = None) -> list[NodeInfo]: ...
+
+
+class MaxNodes:
+    """`capacity()` of a driver that holds at most `max_nodes` nodes at a time (None: no
+    limit): every node it holds counts, of any cluster. The driver sets `max_nodes`."""
+
+    def capacity(self: _Capped) -> int | None:
+        """How many more nodes fit under `max_nodes` (None: no limit)."""
+        if self.max_nodes is None:
+            return None
+        return max(0, self.max_nodes - len(self.list_nodes()))
+
+
 def write_atomic(path: Path, data: bytes, mode: int) -> None:
     """Readers see the old file or the new one, never half of it. O_EXCL|O_NOFOLLOW: the temp
     file is ours, with `mode` from its first byte (a secret is never briefly world-readable)."""
@@ -106,20 +123,3 @@ def write_atomic(path: Path, data: bytes, mode: int) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks) from /proc/<pid>/stat, None when the pid is gone.
-    The start time tells a recorded pid from a new process that reused the number."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2 :].split()  # comm may hold spaces and parentheses
-    return fields[0].decode(), int(fields[19])  # fields 3 (state) and 22 (starttime)
-
-
-def same_process_alive(pid: object, start: object) -> bool:
-    """Alive and the same process: a zombie is dead, a reused pid is someone else."""
-    stat = proc_stat(pid) if isinstance(pid, int) and pid > 0 else None
-    return stat is not None and stat[0] not in ("Z", "X") and stat[1] == start

@@ -58,7 +58,7 @@ from libcloud.compute.types import NodeState
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pools import cloudinit
-from pools.base import TAG_CLUSTER, TAG_NODE, NodeInfo, NodeSpec, PoolError
+from pools.base import TAG_CLUSTER, TAG_NODE, MaxNodes, NodeInfo, NodeSpec, PoolError
 from pools.credentials import SecretRef, check, resolve
 
 TAG_GROUP = "crv-group"
@@ -220,7 +220,7 @@ def _one_line(text: str, secrets: tuple[str, ...] = ()) -> str:
     return text if len(text) <= MESSAGE_MAX else text[: MESSAGE_MAX - 3] + "..."
 
 
-class CloudPool:
+class CloudPool(MaxNodes):
     """A pool of instances of one libcloud compute provider, account and region.
 
     Options are `CloudOptions`. Credentials are references (`{env: VAR}` or
@@ -282,6 +282,7 @@ class CloudPool:
         self.name = name
         self.state_dir = state_dir  # nothing is kept there: the cloud's tags are the record
         self.options = options
+        self.max_nodes = options.max_nodes
         self._local = threading.local()  # libcloud connections are not shared between threads
 
     # ---- the contract -------------------------------------------------------------------
@@ -336,12 +337,6 @@ class CloudPool:
         return sorted(
             (i for i in infos if cluster is None or i.cluster == cluster), key=lambda i: i.name
         )
-
-    def capacity(self) -> int | None:
-        """Optional capability: how many more nodes fit under `max_nodes` (None: no limit)."""
-        if self.options.max_nodes is None:
-            return None
-        return max(0, self.options.max_nodes - len(self.list_nodes()))
 
     def get_node(self, name: str) -> NodeInfo | None:
         nodes = self._nodes({f"tag:{TAG_NODE}": name})

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any, Literal, NoReturn
 from urllib.parse import urlsplit
 
-import jinja2
 import libvirt  # type: ignore[import-untyped]  # libvirt-python ships no type hints
 import pycdlib
 import yaml
@@ -45,10 +44,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from crv.base.flock import exclusive
 from pools import cloudinit
-from pools.base import TAG_CLUSTER, TAG_NODE, NodeInfo, NodeSpec, PoolError, write_atomic
+from pools.base import (
+    TAG_CLUSTER,
+    TAG_NODE,
+    MaxNodes,
+    NodeInfo,
+    NodeSpec,
+    PoolError,
+    write_atomic,
+)
+from pools.templates import render
 
 NAMESPACE = "https://crv.dev/xmlns/libvirt-node/1"  # crv's <metadata> element (a URI only)
-TEMPLATES = Path(__file__).resolve().parent / "templates"
 DRIVERS = ("qemu", "test")  # hypervisors whose guests boot a cloud image with a NoCloud seed
 TRANSPORTS = ("", "unix", "ssh", "libssh", "libssh2", "tcp", "tls", "ext")
 GIB = 1 << 30
@@ -146,23 +153,6 @@ class _Uri:
         return self.local and (self.driver == "test" or self.path == "/session")
 
 
-def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES),
-        autoescape=True,  # every value is XML-escaped, attributes included
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-    )
-
-
-_JINJA = _environment()
-
-
-def render(template: str, **values: Any) -> str:
-    """A `pools/templates/libvirt-*.xml.j2` template, strictly rendered and XML-escaped."""
-    return _JINJA.get_template(template).render(**values)
-
-
 def seed_iso(spec: NodeSpec) -> bytes:
     """The NoCloud seed of a node: an ISO 9660 image (Joliet and Rock Ridge names, which is
     what cloud-init reads) labelled `cidata`, holding `user-data` and `meta-data`."""
@@ -194,7 +184,7 @@ def _error_text(exc: libvirt.libvirtError) -> str:
     return " ".join(message.split())
 
 
-class LibvirtPool:
+class LibvirtPool(MaxNodes):
     """Nodes as libvirt domains on `options.uri`; local state (locks, seed files) under
     `state_dir`. See the module docstring for what a node is made of."""
 
@@ -202,6 +192,7 @@ class LibvirtPool:
         self.name = name
         self.state_dir = Path(os.path.abspath(state_dir))
         self.options = options
+        self.max_nodes = options.max_nodes
         self._uri = _Uri(options.uri)
         self._conn: libvirt.virConnect | None = None
         self._conn_lock = threading.Lock()
@@ -235,12 +226,6 @@ class LibvirtPool:
             nodes = [info for dom in domains if (info := self._describe(dom)) is not None]
         nodes.sort(key=lambda n: n.name)
         return [n for n in nodes if cluster is None or n.cluster == cluster]
-
-    def capacity(self) -> int | None:
-        """Optional capability: how many more nodes fit under `max_nodes` (None: no limit)."""
-        if self.options.max_nodes is None:
-            return None
-        return max(0, self.options.max_nodes - len(self.list_nodes()))
 
     def get_node(self, name: str) -> NodeInfo | None:
         self._check_name(name)

@@ -35,14 +35,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from crv.base.processes import environ, pids, proc_stat, same_process_alive, spawn
 from pools.base import (
     TAG_CLUSTER,
     TAG_NODE,
+    MaxNodes,
     NodeInfo,
     NodeSpec,
     PoolError,
-    proc_stat,
-    same_process_alive,
     write_atomic,
 )
 
@@ -87,16 +87,7 @@ def _flock(path: Path) -> Iterator[None]:
 def _marks(pid: int) -> dict[str, str]:
     """The CRV_LOCAL_* variables a process started with; empty if it is gone, a zombie, or not
     ours to read (EPERM) - all of which mean: not a process of ours to signal."""
-    try:
-        data = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return {}
-    found: dict[str, str] = {}
-    for item in data.split(b"\0"):
-        if item.startswith(b"CRV_LOCAL_"):
-            key, _, value = item.partition(b"=")
-            found[key.decode(errors="replace")] = os.fsdecode(value)
-    return found
+    return environ(pid, "CRV_LOCAL_")
 
 
 class LocalOptions(BaseModel):
@@ -114,7 +105,7 @@ def configured(name: str, state_dir: Path, options: LocalOptions) -> LocalPool:
     return LocalPool(state_dir, AGENT, name=name, max_nodes=options.max_nodes)
 
 
-class LocalPool:
+class LocalPool(MaxNodes):
     """Nodes as process trees under `root`, each running `agent` with `python`; at most
     `max_nodes` at a time (None: no limit), which `capacity()` tells."""
 
@@ -196,14 +187,6 @@ class LocalPool:
                 shutil.rmtree(directory)  # this frees the address
             with self._lock:
                 self._children.pop(name, None)
-
-    # -- optional capability ---------------------------------------------------------------------
-
-    def capacity(self) -> int | None:
-        """How many more nodes fit under `max_nodes` (every node held counts, of any cluster)."""
-        if self.max_nodes is None:
-            return None
-        return max(0, self.max_nodes - len(self.list_nodes()))
 
     # -- node state ------------------------------------------------------------------------------
 
@@ -336,17 +319,7 @@ class LocalPool:
         env["PATH"] = f"{directory / 'bin'}{os.pathsep}{env.get('PATH', os.defpath)}"
         agent = str(directory / "bin" / "crv-agent")
         command = [self.python, agent, "run", "--home", str(directory)]
-        with open(directory / "agent.log", "ab") as log:
-            proc = subprocess.Popen(
-                command,
-                cwd=directory,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                close_fds=True,
-                start_new_session=True,
-            )
+        proc = spawn(command, log=directory / "agent.log", env=env, cwd=directory)
         with self._lock:
             self._children[spec.name] = proc
         return proc
@@ -374,11 +347,11 @@ class LocalPool:
     def _walk(self) -> dict[int, dict[str, str]]:
         found: dict[int, dict[str, str]] = {}
         me = os.getpid()  # we may run inside a node ourselves: never signal crv
-        for entry in os.listdir("/proc"):
-            if entry.isdigit() and int(entry) != me:
-                marks = _marks(int(entry))
+        for pid in pids():
+            if pid != me:
+                marks = _marks(pid)
                 if marks.get(POOL_MARKER) == str(self.root):
-                    found[int(entry)] = marks
+                    found[pid] = marks
         return found
 
     def _stop(self, name: str, record: Record | None) -> None:

@@ -50,7 +50,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from crv.base.flock import exclusive
-from pools.base import TAG_CLUSTER, TAG_NODE, NodeInfo, NodeSpec, PoolError
+from crv.base.processes import spawn, wait_ready
+from pools.base import TAG_CLUSTER, TAG_NODE, MaxNodes, NodeInfo, NodeSpec, PoolError
 
 NAME = "sim"
 ENV_LATENCY = "CRV_SIM_LATENCY"
@@ -136,7 +137,7 @@ def configured(name: str, state_dir: Path, options: SimOptions) -> SimPool:
     return SimPool(state_dir, name=name, max_nodes=options.max_nodes)
 
 
-class SimPool:
+class SimPool(MaxNodes):
     """Nodes in the sim host of `root` (CRV_HOME/pools/sim); at most `max_nodes` at a time
     (None: no limit), which `capacity()` tells."""
 
@@ -197,12 +198,6 @@ class SimPool:
 
     def destroy_node(self, name: str) -> None:
         self._call({"op": "destroy", "name": name}, start=False)
-
-    def capacity(self) -> int | None:
-        """How many more nodes fit under `max_nodes` (every node held counts, of any cluster)."""
-        if self.max_nodes is None:
-            return None
-        return max(0, self.max_nodes - len(self.list_nodes()))
 
     # -- beyond the contract: for benchmarks and tests ----------------------------------------
 
@@ -277,25 +272,13 @@ class SimPool:
             env["PYTHONPATH"] = os.pathsep.join(
                 p for p in (str(REPO), env.get("PYTHONPATH", "")) if p
             )
-            with open(self.root / "host.log", "ab") as log:
-                proc = subprocess.Popen(
-                    [self.python, "-m", "pools.sim", "host", str(self.root), path],
-                    cwd=self.root,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    close_fds=True,
-                    start_new_session=True,
-                )
+            argv = [self.python, "-m", "pools.sim", "host", str(self.root), path]
+            proc = spawn(argv, log=self.root / "host.log", env=env, cwd=self.root)
             self._host = proc
-            deadline = time.monotonic() + START_TIMEOUT
-            while time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    raise PoolError(NAME, f"the sim host exited at start; see {self.root}/host.log")
-                if self._ping(path):
-                    return
-                time.sleep(0.05)
+            if wait_ready(proc, lambda: self._ping(path), timeout=START_TIMEOUT, interval=0.05):
+                return
+            if proc.returncode is not None:
+                raise PoolError(NAME, f"the sim host exited at start; see {self.root}/host.log")
             raise PoolError(NAME, "the sim host did not answer", temporary=True)
 
 

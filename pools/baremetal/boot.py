@@ -32,25 +32,17 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
 from pools.base import PoolError, write_atomic
+from pools.templates import render
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 SCRIPT_TEMPLATE = "ipxe-boot.ipxe.j2"
+DNSMASQ_TEMPLATE = "dnsmasq-proxy.conf.j2"
 # A word of an iPXE command: no whitespace, no `$` (iPXE expands ${...} settings), no `#`
 # (a comment) and no quotes - whatever a value holds, it stays one inert word.
 _WORD = re.compile(r"^[A-Za-z0-9._~:/?@!&()*+,;=%-]{1,1024}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _MAC_HYPHENS = re.compile(r"^[0-9a-f]{2}(-[0-9a-f]{2}){5}$")
 _FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-_JINJA = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(TEMPLATES),
-    undefined=jinja2.StrictUndefined,
-    autoescape=False,
-    keep_trailing_newline=True,
-)
 
 
 def url_mac(mac: str) -> str:
@@ -80,7 +72,8 @@ def render_script(
     ):
         if not _WORD.fullmatch(value):
             raise PoolError(pool, f"boot script: {label} word {value!r} has unsafe characters")
-    return _JINJA.get_template(SCRIPT_TEMPLATE).render(
+    return render(
+        SCRIPT_TEMPLATE,
         machine=machine,
         node=node,
         cluster=cluster,
@@ -264,23 +257,13 @@ def dnsmasq_config(pool: Any, *, network: str, interface: str | None) -> str:
             raise PoolError(
                 pool.name, f"PXE firmware asks TFTP on port 69; tftp_listen uses {port}"
             )
-    o = pool.options
-    lines = [
-        f"# crv: PXE/iPXE boot for the bare-metal pool {pool.name!r} (`crv pxe dnsmasq-config`).",
-        "# proxy-DHCP: the site's DHCP server keeps handing out the addresses (reserve one per",
-        "# MAC: the machines file's `address`); dnsmasq adds only the boot information.",
-        "port=0",
-        "log-dhcp",
-        *([f"interface={interface}", "bind-interfaces"] if interface else []),
-        f"dhcp-range={network},proxy",
-        "# iPXE identifies itself with DHCP option 175; the firmware's PXE does not",
-        "dhcp-match=set:ipxe,175",
-        f"# firmware PXE: load iPXE over TFTP from {tftp_host}",
-        f'pxe-service=tag:!ipxe,x86PC,"crv: iPXE (BIOS)",{o.boot_file},{tftp_host}',
-        f'pxe-service=tag:!ipxe,X86-64_EFI,"crv: iPXE (UEFI)",{o.efi_boot_file},{tftp_host}',
-        "# iPXE: the machine's own script, served only while crv provisions it",
-        f"dhcp-boot=tag:ipxe,{http}/ipxe/${{mac:hexhyp}}",
-        "# (an iPXE built with EMBED= a script of `#!ipxe`, `dhcp`,",
-        f"#  `chain {http}/ipxe/${{mac:hexhyp}}` needs no second DHCP answer at all)",
-    ]
-    return "\n".join(lines) + "\n"
+    return render(
+        DNSMASQ_TEMPLATE,
+        pool_repr=repr(pool.name),
+        interface=interface,
+        network=network,
+        tftp_host=tftp_host,
+        boot_file=pool.options.boot_file,
+        efi_boot_file=pool.options.efi_boot_file,
+        http=http,
+    )

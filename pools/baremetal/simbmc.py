@@ -55,7 +55,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pools.base import proc_stat, same_process_alive, write_atomic
+from crv.base.processes import (
+    environ,
+    parent,
+    pids,
+    same_process_alive,
+    spawn,
+    start_ticks,
+    wait_ready,
+)
+from pools.base import write_atomic
 
 IPMI_SIM = "/usr/bin/ipmi_sim"
 MACHINE_MARKER = "CRV_RACK_MACHINE"
@@ -151,23 +160,11 @@ def start(spec: SimBmcSpec, timeout: float = 10.0) -> subprocess.Popen[bytes]:
     command = [IPMI_SIM, "-c", str(bmc / "lan.conf"), "-f", str(bmc / "emu"), "-n"]
     command += ["-s", str(bmc / "state")]
     log = bmc / "ipmi_sim.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            command,
-            cwd=bmc,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
-        if presence_ping(spec.address, spec.port, 0.2):
-            return proc
-        time.sleep(0.05)
+    proc = spawn(command, log=log, env=env, cwd=bmc)
+    if wait_ready(
+        proc, lambda: presence_ping(spec.address, spec.port, 0.2), timeout=timeout, interval=0.05
+    ):
+        return proc
     stop(proc)
     tail = log.read_bytes()[-2000:].decode(errors="replace").strip()
     raise RuntimeError(
@@ -193,28 +190,17 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 def _marked(pid: int) -> str | None:
     """The CRV_RACK_MACHINE a live process started with; None if it has none, is gone, is a
     zombie (empty environ) or is not ours to read."""
-    try:
-        data = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return None
-    prefix = MACHINE_MARKER.encode() + b"="
-    for item in data.split(b"\0"):
-        if item.startswith(prefix):
-            return os.fsdecode(item[len(prefix) :])
-    return None
+    return environ(pid, MACHINE_MARKER).get(MACHINE_MARKER)
 
 
 def _ancestors() -> set[int]:
     """This process and its ancestors: a machine may power itself off through its own BMC,
     and the hook must not kill the chain that runs it."""
-    found, pid = set(), os.getpid()
-    while pid > 1 and pid not in found:
+    found: set[int] = set()
+    pid: int | None = os.getpid()
+    while pid is not None and pid > 1 and pid not in found:
         found.add(pid)
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            pid = int(stat.rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
+        pid = parent(pid)
     return found
 
 
@@ -237,11 +223,7 @@ def _root(machine_dir: Path) -> int | None:
 def _machine_pids(machine_dir: Path) -> list[int]:
     spared = _ancestors()
     target = str(machine_dir)
-    found = [
-        int(e)
-        for e in os.listdir("/proc")
-        if e.isdigit() and int(e) not in spared and _marked(int(e)) == target
-    ]
+    found = [p for p in pids() if p not in spared and _marked(p) == target]
     root = _root(machine_dir)
     if root is not None and root not in found and root not in spared:
         found.append(root)
@@ -287,20 +269,10 @@ def machine_on(machine_dir: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k in ENV_KEEP}
     env[MACHINE_MARKER] = str(machine_dir)
     env["CRV_RACK_BOOTDEV"] = boot
-    with open(machine_dir / "console.log", "ab") as console:
-        proc = subprocess.Popen(
-            command,
-            cwd=machine_dir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=console,
-            stderr=subprocess.STDOUT,
-            close_fds=True,
-            start_new_session=True,
-        )
+    proc = spawn(command, log=machine_dir / "console.log", env=env, cwd=machine_dir)
     record = {
         "pid": proc.pid,
-        "start_time": start_time(proc.pid),
+        "start_time": start_ticks(proc.pid),
         "booted_from": boot,
         "started_at": time.time(),
     }
@@ -327,12 +299,6 @@ def machine_off(machine_dir: Path) -> None:
             sig = signal.SIGKILL
         time.sleep(delay)
         delay = min(delay * 2, 0.1)
-
-
-def start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks (tells a recorded pid from a reused one)."""
-    stat = proc_stat(pid)
-    return stat[1] if stat else None
 
 
 def _bootdev(machine_dir: Path) -> str:

@@ -35,6 +35,7 @@ import yaml
 
 from crv.base.errors import CrvError
 from crv.base.home import Home
+from crv.base.processes import start_ticks
 from pools import AGENT
 from pools.baremetal import simbmc
 from pools.base import write_atomic
@@ -129,67 +130,18 @@ def create(
     rack_byte = secrets.randbelow(250) + 2  # 127.1.R.N: two racks rarely share addresses
     kinds = [k for k, n in sorted(classes.items()) for _ in range(n)]
     kinds = ["std"] * (machines - len(kinds)) + kinds
-    entries, specs = [], []
-    for i in range(1, machines + 1):
-        name = f"{pool}-m{i:02d}"
-        bmc_address = f"127.0.0.{10 + (rack_byte * 7 + i) % 240}"
-        # 16 characters: ipmi_sim 2.0.33 refuses a 20-byte password that it was configured with
-        password = secrets.token_urlsafe(12)
-        write_atomic(root / "secrets" / f"{name}.pass", password.encode() + b"\n", 0o600)
-        mac = f"52:54:00:{rack_byte:02x}:{i // 256:02x}:{i % 256:02x}"
-        entry: dict[str, Any] = {
-            "name": name,
-            "macs": [mac],
-            "address": f"127.1.{rack_byte}.{i}",
-            "class": kinds[i - 1],
-            "labels": {"rack": pool},
-            "bmc": {
-                "address": bmc_address,
-                "port": _free_udp_port(bmc_address),
-                "username": USER,
-                "password": {"file": f"secrets/{name}.pass"},
-                "cipher_suite": 3,
-            },
-        }
-        entries.append(entry)
-        machine_dir = root / "machines" / name
-        machine_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        dhcp = {
-            "name": name,
-            "macs": [mac],
-            "address": entry["address"],
-            "tftp": f"127.0.0.1:{tftp_port}",
-            "boot_file": "undionly.kpxe",
-            "ipxe_url": f"{http_url}/ipxe/${{mac:hexhyp}}",
-        }
-        write_atomic(machine_dir / "machine.json", json.dumps(dhcp, indent=1).encode(), 0o644)
-        command = [sys.executable, "-m", "pools.baremetal.simmachine", "--machine-dir"]
-        command.append(str(machine_dir))
-        write_atomic(machine_dir / "machine-command.json", json.dumps(command).encode(), 0o644)
-        spec = simbmc.SimBmcSpec(
-            name, bmc_address, entry["bmc"]["port"], USER, password, machine_dir
-        )
-        simbmc.write_config(spec)
-        specs.append(spec)
+    made = [
+        _machine(root, pool, i, rack_byte, kinds[i - 1], http_url, tftp_port)
+        for i in range(1, machines + 1)
+    ]
+    entries = [entry for entry, _ in made]
     doc = {"machines": entries}
     header = "# a simulated rack, written by `crv baremetal simulate-rack`\n"
     write_atomic(
         root / "machines.yaml", (header + yaml.safe_dump(doc, sort_keys=False)).encode(), 0o600
     )
 
-    started: list[dict[str, Any]] = []
-    try:
-        for spec in specs:
-            proc = simbmc.start(spec)
-            started.append(
-                {"machine": spec.machine, "pid": proc.pid, "start": simbmc.start_time(proc.pid)}
-            )
-    except RuntimeError as exc:
-        _stop_bmcs(started)
-        raise RackError(str(exc)) from None
-    finally:
-        write_atomic(root / "bmcs.json", json.dumps(started).encode(), 0o600)
-
+    _start_bmcs(root, [spec for _, spec in made])
     options = {
         "machines": str(root / "machines.yaml"),
         "kernel": f"{http_url}/files/vmlinuz",
@@ -206,6 +158,65 @@ def create(
     }
     _register(pools_file, pool, options)
     return Rack(pool, root, entries, http_url)
+
+
+def _machine(
+    root: Path, pool: str, i: int, rack_byte: int, kind: str, http_url: str, tftp_port: int
+) -> tuple[dict[str, Any], simbmc.SimBmcSpec]:
+    """Machine `i` of the rack: its machines-file entry and its BMC, both written."""
+    name = f"{pool}-m{i:02d}"
+    bmc_address = f"127.0.0.{10 + (rack_byte * 7 + i) % 240}"
+    # 16 characters: ipmi_sim 2.0.33 refuses a 20-byte password that it was configured with
+    password = secrets.token_urlsafe(12)
+    write_atomic(root / "secrets" / f"{name}.pass", password.encode() + b"\n", 0o600)
+    mac = f"52:54:00:{rack_byte:02x}:{i // 256:02x}:{i % 256:02x}"
+    entry: dict[str, Any] = {
+        "name": name,
+        "macs": [mac],
+        "address": f"127.1.{rack_byte}.{i}",
+        "class": kind,
+        "labels": {"rack": pool},
+        "bmc": {
+            "address": bmc_address,
+            "port": _free_udp_port(bmc_address),
+            "username": USER,
+            "password": {"file": f"secrets/{name}.pass"},
+            "cipher_suite": 3,
+        },
+    }
+    machine_dir = root / "machines" / name
+    machine_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    dhcp = {
+        "name": name,
+        "macs": [mac],
+        "address": entry["address"],
+        "tftp": f"127.0.0.1:{tftp_port}",
+        "boot_file": "undionly.kpxe",
+        "ipxe_url": f"{http_url}/ipxe/${{mac:hexhyp}}",
+    }
+    write_atomic(machine_dir / "machine.json", json.dumps(dhcp, indent=1).encode(), 0o644)
+    command = [sys.executable, "-m", "pools.baremetal.simmachine", "--machine-dir"]
+    command.append(str(machine_dir))
+    write_atomic(machine_dir / "machine-command.json", json.dumps(command).encode(), 0o644)
+    spec = simbmc.SimBmcSpec(name, bmc_address, entry["bmc"]["port"], USER, password, machine_dir)
+    simbmc.write_config(spec)
+    return entry, spec
+
+
+def _start_bmcs(root: Path, specs: list[simbmc.SimBmcSpec]) -> None:
+    """Start every BMC, recorded in bmcs.json; if one fails, stop those started."""
+    started: list[dict[str, Any]] = []
+    try:
+        for spec in specs:
+            proc = simbmc.start(spec)
+            started.append(
+                {"machine": spec.machine, "pid": proc.pid, "start": start_ticks(proc.pid)}
+            )
+    except RuntimeError as exc:
+        _stop_bmcs(started)
+        raise RackError(str(exc)) from None
+    finally:
+        write_atomic(root / "bmcs.json", json.dumps(started).encode(), 0o600)
 
 
 def _register(pools_file: Path, pool: str, options: dict[str, Any]) -> None:
@@ -226,7 +237,7 @@ def _stop_bmcs(bmcs: list[dict[str, Any]]) -> int:
     stopped = 0
     for entry in bmcs:
         pid = entry.get("pid")
-        if isinstance(pid, int) and simbmc.start_time(pid) == entry.get("start"):
+        if isinstance(pid, int) and start_ticks(pid) == entry.get("start"):
             with suppress(ProcessLookupError):
                 os.kill(pid, 15)
             stopped += 1
