@@ -86,6 +86,21 @@ def test_a_role_without_a_recorded_state_is_its_state_alone() -> None:
     assert json.loads(CLUSTER_STATUS.dump_json(CLUSTER_STATUS.validate_python(status))) == status
 
 
+def test_parameters_keep_their_json_type_through_the_status_model() -> None:
+    params = {"on": True, "n": 2, "ratio": 0.5, "name": "x", "zero": 0, "off": False}
+    status = {
+        "name": "c", "appliance": "x", "source": "dir", "pool": "local", "parameters": params,
+        "counts": {}, "pools": {}, "ready": True, "nodes": [],
+    }  # fmt: skip
+    checked = CLUSTER_STATUS.validate_python(status)
+    assert {k: type(v) for k, v in checked["parameters"].items()} == {
+        k: type(v) for k, v in params.items()
+    }
+    assert CLUSTER_STATUS.dump_json(checked) == json.dumps(status, separators=(",", ":")).encode()
+    with pytest.raises(ValueError, match="parameters"):
+        CLUSTER_STATUS.validate_python({**status, "parameters": {"bad": [1]}})
+
+
 def test_the_status_model_refuses_a_status_missing_a_field(served: tuple[Store, Any]) -> None:
     store, _ = served
     broken: dict[str, Any] = dict(store.status("c"))

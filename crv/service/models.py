@@ -12,7 +12,7 @@ from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from typing_extensions import NotRequired, TypedDict
 
-from crv.appliance.spec import ATTRIBUTE_PATTERN, NAME_PATTERN
+from crv.appliance.spec import ATTRIBUTE_PATTERN, NAME_PATTERN, ParamValue
 
 MAX_VALUE = 64 * 1024  # bytes of one attribute value
 PAIR_TTL = timedelta(minutes=10)  # default life of a pairing PIN
@@ -190,7 +190,7 @@ class ClusterStatus(TypedDict):
     appliance: str
     source: str
     pool: str
-    parameters: dict[str, Any]
+    parameters: dict[str, ParamValue]  # the appliance's resolved parameters
     counts: dict[str, int]
     pools: dict[str, str]
     ready: bool

@@ -18,7 +18,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -203,6 +203,57 @@ _DECISION_FIELDS = (
     "group", "at", "metric", "current", "desired", "target", "action", "reason", "outcome",
     "flow_run", "last_scale_up", "low_since",
 )  # fmt: skip
+
+
+@dataclass
+class _NodeWrites:
+    """What one put_nodes writes, gathered to be written in one executemany per kind."""
+
+    cluster: str
+    at: datetime
+    changed: set[str] = field(default_factory=set)
+    new_nodes: list[dict[str, Any]] = field(default_factory=list)
+    updates: list[dict[str, Any]] = field(default_factory=list)
+    node_events: list[dict[str, Any]] = field(default_factory=list)
+    new_roles: list[dict[str, Any]] = field(default_factory=list)
+    remade: list[str] = field(default_factory=list)
+
+    def add_node(self, item: Mapping[str, Any]) -> None:
+        self.new_nodes.append(
+            {
+                "cluster": self.cluster,
+                "name": item["name"],
+                "grp": item["group"],
+                "roles": list(item["roles"]),
+                "pool": item["pool"],
+                "address": item.get("address"),
+                "state": item.get("state") or "planned",
+                "generation": 1,
+                "stop": False,
+            }
+        )
+        self.changed.add(item["name"])
+
+    def write(self, c: Connection) -> None:
+        if self.new_nodes:
+            c.execute(nodes.insert(), self.new_nodes)
+        if self.updates:
+            c.execute(
+                nodes.update()
+                .where(nodes.c.cluster == self.cluster, nodes.c.name == sa.bindparam("_name"))
+                .values(
+                    roles=sa.bindparam("_roles"),
+                    grp=sa.bindparam("_grp"),
+                    address=sa.bindparam("_address"),
+                    generation=sa.bindparam("_generation"),
+                    state=sa.bindparam("_state"),
+                ),
+                self.updates,
+            )
+        if self.node_events:
+            c.execute(events.insert(), self.node_events)
+        if self.new_roles:
+            c.execute(role_states.insert(), self.new_roles)
 
 
 class StoreError(CrvError):
@@ -482,13 +533,7 @@ class Store:
         """Upsert nodes (the flow's view of them); returns the nodes whose work changed.
         In bulk: one read of the cluster's nodes and roles, then one executemany per kind of
         write (a deploy puts a thousand nodes at a time)."""
-        changed: set[str] = set()
-        at = now()
-        new_nodes: list[dict[str, Any]] = []
-        updates: list[dict[str, Any]] = []
-        node_events: list[dict[str, Any]] = []
-        new_roles: list[dict[str, Any]] = []
-        remade: list[str] = []
+        w = _NodeWrites(cluster, now())
         with self.engine.begin() as c:
             rows = {
                 r.name: r for r in c.execute(sa.select(nodes).where(nodes.c.cluster == cluster))
@@ -501,110 +546,68 @@ class Store:
             ):
                 held.setdefault(r.node, set()).add(r.role)
             for item in items:
-                name, roles = item["name"], list(item["roles"])
-                row = rows.get(name)
+                row = rows.get(item["name"])
                 if row is None:
-                    new_nodes.append(
-                        {
-                            "cluster": cluster,
-                            "name": name,
-                            "grp": item["group"],
-                            "roles": roles,
-                            "pool": item["pool"],
-                            "address": item.get("address"),
-                            "state": item.get("state") or "planned",
-                            "generation": 1,
-                            "stop": False,
-                        }
-                    )
-                    changed.add(name)
+                    w.add_node(item)
                 else:
-                    address, generation, state = row.address, row.generation, row.state
-                    if item.get("address") is not None and item["address"] != row.address:
-                        address, generation = item["address"], row.generation + 1
-                        changed.add(name)
-                    wanted = item.get("state")
-                    if (
-                        row.state == LEAVING
-                        and wanted == "provisioned"
-                        and self._has_cert(c, cluster, name)
-                    ):
-                        wanted = "enrolled"  # a member again (a rollback, or a resize undone)
-                    # an enrolled node stays enrolled when the flow reports it provisioned again
-                    if (
-                        wanted
-                        and wanted != row.state
-                        and not (row.state == "enrolled" and wanted == "provisioned")
-                    ):
-                        if wanted == "provisioning" and row.state in REMADE_FROM:
-                            remade.append(name)
-                        state = wanted
-                        node_events.append(
-                            {
-                                "at": at,
-                                "cluster": cluster,
-                                "node": name,
-                                "role": None,
-                                "kind": "node",
-                                "state": state,
-                            }
-                        )
-                    updates.append(
-                        {
-                            "_name": name,
-                            "_roles": roles,
-                            "_grp": item["group"],
-                            "_address": address,
-                            "_generation": generation,
-                            "_state": state,
-                        }
-                    )
-                have = held.get(name, set())
-                gone = have - set(roles)
-                if gone:  # a node that left a role no longer feeds it (nor holds its state)
-                    for table in (attributes, role_states):
-                        c.execute(
-                            table.delete().where(
-                                table.c.cluster == cluster,
-                                table.c.node == name,
-                                table.c.role.in_(gone),
-                            )
-                        )
-                new_roles.extend(
-                    {
-                        "cluster": cluster,
-                        "node": name,
-                        "role": role,
-                        "state": "pending",
-                        "release": 0,
-                        "output": "",
-                        "updated_at": at,
-                    }
-                    for role in roles
-                    if role not in have
-                )
-            if new_nodes:
-                c.execute(nodes.insert(), new_nodes)
-            if updates:
-                c.execute(
-                    nodes.update()
-                    .where(nodes.c.cluster == cluster, nodes.c.name == sa.bindparam("_name"))
-                    .values(
-                        roles=sa.bindparam("_roles"),
-                        grp=sa.bindparam("_grp"),
-                        address=sa.bindparam("_address"),
-                        generation=sa.bindparam("_generation"),
-                        state=sa.bindparam("_state"),
-                    ),
-                    updates,
-                )
-            if node_events:
-                c.execute(events.insert(), node_events)
-            if new_roles:
-                c.execute(role_states.insert(), new_roles)
-            for name in remade:
+                    self._update_node(c, row, item, w)
+                self._roles_of_node(c, item, held.get(item["name"], set()), w)
+            w.write(c)
+            for name in w.remade:
                 self._forget_machine(c, cluster, name)
-        return changed
+        return w.changed
+
+    def _update_node(
+        self, c: Connection, row: sa.Row[Any], item: Mapping[str, Any], w: _NodeWrites
+    ) -> None:
+        name = row.name
+        address, generation, state = row.address, row.generation, row.state
+        if item.get("address") is not None and item["address"] != row.address:
+            address, generation = item["address"], row.generation + 1
+            w.changed.add(name)
+        wanted = item.get("state")
+        if row.state == LEAVING and wanted == "provisioned" and self._has_cert(c, w.cluster, name):
+            wanted = "enrolled"  # a member again (a rollback, or a resize undone)
+        # an enrolled node stays enrolled when the flow reports it provisioned again
+        if (
+            wanted
+            and wanted != row.state
+            and not (row.state == "enrolled" and wanted == "provisioned")
+        ):
+            if wanted == "provisioning" and row.state in REMADE_FROM:
+                w.remade.append(name)
+            state = wanted
+            w.node_events.append(
+                {"at": w.at, "cluster": w.cluster, "node": name, "role": None, "kind": "node",
+                 "state": state}
+            )  # fmt: skip
+        w.updates.append(
+            {"_name": name, "_roles": list(item["roles"]), "_grp": item["group"],
+             "_address": address, "_generation": generation, "_state": state}
+        )  # fmt: skip
+
+    def _roles_of_node(
+        self, c: Connection, item: Mapping[str, Any], have: set[str], w: _NodeWrites
+    ) -> None:
+        """A role the node left no longer feeds anyone (nor holds its state); a new one is
+        pending."""
+        name, roles = item["name"], list(item["roles"])
+        gone = have - set(roles)
+        if gone:
+            for table in (attributes, role_states):
+                c.execute(
+                    table.delete().where(
+                        table.c.cluster == w.cluster,
+                        table.c.node == name,
+                        table.c.role.in_(gone),
+                    )
+                )
+        w.new_roles.extend(
+            {"cluster": w.cluster, "node": name, "role": role, "state": "pending", "release": 0,
+             "output": "", "updated_at": w.at}
+            for role in roles
+            if role not in have
+        )  # fmt: skip
 
     def _forget_machine(self, c: Connection, cluster: str, name: str) -> None:
         """The node is being made again (its machine was lost: drift, repair): the old machine's
@@ -1186,76 +1189,77 @@ class Store:
             cl = c.execute(sa.select(clusters.c.roles).where(clusters.c.name == cluster)).first()
             if cl is None:
                 raise StoreError(404, f"no cluster {cluster!r}")
-            results, woken = [], set()
-            for u in updates:
-                node, role, op = u["node"], u["role"], u["op"]
-                row = c.execute(
-                    sa.select(role_states).where(*_role_key(cluster, node, role))
-                ).first()
-                if row is None:
-                    raise StoreError(404, f"no role {role!r} on node {node!r}")
-                release, message = row.release, u.get("message") or ""
-                extra: dict[str, Any] = {}
-                if op in ("release", "refresh"):
-                    depends_on = cl.roles[role]["depends_on"]
-                    inputs = self._inputs(c, cluster, node, depends_on, cl.roles)
-                    if (
-                        op == "refresh"
-                        and row.state in ("done", "verified", "verify_failed")
-                        and row.inputs == inputs
-                    ):  # converged, and what it read has not changed: leave it alone
-                        results.append(_as_is(row))
-                        continue
-                    self._check_dependencies(c, cluster, node, depends_on)
-                    release, state = row.release + 1, "released"
-                    extra = {"exit_code": None, "inputs": inputs}
-                    woken.add(_new_work(c, cluster, node))
-                elif op == "drain":
-                    if not cl.roles[role].get("drain"):
-                        raise StoreError(409, f"role {role!r} has no drain recipe")
-                    if row.state in ("draining", "drained"):  # asked again (a resumed shrink)
-                        results.append(_as_is(row))
-                        continue
-                    release, state = row.release + 1, "draining"
-                    extra = {"exit_code": None}
-                    woken.add(_new_work(c, cluster, node))
-                elif op == "check":  # a verify the agent runs: asked here, reported by it
-                    check = (row.check_id or 0) + 1
-                    c.execute(
-                        role_states.update()
-                        .where(*_role_key(cluster, node, role))
-                        .values(
-                            check_id=check, check_command=message, check_exit=None,
-                            check_output=None,
-                        )
-                    )  # fmt: skip
-                    woken.add(_new_work(c, cluster, node))
-                    results.append({**_as_is(row), "check": check})
-                    continue
-                elif op == "verified":
-                    state = "verified"
-                elif op == "verify_failed":
-                    state = "verify_failed"
-                else:
-                    raise StoreError(400, f"unknown op {op!r}")
-                c.execute(
-                    role_states.update()
-                    .where(*_role_key(cluster, node, role))
-                    .values(
-                        state=state,
-                        release=release,
-                        updated_at=now(),
-                        **({"output": message[-OUTPUT_TAIL:]} if message else {}),
-                        **extra,
-                    )
-                )
-                if state in ("verified", "verify_failed"):
-                    self._event(c, cluster, node, role, "verified", state=state, output=message)
-                results.append(
-                    {"node": node, "role": role, "release": release, "state": state,
-                     "released": state in ("released", "draining")}
-                )  # fmt: skip
+            woken: set[str] = set()
+            results = [self._update_role(c, cluster, cl.roles, u, woken) for u in updates]
             return results, woken
+
+    def _update_role(
+        self, c: Connection, cluster: str, roles: Mapping[str, Any], u: Mapping[str, Any],
+        woken: set[str],
+    ) -> dict[str, Any]:  # fmt: skip
+        """One update of update_roles: its result; the nodes it gives new work join `woken`."""
+        node, role, op = u["node"], u["role"], u["op"]
+        row = c.execute(sa.select(role_states).where(*_role_key(cluster, node, role))).first()
+        if row is None:
+            raise StoreError(404, f"no role {role!r} on node {node!r}")
+        release, message = row.release, u.get("message") or ""
+        extra: dict[str, Any] = {}
+        if op in ("release", "refresh"):
+            depends_on = roles[role]["depends_on"]
+            inputs = self._inputs(c, cluster, node, depends_on, roles)
+            if (
+                op == "refresh"
+                and row.state in ("done", "verified", "verify_failed")
+                and row.inputs == inputs
+            ):  # converged, and what it read has not changed: leave it alone
+                return _as_is(row)
+            self._check_dependencies(c, cluster, node, depends_on)
+            release, state = row.release + 1, "released"
+            extra = {"exit_code": None, "inputs": inputs}
+            woken.add(_new_work(c, cluster, node))
+        elif op == "drain":
+            if not roles[role].get("drain"):
+                raise StoreError(409, f"role {role!r} has no drain recipe")
+            if row.state in ("draining", "drained"):  # asked again (a resumed shrink)
+                return _as_is(row)
+            release, state = row.release + 1, "draining"
+            extra = {"exit_code": None}
+            woken.add(_new_work(c, cluster, node))
+        elif op == "check":  # a verify the agent runs: asked here, reported by it
+            check = (row.check_id or 0) + 1
+            c.execute(
+                role_states.update()
+                .where(*_role_key(cluster, node, role))
+                .values(
+                    check_id=check, check_command=message, check_exit=None,
+                    check_output=None,
+                )
+            )  # fmt: skip
+            woken.add(_new_work(c, cluster, node))
+            return {**_as_is(row), "check": check}
+        elif op == "verified":
+            state = "verified"
+        elif op == "verify_failed":
+            state = "verify_failed"
+        else:
+            raise StoreError(400, f"unknown op {op!r}")
+        c.execute(
+            role_states.update()
+            .where(*_role_key(cluster, node, role))
+            .values(
+                state=state,
+                release=release,
+                updated_at=now(),
+                **({"output": message[-OUTPUT_TAIL:]} if message else {}),
+                **extra,
+            )
+        )
+        if state in ("verified", "verify_failed"):
+            self._event(c, cluster, node, role, "verified", state=state, output=message)
+        return (
+            {"node": node, "role": role, "release": release, "state": state,
+             "released": state in ("released", "draining")}
+        )  # fmt: skip
 
     def _inputs(
         self,
