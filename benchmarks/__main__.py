@@ -1,8 +1,34 @@
+"""Run every benchmark (`python -m benchmarks`), or each one tiny (`--smoke`, for CI).
+
+In smoke mode each benchmark runs in a process of its own (`python -m benchmarks.bench_x
+--smoke`); the run fails, naming them, if any of them does.
+"""
+
 import importlib
 import pkgutil
+import subprocess
+import sys
+import time
 
 import benchmarks
 
-for module in sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__)):
-    if module.startswith("bench_"):
-        importlib.import_module(f"benchmarks.{module}").main()
+names = sorted(
+    m.name for m in pkgutil.iter_modules(benchmarks.__path__) if m.name.startswith("bench_")
+)
+if "--smoke" in sys.argv[1:]:
+    failed = []
+    for name in names:
+        started = time.monotonic()
+        code = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--smoke"]).returncode
+        print(
+            f"smoke {name}: {'ok' if code == 0 else f'FAILED (exit {code})'} in "
+            f"{time.monotonic() - started:.1f} s",
+            flush=True,
+        )
+        if code != 0:
+            failed.append(name)
+    if failed:
+        sys.exit(f"benchmark smoke run failed: {', '.join(failed)}")
+else:
+    for name in names:
+        importlib.import_module(f"benchmarks.{name}").main()

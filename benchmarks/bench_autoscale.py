@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_autoscale")
     parser.add_argument("--every", type=float, default=10.0, help="schedule interval, seconds")
     parser.add_argument("--rate", type=float, default=30.0, help="requests per second")
+    parser.add_argument(
+        "--smoke", action="store_true", help="deploy and wait for one decision, no load (CI)"
+    )
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     root = Path(tempfile.mkdtemp(prefix="crv-bench-autoscale-"))
     env = {**os.environ, "CRV_HOME": str(root / "home")}
@@ -131,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
             lambda: json.loads(crv(env, "autoscale", "status", cluster, "--json"))["decisions"],
             120,
         )
+        if args.smoke:
+            print(f"autoscale: smoke run: {cluster} deployed, first decision recorded, no load")
+            return
         with Load(f"http://{lb['address']}:8080/", args.rate) as load:
             assert load.started is not None
             first = wait_for("a new worker", lambda: len(workers(env, cluster)) > 1, 180, 0.1)
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         for args in (("destroy", cluster), ("down",)):  # nodes outlive `crv down`: destroy first
             subprocess.run(
-                [sys.executable, "-m", "crv", *args], env=env, cwd=REPO, capture_output=True
+                [sys.executable, "-m", "crv_cli", *args], env=env, cwd=REPO, capture_output=True
             )
         shutil.rmtree(root, ignore_errors=True)
 

@@ -30,7 +30,7 @@ def crv(home: Path, *args: str, timeout: float = 600) -> subprocess.CompletedPro
     env = {**os.environ, "CRV_HOME": str(home)}
     env.pop("CRV_POOLS_FILE", None)
     r = subprocess.run(
-        [sys.executable, "-m", "crv", *args],
+        [sys.executable, "-m", "crv_cli", *args],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout,
     )  # fmt: skip
     if r.returncode != 0:
@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_baremetal")
     parser.add_argument("--machines", type=int, default=6)
     parser.add_argument("--keep", action="store_true", help="keep the temporary CRV_HOME")
+    parser.add_argument("--smoke", action="store_true", help="a 2-machine rack (CI)")
     args = parser.parse_args(argv if argv is not None else [])
+    if args.smoke:
+        args.machines = 2
     if shutil.which("ipmi_sim") is None:
         print("bench_baremetal: skipped, OpenIPMI's ipmi_sim is not installed")
         return
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  IPMI commands per machine   {per[0]}-{per[-1]} (deploy + destroy) {commands}")
     finally:
         subprocess.run(
-            [sys.executable, "-m", "crv", "down"],
+            [sys.executable, "-m", "crv_cli", "down"],
             env={**os.environ, "CRV_HOME": str(home)}, capture_output=True, cwd=REPO, timeout=120,
         )  # fmt: skip
         if args.keep:

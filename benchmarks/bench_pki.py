@@ -6,6 +6,8 @@ timed: parsing and checking the CSR (including its self-signature) and signing t
 
 from __future__ import annotations
 
+import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,10 +34,14 @@ def _csr(node: str) -> bytes:
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_pki")
+    parser.add_argument("--smoke", action="store_true", help="20 certificates (CI)")
+    args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    count = 20 if args.smoke else COUNT
     with tempfile.TemporaryDirectory() as directory:
         ca = CertificateAuthority.create_or_load(Path(directory) / "ca")
-        requests = [(f"node-{i}", _csr(f"node-{i}")) for i in range(COUNT)]
+        requests = [(f"node-{i}", _csr(f"node-{i}")) for i in range(count)]
         roles = ["worker", "monitor"]
         start = time.perf_counter()
         for i, (node, pem) in enumerate(requests):
@@ -43,7 +49,7 @@ def main() -> None:
             ca.sign_node_csr(pem, cluster="bench", node=node, roles=roles, addresses=[address])
         elapsed = time.perf_counter() - start
     print(
-        f"pki: signed {COUNT} node certificates in {elapsed:.2f} s = {COUNT / elapsed:.0f}/s "
+        f"pki: signed {count} node certificates in {elapsed:.2f} s = {count / elapsed:.0f}/s "
         "(target: thousands/s)"
     )
 

@@ -7,6 +7,7 @@ shapes, so the figure covers both remote fan-in and plain chains.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -28,20 +29,20 @@ RUNS = 5
 T = TypeVar("T")
 
 
-def timed(fn: Callable[[], T]) -> tuple[float, T]:
+def timed(fn: Callable[[], T], runs: int = RUNS) -> tuple[float, T]:
     times = []
-    for _ in range(RUNS):
+    for _ in range(runs):
         start = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
 
 
-def bench(label: str, appliance: str, overrides: dict[str, str]) -> float:
-    load_s, a = timed(lambda: load_appliance(CATALOG / appliance, overrides))
-    expand_s, plan = timed(lambda: expand(a))
-    json_s, _ = timed(lambda: json.dumps(plan.to_json()))
-    view_s, _ = timed(lambda: render(plan))
+def bench(label: str, appliance: str, overrides: dict[str, str], runs: int = RUNS) -> float:
+    load_s, a = timed(lambda: load_appliance(CATALOG / appliance, overrides), runs)
+    expand_s, plan = timed(lambda: expand(a), runs)
+    json_s, _ = timed(lambda: json.dumps(plan.to_json()), runs)
+    view_s, _ = timed(lambda: render(plan), runs)
     total = load_s + expand_s
     g = plan.graph
     print(
@@ -61,7 +62,15 @@ def render(plan: Plan) -> bool:
     return True
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_plan")
+    parser.add_argument("--smoke", action="store_true", help="one run of tiny plans (CI)")
+    args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if args.smoke:
+        bench("ganglia 16 clients + 4", "ganglia", {"clients": "16", "servers": "4"}, runs=1)
+        bench("webfarm 10 workers", "webfarm", {"workers": "10"}, runs=1)
+        print("plan: smoke run (tiny plans, one run each): no figure checked")
+        return
     print(f"crv planning benchmark (median of {RUNS} runs, Python {sys.version.split()[0]})")
     for n in (1000, 5000, 10000):
         bench(f"ganglia {n - 4} clients + 4", "ganglia", {"clients": str(n - 4), "servers": "4"})

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 def crv(env: dict[str, str], *args: str, timeout: float = 600) -> str:
     """Run the crv CLI in `env`; its output, or the benchmark ends naming the command."""
     r = subprocess.run(
-        [sys.executable, "-m", "crv", *args],
+        [sys.executable, "-m", "crv_cli", *args],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -61,7 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_resize")
     parser.add_argument("--from", dest="start", type=int, default=3)
     parser.add_argument("--to", type=int, default=20)
+    parser.add_argument("--smoke", action="store_true", help="resize 1 -> 2 -> 1 (CI)")
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if args.smoke:
+        args.start, args.to = 1, 2
     root = Path(tempfile.mkdtemp(prefix="crv-bench-resize-"))
     env = {**os.environ, "CRV_HOME": str(root)}
     home = Home(root)
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"({', '.join(touched) or 'none'})"
             )
     finally:
-        subprocess.run([sys.executable, "-m", "crv", "destroy", "rs"], env=env, cwd=REPO,
+        subprocess.run([sys.executable, "-m", "crv_cli", "destroy", "rs"], env=env, cwd=REPO,
                        capture_output=True, timeout=300)  # fmt: skip
         daemons.down(home)
         shutil.rmtree(root, ignore_errors=True)
