@@ -24,7 +24,6 @@ shows and can pause like any other.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Annotated, Any
 
@@ -39,13 +38,14 @@ from crv.appliance.spec import Scaling
 from crv.base.errors import CrvError
 from crv.base.home import Home
 from crv.engine import autoscale as policy
-from crv.engine.placement import Drivers, capacities, recorded
+from crv.engine.placement import Drivers, recorded
 from crv.engine.stages import Timeouts
 from crv.service.client import AsyncService, ServiceError
 from crv.service.models import ClusterStatus
-from flows.deploy import WAIT, DeployFailed, require_cluster, running_service
+from flows.converge import WAIT, DeployFailed, require_cluster, running_service
 from flows.locks import ClusterBusy, cluster_change
 from flows.scale import resize
+from tasks.pools import pool_capacities
 
 HTTP_LIMIT = 64 * 1024  # bytes of an HTTP metric's answer that are read
 HTTP_TIMEOUT = 10.0
@@ -194,7 +194,7 @@ class _Run:
         )
         if d.action == "grow":  # the pools of the group, in order, may not have that much room
             order = recorded(status, loaded).order(name)
-            room = await asyncio.to_thread(capacities, Drivers(Home.from_env()), order)
+            room = await pool_capacities(Drivers(Home.from_env()), order)
             d = policy.within_room(d, room, memory)
         if d.action == "none":
             await self.record(name, d)

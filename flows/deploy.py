@@ -1,100 +1,43 @@
-"""The `deploy-appliance` flow: load, plan, then run every stage at once along the DAG.
+"""The `deploy-appliance` flow: load, plan, then converge the cluster (flows.converge) to it.
 
 The flow holds no pool or domain logic: crv.engine.stages does the steps, crv.engine.executor
-keeps them on the DAG's edges, tasks/stages.py makes each stage a task run. The flow adds what
-Prefect is for: the run itself, a progress artifact while it runs, a cluster summary table at
-the end, and a final state that is Completed only when every role on every node was verified.
+keeps them on the DAG's edges, tasks/stages.py makes each stage a task run, flows.converge runs
+them all at once along the DAG. The final state is Completed only when every role on every node
+was verified.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import (
-    acreate_progress_artifact,
-    acreate_table_artifact,
-    aupdate_progress_artifact,
-)
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from crv.appliance.loader import (
-    NOT_SCALED,
-    Appliance,
-    load_appliance,
-    load_recorded,
-    locate,
-    with_counts,
+from crv.appliance.loader import NOT_SCALED, load_appliance, locate, with_counts
+from crv.appliance.plan import expand
+from crv.engine.converge import recorded_counts
+from crv.engine.placement import check, place
+from crv.engine.stages import Timeouts
+from crv.service.client import AsyncService
+from flows.converge import (
+    ON_FAILURE,
+    PROGRESS_LISTENERS,
+    WAIT,
+    DeployFailed,
+    OnFailure,
+    converge,
+    raise_if_kept,
+    running_service,
+    status_of,
 )
-from crv.appliance.plan import Plan, expand, members, node_index
-from crv.base import running as daemons
-from crv.base.errors import CrvError
-from crv.base.home import Home
-from crv.base.retry import RetryPolicy
-from crv.engine.executor import DagRun, StepResult, stages
-from crv.engine.placement import Drivers, NoCapacity, Placement, check, place, recorded
-from crv.engine.stages import ClusterRun, Timeouts
-from crv.engine.teardown import teardown
-from crv.service.client import AsyncService, Service, ServiceError
-from crv.service.models import ClusterStatus, NodeStatus
-from crv.service.pki import CertificateAuthority
-from crv.service.store import LEAVING, natural_key
-from flows import events
 from flows.locks import cluster_change
-from tasks.stages import BY_KIND, drain
+
+__all__ = ["PROGRESS_LISTENERS", "STARTED_LISTENERS", "deploy_appliance"]
 
 # In-process observers (the CLI's progress bar); a flow started from the UI has none.
-PROGRESS_LISTENERS: list[Callable[[DagRun], None]] = []
 STARTED_LISTENERS: list[Callable[[str], None]] = []
-
-
-class DeployFailed(CrvError):
-    pass
-
-
-# Every flow that changes a cluster holds its change slot (flows.locks) for its whole run.
-WAIT = Field(
-    ge=0,
-    description="Seconds to wait while another change of this cluster runs (empty: as long as "
-    "it takes; 0: refuse at once)",
-)
-
-
-OnFailure = Literal["keep", "rollback"]
-ON_FAILURE = Field(
-    description="When the change fails: keep what it made (run it again to resume) or roll "
-    "back what it added (empty: the appliance's on_failure, else keep)",
-)
-
-
-def failure_message(dag: DagRun) -> str:
-    failures = dag.failures()
-    if not failures:
-        return "deploy did not finish"
-    first = min(failures, key=lambda f: f[2].finished or 0.0)
-    sid, _, result = first
-    more = f" (and {len(failures) - 1} more failed steps)" if len(failures) > 1 else ""
-    return f"{sid} failed after {result.attempts} attempts: {result.error}{more}"
-
-
-def summary_rows(status: ClusterStatus) -> list[dict[str, Any]]:
-    return [
-        {
-            "node": n["name"],
-            "group": n["group"],
-            "pool": n["pool"],
-            "address": n["address"] or "",
-            "state": n["state"],
-            "roles": ", ".join(f"{r}={v['state']}" for r, v in n["roles"].items()),
-        }
-        for n in status["nodes"]
-    ]
 
 
 @flow(name="deploy-appliance", persist_result=False, log_prints=True)
@@ -149,7 +92,8 @@ async def deploy_appliance(
         # a deploy again of a resized cluster keeps the sizes it was given, but those asked for
         service = AsyncService(home, endpoints.service_url)
         try:
-            counts = {**await _recorded_counts(service, cluster, loaded.name), **(counts or {})}
+            before = await status_of(service, cluster)
+            counts = {**recorded_counts(before, loaded.name), **(counts or {})}
         finally:
             await service.close()
         result = await converge(
@@ -170,357 +114,3 @@ async def deploy_appliance(
             await service.close()
         get_run_logger().info("cluster %s: autoscaling every %g s", cluster, autoscale_every)
     return result
-
-
-def raise_if_kept(result: dict[str, Any]) -> None:
-    """A node whose drain failed was kept: the change is not what was asked; say so."""
-    if result["kept"]:
-        node, why = next(iter(result["kept"].items()))
-        more = f" (and {len(result['kept']) - 1} more)" if len(result["kept"]) > 1 else ""
-        counts = ", ".join(f"{g}={n}" for g, n in sorted(result["counts"].items()))
-        raise DeployFailed(f"{node} was kept{more}: its {why}; the cluster now has {counts}")
-
-
-def running_service() -> tuple[Home, daemons.Endpoints]:
-    home = Home.from_env()
-    endpoints = daemons.running(home)
-    if endpoints is None:
-        raise DeployFailed(f"the crv service is not running for {home.root}: run `crv up`")
-    return home, endpoints
-
-
-async def _recorded_counts(service: AsyncService, cluster: str, appliance: str) -> dict[str, int]:
-    status = await _status(service, cluster)
-    same = status is not None and status["appliance"] == appliance
-    return dict(status.get("counts") or {}) if status and same else {}
-
-
-async def converge(
-    loaded: Appliance,
-    cluster: str,
-    placement: Placement,
-    *,
-    counts: dict[str, int],
-    on_failure: str | None,
-    timeouts: Timeouts,
-    retries: int,
-    remove_first: Sequence[str] = (),
-) -> dict[str, Any]:
-    """Bring `cluster` to `loaded` with `counts` (deploy, resume and resize all come here):
-    every step along the DAG, skipping what is already done; nodes beyond the counts are
-    drained, let go by their dependents, then removed. Completed only when every verify passed.
-    New nodes go to their group's pool (`placement`); a node stays in the pool it was made in.
-
-    On failure, `on_failure` (default: the appliance's) says what stays: `keep` leaves
-    everything for a run again to resume from; `rollback` removes what this run added and
-    converges the cluster back to what was recorded before it (or removes it, if it is new).
-    `remove_first` names the nodes a shrink should take first (crv.appliance.plan.members)."""
-    home, endpoints = running_service()
-    service = AsyncService(home, endpoints.service_url)
-    try:
-        before = await _status(service, cluster)
-        appliance = with_counts(loaded, counts)
-        existing = [(n["name"], n["group"]) for n in before["nodes"]] if before else []
-        indices = members(appliance, cluster, existing, remove_first)
-        change = _Change(home, endpoints, service, cluster, placement, timeouts, retries)
-        try:
-            return await change.run(loaded, counts, indices, drain=True)
-        except DeployFailed as e:
-            if (on_failure or loaded.on_failure) != "rollback":
-                raise
-            undone = await change.roll_back(before)
-            raise DeployFailed(f"{e}; rolled back: {undone}") from None
-    finally:
-        await service.close()
-
-
-async def require_cluster(name: str) -> ClusterStatus:
-    """The cluster's recorded status (a resize and a repair start from it)."""
-    home, endpoints = running_service()
-    service = AsyncService(home, endpoints.service_url)
-    try:
-        status = await _status(service, name)
-    finally:
-        await service.close()
-    if status is None:
-        raise DeployFailed(f"no cluster {name!r}")
-    return status
-
-
-async def _status(service: AsyncService, cluster: str) -> ClusterStatus | None:
-    try:
-        return await service.status(cluster)
-    except ServiceError as e:
-        if e.status == 404:
-            return None
-        raise
-
-
-class _Change:
-    """One converge of a cluster: its pools, CA, service connection and options."""
-
-    def __init__(
-        self,
-        home: Home,
-        endpoints: daemons.Endpoints,
-        service: AsyncService,
-        cluster: str,
-        placement: Placement,
-        timeouts: Timeouts,
-        retries: int,
-    ) -> None:
-        self.home, self.endpoints, self.service = home, endpoints, service
-        self.cluster, self.placement = cluster, placement
-        self.drivers = Drivers(home)
-        self.timeouts, self.retries = timeouts, retries
-        self.logger = get_run_logger()
-
-    async def run(
-        self,
-        loaded: Appliance,
-        counts: dict[str, int],
-        indices: Mapping[str, Sequence[int]],
-        *,
-        drain: bool,
-    ) -> dict[str, Any]:
-        counts = dict(counts)
-        plan = expand(with_counts(loaded, counts), self.cluster, indices)
-        ca = CertificateAuthority.create_or_load(self.home.ca_dir)
-        run = ClusterRun(
-            plan,
-            self.placement,
-            self.drivers,
-            self.service,
-            service_url=self.endpoints.service_url,
-            ca_pem=ca.certificate_pem.decode(),
-            ca_sha256=ca.fingerprint_sha256,
-            ca_file=str(self.home.ca_file),
-            timeouts=self.timeouts,
-            counts=counts,
-        )
-        emit_cluster = functools.partial(
-            events.cluster_event, self.cluster, plan.appliance.name, self.placement.default
-        )
-        started = time.monotonic()
-        kept: dict[str, str] = {}
-        try:
-            await run.open()
-            victims = sorted(
-                (n for n in (await self.service.status(self.cluster))["nodes"]
-                 if n["name"] not in plan.nodes),
-                key=lambda n: natural_key(n["name"]),
-                reverse=True,  # newest first
-            )  # fmt: skip
-            if drain and victims:
-                kept = await drain_nodes(run, victims)
-            if kept:  # a node whose drain failed stays a member; its group keeps one more
-                grown = {g: list(ix) for g, ix in plan_indices(plan).items()}
-                for v in victims:
-                    index = node_index(self.cluster, v["group"], v["name"])
-                    if v["name"] in kept and index is not None:
-                        grown[v["group"]].append(index)
-                groups = {g: len(grown[g]) for g in {v["group"] for v in victims} & set(grown)}
-                a = plan.appliance
-                plan = expand(
-                    replace(a, groups={**a.groups, **{
-                        g: replace(a.groups[g], count=n) for g, n in groups.items()
-                    }}),
-                    self.cluster,
-                    grown,
-                )  # fmt: skip
-                # recorded for a resizable group; a fixed one tries again at the next deploy
-                counts.update({g: n for g, n in groups.items() if a.groups[g].scalable})
-                run.counts = counts
-                await run.put_cluster()
-            victims = [v for v in victims if v["name"] not in kept]
-            try:
-                await run.register(plan, leaving=victims)
-            except NoCapacity as e:  # nothing made: a rollback (if asked) has little to undo
-                raise DeployFailed(str(e)) from None
-            dag = DagRun(plan, RetryPolicy(retries=self.retries))
-            self.logger.info(
-                "cluster %s: %d nodes, %d steps, critical path %.1f s%s",
-                self.cluster,
-                len(plan.nodes),
-                dag.total,
-                plan.critical_seconds,
-                f"; removing {', '.join(v['name'] for v in victims)}" if victims else "",
-            )
-            emit_cluster("deploying", nodes=len(plan.nodes), steps=dag.total)
-            dag.step_listeners.append(_node_milestones(plan, run.pool_of))
-            status = await _run_stages(plan, dag, run)
-        finally:
-            await run.close()
-        elapsed = time.monotonic() - started
-        if dag.counts().get("ok", 0) != dag.total:
-            await publish_summary(self.cluster, status)
-            message = failure_message(dag)
-            emit_cluster("failed", error=message, seconds=round(elapsed, 3))
-            raise DeployFailed(message)  # the victims stay, leaving: a run again removes them
-        revoked = await remove_nodes(self.service, self.drivers, self.cluster, victims)
-        for v in victims:
-            events.node_event(self.cluster, plan.appliance.name, v["pool"], v["name"], "destroyed")
-        if victims:
-            status = await self.service.status(self.cluster)
-        await publish_summary(self.cluster, status)
-        elapsed = time.monotonic() - started
-        emit_cluster("ready", nodes=len(plan.nodes), seconds=round(elapsed, 3))
-        self.logger.info("cluster %s verified in %.1f s", self.cluster, elapsed)
-        return {
-            "cluster": self.cluster,
-            "nodes": len(plan.nodes),
-            "steps": dag.total,
-            "seconds": round(elapsed, 3),
-            "critical_path_seconds": plan.critical_seconds,
-            "counts": counts,
-            "removed": [v["name"] for v in victims],
-            "revoked": revoked,
-            "kept": kept,
-        }
-
-    async def roll_back(self, before: ClusterStatus | None) -> str:
-        """Undo a failed run: a cluster that did not exist goes entirely; otherwise the nodes
-        this run added go and the cluster converges back to the appliance, parameters and
-        counts recorded before the run (the dependents let the added nodes go first)."""
-        self.logger.warning("cluster %s: rolling back", self.cluster)
-        if before is None:
-            sync = Service(self.home, self.endpoints.service_url)
-            gone = await asyncio.to_thread(
-                teardown, self.cluster, self.drivers, sync, self.placement.names()
-            )
-            what = f"removed the new cluster ({gone.destroyed} nodes, {gone.revoked} certificates)"
-            events.cluster_event(
-                self.cluster, gone.appliance, self.placement.default, "rolled-back", to="none"
-            )
-        else:
-            counts = dict(before.get("counts") or {})
-            loaded = load_recorded(before["source"], before["parameters"] or {}, counts)
-            self.placement = recorded(before, loaded)
-            existing = [(n["name"], n["group"]) for n in before["nodes"]]
-            indices = members(with_counts(loaded, counts), self.cluster, existing)
-            try:
-                result = await self.run(loaded, counts, indices, drain=False)
-            except DeployFailed as e:
-                raise DeployFailed(f"the rollback failed too: {e}") from None
-            what = f"removed {len(result['removed'])} nodes this run added" + (
-                f" ({', '.join(result['removed'])})" if result["removed"] else ""
-            )
-            events.cluster_event(
-                self.cluster, before["appliance"], self.placement.default, "rolled-back",
-                to="previous", removed=result["removed"],
-            )  # fmt: skip
-        self.logger.warning("cluster %s: %s", self.cluster, what)
-        return what
-
-
-def plan_indices(plan: Plan) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {g: [] for g in plan.appliance.groups}
-    for n in plan.nodes.values():
-        out[n.group].append(n.index)
-    return out
-
-
-async def drain_nodes(run: ClusterRun, victims: list[NodeStatus]) -> dict[str, str]:
-    """Run the drain recipes of the victims that have a running agent and roles that ran, all
-    victims at once; the nodes whose drain failed, and why (they are kept)."""
-    appliance = run.plan.appliance
-    todo = {
-        v["name"]: [
-            role
-            for role, r in v["roles"].items()
-            if role in appliance.roles
-            and appliance.roles[role].drain is not None
-            and r["state"] not in ("pending", "released", "running", "failed", "drained")
-        ]
-        for v in victims
-        if v["state"] in ("enrolled", LEAVING) and v["group"] in appliance.groups
-    }
-    todo = {node: roles for node, roles in todo.items() if roles}
-    if not todo:
-        return {}
-    return await drain(run, todo)
-
-
-async def remove_nodes(
-    service: AsyncService, drivers: Drivers, cluster: str, victims: list[NodeStatus]
-) -> int:
-    """Destroy the victims in their pools, then forget them (which revokes their certificates
-    and purges their attributes). In that order: a node is never gone from crv's records while
-    its pool still holds it."""
-    revoked = 0
-    for v in victims:
-        await asyncio.to_thread(drivers(v["pool"]).destroy_node, v["name"])
-        revoked += len(await service.delete_node(cluster, v["name"]))
-    return revoked
-
-
-def _node_milestones(
-    plan: Plan, pool_of: Callable[[str], str]
-) -> Callable[[str, StepResult], None]:
-    """A step listener that emits `crv.node.verified` when a node's last step passed and
-    `crv.node.failed` when one of its steps failed for good."""
-    left: dict[str, int] = {}
-    for _, d in plan.steps():
-        left[d["node"]] = left.get(d["node"], 0) + 1
-
-    def on_step(sid: str, result: StepResult) -> None:
-        d = plan.graph.nodes[sid]
-        node = d["node"]
-        if result.state == "ok":
-            left[node] -= 1
-            if left[node] == 0:
-                events.node_event(
-                    plan.cluster, plan.appliance.name, pool_of(node), node, "verified"
-                )
-        elif result.state == "failed":
-            events.node_event(
-                plan.cluster, plan.appliance.name, pool_of(node), node, "failed",
-                step=sid, attempts=result.attempts, error=result.error,
-            )  # fmt: skip
-
-    return on_step
-
-
-async def publish_summary(cluster: str, status: ClusterStatus) -> None:
-    """The cluster summary table artifact; every flow that changes the cluster updates it."""
-    await acreate_table_artifact(
-        key=f"cluster-{cluster}",
-        table=summary_rows(status),
-        description=f"Cluster {cluster} ({status['appliance']}) on "
-        f"{_pools_text(status)}: "
-        f"{len(status['nodes'])} nodes, {'ready' if status['ready'] else 'not ready'}",
-    )
-
-
-def _pools_text(status: ClusterStatus) -> str:
-    used = sorted({n["pool"] for n in status["nodes"]} or {status["pool"]})
-    return f"pool{'s' if len(used) > 1 else ''} {', '.join(used)}"
-
-
-async def _run_stages(plan: Plan, dag: DagRun, run: ClusterRun) -> ClusterStatus:
-    progress_id = await acreate_progress_artifact(
-        progress=0.0, key=f"deploy-{plan.cluster}", description="steps done"
-    )
-    dirty = asyncio.Event()
-    dag.listeners.append(lambda _: dirty.set())
-    dag.listeners.extend(PROGRESS_LISTENERS)
-
-    async def publish_progress() -> None:
-        while True:
-            await dirty.wait()
-            dirty.clear()
-            done = sum(dag.counts().values())
-            await aupdate_progress_artifact(progress_id, progress=100.0 * done / dag.total)
-            await asyncio.sleep(1.0)  # at most one update a second, whatever the size
-
-    publisher = asyncio.create_task(publish_progress())
-    try:
-        calls = [
-            BY_KIND[s.kind].with_options(task_run_name=s.label)(s, dag, run) for s in stages(plan)
-        ]
-        await asyncio.gather(*calls, return_exceptions=True)
-    finally:
-        publisher.cancel()
-        done = sum(dag.counts().values())
-        await aupdate_progress_artifact(progress_id, progress=100.0 * done / dag.total)
-    return await run.service.status(plan.cluster)

@@ -8,7 +8,7 @@ from prefect import flow
 from pydantic import Field
 
 from flows import events
-from flows.deploy import WAIT
+from flows.converge import WAIT
 from flows.locks import cluster_change
 from tasks.deprovision import deprovision
 

@@ -11,7 +11,6 @@ it run again if what they read changed. It holds the cluster's change slot like 
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
@@ -19,11 +18,12 @@ from prefect import flow, get_run_logger
 from pydantic import Field
 
 from crv.appliance.loader import load_recorded
-from crv.engine.placement import Drivers, drift, lapsed, recorded
+from crv.engine.converge import remake
+from crv.engine.placement import Drivers, lapsed, recorded
 from crv.engine.stages import Timeouts
 from crv.service.client import AsyncService
 from flows import events
-from flows.deploy import (
+from flows.converge import (
     WAIT,
     DeployFailed,
     converge,
@@ -32,6 +32,7 @@ from flows.deploy import (
     running_service,
 )
 from flows.locks import cluster_change
+from tasks.pools import destroy_machine, pool_drift
 
 
 @flow(name="repair-cluster", persist_result=False, log_prints=True)
@@ -47,7 +48,7 @@ async def repair_cluster(
     drivers = Drivers(home)
     async with cluster_change(name, wait=wait):
         status = await require_cluster(name)
-        found = await asyncio.to_thread(drift, status, drivers)
+        found = await pool_drift(drivers, status)
         if found.unreachable:
             pool, why = next(iter(found.unreachable.items()))
             raise DeployFailed(f"cannot repair {name}: pool {pool} was not reachable: {why}")
@@ -63,24 +64,21 @@ async def repair_cluster(
             liveness = await service.liveness(name)
         finally:
             await service.close()
-        missing = {n["name"] for n in found.missing}
-        ended = [
-            n for n in lapsed(status, liveness, datetime.now(timezone.utc))
-            if n["name"] not in missing
-        ]  # fmt: skip
+        ended, found.missing = remake(
+            found.missing, lapsed(status, liveness, datetime.now(timezone.utc))
+        )
         for n in ended:
             logger.warning(
                 "%s: its certificate ended at %s and it did not re-join: it will be made again",
                 n["name"], n["ended"],
             )  # fmt: skip
-            await asyncio.to_thread(drivers(n["pool"]).destroy_node, n["name"])
-        found.missing += [{"name": n["name"], "pool": n["pool"], "state": "lapsed"} for n in ended]
+            await destroy_machine(drivers, n["pool"], n["name"])
         for n in found.orphans:
             logger.warning(
                 "%s in pool %s is tagged for cluster %s but crv has no record of it: destroying it",
                 n["name"], n["pool"], name,
             )  # fmt: skip
-            await asyncio.to_thread(drivers(n["pool"]).destroy_node, n["name"])
+            await destroy_machine(drivers, n["pool"], n["name"])
             events.node_event(name, status["appliance"], n["pool"], n["name"], "destroyed")
         counts = dict(status.get("counts") or {})
         loaded = load_recorded(status["source"], status["parameters"] or {}, counts)

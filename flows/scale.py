@@ -12,7 +12,7 @@ newest (highest index). It runs their roles' `drain` recipes first (a node whose
 is kept and reported, and the group keeps it). Then it marks the victims `leaving` (they keep
 running, but the service leaves them out of every read), converges the cluster onto the
 smaller plan (the dependents run again without them), and only then destroys the victims in
-the pool and revokes their certificates. The machinery is flows.deploy.converge, the same as a
+the pool and revokes their certificates. The machinery is flows.converge.converge, the same as a
 deploy's: this flow picks the counts and reports.
 """
 
@@ -31,7 +31,7 @@ from crv.engine.stages import Timeouts
 from crv.service.client import AsyncService, ServiceError
 from crv.service.models import ClusterStatus
 from flows import events
-from flows.deploy import (
+from flows.converge import (
     ON_FAILURE,
     WAIT,
     OnFailure,
