@@ -25,6 +25,7 @@ from typing import Any
 from crv.appliance.loader import Appliance
 from crv.base.errors import CrvError, SpecError
 from crv.base.home import Home
+from crv.service.models import ClusterStatus
 from crv.service.store import natural_key
 from pools import get_pool
 from pools.base import Pool
@@ -75,7 +76,7 @@ def place(appliance: Appliance, default: str, overrides: Mapping[str, str] | Non
     return Placement(default, {g: p for g, p in chosen.items() if p != default}, orders)
 
 
-def recorded(status: Mapping[str, Any], appliance: Appliance | None = None) -> Placement:
+def recorded(status: ClusterStatus, appliance: Appliance | None = None) -> Placement:
     """The placement recorded with a cluster (a resize places new nodes by it). The record has
     each group's first pool only: a group's `pools:` list in `appliance` (the recorded one) is
     its order again when its first pool is the recorded one (not when --pool-for replaced it)."""
@@ -161,7 +162,7 @@ class Drivers:
         return self._open[name]
 
 
-def pools_of(status: Mapping[str, Any] | None, *also: str) -> list[str]:
+def pools_of(status: ClusterStatus | None, *also: str) -> list[str]:
     """Every pool a cluster uses: its default, its groups', its nodes' (a node stays where it was
     made), and `also`."""
     names = set(also)
@@ -187,7 +188,7 @@ class Drift:
 
 
 def lapsed(
-    status: Mapping[str, Any], liveness: Mapping[str, Mapping[str, str | None]], now: datetime
+    status: ClusterStatus, liveness: Mapping[str, Mapping[str, str | None]], now: datetime
 ) -> list[dict[str, Any]]:
     """Enrolled nodes whose certificate has ended and that have not re-joined (off past their
     grace period, or refused): the pool still holds them, but only a new machine brings them
@@ -206,7 +207,7 @@ def lapsed(
     return sorted(out, key=lambda n: natural_key(n["name"]))
 
 
-def drift(status: Mapping[str, Any], drivers: Drivers) -> Drift:
+def drift(status: ClusterStatus, drivers: Drivers) -> Drift:
     """Ask each pool the cluster uses for the nodes tagged with it (one list call per pool) and
     compare with the records. A recorded node is missing when its pool does not hold it, or holds
     it stopped; nodes still `planned` or `provisioning` are a change under way, not drift. A node

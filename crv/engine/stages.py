@@ -32,6 +32,7 @@ from crv.engine import verify
 from crv.engine.placement import ALIVE, NoCapacity, Placement, capacities
 from crv.engine.verify import Check
 from crv.service.client import AsyncService, ServiceError
+from crv.service.models import NodeStatus
 from crv.service.store import LEAVING, natural_key
 from pools.base import NodeInfo, NodeSpec, Pool
 
@@ -340,7 +341,7 @@ class ClusterRun:
             },
         )
 
-    async def register(self, plan: Plan, leaving: Iterable[Mapping[str, Any]] = ()) -> None:
+    async def register(self, plan: Plan, leaving: Iterable[NodeStatus] = ()) -> None:
         """Record the nodes of `plan` (new ones as planned; a member that was leaving becomes a
         member again) and mark `leaving` the nodes about to go: they stop feeding others.
         A new node of a group with a list of pools goes to the first with room (`choose`)."""
