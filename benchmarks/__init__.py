@@ -5,3 +5,21 @@ Run them all with `./dev bench` (or `python -m benchmarks`); one of them with
 Timed here, never in unit tests: these machines are noisy, so a benchmark reports the median of
 several runs and the test-suite checks behaviour only.
 """
+
+import signal
+import sys
+
+
+def exit_on_sigterm() -> None:
+    """Let SIGTERM (a CI timeout, a kill) end this benchmark process through its `finally`
+    blocks, so the daemons it started go down and its temporary CRV_HOME goes away.
+
+    A second SIGTERM is ignored, so it cannot cut that cleanup short. Called where a benchmark
+    runs as a program, never on import (the tests import them).
+    """
+
+    def terminated(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminated)

@@ -28,6 +28,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from benchmarks import exit_on_sigterm
 from benchmarks.bench_resize import REPO, crv
 
 CATALOG = REPO / "appliances"
@@ -172,4 +173,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import exit_on_sigterm
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -105,4 +107,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main(sys.argv[1:])

@@ -32,6 +32,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks import exit_on_sigterm
 from crv.appliance.loader import load_appliance
 from crv.appliance.plan import Plan, expand
 from crv.base.home import Home
@@ -305,4 +306,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from rich.console import Console
 
+from benchmarks import exit_on_sigterm
 from crv.appliance.loader import load_appliance
 from crv.appliance.plan import Plan, expand
 from crv_cli.plan_view import describe
@@ -82,4 +83,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()

@@ -32,6 +32,7 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from benchmarks import exit_on_sigterm
 from crv.base.home import Home
 
 REPO = Path(__file__).resolve().parent.parent
@@ -190,4 +191,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main(sys.argv[1:])

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import exit_on_sigterm
 from crv.base.home import Home
 from crv.service.client import Service
 from crv_cli import daemons
@@ -99,4 +100,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()
