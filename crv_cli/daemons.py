@@ -77,6 +77,7 @@ from crv.base.running import (
 from crv.base.running import (
     running as running,
 )
+from lab import control as lab
 
 SERVICE_PORT = 8443
 PREFECT_PORT = 4200
@@ -300,6 +301,8 @@ def _start_service(home: Home) -> str:
     except (OSError, ValueError):
         before = SERVICE_PORT
     argv = [sys.executable, "-m", "crv.service", "--host", address]
+    for netns, lab_address in lab.service_listeners(home):  # where the lab's guests dial
+        argv += ["--netns-listen", f"{netns}={lab_address}"]
     for preferred in (before, 0):
         port = _free_port(preferred, address)
         try:
@@ -318,6 +321,15 @@ def _start_service(home: Home) -> str:
             if preferred == 0:
                 raise
     raise AssertionError("unreachable")
+
+
+def restart_service(home: Home) -> str | None:
+    """Stop this home's service and start it again (its listeners changed: the lab came up or
+    went); its new URL, None when it was not running (the next command starts it as it is)."""
+    if read_record(service_record(home)) is None:
+        return None
+    _stop(service_record(home))
+    return _start_service(home)
 
 
 # -- the boot services of bare-metal pools ---------------------------------------------------

@@ -787,10 +787,12 @@ def pools_check(
 
 from crv_cli.autoscale import autoscale_app  # noqa: E402  (these use the helpers above)
 from crv_cli.baremetal import baremetal_app, pxe_app  # noqa: E402
+from crv_cli.lab import lab_app  # noqa: E402
 
 app.add_typer(autoscale_app, name="autoscale")
 app.add_typer(baremetal_app, name="baremetal")
 app.add_typer(pxe_app, name="pxe")
+app.add_typer(lab_app, name="lab")
 
 
 def main() -> None:

@@ -40,10 +40,10 @@ from urllib.parse import urlsplit
 import libvirt  # type: ignore[import-untyped]  # libvirt-python ships no type hints
 import pycdlib
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, field_validator, model_validator
 
 from crv.base.flock import exclusive
-from pools import cloudinit
+from pools import cloudinit, images
 from pools.base import (
     TAG_CLUSTER,
     TAG_NODE,
@@ -96,8 +96,13 @@ class LibvirtOptions(BaseModel):
 
     - `uri`: the libvirt connection URI (`qemu:///session`, `qemu+ssh://host/system`,
       `test:///default` for tests). Only the `qemu` and `test` drivers are accepted.
-    - `base_image`: absolute path, on the hypervisor host, of the base disk image every node's
-      disk is an overlay of (a cloud image with cloud-init and python3).
+    - `image`: absolute path of the manifest (`image.json`) of an image `crv image build` made:
+      its qcow2 disk is the base of every node's disk, its kernel and initrd boot the node
+      (direct kernel boot, the manifest's command line), and every file's SHA-256 is checked
+      against the manifest before a node is made (a mismatch is refused: FAULTS F10).
+    - `base_image`: instead of `image`, absolute path on the hypervisor host of a base disk
+      image (a bootable cloud image with cloud-init and python3); on a local hypervisor a
+      qcow2 with a backing file is refused (crv did not make that chain).
     - `base_format`: the base image's format, `qcow2` (default) or `raw`.
     - `storage_pool`: the libvirt storage pool the node disks (and seed volumes) go to.
     - `network`: the libvirt network the node's one interface is attached to.
@@ -108,12 +113,17 @@ class LibvirtOptions(BaseModel):
     - `seed`: where the cloud-init seed ISO lives: `auto`, `file` or `volume` (module doc).
     - `max_nodes`: at most this many nodes (crv's domains, of any cluster) at a time; the
       pool's `capacity()`. None (default): no limit known to crv.
+    - `service_address`: the address the guests reach the crv service at (the lab's bridge
+      address, `crv lab up` sets it); None: the address the service was started with.
+    - `console_log`: keep each guest's serial console in `<state_dir>/consoles/<node>.log`
+      (local hypervisors only; the lab turns it on).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     uri: str = Field(default="qemu:///session", min_length=1, max_length=500)
-    base_image: str = Field(min_length=1, max_length=4096)
+    image: str = Field(default="", max_length=4096)
+    base_image: str = Field(default="", max_length=4096)
     base_format: Literal["qcow2", "raw"] = "qcow2"
     storage_pool: str = Field(default="default", pattern=_OBJECT_NAME)
     network: str = Field(default="default", pattern=_OBJECT_NAME)
@@ -124,8 +134,16 @@ class LibvirtOptions(BaseModel):
     domain_type: Literal["kvm", "qemu"] = "kvm"
     seed: Literal["auto", "file", "volume"] = "auto"
     max_nodes: int | None = Field(default=None, ge=0, le=100_000)
+    service_address: IPvAnyAddress | None = None
+    console_log: bool = False
 
-    @field_validator("uri", "base_image")
+    @model_validator(mode="after")
+    def _one_image(self) -> LibvirtOptions:
+        if bool(self.image) == bool(self.base_image):
+            raise ValueError("give exactly one of image (a crv image.json) or base_image")
+        return self
+
+    @field_validator("uri", "base_image", "image")
     @classmethod
     def _one_line(cls, value: str) -> str:
         if any(ord(c) < 32 or ord(c) == 127 for c in value):
@@ -193,6 +211,8 @@ class LibvirtPool(MaxNodes):
         self.state_dir = Path(os.path.abspath(state_dir))
         self.options = options
         self.max_nodes = options.max_nodes
+        # where the guests dial the service (crv.engine.stages puts it in the bootstrap)
+        self.service_address = str(options.service_address) if options.service_address else None
         self._uri = _Uri(options.uri)
         self._conn: libvirt.virConnect | None = None
         self._conn_lock = threading.Lock()
@@ -210,10 +230,16 @@ class LibvirtPool(MaxNodes):
             self._refuse("uri", f"{opts.uri!r} is not a known libvirt URI ({known})")
         if uri.driver == "qemu" and uri.path not in ("/session", "/system"):
             self._refuse("uri", f"{opts.uri!r}: a qemu URI ends in /session or /system")
-        if not opts.base_image.startswith("/"):
-            self._refuse("base_image", f"{opts.base_image!r} is not an absolute path")
-        if uri.local and uri.driver == "qemu" and not Path(opts.base_image).is_file():
-            self._refuse("base_image", f"{opts.base_image} does not exist or is not a file")
+        option = "image" if opts.image else "base_image"
+        path = opts.image or opts.base_image
+        if not path.startswith("/"):
+            self._refuse(option, f"{path!r} is not an absolute path")
+        if uri.local and uri.driver == "qemu" and not Path(path).is_file():
+            self._refuse(option, f"{path} does not exist or is not a file")
+        if opts.image and uri.local:
+            self._manifest()  # readable, and names its files
+        if opts.console_log and not uri.local:
+            self._refuse("console_log", "only for a hypervisor on this machine")
         if opts.seed == "file" and not uri.session:
             self._refuse("seed", f"'file' needs a session or test URI, not {opts.uri!r}")
         bad = [g for g in opts.groups if not _NODE_NAME.match(g)]
@@ -296,11 +322,12 @@ class LibvirtPool(MaxNodes):
                 with suppress(libvirt.libvirtError):
                     stream.abort()
                 raise
+        base_path, base_format = self._base()
         disk_xml = self._volume_xml(
             f"{spec.name}.qcow2",
             size["disk_gb"] * GIB,
-            backing_path=self.options.base_image,
-            backing_format=self.options.base_format,
+            backing_path=base_path,
+            backing_format=base_format,
             format="qcow2",
         )
         pool.createXML(disk_xml, 0)
@@ -326,6 +353,7 @@ class LibvirtPool(MaxNodes):
         else:
             self._remove_volumes(pool, name)
         self._seed_path(name).unlink(missing_ok=True)
+        self._console_path(name).unlink(missing_ok=True)
 
     @staticmethod
     def _remove_volumes(pool: libvirt.virStoragePool, name: str) -> None:
@@ -342,6 +370,10 @@ class LibvirtPool(MaxNodes):
         """The domain of a node. Only validated values go in, and all of them escaped."""
         size = self._resources(spec.group)
         seed_file = self._seed_path(spec.name) if self._seed_mode() == "file" else None
+        boot = self._kernel_boot()
+        console = self._console_path(spec.name) if self.options.console_log else None
+        if console is not None:
+            console.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         return render(
             "libvirt-domain.xml.j2",
             domain_type="test" if self._uri.driver == "test" else self.options.domain_type,
@@ -357,6 +389,10 @@ class LibvirtPool(MaxNodes):
             seed_file=str(seed_file) if seed_file else "",
             seed_volume=f"{spec.name}-seed.iso",
             network=self.options.network,
+            kernel=boot[0],
+            initrd=boot[1],
+            cmdline=boot[2],
+            console_log=str(console) if console else "",
         )
 
     @staticmethod
@@ -429,6 +465,7 @@ class LibvirtPool(MaxNodes):
         for source in (
             libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
             libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT,
+            libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP,  # the hypervisor's neighbour table
         ):
             try:
                 interfaces = dom.interfaceAddresses(source, 0) or {}
@@ -489,10 +526,53 @@ class LibvirtPool(MaxNodes):
     def _seed_path(self, name: str) -> Path:
         return self.state_dir / "seeds" / f"{name}-seed.iso"
 
+    def _console_path(self, name: str) -> Path:
+        return self.state_dir / "consoles" / f"{name}.log"
+
+    def _manifest(self) -> images.ImageManifest:
+        try:
+            return images.load(Path(self.options.image))
+        except images.ImageError as exc:
+            self._refuse("image", str(exc))
+
+    def _base(self) -> tuple[str, str]:
+        """The base disk every node's disk is an overlay of: (path, format)."""
+        if not self.options.image:
+            return self.options.base_image, self.options.base_format
+        manifest = self._manifest()
+        return str(manifest.path("disk")), manifest.files["disk"].format or "qcow2"
+
+    def _kernel_boot(self) -> tuple[str, str, str]:
+        """(kernel, initrd, command line) of a crv image (direct kernel boot); empty strings
+        for a base_image, which boots its own loader."""
+        if not self.options.image:
+            return "", "", ""
+        manifest = self._manifest()
+        return str(manifest.path("kernel")), str(manifest.path("initrd")), manifest.cmdline
+
     def _check_base_image(self) -> None:
-        local_qemu = self._uri.local and self._uri.driver == "qemu"
-        if local_qemu and not Path(self.options.base_image).is_file():
-            self._refuse("base_image", f"{self.options.base_image} does not exist")
+        """On a hypervisor on this machine: the base exists, a crv image's files are the ones
+        its manifest names (SHA-256), and no base disk has a backing file (a chain crv did not
+        make could read anything: FAULTS F10). Remote hypervisors check their own files."""
+        if not (self._uri.local and self._uri.driver == "qemu"):
+            return
+        option = "image" if self.options.image else "base_image"
+        base, _format = self._base()
+        if not Path(base).is_file():
+            self._refuse(option, f"{base} does not exist")
+        try:
+            if self.options.image:
+                manifest = self._manifest()
+                for role in ("disk", "kernel", "initrd"):
+                    images.verify(manifest.path(role), manifest.files[role].sha256)
+            backing = images.backing_file(Path(base))
+        except images.ImageError as exc:
+            self._refuse(option, str(exc))
+        if backing:
+            self._refuse(
+                option,
+                f"{base} has a backing file ({backing}); crv refuses a chain it did not make",
+            )
 
     def _check_name(self, name: str) -> None:
         """Node names become domain, volume and file names: refuse anything unusual."""

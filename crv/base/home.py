@@ -37,6 +37,11 @@ class Home:
     def prefect_dir(self) -> Path:
         return self.root / "prefect"
 
+    @property
+    def lab_dir(self) -> Path:
+        """The lab for real machines (lab/lab.py): its state, its libvirtd's files, volumes."""
+        return self.root / "lab"
+
     def pool_dir(self, pool: str) -> Path:
         return self.root / "pools" / pool
 

@@ -17,6 +17,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import urllib.parse
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -486,7 +487,7 @@ class ClusterRun:
             cluster=self.cluster,
             group=self.plan.nodes[node].group,
             bootstrap={
-                "service": self.service_url,
+                "service": _dialled_at(self.service_url, getattr(pool, "service_address", None)),
                 "ca": self.ca_pem,
                 "ca_sha256": self.ca_sha256,
                 "cluster": self.cluster,
@@ -681,3 +682,13 @@ class ClusterRun:
                 failed = RecipeFailed(node, role, r.get("exit_code"), r.get("output") or "")
                 return f"drain {str(failed).removeprefix('recipe ')}"
         return None
+
+
+def _dialled_at(url: str, address: str | None) -> str:
+    """The service URL as a pool's machines must dial it: the same port at the address the pool
+    names (`service_address`: the lab's bridge address, say), else the URL as it is."""
+    if not address:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    host = f"[{address}]" if ":" in address else address
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{host}:{parts.port}"))

@@ -5,10 +5,24 @@ from __future__ import annotations
 import argparse
 
 from crv.base.home import Home
+from crv.base.netns import netns_path
 from crv.service.server import serve
 
 parser = argparse.ArgumentParser(prog="python -m crv.service")
 parser.add_argument("--host", default="127.0.0.1")
 parser.add_argument("--port", type=int, required=True)
+parser.add_argument(
+    "--netns-listen",
+    action="append",
+    default=[],
+    metavar="NAMESPACE=ADDRESS",
+    help="also listen on ADDRESS (same port) inside the network namespace NAMESPACE (the lab)",
+)
 args = parser.parse_args()
-serve(Home.from_env(), args.host, args.port)
+netns = []
+for item in args.netns_listen:
+    name, _, address = item.partition("=")
+    if not name or not address:
+        parser.error(f"--netns-listen {item!r}: give NAMESPACE=ADDRESS")
+    netns.append((netns_path(name), address))
+serve(Home.from_env(), args.host, args.port, netns)

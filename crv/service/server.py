@@ -16,6 +16,7 @@ import os
 import socket
 import ssl
 import sys
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,6 +28,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from crv.base.errors import PkiError
 from crv.base.home import Home
+from crv.base.netns import listen_in
 from crv.service.app import create_app
 from crv.service.guard import (
     ENV_HEADER_TIMEOUT,
@@ -166,15 +168,19 @@ def _names(cert_path: Path, address: str) -> bool:
     return ipaddress.ip_address(address) in san.get_values_for_type(x509.IPAddress)
 
 
-def ensure_credentials(home: Home, ca: CertificateAuthority) -> tuple[Path, Path]:
+def ensure_credentials(
+    home: Home, ca: CertificateAuthority, also: Sequence[str] = ()
+) -> tuple[Path, Path]:
     """The server's TLS pair and the admin client pair, renewed when near expiry. The server
-    certificate names localhost, 127.0.0.1 and this host, which is what agents dial, and the
-    address in CRV_SERVICE_ADDRESS (where real machines reach the service), if set."""
+    certificate names localhost, 127.0.0.1 and this host, which is what agents dial, the
+    address in CRV_SERVICE_ADDRESS (where real machines reach the service), if set, and the
+    addresses in `also` (the service's listeners inside the lab)."""
     home.ensure()
     server_crt, server_key = home.service_dir / "server.crt", home.service_dir / "server.key"
-    extra = os.environ.get("CRV_SERVICE_ADDRESS", "").strip()
-    if not _still_valid(server_crt) or (extra and not _names(server_crt, extra)):
-        addresses = ["127.0.0.1", "::1", *([extra] if extra else [])]
+    env = os.environ.get("CRV_SERVICE_ADDRESS", "").strip()
+    extra = sorted({a for a in (env, *also) if a})
+    if not _still_valid(server_crt) or not all(_names(server_crt, a) for a in extra):
+        addresses = ["127.0.0.1", "::1", *extra]
         try:  # the host name too, when it is a valid DNS name
             key_pem, cert = ca.issue_server_certificate(
                 ["localhost", socket.gethostname().lower()], addresses
@@ -212,14 +218,25 @@ def _raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def serve(home: Home, host: str, port: int) -> None:
+def _listen(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock
+
+
+def serve(home: Home, host: str, port: int, netns: Sequence[tuple[Path, str]] = ()) -> None:
+    """Serve on (host, port), and on the same port at each (namespace, address) of `netns`:
+    a listener inside a lab's network namespace (crv.base.netns), where its guests dial."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     limits = Limits.from_env()
     _raise_open_files_limit()
     ca = CertificateAuthority.create_or_load(home.ca_dir)
-    server_crt, server_key = ensure_credentials(home, ca)
+    server_crt, server_key = ensure_credentials(home, ca, [address for _, address in netns])
+    sockets = [_listen(host, port)] + [listen_in(path, addr, port) for path, addr in netns]
     store = Store(open_engine(home.database))
     config = uvicorn.Config(
         create_app(store, ca, node_ttl=node_ttl_from_env()),
@@ -241,10 +258,10 @@ def serve(home: Home, host: str, port: int) -> None:
     factory = loop_factory(limits)
     if sys.version_info >= (3, 11):
         with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(server.serve())
+            runner.run(server.serve(sockets=sockets))
     else:
         loop = factory()
         try:
-            loop.run_until_complete(server.serve())
+            loop.run_until_complete(server.serve(sockets=sockets))
         finally:
             loop.close()

@@ -693,13 +693,21 @@ class Store:
         return Enrolment(cluster, name, tuple(row.roles), row.address)
 
     def enrol(
-        self, cluster: str, name: str, token: str, csr_digest: str, sign: Signer
+        self,
+        cluster: str,
+        name: str,
+        token: str,
+        csr_digest: str,
+        sign: Signer,
+        *,
+        peer: str | None = None,
     ) -> tuple[str, list[str]]:
         """Consume the token and record the certificate `sign` made; earlier certificates of
         the node are revoked. The same token with the same CSR again within ENROL_REPLAY (the
         answer to the first one was lost on the way) gets the same certificate instead of a
         refusal: nothing new is issued, and only the holder of the CSR's key can use it.
-        Returns (the certificate's PEM, the revoked serials)."""
+        `peer`, the address the enrolment came from, becomes the node's address if its pool
+        gave it none. Returns (the certificate's PEM, the revoked serials)."""
         with self.engine.begin() as c:
             again = self._enrolled_again(c, cluster, name, token, csr_digest)
             if again is not None:
@@ -722,6 +730,7 @@ class Store:
                     enrol_token=token_hash(token),
                     enrol_csr=csr_digest,
                     enrolled_at=at,
+                    address=sa.func.coalesce(nodes.c.address, peer),
                 )
             )
             if consumed.rowcount != 1:  # a concurrent enrolment won the race

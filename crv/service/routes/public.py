@@ -7,7 +7,7 @@ import ipaddress
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from crv.appliance.spec import NAME_PATTERN
 from crv.base.errors import PkiError
@@ -73,11 +73,14 @@ async def crl(
 
 
 @router.post("/v1/enrol")
-async def enrol(svc: Svc, body: EnrolRequest) -> dict[str, Any]:
+async def enrol(svc: Svc, body: EnrolRequest, request: Request) -> dict[str, Any]:
     digest = hashlib.sha256(body.csr.encode()).hexdigest()
+    # where the machine called from: its address, when its pool did not know one (a guest on a
+    # bridge gets its address by DHCP after the pool made it)
+    peer = request.client.host if request.client is not None else None
     try:
         pem, revoked = svc.store.enrol(
-            body.cluster, body.node, body.token, digest, svc.signer(body.csr)
+            body.cluster, body.node, body.token, digest, svc.signer(body.csr), peer=peer
         )
     except StoreError as e:
         if e.status == 401:

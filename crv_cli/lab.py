@@ -1,0 +1,120 @@
+"""`crv lab up | down | status`: the lab for real machines (lab/control.py, docs/lab.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from crv.base.errors import SpecError
+from crv_cli import common, daemons
+
+lab_app = typer.Typer(
+    no_args_is_help=True,
+    help="The lab: a network namespace with real qemu guests (libvirt) for real deploys.",
+)
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+
+
+def _image(given: str | None) -> Path | None:
+    """The manifest the lab pool boots: a path to image.json or to its directory, or the key
+    (or a prefix of it) of an image in the cache; None: keep the pool's, else the newest."""
+    from lab.control import state
+    from pools import images
+
+    home = common.home()
+    if given is None:
+        if state(home) is not None:
+            return None
+        cached = sorted(
+            (home.root / "images").glob("*/image.json"), key=lambda p: p.stat().st_mtime
+        )
+        if not cached:
+            raise SpecError("--image", "", "no image built yet: run `crv image build` first")
+        return cached[-1]
+    path = Path(given)
+    if path.is_dir():
+        path = path / "image.json"
+    if not path.is_file():
+        matches = sorted((home.root / "images").glob(f"{given}*/image.json"))
+        if len(matches) != 1:
+            why = "matches several images" if matches else "is neither a file nor a cached image"
+            raise SpecError("--image", given, why)
+        path = matches[0]
+    try:
+        images.load(path)
+    except images.ImageError as exc:
+        raise SpecError("--image", str(path), str(exc)) from None
+    return path
+
+
+@lab_app.command("up")
+def lab_up(
+    image: Annotated[
+        str | None,
+        typer.Option(
+            help="The image its pool boots: image.json, its directory or its key "
+            "(default: the newest `crv image build` made)."
+        ),
+    ] = None,
+    memory: Annotated[int, typer.Option(help="MiB of memory per guest.", min=256)] = 768,
+    max_nodes: Annotated[int, typer.Option(help="Guests at a time.", min=1)] = 4,
+    as_json: JsonOption = False,
+) -> None:
+    """Make the lab (or keep it): namespace, bridge, DHCP, its own libvirtd, the `lab` pool."""
+    from lab import control
+
+    home = common.home()
+    with common.user_errors():
+        data = control.up(home, _image(image), memory_mb=memory, max_nodes=max_nodes)
+        service = daemons.restart_service(home)  # it listens in the lab from now on
+    _show(data, service, as_json)
+
+
+@lab_app.command("down")
+def lab_down(as_json: JsonOption = False) -> None:
+    """Remove the lab: its guests and volumes, daemons, namespace, pool entry and files."""
+    from lab import control
+
+    home = common.home()
+    with common.user_errors():
+        removed = control.down(home)
+        daemons.restart_service(home)  # without its lab listener, which pinned the namespace
+    if as_json:
+        print(json.dumps(removed))
+        return
+    guests = ", ".join(removed["domains"]) or "none"
+    print(f"lab removed (namespace: {removed['netns'] or 'none'}; guests: {guests})")
+
+
+@lab_app.command("status")
+def lab_status(as_json: JsonOption = False) -> None:
+    """Whether the lab is up, and its addresses."""
+    from lab import control
+
+    home = common.home()
+    data = control.state(home)
+    if data is None:
+        if as_json:
+            print(json.dumps({"up": False}))
+        else:
+            print("no lab (crv lab up makes one)")
+        raise typer.Exit(1)
+    _show({**data, "up": control.alive(data)}, None, as_json)
+
+
+def _show(data: dict[str, Any], service: str | None, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({**data, "up": data.get("up", True)}, sort_keys=True))
+        return
+    print(
+        f"lab up: namespace {data['netns']}, guests on {data['subnet']} (bridge {data['bridge']})"
+    )
+    print(
+        f"  guests reach the crv service at {data['gateway']}"
+        + (f" ({service})" if service else "")
+    )
+    print(f"  libvirt: virsh -c '{data['uri']}' list --all")
+    print(f"  pool: {data['pool']} (pools.yaml) - crv deploy APPLIANCE --pool {data['pool']}")

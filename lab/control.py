@@ -1,0 +1,205 @@
+"""`crv lab up` / `crv lab down`: the lab for real machines, as one unit.
+
+Up makes, in order: the network (lab/network.py: namespace, bridge, veth and route, firewall,
+dnsmasq), the lab's libvirtd (lab/hypervisor.py) with a storage pool and a network over the
+bridge, and the `lab` pool in pools.yaml (driver libvirt, the image crv built, the service
+address inside the lab). It records all of it in `$CRV_HOME/lab/lab.json`. The crv service
+listens inside the lab too (crv_cli.daemons reads `service_listeners`), so the caller restarts
+it after up and after down.
+
+Down removes the lab's domains and volumes, its daemons, the namespace (bridge, veth and route
+with it), the pool entry and the lab dir: nothing is left (tests/test_vm_lab.py checks it).
+Both are idempotent; an up that fails half-way removes what it made.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from crv.base.home import Home
+from crv.base.netns import netns_path
+from lab import hypervisor, network
+from lab.network import LabError, Net
+
+POOL = "lab"
+STATE = "lab.json"
+
+
+def state_file(home: Home) -> Path:
+    return home.lab_dir / STATE
+
+
+def state(home: Home) -> dict[str, Any] | None:
+    """What `up` recorded, None when there is no lab (or its record is unreadable)."""
+    import json
+
+    try:
+        data = json.loads(state_file(home).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def alive(data: dict[str, Any]) -> bool:
+    """The namespace exists and the lab's libvirtd and dnsmasq still run."""
+    if data.get("netns") not in network.namespaces():
+        return False
+    lab_dir = Path(data["dir"])
+    pids = hypervisor.pids(lab_dir)
+    try:
+        pids["dnsmasq"] = int((lab_dir / "dnsmasq.pid").read_text().strip())
+    except (OSError, ValueError):
+        return False
+    return all(_running(pids.get(name)) for name in ("libvirtd", "virtlogd", "dnsmasq"))
+
+
+def _running(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def service_listeners(home: Home) -> list[tuple[str, str]]:
+    """(namespace, address) where the crv service must also listen: the lab's, when it is up."""
+    data = state(home)
+    if data is None or not netns_path(str(data.get("netns", ""))).exists():
+        return []
+    return [(str(data["netns"]), str(data["gateway"]))]
+
+
+def up(
+    home: Home, image: Path | None, *, memory_mb: int = 768, max_nodes: int = 4
+) -> dict[str, Any]:
+    """The lab of `home`, made if it is not there (or broken: then remade). `image`: the
+    manifest (image.json) of the image its pool boots, None to keep the pool's."""
+    _check_can()
+    home.ensure()
+    existing = state(home)
+    if existing is not None:
+        if alive(existing):
+            if image is not None:
+                _write_pool(home, existing, image, memory_mb, max_nodes)
+            return existing
+        down(home)
+    lab_dir = home.lab_dir
+    lab_dir.mkdir(mode=0o700, exist_ok=True)
+    net = network.free_index()
+    network.create(net, lab_dir)
+    try:
+        libvirt_uri = hypervisor.start(net.netns, lab_dir)
+        hypervisor.define_storage_and_network(lab_dir)
+        data: dict[str, Any] = {
+            **net.describe(),
+            "dir": str(lab_dir),
+            "uri": libvirt_uri,
+            "pool": POOL,
+            "storage_pool": hypervisor.STORAGE_POOL,
+            "network": hypervisor.NETWORK,
+        }
+        network.save(state_file(home), data)
+        _write_pool(home, data, image, memory_mb, max_nodes)
+    except BaseException:
+        down(home)
+        raise
+    return data
+
+
+def down(home: Home) -> dict[str, Any]:
+    """Remove the lab of `home` and everything it made; what was removed."""
+    data = state(home) or {}
+    lab_dir = home.lab_dir
+    removed: dict[str, Any] = {"domains": [], "netns": None}
+    if lab_dir.is_dir():
+        removed["domains"] = hypervisor.remove_domains(lab_dir)
+    if "index" in data:
+        net = Net(int(data["index"]))
+        removed["netns"] = net.netns
+        network.remove(net, lab_dir)  # kills libvirtd, virtlogd, qemu and dnsmasq with it
+    _remove_pool(home)
+    shutil.rmtree(lab_dir, ignore_errors=True)
+    return removed
+
+
+def _check_can() -> None:
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (network namespaces, a bridge, libvirtd)")
+    missing = network.missing_tools()
+    if missing:
+        raise LabError(f"the lab needs these Debian packages: {' '.join(missing)}")
+
+
+# -- the lab pool in pools.yaml ------------------------------------------------------------------
+
+
+def _pools_file(home: Home) -> Path:
+    from pools.config import config_file
+
+    return config_file(home.root)
+
+
+def _read_pools(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {"pools": {}}
+    doc = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(doc, dict):
+        raise LabError(f"{path}: not a mapping; cannot add the lab pool")
+    doc.setdefault("pools", {})
+    return doc
+
+
+def _write_pool(
+    home: Home, data: dict[str, Any], image: Path | None, memory_mb: int, max_nodes: int
+) -> None:
+    path = _pools_file(home)
+    doc = _read_pools(path)
+    before = (doc["pools"].get(POOL) or {}).get("options", {})
+    image_path = str(image.resolve()) if image is not None else before.get("image")
+    if not image_path:
+        raise LabError("no image for the lab pool: build one (crv image build) and pass --image")
+    options = {
+        "uri": data["uri"],
+        "image": image_path,
+        "storage_pool": data["storage_pool"],
+        "network": data["network"],
+        "domain_type": "qemu",
+        "memory_mb": memory_mb,
+        "vcpus": 1,
+        "service_address": data["gateway"],
+        "console_log": True,
+        "max_nodes": max_nodes,
+    }
+    doc["pools"][POOL] = {
+        "driver": "libvirt",
+        "description": f"real qemu guests in the lab (namespace {data['netns']})",
+        "options": options,
+    }
+    _save_yaml(path, doc)
+
+
+def _remove_pool(home: Home) -> None:
+    path = _pools_file(home)
+    if not path.is_file():
+        return
+    doc = _read_pools(path)
+    if doc["pools"].pop(POOL, None) is not None:
+        _save_yaml(path, doc)
+
+
+def _save_yaml(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(
+        "# crv pools (pools/config.py); the `lab` entry is written by `crv lab up`\n"
+        + yaml.safe_dump(doc, sort_keys=False)
+    )
+    tmp.replace(path)
