@@ -128,6 +128,7 @@ def down(home: Home) -> dict[str, Any]:
         network.remove(net, lab_dir)  # kills libvirtd, virtlogd, qemu and dnsmasq with it
     _remove_pool(home)
     shutil.rmtree(lab_dir, ignore_errors=True)
+    shutil.rmtree(home.pool_dir(POOL), ignore_errors=True)  # the pool's locks and consoles
     return removed
 
 

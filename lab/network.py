@@ -119,6 +119,7 @@ def create(net: Net, lab_dir: Path) -> None:
     """The namespace, the bridge, the veth and route, the firewall, and dnsmasq. A failure
     half-way removes what was made (`remove`) before the error goes up."""
     ns = net.netns
+    lab_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         run("ip", "netns", "add", ns)
         run("ip", "-n", ns, "link", "set", "lo", "up")

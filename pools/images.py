@@ -111,12 +111,13 @@ def verify(path: Path, sha256: str) -> None:
         _verified.add(key)
 
 
-def backing_file(path: Path) -> str | None:
-    """The backing file a disk image names (qemu-img info), None when it has none. ImageError
-    for a file qemu-img cannot read as an image (a corrupt qcow2)."""
+def backing_file(path: Path, fmt: str = "qcow2") -> str | None:
+    """The backing file a disk image of format `fmt` names (qemu-img info), None when it has
+    none. ImageError for a file qemu-img cannot read as that format (a corrupt qcow2: left to
+    guess, qemu-img would take it for a raw disk)."""
     try:
         done = subprocess.run(
-            ["qemu-img", "info", "-U", "--output=json", str(path)],
+            ["qemu-img", "info", "-U", "-f", fmt, "--output=json", str(path)],
             capture_output=True,
             text=True,
             timeout=60,

@@ -553,11 +553,12 @@ class LibvirtPool(MaxNodes):
     def _check_base_image(self) -> None:
         """On a hypervisor on this machine: the base exists, a crv image's files are the ones
         its manifest names (SHA-256), and no base disk has a backing file (a chain crv did not
-        make could read anything: FAULTS F10). Remote hypervisors check their own files."""
-        if not (self._uri.local and self._uri.driver == "qemu"):
+        make could read anything: FAULTS F10). Remote hypervisors check their own files, and
+        a stock base_image is looked at only by a real (qemu) hypervisor."""
+        if not self._uri.local or (self._uri.driver != "qemu" and not self.options.image):
             return
         option = "image" if self.options.image else "base_image"
-        base, _format = self._base()
+        base, base_format = self._base()
         if not Path(base).is_file():
             self._refuse(option, f"{base} does not exist")
         try:
@@ -565,7 +566,7 @@ class LibvirtPool(MaxNodes):
                 manifest = self._manifest()
                 for role in ("disk", "kernel", "initrd"):
                     images.verify(manifest.path(role), manifest.files[role].sha256)
-            backing = images.backing_file(Path(base))
+            backing = images.backing_file(Path(base), base_format)
         except images.ImageError as exc:
             self._refuse(option, str(exc))
         if backing:

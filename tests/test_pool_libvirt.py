@@ -250,9 +250,10 @@ GOLDEN_DOMAIN = """\
     <disk type="file" device="cdrom">
       <driver name="qemu" type="raw"/>
       <source file="/srv/crv/pools/vm/seeds/demo-web-0-seed.iso"/>
-      <target dev="sda" bus="sata"/>
+      <target dev="sda" bus="scsi"/>
       <readonly/>
     </disk>
+    <controller type="scsi" model="virtio-scsi"/>
     <interface type="network">
       <source network="default"/>
       <model type="virtio"/>
@@ -262,6 +263,9 @@ GOLDEN_DOMAIN = """\
     </channel>
     <serial type="pty"/>
     <console type="pty"/>
+    <rng model="virtio">
+      <backend model="random">/dev/urandom</backend>
+    </rng>
   </devices>
 </domain>
 """
@@ -475,3 +479,105 @@ def test_capacity_is_max_nodes_minus_the_domains_held(tmp_path: Path) -> None:
     finally:
         for node in p.list_nodes(cluster):
             p.destroy_node(node.name)
+
+
+# -- crv images (image: a manifest from `crv image build`) -------------------------------------
+
+
+def crv_image(root: Path, *, backing: bool = False) -> Path:
+    """A small image directory as lab/images.py writes it: a qcow2 disk (made by qemu-img, with
+    a backing file when asked), a kernel and an initrd, and image.json with their SHA-256."""
+    import hashlib
+    import subprocess
+
+    root.mkdir(parents=True, exist_ok=True)
+    if backing:
+        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(root / "other.raw"), "1M"],
+                       check=True)  # fmt: skip
+        extra = ["-b", str(root / "other.raw"), "-F", "raw"]
+    else:
+        extra = []
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *extra, str(root / "disk.qcow2"),
+                    "16M"], check=True)  # fmt: skip
+    (root / "vmlinuz").write_bytes(b"kernel")
+    (root / "initrd.img").write_bytes(b"initrd")
+    files = {}
+    for role, name in (("disk", "disk.qcow2"), ("kernel", "vmlinuz"), ("initrd", "initrd.img")):
+        data = (root / name).read_bytes()
+        files[role] = {"path": name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    files["disk"]["format"] = "qcow2"
+    manifest = {"format": 1, "key": "k" * 16, "cmdline": "root=/dev/vda rw console=ttyS0",
+                "files": files}  # fmt: skip
+    (root / "image.json").write_text(json.dumps(manifest))
+    return root / "image.json"
+
+
+needs_qemu_img = pytest.mark.skipif(
+    __import__("shutil").which("qemu-img") is None, reason="qemu-img (Debian qemu-utils) missing"
+)
+
+
+@needs_qemu_img
+def test_a_crv_image_boots_its_kernel_with_a_checked_disk(tmp_path: Path, conn: object) -> None:
+    manifest = crv_image(tmp_path / "img")
+    pool = LibvirtPool("vm", tmp_path / "pool", options(base_image="", image=str(manifest),
+                                                        service_address="10.77.3.1"))  # fmt: skip
+    pool.validate()
+    assert pool.service_address == "10.77.3.1"
+    cluster, name = unique("t-"), unique("n-")
+    try:
+        pool.create_node(spec(name, cluster))
+        dom = ET.fromstring(conn.lookupByName(name).XMLDesc(0))  # type: ignore[attr-defined]
+        assert dom.findtext("os/kernel") == str(tmp_path / "img" / "vmlinuz")
+        assert dom.findtext("os/initrd") == str(tmp_path / "img" / "initrd.img")
+        assert dom.findtext("os/cmdline") == "root=/dev/vda rw console=ttyS0"
+        assert "<boot " not in pool.domain_xml(spec(name, cluster))  # the kernel, not a disk
+        cdrom = dom.find("devices/disk[@device='cdrom']/target")
+        assert cdrom is not None and cdrom.get("bus") == "scsi"  # cloud kernels have no AHCI
+        disk = conn.storagePoolLookupByName(STORAGE_POOL).storageVolLookupByName(f"{name}.qcow2")  # type: ignore[attr-defined]
+        assert str(tmp_path / "img" / "disk.qcow2") in disk.XMLDesc(0)
+    finally:
+        pool.destroy_node(name)
+
+
+@needs_qemu_img
+@pytest.mark.parametrize("fault", ["checksum", "backing", "corrupt", "missing", "manifest"])
+def test_a_bad_image_is_refused_naming_the_option_and_nothing_is_made(
+    tmp_path: Path, conn: object, fault: str
+) -> None:
+    """FAULTS F10: a disk or kernel that is not the one the manifest names, a qcow2 with a
+    backing file crv did not make, a corrupt qcow2, a missing file, a broken manifest."""
+    manifest = crv_image(tmp_path / "img", backing=fault == "backing")
+    disk = tmp_path / "img" / "disk.qcow2"
+    if fault == "checksum":
+        (tmp_path / "img" / "vmlinuz").write_bytes(b"another kernel")
+    elif fault == "corrupt":
+        import hashlib
+
+        disk.write_bytes(b"QFI\xfb" + b"\0" * 100)  # qcow2 magic, nothing valid after it
+        data = json.loads(manifest.read_text())
+        data["files"]["disk"]["sha256"] = hashlib.sha256(disk.read_bytes()).hexdigest()
+        manifest.write_text(json.dumps(data))
+    elif fault == "missing":
+        disk.unlink()
+    elif fault == "manifest":
+        manifest.write_text('{"format": 1, "key": "x", "files": {"disk": {"path": "../etc"}}}')
+    pool = LibvirtPool("vm", tmp_path / "pool", options(base_image="", image=str(manifest)))
+    cluster, name = unique("t-"), unique("n-")
+    with pytest.raises(PoolError) as err:
+        pool.create_node(spec(name, cluster))
+    message = str(err.value)
+    assert "option image:" in message and "\n" not in message
+    assert not err.value.temporary
+    expected = {"checksum": "SHA-256", "backing": "backing file", "corrupt": "not a usable disk",
+                "missing": "does not exist", "manifest": "files.disk"}[fault]  # fmt: skip
+    assert expected in message
+    assert pool.get_node(name) is None
+    assert not {f"{name}.qcow2", f"{name}-seed.iso"} & volumes(conn)
+
+
+def test_image_and_base_image_exclude_each_other() -> None:
+    with pytest.raises(ValidationError, match="exactly one of image"):
+        options(image="/img/image.json")
+    with pytest.raises(ValidationError, match="exactly one of image"):
+        options(base_image="")
