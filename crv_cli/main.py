@@ -787,12 +787,14 @@ def pools_check(
 
 from crv_cli.autoscale import autoscale_app  # noqa: E402  (these use the helpers above)
 from crv_cli.baremetal import baremetal_app, pxe_app  # noqa: E402
+from crv_cli.image import image_app  # noqa: E402
 from crv_cli.lab import lab_app  # noqa: E402
 
 app.add_typer(autoscale_app, name="autoscale")
 app.add_typer(baremetal_app, name="baremetal")
 app.add_typer(pxe_app, name="pxe")
 app.add_typer(lab_app, name="lab")
+app.add_typer(image_app, name="image")
 
 
 def main() -> None:

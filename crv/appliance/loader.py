@@ -85,6 +85,7 @@ class Appliance:
     groups: Mapping[str, Group]  # in document order, own groups first
     roles: Mapping[str, Role]
     on_failure: str = "keep"  # the top appliance's; an included one's is not used
+    packages: tuple[str, ...] = ()  # image.packages, its included appliances' too, sorted
 
     @property
     def node_count(self) -> int:
@@ -215,6 +216,7 @@ class _Resolver:
                 groups=scope.groups,
                 roles=scope.roles,
                 on_failure=s.on_failure,
+                packages=tuple(sorted(scope.packages | set(s.image.packages))),
             ),
             used,
         )
@@ -260,6 +262,7 @@ class _Resolver:
             stack,
         )
         scope.merge(child, pre, at)
+        scope.packages |= set(child.packages)
         return {pre + k for k in child_used}
 
     @staticmethod
@@ -425,6 +428,7 @@ class _Scope:
         self.param_values: dict[str, ParamValue] = dict(own_params)
         self.groups: dict[str, Group] = {}
         self.roles: dict[str, Role] = {}
+        self.packages: set[str] = set()
         self.own_roles: list[str] = []
         self.origin: dict[tuple[str, str], str] = {  # (kind, name) -> where it was defined
             ("parameter", own): f"parameters.{own}" for own in own_params

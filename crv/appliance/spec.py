@@ -363,6 +363,17 @@ class Include(_Model):
     parameters: dict[Name, ParamLiteral] = Field(default_factory=dict, max_length=256)
 
 
+PackageName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9+.-]{1,99}$")]
+
+
+class Image(_Model):
+    """What the appliance's recipes need in a machine's image: Debian packages that `crv image
+    build` puts in (the union over a deploy's appliances, included ones too), because guests
+    in the lab, like many sites' machines, have no package mirror to install from."""
+
+    packages: list[PackageName] = Field(default_factory=list, max_length=200)
+
+
 class ApplianceSpec(_Model):
     """The whole `appliance.yaml`."""
 
@@ -375,6 +386,7 @@ class ApplianceSpec(_Model):
     include: list[Include] = Field(default_factory=list, max_length=32)
     nodes: dict[Name, NodeGroup] = Field(default_factory=dict, max_length=256)
     roles: dict[Name, Role] = Field(default_factory=dict, max_length=256)
+    image: Image = Image()
 
 
 _KNOWN_FIELDS = sorted(
@@ -390,6 +402,7 @@ _KNOWN_FIELDS = sorted(
             Estimates,
             Role,
             Include,
+            Image,
         )
         for name, f in model.model_fields.items()
     }
