@@ -262,10 +262,16 @@ def _ramdisk(tree: Path, out: Path, log: Path, failed_log: Path) -> None:
         with open(names, "wb") as listing:  # a file, not a pipe: cpio reads while we write
             subprocess.run(["find", ".", "-path", "./boot", "-prune", "-o", "-print0"],
                            cwd=tree, stdout=listing, check=True)  # fmt: skip
-        with open(names, "rb") as listing, open(log, "ab") as errors, open(out, "wb") as raw, \
-                gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:  # fmt: skip
-            cpio = subprocess.Popen(["cpio", "--null", "-o", "-H", "newc", "--quiet"], cwd=tree,
-                                    stdin=listing, stdout=subprocess.PIPE, stderr=errors)  # fmt: skip
+        with (
+            open(names, "rb") as listing,
+            open(log, "ab") as errors,
+            open(out, "wb") as raw,
+            gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz,
+        ):
+            argv = ["cpio", "--null", "-o", "-H", "newc", "--quiet"]
+            cpio = subprocess.Popen(
+                argv, cwd=tree, stdin=listing, stdout=subprocess.PIPE, stderr=errors
+            )
             assert cpio.stdout is not None
             while chunk := cpio.stdout.read(1 << 20):
                 gz.write(chunk)
