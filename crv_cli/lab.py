@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,7 +39,8 @@ def _image(given: str | None) -> Path | None:
     if path.is_dir():
         path = path / "image.json"
     if not path.is_file():
-        matches = sorted((home.root / "images").glob(f"{given}*/image.json"))
+        plain_key = re.fullmatch(r"[0-9a-f]{1,64}", given) is not None
+        matches = sorted((home.root / "images").glob(f"{given}*/image.json")) if plain_key else []
         if len(matches) != 1:
             why = "matches several images" if matches else "is neither a file nor a cached image"
             raise SpecError("--image", given, why)

@@ -25,8 +25,9 @@ from crv.base.home import Home
 from crv.base.netns import netns_path
 from lab import hypervisor, network
 from lab.network import LabError, Net
+from pools import LAB_POOL
 
-POOL = "lab"
+POOL = LAB_POOL
 STATE = "lab.json"
 
 

@@ -17,6 +17,9 @@ AGENT = Path(__file__).resolve().parent.parent / "agent" / "crv_agent.py"
 POOLS = ("local", "sim")  # built in; pools.yaml adds more (pools/config.py)
 
 
+LAB_POOL = "lab"  # the pool `crv lab up` writes into pools.yaml (lab/control.py)
+
+
 def get_pool(name: str, state_dir: Path) -> Pool:
     """A pool by name, its state under `state_dir` (CRV_HOME/pools/<name>): a built-in one, or
     one that pools.yaml (pools/config.py) names. Checked with `validate()`, no network call."""
@@ -38,7 +41,9 @@ def get_pool(name: str, state_dir: Path) -> Pool:
         configs = config.load(config.config_file(state_dir.parent.parent))
         found = configs.get(name)
         if found is None:
-            raise SpecError("--pool", name, f"unknown pool; known pools: {', '.join(configs)}")
+            hint = " (`crv lab up` makes the lab pool)" if name == LAB_POOL else ""
+            known = ", ".join(configs)
+            raise SpecError("--pool", name, f"unknown pool; known pools: {known}{hint}")
         module, cls, _ = config.DRIVERS[found.driver]
         pool = getattr(importlib.import_module(module), cls)(name, state_dir, found.options)
     pool.validate()

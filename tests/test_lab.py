@@ -183,3 +183,27 @@ def test_two_labs_get_different_numbers(tmp_path: Path) -> None:
         assert not second.subnet.overlaps(first.subnet)
     finally:
         network.remove(first, tmp_path / "a")
+
+
+def run_crv(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    from tests.conftest import REPO
+
+    return subprocess.run([sys.executable, "-m", "crv_cli", *args], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, "CRV_HOME": str(home)}, timeout=120)  # fmt: skip
+
+
+def test_bad_lab_input_is_one_line_and_makes_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    r = run_crv(home, "lab", "up")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "no image built yet: run `crv image build` first" in r.stderr
+    r = run_crv(home, "lab", "up", "--image", str(tmp_path / "nowhere"))
+    assert r.returncode == 2 and "neither a file nor a cached image" in r.stderr
+    (tmp_path / "bad.json").write_text("{}")
+    r = run_crv(home, "lab", "up", "--image", str(tmp_path / "bad.json"))
+    assert r.returncode == 2 and "bad.json" in r.stderr and "format" in r.stderr
+    r = run_crv(home, "lab", "status")
+    assert r.returncode == 1 and "no lab" in r.stdout
+    r = run_crv(home, "deploy", "appliances/webfarm", "--pool", "lab")
+    assert r.returncode == 2 and "`crv lab up` makes the lab pool" in r.stderr
+    assert not (home / "lab").exists() and not (home / "pools.yaml").exists()
