@@ -118,5 +118,6 @@ def _show(data: dict[str, Any], service: str | None, as_json: bool) -> None:
         f"  guests reach the crv service at {data['gateway']}"
         + (f" ({service})" if service else "")
     )
+    print(f"  guests: {data.get('domain_type', 'qemu')} ({data.get('kvm', 'TCG')})")
     print(f"  libvirt: virsh -c '{data['uri']}' list --all")
     print(f"  pool: {data['pool']} (pools.yaml) - crv deploy APPLIANCE --pool {data['pool']}")

@@ -95,6 +95,7 @@ def up(
         down(home)
     lab_dir = home.lab_dir
     lab_dir.mkdir(mode=0o700, exist_ok=True)
+    kvm = _kvm(home, image)
     net = network.free_index()
     network.create(net, lab_dir)
     try:
@@ -107,6 +108,8 @@ def up(
             "pool": POOL,
             "storage_pool": hypervisor.STORAGE_POOL,
             "network": hypervisor.NETWORK,
+            "domain_type": "kvm" if kvm[0] else "qemu",
+            "kvm": kvm[1],
         }
         network.save(state_file(home), data)
         _write_pool(home, data, image, memory_mb, max_nodes)
@@ -131,6 +134,32 @@ def down(home: Home) -> dict[str, Any]:
     shutil.rmtree(lab_dir, ignore_errors=True)
     shutil.rmtree(home.pool_dir(POOL), ignore_errors=True)  # the pool's locks and consoles
     return removed
+
+
+def _kvm(home: Home, image: Path | None) -> tuple[bool, str]:
+    """Whether the lab's guests may use KVM: a probe guest must really boot with it (the
+    image's kernel to its initramfs; lab/hypervisor.py). The answer is kept per host kernel and
+    guest kernel in $CRV_HOME/kvm-probe.json: a failed probe costs 30 s, once."""
+    import json
+    import platform
+
+    if image is None:
+        return False, "no image to probe KVM with: TCG"
+    from pools import images
+
+    manifest = images.load(image)
+    key = f"{platform.release()} {manifest.files['kernel'].sha256}"
+    record = home.root / "kvm-probe.json"
+    try:
+        known = json.loads(record.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        works, why = hypervisor.kvm_works(manifest.path("kernel"), manifest.path("initrd"))
+        known[key] = [works, why]
+        record.write_text(json.dumps(known, indent=1) + "\n")
+    works, why = known[key]
+    return bool(works), str(why)
 
 
 def _check_can() -> None:
@@ -174,7 +203,7 @@ def _write_pool(
         "image": image_path,
         "storage_pool": data["storage_pool"],
         "network": data["network"],
-        "domain_type": "qemu",
+        "domain_type": data.get("domain_type", "qemu"),
         "memory_mb": memory_mb,
         "vcpus": 1,
         "service_address": data["gateway"],
