@@ -51,7 +51,7 @@ def checks(crv: Crv, cluster: str) -> dict[tuple[str, str], str]:
 
 def all_verified(crv: Crv, cluster: str) -> None:
     status = json.loads(crv.ok("status", cluster, "--json"))
-    states = {(n["name"], r): s["state"] for n in status["nodes"] for r, s in n["roles"].items()}
+    states = {(n["name"], r): s for n in status["nodes"] for r, s in n["roles"].items()}
     assert set(states.values()) == {"verified"}, states
 
 
