@@ -207,3 +207,35 @@ def test_bad_lab_input_is_one_line_and_makes_nothing(tmp_path: Path) -> None:
     r = run_crv(home, "deploy", "appliances/webfarm", "--pool", "lab")
     assert r.returncode == 2 and "`crv lab up` makes the lab pool" in r.stderr
     assert not (home / "lab").exists() and not (home / "pools.yaml").exists()
+
+
+def test_the_kvm_probe_runs_once_per_host_and_guest_kernel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+    import json
+
+    from crv.base.home import Home
+    from lab import control, hypervisor
+
+    image = tmp_path / "img"
+    image.mkdir()
+    files = {}
+    for role, name in (("disk", "disk.qcow2"), ("kernel", "vmlinuz"), ("initrd", "initrd.img")):
+        (image / name).write_bytes(name.encode())
+        files[role] = {"path": name, "sha256": hashlib.sha256(name.encode()).hexdigest(), "size": 1}
+    (image / "image.json").write_text(json.dumps({"format": 1, "key": "k", "files": files}))
+    calls: list[Path] = []
+
+    def probe(kernel: Path, initrd: Path) -> tuple[bool, str]:
+        calls.append(kernel)
+        return False, "a KVM guest did not reach its initramfs within 30 s"
+
+    monkeypatch.setattr(hypervisor, "kvm_works", probe)
+    home = Home(tmp_path / "home")
+    home.root.mkdir()
+    assert control._kvm(home, image / "image.json") == (False, probe(image, image)[1])
+    calls.clear()
+    assert control._kvm(home, image / "image.json")[0] is False
+    assert calls == []  # remembered
+    assert control._kvm(home, None) == (False, "no image to probe KVM with: TCG")
