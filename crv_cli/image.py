@@ -7,6 +7,7 @@ import sys
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from crv_cli import common
 
@@ -45,7 +46,7 @@ def image_build(
 
         def progress(line: str) -> None:
             if not as_json:
-                common.err_console.print(f"[bold]image:[/bold] {line}")
+                common.err_console.print(f"[bold]image:[/bold] {escape(line)}", soft_wrap=True)
 
         manifest = images.build(home, wanted, mirror=mirror, ramdisk=ramdisk, progress=progress)
     data = json.loads((manifest.dir / "image.json").read_text())
@@ -60,13 +61,13 @@ def image_build(
 
 @image_app.command("list")
 def image_list(as_json: JsonOption = False) -> None:
-    """The images in the cache, newest first."""
+    """The images in the cache, newest first: key, size, when built, packages beyond the base."""
     from lab import images
 
     found = images.cached(common.home())
     if as_json:
         print(json.dumps([
-            {"key": m.key, "dir": str(m.dir), "packages": m.packages,
+            {"key": m.key, "dir": str(m.dir), "packages": m.packages, "built_at": m.built_at,
              "size": sum(f.size for f in m.files.values())}
             for m in found
         ]))  # fmt: skip
@@ -76,4 +77,5 @@ def image_list(as_json: JsonOption = False) -> None:
     for m in found:
         size = sum(f.size for f in m.files.values()) / (1 << 20)
         extra = [p for p in m.packages if p not in images.BASE_PACKAGES]
-        print(f"{m.key[:16]}  {size:7.0f} MiB  {m.dir}  {' '.join(extra) or '(base only)'}")
+        print(f"{m.key[:16]}  {size:6.0f} MiB  {m.built_at or '?':25}  "
+              f"{' '.join(extra) or '(base only)'}  {m.dir}")  # fmt: skip

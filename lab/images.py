@@ -10,23 +10,34 @@ anywhere but the Debian mirror the host's apt uses) into a directory tree, and f
 - `ramdisk.cpio.gz` (unless --no-ramdisk): the whole tree as an initramfs whose `/init` brings
   the network up by DHCP and runs `crv-agent run --cmdline /proc/cmdline`, for machines that
   PXE-boot (the role Ironic's IPA ramdisk plays);
+- `build.log`, everything the steps printed (mmdebstrap's apt and dpkg output included);
 - `image.json`, the manifest (pools/images.py reads it), written last: every file with its
   SHA-256 and size, the packages, the suite and mirror, the builder version.
 
+What a guest must not inherit from the build is taken out of the tree: the machine id (empty:
+systemd makes one at first boot), DHCP leases, ssh host keys (cloud-init makes them), the
+host's hostname and resolv.conf (mmdebstrap copies them in), apt's package lists and daily
+timers (the lab has no mirror). Root has no password (`*`). Daemons that packages install are
+enabled but never started during the build: mmdebstrap's policy-rc.d refuses (build.log shows
+`invoke-rc.d: policy-rc.d denied execution of start`).
+
 Images are cached by content: the key hashes the builder version, suite, mirror, the sorted
-package list and the agent's SHA-256, and the image lives in `$CRV_HOME/images/<key[:16]>/`. A
-warm cache answers at once; a build goes to a temporary directory renamed into place at the end
-under a lock, so a failed or killed build never leaves a half image that looks whole.
+package list and (with the ramdisk) the agent's SHA-256; the image lives in
+`$CRV_HOME/images/<key[:16]>/`. A warm cache answers at once; a build goes to a temporary
+directory renamed into place at the end under a lock, so a failed or killed build never leaves
+a half image that looks whole.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gzip
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -41,10 +52,11 @@ from crv.base.home import Home
 from pools import AGENT
 from pools.images import MANIFEST, ImageManifest, load, sha256_of
 
-BUILDER = "crv-image/2"  # part of the cache key: a change to what a build makes bumps it
+BUILDER = "crv-image/3"  # part of the cache key: a change to what a build makes bumps it
 SUITE = "bookworm"
 # What every guest needs: systemd, python3 for the agent and recipes, cloud-init, the cloud
-# kernel (virtio built in), DHCP, and the guest agent libvirt asks for addresses.
+# kernel (virtio drivers), DHCP, the guest agent libvirt asks for addresses, CA certificates,
+# kmod (the PXE ramdisk loads its NIC driver), openssl (recipes make keys and check certs).
 BASE_PACKAGES = (
     "systemd-sysv",
     "python3",
@@ -56,30 +68,50 @@ BASE_PACKAGES = (
     "iproute2",
     "qemu-guest-agent",
     "ca-certificates",
+    "kmod",
+    "openssl",
 )
 CMDLINE = "root=/dev/vda rw console=ttyS0 net.ifnames=0"
-PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]{1,99}$")
+PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]{1,99}$")  # Debian policy 5.6.1, at most 100 chars
+# dpkg leaves these out of every package (dpkg's path-exclude globs have no {a,b})
+DROPPED = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*")
+KEPT = ("/usr/share/doc/*/copyright", "/usr/share/locale/locale.alias")
+MIRROR = re.compile(r"^(https?|file)://[^\s,]+$")
 Progress = Callable[[str], None]
 
-# /init of the PXE ramdisk: a tmpfs root holding the whole tree, so the agent runs from RAM
-RAMDISK_INIT = """#!/bin/sh
-# crv PXE ramdisk: network by DHCP, then the agent with its bootstrap from the kernel command line
+# /init of the PXE ramdisk: the tree is the root filesystem (in RAM), the agent its only job.
+RAMDISK_INIT = r"""#!/bin/sh
+# crv PXE ramdisk: drivers, network by DHCP, then the agent with its bootstrap from the kernel
+# command line (crv.service= crv.ca_sha256= crv.cluster= crv.node= crv.token=). No systemd.
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin
+export PATH
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-mkdir -p /run /tmp && mount -t tmpfs tmpfs /run
-for m in virtio_net e1000 e1000e; do modprobe -q "$m" 2>/dev/null || true; done
+mkdir -p /dev/pts /run /tmp /var/lib/crv-agent
+mount -t devpts devpts /dev/pts
+mount -t tmpfs -o mode=0755 tmpfs /run
+echo "crv ramdisk: kernel $(uname -r), loading drivers"
+# drivers of the devices present; twice: virtio_pci's devices appear once it is loaded
+for pass in 1 2; do
+    cat /sys/bus/*/devices/*/modalias 2>/dev/null | sort -u | xargs -r modprobe -qab 2>/dev/null
+done
+node=$(sed -n 's/.*crv\.node=\([^ ]*\).*/\1/p' /proc/cmdline)
+[ -n "$node" ] && hostname "$node"
 ip link set lo up
+up=""
 for dev in /sys/class/net/*; do
     name=${dev##*/}
     [ "$name" = lo ] && continue
     ip link set "$name" up
-    dhclient -1 -v "$name" && break
+    if dhclient -1 -4 "$name"; then up=$name; break; fi
 done
-hostname "$(sed -n 's/.*crv\\.node=\\([^ ]*\\).*/\\1/p' /proc/cmdline)" 2>/dev/null || true
+echo "crv ramdisk: network: ${up:-no DHCP answer on any interface}"
+ip -4 -o addr show scope global
 while true; do
+    echo "crv ramdisk: starting crv-agent"
     python3 /usr/local/bin/crv-agent run --home /var/lib/crv-agent --cmdline /proc/cmdline
-    echo "crv-agent exited ($?); again in 5 s" >&2
+    echo "crv ramdisk: crv-agent exited ($?); again in 5 s"
     sleep 5
 done
 """
@@ -117,20 +149,22 @@ def default_mirror() -> str:
 
 
 def key_of(packages: Iterable[str], suite: str, mirror: str, ramdisk: bool) -> str:
+    """The content key: builder version, suite, mirror, sorted packages, the agent's SHA-256
+    when the ramdisk (which carries the agent) is built."""
     agent = hashlib.sha256(AGENT.read_bytes()).hexdigest() if ramdisk else ""
-    text = json.dumps([BUILDER, suite, mirror, sorted(set(packages)), ramdisk, agent])
+    text = json.dumps([BUILDER, suite, mirror.rstrip("/"), sorted(set(packages)), ramdisk, agent])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def images_dir(home: Home) -> Path:
-    return home.root / "images"
+    return home.images_dir
 
 
 def cached(home: Home) -> list[ImageManifest]:
     """The images in the cache, newest first (a directory without a readable manifest is a
     build in progress or a broken one, and not listed)."""
     found = []
-    for manifest in images_dir(home).glob(f"*/{MANIFEST}"):
+    for manifest in home.images_dir.glob(f"*/{MANIFEST}"):
         try:
             found.append(load(manifest))
         except CrvError:
@@ -150,26 +184,36 @@ def build(
     """The image with BASE_PACKAGES + `packages`: from the cache, else built (see the module
     docstring). ImageBuildError names the failed step."""
     wanted = sorted(set(BASE_PACKAGES) | set(packages))
+    packages_of([], wanted)  # a bad name is refused before anything is made
     mirror = (mirror or default_mirror()).rstrip("/")
+    if not MIRROR.match(mirror):
+        raise ImageBuildError(f"--mirror: {mirror!r} is not an http://, https:// or file:// URL")
     key = key_of(wanted, suite, mirror, ramdisk)
-    target = images_dir(home) / key[:16]
-    images_dir(home).mkdir(parents=True, exist_ok=True, mode=0o700)
-    with exclusive(images_dir(home) / f".{key[:16]}.lock"):
-        for stale in images_dir(home).glob(f".{key[:16]}-*"):  # a killed build's (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
-        if (target / MANIFEST).is_file():
+    root = home.images_dir
+    target = root / key[:16]
+    if (target / MANIFEST).is_file():  # a whole image: the manifest is written last
+        progress(f"cached: {target}")
+        return load(target)
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with exclusive(root / f".{key[:16]}.lock"):
+        for stale in root.glob(f".{key[:16]}-*"):  # a killed build's (we hold the lock)
+            progress(f"removing a killed build's {stale.name}")
+            remove_tree(stale)
+        if (target / MANIFEST).is_file():  # built by whoever held the lock before us
             progress(f"cached: {target}")
             return load(target)
-        work = Path(tempfile.mkdtemp(prefix=f".{key[:16]}-", dir=images_dir(home)))
+        work = Path(tempfile.mkdtemp(prefix=f".{key[:16]}-", dir=root))
         try:
             _build_into(work, wanted, suite, mirror, ramdisk, progress, key)
-            shutil.rmtree(work / "tree")
+            remove_tree(work / "tree")
             os.replace(work, target)  # whole, or not there at all
-        except BaseException:
-            failed = images_dir(home) / f"{key[:16]}-failed.log"  # kept: the error points here
+        except BaseException as exc:
+            failed = root / f"{key[:16]}-failed.log"  # kept: the error points here
             if (work / "build.log").exists():
                 os.replace(work / "build.log", failed)
-            shutil.rmtree(work, ignore_errors=True)
+            remove_tree(work)
+            if isinstance(exc, ImageBuildError):
+                raise ImageBuildError(f"{exc} (log: {failed})") from None
             raise
     return load(target)
 
@@ -184,76 +228,72 @@ def _build_into(
     key: str,
 ) -> None:
     tree, log = work / "tree", work / "build.log"
-    failed_log = work.parent / f"{key[:16]}-failed.log"  # where build() keeps it on failure
     started = time.monotonic()
-    progress(f"mmdebstrap {suite} from {mirror}: {len(packages)} packages")
-    _step(
-        "mmdebstrap",
-        ["mmdebstrap", "--variant=minbase", f"--include={','.join(packages)}",
-         "--dpkgopt=path-exclude=/usr/share/{doc,man,locale}/*",
-         "--dpkgopt=path-include=/usr/share/locale/locale.alias",
-         suite, str(tree), mirror],
-        log,
-    )  # fmt: skip
+
+    def say(line: str) -> None:
+        progress(f"[{time.monotonic() - started:5.1f} s] {line}")
+
+    say(f"mmdebstrap {suite} from {mirror}: {len(packages)} packages")
+    _mmdebstrap(tree, packages, suite, mirror, log, say)
     _prepare(tree)
-    progress("root filesystem (mke2fs -d) and qcow2")
-    used = sum(f.stat().st_size for f in tree.rglob("*") if f.is_file() and not f.is_symlink())
-    size_mb = max(2048, int(used * 1.6) // (1 << 20) + 1024)
-    _step("mke2fs", ["mke2fs", "-q", "-t", "ext4", "-L", "crv-root", "-d", str(tree),
-                     str(work / "disk.raw"), f"{size_mb}M"], log)  # fmt: skip
-    _step("qemu-img convert", ["qemu-img", "convert", "-f", "raw", "-O", "qcow2",
-                               str(work / "disk.raw"), str(work / "disk.qcow2")], log)  # fmt: skip
-    (work / "disk.raw").unlink()
-    boot = tree / "boot"
-    kernels = sorted(boot.glob("vmlinuz-*"))
-    initrds = sorted(boot.glob("initrd.img-*"))
-    if not kernels or not initrds:
-        raise ImageBuildError(
-            f"kernel: no vmlinuz/initrd.img in the tree's /boot; see {failed_log}"
-        )
-    shutil.copyfile(kernels[-1], work / "vmlinuz")
-    shutil.copyfile(initrds[-1], work / "initrd.img")
+    say("root filesystem (mke2fs -d) and qcow2")
+    _disk(tree, work, log)
+    _boot_files(tree, work)
     if ramdisk:
-        progress("PXE ramdisk (cpio.gz of the tree, /init runs the agent)")
-        _ramdisk(tree, work / "ramdisk.cpio.gz", log, failed_log)
-    files: dict[str, dict[str, Any]] = {}
-    for role, name in (("disk", "disk.qcow2"), ("kernel", "vmlinuz"), ("initrd", "initrd.img"),
-                       ("ramdisk", "ramdisk.cpio.gz")):  # fmt: skip
-        path = work / name
-        if path.exists():
-            files[role] = {"path": name, "sha256": sha256_of(path), "size": path.stat().st_size}
-    files["disk"]["format"] = "qcow2"
-    manifest = {
-        "format": 1,
-        "key": key,
-        "builder": BUILDER,
-        "suite": suite,
-        "mirror": mirror,
-        "packages": packages,
-        "cmdline": CMDLINE,
-        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "build_seconds": round(time.monotonic() - started, 1),
-        "files": files,
-    }
+        say("PXE ramdisk (cpio.gz of the tree; /init runs the agent)")
+        _ramdisk(tree, work / "ramdisk.cpio.gz", log)
+    say("SHA-256 of the files, manifest")
+    manifest = _manifest(work, key, suite, mirror, packages, ramdisk)
+    manifest["build_seconds"] = round(time.monotonic() - started, 1)
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    progress(f"built in {manifest['build_seconds']} s")
+    say(f"built in {manifest['build_seconds']} s")
+
+
+def _mmdebstrap(
+    tree: Path, packages: list[str], suite: str, mirror: str, log: Path, say: Progress
+) -> None:
+    argv = ["mmdebstrap", "--verbose", "--variant=minbase", f"--include={','.join(packages)}"]
+    argv += [f"--dpkgopt=path-exclude={p}" for p in DROPPED]
+    argv += [f"--dpkgopt=path-include={p}" for p in KEPT]
+    argv += [suite, str(tree), mirror]
+
+    def phase(line: str) -> None:  # mmdebstrap's own "I: downloading packages with apt..."
+        if re.match(r"I: [a-z][^:]*\.\.\.$", line.rstrip()):
+            say(f"mmdebstrap: {line[3:].strip()}")
+
+    _step("mmdebstrap", argv, log, on_line=phase)
 
 
 def _prepare(tree: Path) -> None:
-    """What a guest must not inherit from the build: a machine id, DHCP leases, apt lists."""
-    (tree / "etc" / "machine-id").write_text("")  # systemd makes one at first boot
+    """What a guest must not inherit from the build (module docstring), and the agent."""
+    etc = tree / "etc"
+    (etc / "machine-id").write_text("")  # systemd makes one at first boot
+    (tree / "var" / "lib" / "dbus" / "machine-id").unlink(missing_ok=True)
+    (etc / "hostname").write_text("localhost\n")  # cloud-init names the guest
+    (etc / "resolv.conf").unlink(missing_ok=True)  # the host's; DHCP writes the guest's
+    (etc / "resolv.conf").write_text("")
     for lease in (tree / "var" / "lib" / "dhcp").glob("*.lease*"):
         lease.unlink()  # a stale lease cost 16 s of DHCP
+    # secrets a package made at install time would be the same in every guest of the image
+    for host_key in (etc / "ssh").glob("ssh_host_*"):
+        host_key.unlink()  # one per guest: cloud-init makes them
+    (etc / "munge" / "munge.key").unlink(missing_ok=True)  # slurm's munge role makes one
+    shadow = etc / "shadow"
+    lines = shadow.read_text().splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.startswith("root:"):
+            fields = line.split(":")
+            fields[1] = "*"  # no password: nobody logs in as root with one
+            lines[i] = ":".join(fields)
+    shadow.write_text("".join(lines))
     shutil.rmtree(tree / "var" / "lib" / "apt" / "lists", ignore_errors=True)
     (tree / "var" / "lib" / "apt" / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+    for cache in (tree / "var" / "cache" / "apt").glob("*.bin"):
+        cache.unlink()
+    # apt-daily would hold dpkg's lock while failing to reach a mirror the lab does not have
+    for timer in (etc / "systemd" / "system" / "timers.target.wants").glob("apt-daily*"):
+        timer.unlink()
     _quiet_services(tree)
-    # secrets a package made at install time would be the same in every guest of the image
-    for secret in (
-        "etc/munge/munge.key",
-        "etc/ssh/ssh_host_rsa_key",
-        "etc/ssh/ssh_host_ed25519_key",
-    ):
-        (tree / secret).unlink(missing_ok=True)
     # the agent for the PXE ramdisk (cloud-init guests get theirs from the seed's user-data)
     agent = tree / "usr" / "local" / "bin" / "crv-agent"
     agent.parent.mkdir(parents=True, exist_ok=True)
@@ -268,13 +308,14 @@ def _quiet_services(tree: Path) -> list[str]:
     configured them. The recipes enable and start what they run. Kept: the units of the base
     packages and of Debian's required and important ones (systemd, networking, cloud-init)."""
     keep_priority = {"required", "important"}
-    priority, package = {}, ""
+    priority: dict[str, str] = {}
+    package = ""
     for line in (tree / "var/lib/dpkg/status").read_text(errors="replace").splitlines():
         if line.startswith("Package: "):
             package = line.split(": ", 1)[1].strip()
         elif line.startswith("Priority: "):
             priority[package] = line.split(": ", 1)[1].strip()
-    owner = {}
+    owner: dict[str, str] = {}
     for listing in (tree / "var/lib/dpkg/info").glob("*.list"):
         pkg = listing.name[: -len(".list")].split(":")[0]
         for path in listing.read_text(errors="replace").splitlines():
@@ -282,15 +323,61 @@ def _quiet_services(tree: Path) -> list[str]:
                 owner.setdefault(path.rsplit("/", 1)[1], pkg)
     disabled = []
     for link in sorted((tree / "etc/systemd/system").glob("*.wants/*")):
-        pkg = owner.get(link.name)
-        if pkg is None or pkg in BASE_PACKAGES or priority.get(pkg) in keep_priority:
+        owner_pkg = owner.get(link.name)
+        if owner_pkg in (None, *BASE_PACKAGES) or priority.get(owner_pkg or "") in keep_priority:
             continue
         link.unlink()
         disabled.append(link.name)
     return disabled
 
 
-def _ramdisk(tree: Path, out: Path, log: Path, failed_log: Path) -> None:
+def _disk(tree: Path, work: Path, log: Path) -> None:
+    """disk.qcow2: ext4 of the tree (mke2fs -d: nothing mounted), the tree's size + headroom."""
+    used = sum(f.lstat().st_size for f in tree.rglob("*") if f.is_file() and not f.is_symlink())
+    size_mb = max(2048, int(used * 1.3) // (1 << 20) + 1024)
+    raw = work / "disk.raw"
+    _step("mke2fs", ["mke2fs", "-q", "-t", "ext4", "-L", "crv-root", "-d", str(tree),
+                     str(raw), f"{size_mb}M"], log)  # fmt: skip
+    _step("qemu-img convert", ["qemu-img", "convert", "-f", "raw", "-O", "qcow2",
+                               str(raw), str(work / "disk.qcow2")], log)  # fmt: skip
+    raw.unlink()
+
+
+def _boot_files(tree: Path, work: Path) -> None:
+    kernels = sorted((tree / "boot").glob("vmlinuz-*"))
+    initrds = sorted((tree / "boot").glob("initrd.img-*"))
+    if not kernels or not initrds:
+        raise ImageBuildError("kernel: no vmlinuz/initrd.img in the tree's /boot")
+    shutil.copyfile(kernels[-1], work / "vmlinuz")
+    shutil.copyfile(initrds[-1], work / "initrd.img")
+
+
+def _manifest(
+    work: Path, key: str, suite: str, mirror: str, packages: list[str], ramdisk: bool
+) -> dict[str, Any]:
+    files: dict[str, dict[str, Any]] = {}
+    for role, name in (("disk", "disk.qcow2"), ("kernel", "vmlinuz"), ("initrd", "initrd.img"),
+                       ("ramdisk", "ramdisk.cpio.gz")):  # fmt: skip
+        path = work / name
+        if path.exists():
+            files[role] = {"path": name, "sha256": sha256_of(path), "size": path.stat().st_size}
+    files["disk"]["format"] = "qcow2"
+    return {
+        "format": 1,
+        "key": key,
+        "builder": BUILDER,
+        "suite": suite,
+        "mirror": mirror,
+        "packages": packages,
+        "cmdline": CMDLINE,
+        "agent_sha256": hashlib.sha256(AGENT.read_bytes()).hexdigest() if ramdisk else None,
+        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "files": files,
+    }
+
+
+def _ramdisk(tree: Path, out: Path, log: Path) -> None:
+    """The tree but /boot as a gzip'd newc cpio with RAMDISK_INIT as /init."""
     init = tree / "init"
     init.write_text(RAMDISK_INIT)
     init.chmod(0o755)
@@ -306,43 +393,104 @@ def _ramdisk(tree: Path, out: Path, log: Path, failed_log: Path) -> None:
             gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz,
         ):
             argv = ["cpio", "--null", "-o", "-H", "newc", "--quiet"]
-            cpio = subprocess.Popen(
-                argv, cwd=tree, stdin=listing, stdout=subprocess.PIPE, stderr=errors
-            )
+            try:
+                cpio = subprocess.Popen(
+                    argv, cwd=tree, stdin=listing, stdout=subprocess.PIPE, stderr=errors
+                )
+            except FileNotFoundError:
+                raise ImageBuildError("ramdisk: cpio is not installed (package cpio)") from None
             assert cpio.stdout is not None
             while chunk := cpio.stdout.read(1 << 20):
                 gz.write(chunk)
             if cpio.wait() != 0:
-                raise ImageBuildError(f"ramdisk: cpio failed; see {failed_log}")
+                raise ImageBuildError("ramdisk: cpio failed")
     finally:
         init.unlink()
         names.unlink(missing_ok=True)
 
 
+# apt's and dpkg's words for a package it cannot install: (pattern, what the error line says)
 _APT_ERRORS = (
-    re.compile(r"Unable to locate package (\S+)"),
-    re.compile(r"Package '?([^' ]+)'? has no installation candidate"),
-    re.compile(r"Couldn't find any package by (?:glob|regex) '([^']+)'"),
-    re.compile(r"(\S+) : Depends: .*but it is not (?:going to be installed|installable)"),
-)
+    (re.compile(r"Unable to locate package (\S+)"), "package {0}: not at the mirror"),
+    (re.compile(r"Package '?([^' ]+)'? has no installation candidate"),
+     "package {0}: no installation candidate at the mirror"),
+    (re.compile(r"Couldn't find any package by (?:glob|regex) '([^']+)'"),
+     "package {0}: not at the mirror"),
+    (re.compile(r"^ ?(\S+) : Depends: (.*) but it is not (?:going to be installed|installable)",
+                re.M), "package {0}: unmet dependency {1}"),
+    (re.compile(r"dpkg: error processing package (\S+) \(--configure\)"),
+     "package {0}: its installation script failed"),
+    (re.compile(r"Failed to fetch (\S+)[ \t]+(\S.*)"), "cannot fetch {0}: {1}"),
+    (re.compile(r"Failed to fetch (\S+)()"), "cannot fetch {0} (the mirror?){1}"),
+)  # fmt: skip
 
 
-def _step(name: str, argv: list[str], log: Path) -> None:
-    """Run one build step, its output appended to the build log; ImageBuildError in one line
-    naming the step, and for apt failures the package."""
+def _die_with_parent() -> None:  # in the child, before exec: SIGTERM when crv goes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _step(
+    name: str, argv: list[str], log: Path, *, on_line: Callable[[str], None] | None = None
+) -> None:
+    """Run one build step, its output appended to the build log (and each line to `on_line`);
+    ImageBuildError in one line naming the step, and for apt failures the package."""
     with open(log, "ab") as out:
         out.write(f"\n$ {' '.join(argv)}\n".encode())
         out.flush()
         try:
-            done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
         except FileNotFoundError:
             raise ImageBuildError(f"{name}: {argv[0]} is not installed") from None
-    if done.returncode == 0:
-        return
-    text = log.read_text(errors="replace")
-    for pattern in _APT_ERRORS:
+        assert proc.stdout is not None
+        with proc:
+            for raw in proc.stdout:
+                out.write(raw)
+                if on_line is not None:
+                    on_line(raw.decode(errors="replace"))
+        code = proc.wait()
+    if code != 0:
+        raise ImageBuildError(_failure(name, code, log.read_text(errors="replace")))
+
+
+def _failure(name: str, code: int, text: str) -> str:
+    """One line for a failed step: the package apt named, else the step's last words."""
+    text = text[text.rfind("\n$ ") :]  # this step's output only
+    for pattern, says in _APT_ERRORS:
         found = pattern.search(text)
         if found:
-            raise ImageBuildError(f"{name}: package {found.group(1)}: {found.group(0).strip()}")
+            return f"{name}: " + says.format(*(g.strip()[:160] for g in found.groups()))
     last = [line for line in text.splitlines() if line.strip()][-1:] or ["(no output)"]
-    raise ImageBuildError(f"{name} failed (exit {done.returncode}): {last[0].strip()[:200]}")
+    return f"{name} failed (exit {code}): {last[0].strip()[:200]}"
+
+
+def _mounts_under(path: Path) -> list[str]:
+    """Mount points at or under `path` (a killed mmdebstrap leaves /sys, /proc, /dev mounted
+    in its tree), deepest first."""
+    prefix = str(path.resolve())
+    found = []
+    with open("/proc/self/mountinfo") as mounts:
+        for line in mounts:
+            point = line.split()[4].encode().decode("unicode_escape")  # \040 for a space
+            if point == prefix or point.startswith(prefix + "/"):
+                found.append(point)
+    return sorted(found, key=len, reverse=True)
+
+
+def remove_tree(path: Path) -> None:
+    """rm -rf that never crosses into a mount (rmtree would follow a bind of the host's /sys):
+    whatever is mounted below is detached first, and if that fails nothing is removed."""
+    if not path.exists():
+        return
+    for point in _mounts_under(path):
+        subprocess.run(["umount", "-R", "-l", point], capture_output=True)
+    left = _mounts_under(path)
+    if left:
+        raise ImageBuildError(f"{path}: still has mounts ({left[0]}); not removing it")
+    shutil.rmtree(path, ignore_errors=True)

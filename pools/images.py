@@ -44,7 +44,10 @@ class ImageManifest(BaseModel):
 
     format: Literal[1]
     key: str = Field(min_length=1, max_length=128)
+    builder: str = ""
     suite: str = ""
+    mirror: str = ""
+    built_at: str = ""
     packages: list[str] = Field(default_factory=list)
     cmdline: str = Field(default="root=/dev/vda rw console=ttyS0", max_length=2048)
     files: dict[Literal["disk", "kernel", "initrd", "ramdisk"], ImageFile]

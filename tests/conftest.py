@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from crv_cli.main import app
+from tests.vm_fixtures import built_image  # noqa: F401  (real guests' image, session-scoped)
 
 # Parallel workers (pytest-xdist, `-n` in pyproject.toml) each give their local pools their own
 # 127.N.0.0/16, so two tests' nodes never share a loopback address (and a port on it).

@@ -42,6 +42,11 @@ class Home:
         """The lab for real machines (lab/lab.py): its state, its libvirtd's files, volumes."""
         return self.root / "lab"
 
+    @property
+    def images_dir(self) -> Path:
+        """crv's guest images (lab/images.py), one directory per content key."""
+        return self.root / "images"
+
     def pool_dir(self, pool: str) -> Path:
         return self.root / "pools" / pool
 
