@@ -104,12 +104,19 @@ def lab_status(as_json: JsonOption = False) -> None:
         else:
             print("no lab (crv lab up makes one)")
         raise typer.Exit(1)
-    _show({**data, "up": control.alive(data)}, None, as_json)
+    up = control.alive(data)
+    _show({**data, "up": up}, None, as_json)
+    if not up:
+        raise typer.Exit(1)
 
 
 def _show(data: dict[str, Any], service: str | None, as_json: bool) -> None:
     if as_json:
         print(json.dumps({**data, "up": data.get("up", True)}, sort_keys=True))
+        return
+    if not data.get("up", True):
+        print(f"lab BROKEN: namespace {data['netns']}: its libvirtd, virtlogd or dnsmasq is not "
+              "running (crv lab up makes it again; crv lab down removes it)")  # fmt: skip
         return
     print(
         f"lab up: namespace {data['netns']}, guests on {data['subnet']} (bridge {data['bridge']})"

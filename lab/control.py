@@ -92,6 +92,9 @@ def up(
             if image is not None:
                 _write_pool(home, existing, image, memory_mb, max_nodes)
             return existing
+        if image is None:  # remade: with the image its pool had
+            before = (_read_pools(_pools_file(home))["pools"].get(POOL) or {}).get("options", {})
+            image = Path(before["image"]) if before.get("image") else None
         down(home)
     lab_dir = home.lab_dir
     lab_dir.mkdir(mode=0o700, exist_ok=True)

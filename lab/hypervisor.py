@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from lab.network import LabError, run
 
@@ -75,10 +76,16 @@ def start(netns: str, lab_dir: Path, timeout: float = 60.0) -> str:
     return wait_until_up(lab_dir, timeout)
 
 
-def wait_until_up(lab_dir: Path, timeout: float) -> str:
+def _quiet() -> Any:
+    """libvirt, with its habit of printing every error to stderr turned off."""
     import libvirt  # type: ignore[import-untyped]
 
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    return libvirt
+
+
+def wait_until_up(lab_dir: Path, timeout: float) -> str:
+    libvirt = _quiet()
     address, deadline, last = uri(lab_dir), time.monotonic() + timeout, ""
     while time.monotonic() < deadline:
         try:
@@ -93,9 +100,9 @@ def wait_until_up(lab_dir: Path, timeout: float) -> str:
 def define_storage_and_network(lab_dir: Path) -> None:
     """A directory storage pool for the nodes' disks and seeds, and a libvirt network over the
     lab's bridge (forward mode bridge: libvirt adds nothing, the lab's dnsmasq serves DHCP)."""
-    import libvirt
-
     from lab.network import BRIDGE
+
+    libvirt = _quiet()
 
     volumes = lab_dir / "volumes"
     volumes.mkdir(mode=0o700, exist_ok=True)
@@ -122,7 +129,7 @@ def define_storage_and_network(lab_dir: Path) -> None:
 def remove_domains(lab_dir: Path) -> list[str]:
     """Destroy and undefine every domain of the lab's libvirtd, delete every volume of its
     storage pool; the domains' names. Quiet when the daemon is gone."""
-    import libvirt
+    libvirt = _quiet()
 
     try:
         conn = libvirt.open(uri(lab_dir))
