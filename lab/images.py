@@ -205,7 +205,6 @@ def build(
         work = Path(tempfile.mkdtemp(prefix=f".{key[:16]}-", dir=root))
         try:
             _build_into(work, wanted, suite, mirror, ramdisk, progress, key)
-            remove_tree(work / "tree")
             os.replace(work, target)  # whole, or not there at all
         except BaseException as exc:
             failed = root / f"{key[:16]}-failed.log"  # kept: the error points here
@@ -244,6 +243,8 @@ def _build_into(
         _ramdisk(tree, work / "ramdisk.cpio.gz", log)
     say("SHA-256 of the files, manifest")
     manifest = _manifest(work, key, suite, mirror, packages, ramdisk)
+    say("removing the build tree")
+    remove_tree(tree)
     manifest["build_seconds"] = round(time.monotonic() - started, 1)
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     say(f"built in {manifest['build_seconds']} s")

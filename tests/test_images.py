@@ -104,12 +104,12 @@ def test_a_build_removes_a_killed_builds_leftovers_first(
         fake_image(work / "made", key)
         for name in ("disk.qcow2", "image.json"):
             (work / "made" / name).rename(work / name)
-        (work / "tree").mkdir()
+        (work / "made").rmdir()
 
     monkeypatch.setattr(images, "_build_into", fake_build)
     got = images.build(home, [], mirror="http://m/debian", ramdisk=False)
     assert not stale.exists() and got.dir == home.images_dir / key[:16]
-    assert not (got.dir / "tree").exists()
+    assert sorted(p.name for p in got.dir.iterdir()) == ["disk.qcow2", "image.json"]
 
 
 @pytest.mark.parametrize("error", [images.ImageBuildError("mke2fs failed (exit 1): no space"),
