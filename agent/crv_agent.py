@@ -1600,7 +1600,10 @@ def cmd_set(args: argparse.Namespace) -> int:
 
 
 def _values(args: argparse.Namespace) -> tuple:
-    resp, boot = _cli_call(args, "GET", _attribute_path(args.role, args.key))
+    # A recipe of an included appliance names that appliance's roles as it wrote them; in the
+    # cluster they carry the include's prefix (mysql-ha's `primary` is webshop's `db-primary`).
+    role = os.environ.get("CRV_ROLE_PREFIX", "") + args.role
+    resp, boot = _cli_call(args, "GET", _attribute_path(role, args.key))
     values = resp.json().get("values")
     if not isinstance(values, list) or not all(
         isinstance(v, dict) and isinstance(v.get("value"), str) for v in values

@@ -67,10 +67,11 @@ def test_ganglia_local_edge_stays_on_the_node_and_remote_edges_reach_every_serve
         gmond_preds = set(g.predecessors(f"{node}:contextualize:gmond"))
         assert gmond_preds == {f"{node}:certify"} | {f"{s}:verify:collector" for s in servers}
     for s in servers:  # local chains on the server nodes: collector -> gmetad -> web
+        # gmetad also waits for every compute node's gmond: its verify checks they all report
         assert set(g.predecessors(f"{s}:contextualize:gmetad")) == {
             f"{s}:certify",
             f"{s}:verify:collector",
-        }
+        } | {f"ganglia-compute-{i}:verify:gmond" for i in range(3)}
         assert f"{s}:verify:gmetad" in g.predecessors(f"{s}:contextualize:web")
     assert nx.is_directed_acyclic_graph(g)
 

@@ -82,7 +82,10 @@ def build(appliance: Appliance) -> Bundle:
             "drain": shipped(role.drain) if role.drain else None,
             "renew": shipped(role.renew) if isinstance(role.renew, Path) else role.renew,
             "appdir": prefix,
-            "env": param_env(dict(role.params)),
+            "env": {
+                **param_env(dict(role.params)),
+                **({"CRV_ROLE_PREFIX": role.prefix} if role.prefix else {}),
+            },
             "depends_on": [
                 {"role": d.role, "local": d.local, "min_ready": d.min_ready}
                 for d in role.depends_on

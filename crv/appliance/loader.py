@@ -53,6 +53,9 @@ class Role:
     params: Mapping[str, ParamValue]  # its own appliance's parameters, unprefixed
     # after the node's certificate is renewed: RERUN (the recipe again), a recipe, or nothing
     renew: Path | str | None = None
+    # what the includes put before its name (`db-` for mysql-ha's roles in webshop): its recipes
+    # name their own appliance's roles without it, and the agent adds it (CRV_ROLE_PREFIX)
+    prefix: str = ""
 
 
 RERUN = "rerun"
@@ -462,7 +465,9 @@ class _Scope:
         for r in child.roles.values():
             self._claim("role", rename(r.name), at)
             deps = tuple(replace(d, role=rename(d.role)) for d in r.depends_on)
-            self.roles[rename(r.name)] = replace(r, name=rename(r.name), depends_on=deps)
+            self.roles[rename(r.name)] = replace(
+                r, name=rename(r.name), depends_on=deps, prefix=pre + r.prefix
+            )
 
     def add_group(self, name: str, group: Group) -> None:
         self._claim("node group", name, f"nodes.{name}")
