@@ -8,7 +8,8 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 
-want = {line.strip() for line in open("gmond-hosts") if line.strip()}
+with open("gmond-hosts") as listed:
+    want = {line.strip() for line in listed if line.strip()}
 deadline = time.monotonic() + 50
 while True:
     with socket.create_connection(("127.0.0.1", 8651), timeout=10) as s:
