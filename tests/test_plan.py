@@ -272,7 +272,7 @@ def test_refuses_a_plan_whose_fan_in_would_explode(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("name", ["webfarm", "ganglia", "htcondor", "mysql-ha", "webshop"])
+@pytest.mark.parametrize("name", ["webfarm", "ganglia", "htcondor", "mysql-ha", "webshop", "slurm"])
 def test_every_catalog_appliance_plans(name: str) -> None:
     data = plan_json(str(CATALOG / name))
     g = graph_of(data)

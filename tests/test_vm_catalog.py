@@ -80,17 +80,17 @@ def test_slurm_runs_a_job_on_every_compute_node_and_follows_a_resize(lab: Crv) -
     lab.ok("deploy", str(CATALOG / "slurm"), "--pool", "lab", "--name", "sl",
            "--set", "computes=2")  # fmt: skip
     all_verified(lab, "sl")
-    seen = checks(lab, "sl")[("sl-controller-0", "check")]
+    seen = checks(lab, "sl")[("sl-controller-0", "slurmctld")]
     assert seen == "srun -N 2 hostname ran on: sl-compute-0 sl-compute-1", seen
 
     lab.ok("scale", "sl", "compute", "3")
     all_verified(lab, "sl")
-    seen = checks(lab, "sl")[("sl-controller-0", "check")]
+    seen = checks(lab, "sl")[("sl-controller-0", "slurmctld")]
     assert seen == "srun -N 3 hostname ran on: sl-compute-0 sl-compute-1 sl-compute-2", seen
 
     lab.ok("scale", "sl", "compute", "2")
     all_verified(lab, "sl")
-    seen = checks(lab, "sl")[("sl-controller-0", "check")]
+    seen = checks(lab, "sl")[("sl-controller-0", "slurmctld")]
     assert seen == "srun -N 2 hostname ran on: sl-compute-0 sl-compute-1", seen
     lab.ok("destroy", "sl")
     assert not list(Path(lab.home / "lab" / "volumes").iterdir())
