@@ -20,16 +20,17 @@ guest's own disk on top of an image (never boot the image itself) and its cloud-
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pycdlib
 import pytest
 
 from crv.base.home import Home
@@ -74,15 +75,18 @@ def overlay(image: ImageManifest, path: Path) -> Path:
 
 
 def seed_iso(path: Path, user_data: str, hostname: str = "guest") -> Path:
-    """A NoCloud seed (volume id cidata) with this user-data."""
-    with tempfile.TemporaryDirectory() as tmp:
-        d = Path(tmp)
-        (d / "user-data").write_text(user_data)
-        (d / "meta-data").write_text(f"instance-id: {hostname}-{time.time_ns()}\n"
-                                     f"local-hostname: {hostname}\n")  # fmt: skip
-        subprocess.run(["genisoimage", "-quiet", "-output", str(path), "-volid", "cidata",
-                        "-joliet", "-rock", str(d / "user-data"), str(d / "meta-data")],
-                       check=True)  # fmt: skip
+    """A NoCloud seed (ISO 9660, Joliet and Rock Ridge names, volume id cidata; pycdlib)."""
+    files = {
+        "user-data": user_data.encode(),
+        "meta-data": f"instance-id: {hostname}-{time.time_ns()}\nlocal-hostname: {hostname}\n".encode(),
+    }
+    iso = pycdlib.PyCdlib()
+    iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata")
+    for index, (name, data) in enumerate(files.items()):
+        iso.add_fp(io.BytesIO(data), len(data), f"/SEED{index}.;1", rr_name=name,
+                   joliet_path=f"/{name}")  # fmt: skip
+    iso.write(str(path))
+    iso.close()
     return path
 
 
