@@ -337,3 +337,23 @@ def test_deleting_a_cluster_deletes_its_autoscaling_and_decisions(store: Store) 
     assert store.decisions("c") == [] and len(store.decisions("d")) == 1
     put_other_cluster(store, "c")  # made again: it starts with no setting and no decisions
     assert store.autoscaling("c") == [] and store.decisions("c") == []
+
+
+def test_a_node_without_an_address_gets_the_one_its_enrolment_came_from(store: Store) -> None:
+    """A guest on a bridge takes its address by DHCP after its pool made it: the pool knew none.
+    The enrolment's peer address becomes the node's, and its certificate names it (the first
+    real mysql-ha: the replica refused the primary's certificate, which named no address)."""
+    store.put_nodes("c", [node("c-g-0", ["web"], address=None, state="provisioned"),
+                          node("c-g-1", ["web"], address="127.0.1.9", state="provisioned")])  # fmt: skip
+    tokens = store.issue_tokens("c", ["c-g-0", "c-g-1"], timedelta(minutes=5))
+    signed: list[str | None] = []
+
+    def sign(e: store_module.Enrolment) -> Issued:
+        signed.append(e.address)
+        return Issued(f"ab{len(signed)}", store_module.now() + timedelta(days=1), "pem")
+
+    store.enrol("c", "c-g-0", tokens["c-g-0"], "csr0", sign, peer="10.77.1.5")
+    store.enrol("c", "c-g-1", tokens["c-g-1"], "csr1", sign, peer="10.77.1.6")
+    assert signed == ["10.77.1.5", "127.0.1.9"]  # a known address is kept
+    addresses = {n["name"]: n["address"] for n in store.status("c")["nodes"]}
+    assert addresses == {"c-g-0": "10.77.1.5", "c-g-1": "127.0.1.9"}

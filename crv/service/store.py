@@ -18,7 +18,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -713,6 +713,8 @@ class Store:
             if again is not None:
                 return again, []
             enrolment = self.check_token(cluster, name, token)
+            if enrolment.address is None and peer is not None:  # its certificate names it too
+                enrolment = replace(enrolment, address=peer)
             at = now()
             consumed = c.execute(
                 nodes.update()
