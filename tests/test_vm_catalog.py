@@ -1,10 +1,10 @@
-"""The catalog for real: ganglia, webshop (which includes mysql-ha) and slurm in real qemu guests
-in the lab, through the CLI. Each verify is one a real daemon must pass: gmetad reports every
-compute node, a row written on the MariaDB primary (over TLS, by certificate) is read on the
-replica, HAProxy answers from the app servers, `srun -N N hostname` runs on every compute node,
-and after resizing the Slurm cluster 2 -> 3 -> 2 the job runs on exactly the new node set.
+"""The catalog for real: ganglia and webshop (which includes mysql-ha) in real qemu guests in the
+lab, through the CLI (slurm: tests/test_vm_slurm.py). Each verify is one a real daemon must pass:
+gmetad reports every compute node, a row written on the MariaDB primary (over TLS, by
+certificate) is read on the replica, HAProxy answers from the app servers.
 
-Slow (TCG guests, 2 to 4 at a time): `./dev test -m vm tests/test_vm_catalog.py`, about 30 min.
+Slow (TCG guests, 3 to 4 at a time): `./dev test -m vm tests/test_vm_catalog.py -n 0`, about
+20 min.
 """
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ import json
 import sqlite3
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import CATALOG
 from tests.test_vm_lab import IMAGES, Crv, pytestmark  # noqa: F401  (vm marker, skip reason)
 
-APPLIANCES = ("ganglia", "webshop", "slurm")
+APPLIANCES = ("ganglia", "webshop")
 
 
 @pytest.fixture(scope="module")
@@ -74,23 +73,3 @@ def test_webshop_replicates_over_tls_and_haproxy_answers(lab: Crv) -> None:
     with urllib.request.urlopen(front + "/", timeout=20) as r:
         assert r.status == 200
     lab.ok("destroy", "ws")
-
-
-def test_slurm_runs_a_job_on_every_compute_node_and_follows_a_resize(lab: Crv) -> None:
-    lab.ok("deploy", str(CATALOG / "slurm"), "--pool", "lab", "--name", "sl",
-           "--set", "computes=2")  # fmt: skip
-    all_verified(lab, "sl")
-    seen = checks(lab, "sl")[("sl-controller-0", "slurmctld")]
-    assert seen == "srun -N 2 hostname ran on: sl-compute-0 sl-compute-1", seen
-
-    lab.ok("scale", "sl", "compute", "3")
-    all_verified(lab, "sl")
-    seen = checks(lab, "sl")[("sl-controller-0", "slurmctld")]
-    assert seen == "srun -N 3 hostname ran on: sl-compute-0 sl-compute-1 sl-compute-2", seen
-
-    lab.ok("scale", "sl", "compute", "2")
-    all_verified(lab, "sl")
-    seen = checks(lab, "sl")[("sl-controller-0", "slurmctld")]
-    assert seen == "srun -N 2 hostname ran on: sl-compute-0 sl-compute-1", seen
-    lab.ok("destroy", "sl")
-    assert not list(Path(lab.home / "lab" / "volumes").iterdir())
