@@ -6,7 +6,7 @@ roles ran again (a resize runs only the controller's node list: not munge-key, n
 that stay), what Slurm itself lists, and that the munge key is the same 0400 file owned by
 munge on every node and appears in no recipe log.
 
-Slow (TCG, 4 guests of 512 MiB at most, about 25-35 min on 2 busy cores):
+Slow (TCG, 4 guests of 512 MiB at most; 26 min 44 s measured on 2 cores shared with other labs):
 `./dev test -m vm tests/test_vm_slurm.py -n 0`.
 """
 
