@@ -126,16 +126,51 @@ until [ "$(sinfo -h -N -n "$names" -t idle,mix,alloc,comp -o %N 2>/dev/null | so
 done
 echo "every compute node is up in Slurm (after ${i} s)"
 
-# The verify (run on this node by the agent): one job step on each compute node, and every one
-# of them, and only those, must answer with its name.
-cat >slurm-srun-everywhere.sh <<CHECK
+# The verify (run on this node by the agent): every compute node, and no other, runs a job step
+# that answers with its name. A node whose CPUs users' jobs hold all cannot take a step now (and
+# the verify has 60 s): it passes if Slurm has it allocated and responding, so a resize while
+# the cluster is busy does not fail.
+printf '%s\n' "$names" | tr ',' '\n' | sort >slurm-compute-nodes
+cat >slurm-srun-everywhere.sh <<'CHECK'
 #!/bin/sh
-# Written by crv (slurm/slurmctld): the verify, one job step on each of the $count compute nodes
+# Written by crv (slurm/slurmctld): the verify of the node list in slurm-compute-nodes.
 set -eu
-out=\$(timeout 50 srun -N $count --ntasks-per-node=1 -t 1 hostname | sort)
-want=\$(printf '%s\n' "$names" | tr ',' '\n' | sort)
-[ "\$out" = "\$want" ] || { echo "srun -N $count hostname said:" \$out >&2; exit 1; }
-echo "srun -N $count hostname ran on:" \$out
+want=$(cat slurm-compute-nodes)
+names=$(printf '%s\n' "$want" | paste -sd, -)
+for try in 1 2; do
+    free="" busy=""
+    states=$(sinfo -h -N -n "$names" -o '%N %t' | sort -u)
+    for node in $want; do
+        state=$(printf '%s\n' "$states" | sed -n "s/^$node //p" | head -1)
+        case "$state" in
+            idle | mix) free="$free $node" ;;
+            alloc) busy="$busy $node" ;;
+            *) echo "$node is '${state:-not listed}' in Slurm" >&2; exit 1 ;;
+        esac
+    done
+    # shellcheck disable=SC2086  # node names: one word each
+    n=$(printf '%s\n' $free | grep -c . || true)
+    out=""
+    if [ "$n" -gt 0 ]; then
+        # shellcheck disable=SC2086
+        nodes=$(printf '%s\n' $free | paste -sd, -)
+        out=$(timeout 25 srun -N "$n" -w "$nodes" --ntasks-per-node=1 -t 1 --immediate=15 --chdir=/ hostname | sort) || true
+    fi
+    # shellcheck disable=SC2086
+    if [ "$out" = "$(printf '%s\n' $free | sort)" ] || { [ "$n" = 0 ] && [ -z "$out" ]; }; then
+        if [ "$n" = 0 ]; then
+            echo "every compute node is busy with users' jobs:$busy"
+        elif [ -n "$busy" ]; then
+            echo "srun -N $n hostname ran on: $(printf '%s\n' "$out" | paste -sd' ' -) (busy with users' jobs:$busy)"
+        else
+            echo "srun -N $n hostname ran on: $(printf '%s\n' "$out" | paste -sd' ' -)"
+        fi
+        exit 0
+    fi
+    [ "$try" = 2 ] || sleep 2  # a free node may have been taken meanwhile
+done
+echo "srun -N $n hostname said: $(printf '%s\n' "$out" | paste -sd' ' -)" >&2
+exit 1
 CHECK
 
 crv-agent set host "$CRV_ADDRESS"
