@@ -176,7 +176,14 @@ def test_up_serves_the_deployments_with_typed_forms(crv: Crv) -> None:
     assert deploy["status"] == "READY" and deploy["enforce_parameter_schema"] is True
     assert "crv" in deploy["tags"] and "webfarm" in deploy["description"]
     props = deploy["parameter_openapi_schema"]["properties"]
-    assert props["appliance"]["enum"] == ["ganglia", "htcondor", "mysql-ha", "webfarm", "webshop"]
+    assert props["appliance"]["enum"] == [
+        "ganglia",
+        "htcondor",
+        "mysql-ha",
+        "slurm",
+        "webfarm",
+        "webshop",
+    ]
     assert props["pool"]["enum"] == ["local", "sim"] and props["pool"]["default"] == "local"
     fields = props["parameters"]["anyOf"][0]["properties"]
     assert "webfarm: integer 1..1000, default 3" in fields["workers"]["description"]
