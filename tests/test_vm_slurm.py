@@ -6,7 +6,8 @@ roles ran again (a resize runs only the controller's node list: not munge-key, n
 that stay), what Slurm itself lists, and that the munge key is the same 0400 file owned by
 munge on every node and appears in no recipe log.
 
-Slow (TCG, 4 guests of 512 MiB at most; 26 min 44 s measured on 2 cores shared with other labs):
+Slow (TCG, 4 guests of 512 MiB at most; measured 12 min 30 s with the image cached on a quiet
+2-core host, 26 min 44 s building it while other labs ran):
 `./dev test -m vm tests/test_vm_slurm.py -n 0`.
 """
 
