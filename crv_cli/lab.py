@@ -29,12 +29,12 @@ def _image(given: str | None) -> Path | None:
     if given is None:
         if state(home) is not None:
             return None
-        cached = sorted(
-            (home.root / "images").glob("*/image.json"), key=lambda p: p.stat().st_mtime
-        )
-        if not cached:
+        from lab.images import cached
+
+        newest = cached(home)  # whole images only, newest first
+        if not newest:
             raise SpecError("--image", "", "no image built yet: run `crv image build` first")
-        return cached[-1]
+        return newest[0].dir / "image.json"
     path = Path(given)
     if path.is_dir():
         path = path / "image.json"
