@@ -373,6 +373,11 @@ def ensure_boot_services(home: Home) -> list[str]:
     return started
 
 
+def stop_boot_service(home: Home, pool: str) -> bool:
+    """Stop one pool's boot service (its pool goes: `crv lab rack --remove`, `crv lab down`)."""
+    return _stop(_boot_record(home, pool))
+
+
 def _stop_boot_services(home: Home) -> list[str]:
     stopped = []
     with contextlib.suppress(FileNotFoundError):

@@ -75,6 +75,66 @@ def lab_up(
     _show(data, service, as_json)
 
 
+@lab_app.command("rack")
+def lab_rack(
+    machines: Annotated[int, typer.Argument(help="How many machines.", min=1, max=39)] = 3,
+    image: Annotated[
+        str | None,
+        typer.Option(
+            help="The image whose kernel and PXE ramdisk they boot (default: the lab "
+            "pool's, else the newest `crv image build` made)."
+        ),
+    ] = None,
+    memory: Annotated[int, typer.Option(help="MiB of memory per machine.", min=512)] = 1536,
+    boot_timeout: Annotated[
+        float, typer.Option(help="Seconds from power-on to the call-back.", min=10)
+    ] = 900.0,
+    script_timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds from power-on until iPXE must have fetched its script."),
+    ] = None,
+    attempts: Annotated[int, typer.Option(help="Machines tried per node.", min=1)] = 3,
+    remove: Annotated[bool, typer.Option("--remove", help="Remove the rack.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """A rack of N qemu machines that network-boot (iPXE) behind ipmi_sim BMCs, in the lab
+    (made first if needed), as the bare-metal pool `rack` (docs/lab.md)."""
+    from lab import control, rack
+
+    home = common.home()
+    with common.user_errors():
+        data = control.state(home)
+        if remove:
+            daemons.stop_boot_service(home, rack.POOL)
+            count = rack.remove(home, data) if data is not None else 0
+            print(json.dumps({"removed": count}) if as_json else f"rack removed ({count} machines)")
+            return
+        manifest = _image(image) if image is not None or data is None else None
+        if data is None or not control.alive(data):
+            data = control.up(home, manifest)
+            daemons.restart_service(home)
+        if manifest is None:
+            manifest = control.pool_image(home) or _image(None)
+        assert manifest is not None
+        daemons.stop_boot_service(home, rack.POOL)
+        phases = {"script": script_timeout} if script_timeout else None
+        shown = rack.create(
+            home, data, machines, image=manifest, memory_mb=memory, boot_timeout=boot_timeout,
+            attempts=attempts, phase_timeouts=phases,
+        )  # fmt: skip
+        daemons.ensure_boot_services(home)
+    if as_json:
+        print(json.dumps(shown, sort_keys=True))
+        return
+    print(f"rack: {len(shown['machines'])} machines in {data['netns']}, pool {shown['pool']}")
+    for m in shown["machines"]:
+        print(f"  {m['name']}: {m['mac']} -> {m['address']}, BMC {m['bmc']} (IPMI 2.0), "
+              f"power {m['power']}")  # fmt: skip
+    print(f"  boot service: {shown['boot_service']} (inside the lab)")
+    print(f"  deploy on it: crv deploy appliances/webfarm --pool {shown['pool']}")
+    print(f"  watch a machine: tail -f {shown['machines'][0]['serial_log']}")
+
+
 @lab_app.command("down")
 def lab_down(as_json: JsonOption = False) -> None:
     """Remove the lab: its guests and volumes, daemons, namespace, pool entry and files."""
@@ -82,6 +142,7 @@ def lab_down(as_json: JsonOption = False) -> None:
 
     home = common.home()
     with common.user_errors():
+        daemons.stop_boot_service(home, "rack")
         removed = control.down(home)
         daemons.restart_service(home)  # without its lab listener, which pinned the namespace
     if as_json:

@@ -127,6 +127,10 @@ def down(home: Home) -> dict[str, Any]:
     data = state(home) or {}
     lab_dir = home.lab_dir
     removed: dict[str, Any] = {"domains": [], "netns": None}
+    if "index" in data:
+        from lab import rack
+
+        removed["rack"] = rack.remove(home, data)  # its BMCs live outside the namespace
     if lab_dir.is_dir():
         removed["domains"] = hypervisor.remove_domains(lab_dir)
     if "index" in data:
@@ -137,6 +141,13 @@ def down(home: Home) -> dict[str, Any]:
     shutil.rmtree(lab_dir, ignore_errors=True)
     shutil.rmtree(home.pool_dir(POOL), ignore_errors=True)  # the pool's locks and consoles
     return removed
+
+
+def pool_image(home: Home) -> Path | None:
+    """The manifest the lab pool boots (pools.yaml), None when there is no lab pool."""
+    entry = _read_pools(_pools_file(home))["pools"].get(POOL) or {}
+    image = (entry.get("options") or {}).get("image")
+    return Path(image) if image else None
 
 
 def _kvm(home: Home, image: Path | None) -> tuple[bool, str]:

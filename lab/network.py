@@ -156,7 +156,10 @@ def _firewall(ns: str) -> None:
 
 
 def start_dnsmasq(net: Net, lab_dir: Path) -> None:
-    """DHCP for the guests on the bridge: no DNS (port 0), leases and log in the lab dir."""
+    """DHCP for the guests on the bridge: no DNS (port 0), leases and log in the lab dir; and
+    whatever `dnsmasq.d/*.conf` adds (the rack's PXE boot, from `crv pxe dnsmasq-config`)."""
+    conf_dir = lab_dir / "dnsmasq.d"
+    conf_dir.mkdir(mode=0o700, exist_ok=True)
     first = net.subnet.network_address + 50
     last = net.subnet.network_address + 250
     run(
@@ -173,8 +176,24 @@ def start_dnsmasq(net: Net, lab_dir: Path) -> None:
         f"--pid-file={lab_dir / 'dnsmasq.pid'}",
         f"--log-facility={lab_dir / 'dnsmasq.log'}",
         "--log-dhcp",
+        f"--conf-dir={conf_dir},*.conf",
         netns=net.netns,
     )
+
+
+def restart_dnsmasq(net: Net, lab_dir: Path) -> None:
+    """Stop the lab's dnsmasq and start it again (its configuration changed; the leases stay
+    in their file)."""
+    pid_file = lab_dir / "dnsmasq.pid"
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)  # ProcessLookupError (an OSError) once it is gone
+            time.sleep(0.05)
+    pid_file.unlink(missing_ok=True)
+    start_dnsmasq(net, lab_dir)
 
 
 def remove(net: Net, lab_dir: Path) -> None:

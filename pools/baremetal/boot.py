@@ -32,6 +32,8 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+from starlette.requests import Request  # at module level: FastAPI resolves the annotation
+
 from pools.base import PoolError, write_atomic
 from pools.templates import render
 
@@ -43,6 +45,7 @@ _WORD = re.compile(r"^[A-Za-z0-9._~:/?@!&()*+,;=%-]{1,1024}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _MAC_HYPHENS = re.compile(r"^[0-9a-f]{2}(-[0-9a-f]{2}){5}$")
 _FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_DHCP_HOST = _ADDRESS = re.compile(r"^[0-9]{1,3}(\.[0-9]{1,3}){3}$")
 
 
 def url_mac(mac: str) -> str:
@@ -94,27 +97,81 @@ class BootFiles:
             raise ValueError(f"bad machine name {machine!r}")
         return self.root / machine
 
-    def write(self, machine: str, macs: Sequence[str], script: str, nonce: str) -> None:
+    def write(
+        self,
+        machine: str,
+        macs: Sequence[str],
+        script: str,
+        nonce: str,
+        address: str | None = None,
+    ) -> None:
         """The script every NIC of the machine will be served, and the nonce its call-back
-        must carry; anything from an earlier boot (a call-back) is cleared first."""
+        must carry; anything from an earlier boot (a call-back, its timings) is cleared first.
+        `address`, the one DHCP gives the machine, lets the service tell whose the requests
+        for boot files are (`by-addr/`)."""
         directory = self._dir(machine)
         (self.root / "by-mac").mkdir(mode=0o700, parents=True, exist_ok=True)
         directory.mkdir(mode=0o700, exist_ok=True)
         (directory / "booted").unlink(missing_ok=True)
+        (directory / "events").unlink(missing_ok=True)
         write_atomic(directory / "nonce", nonce.encode(), 0o600)
         write_atomic(directory / "script.ipxe", script.encode(), 0o600)
-        for mac in macs:
-            link = self.root / "by-mac" / url_mac(mac)
+        links = [self.root / "by-mac" / url_mac(mac) for mac in macs]
+        if address and _ADDRESS.fullmatch(address):
+            (self.root / "by-addr").mkdir(mode=0o700, exist_ok=True)
+            links.append(self.root / "by-addr" / address)
+        for link in links:
             with suppress(FileNotFoundError):
                 if os.readlink(link) == f"../{machine}":
                     continue
                 link.unlink()
             os.symlink(f"../{machine}", link)
 
-    def remove(self, machine: str, macs: Sequence[str]) -> None:
+    def remove(self, machine: str, macs: Sequence[str], address: str | None = None) -> None:
         for mac in macs:
             (self.root / "by-mac" / url_mac(mac)).unlink(missing_ok=True)
+        if address and _ADDRESS.fullmatch(address):
+            (self.root / "by-addr" / address).unlink(missing_ok=True)
         shutil.rmtree(self._dir(machine), ignore_errors=True)
+
+    def record(self, machine: str, event: str, when: float | None = None) -> None:
+        """One line `EVENT TIME` in the machine's `events`, while it is being provisioned (its
+        directory exists): what the boot service saw of its boot, for the timings."""
+        directory = self._dir(machine)
+        if not directory.is_dir():
+            return
+        with suppress(OSError):
+            fd = os.open(directory / "events", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, f"{event} {time.time() if when is None else when:.3f}\n".encode())
+            finally:
+                os.close(fd)
+
+    def events(self, machine: str) -> dict[str, float]:
+        """The first time of each event of the machine's current boot."""
+        found: dict[str, float] = {}
+        try:
+            text = (self._dir(machine) / "events").read_text()
+        except OSError:
+            return found
+        for line in text.splitlines():
+            event, _, when = line.partition(" ")
+            with suppress(ValueError):
+                found.setdefault(event, float(when))
+        return found
+
+    def machine_at(self, kind: str, key: str) -> str | None:
+        """The machine a MAC (`by-mac`, hyphens) or an address (`by-addr`) belongs to while it
+        is being provisioned."""
+        pattern = _MAC_HYPHENS if kind == "by-mac" else _ADDRESS
+        if not pattern.fullmatch(key):
+            return None
+        try:
+            target = os.readlink(self.root / kind / key)
+        except OSError:
+            return None
+        name = target.removeprefix("../")
+        return name if _NAME.fullmatch(name) else None
 
     def booted(self, machine: str, nonce: str) -> bool:
         """Whether the OS on the machine called back for this boot (this nonce)."""
@@ -148,6 +205,7 @@ class BootFiles:
             return False
         (directory / "script.ipxe").unlink(missing_ok=True)
         write_atomic(directory / "booted", nonce.encode(), 0o600)
+        self.record(machine, "callback")
         return True
 
 
@@ -162,8 +220,11 @@ def split_listen(pool: str, value: str) -> tuple[str, int]:
 
 
 def make_app(files: BootFiles, artefacts: Path | None) -> Any:
-    """The HTTP side: scripts by MAC, call-backs, and (optionally) the artefacts directory."""
+    """The HTTP side: scripts by MAC, call-backs, and (optionally) the artefacts directory.
+    What it serves to a machine being provisioned is recorded in its events (script, each
+    file once sent in full, the call-back): the timings of `crv status --timings`."""
     from fastapi import FastAPI, Response
+    from starlette.background import BackgroundTask
 
     app = FastAPI(title="crv boot service", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -173,9 +234,13 @@ def make_app(files: BootFiles, artefacts: Path | None) -> Any:
 
     @app.get("/ipxe/{mac}")
     def script(mac: str) -> Response:
-        data = files.script_for(mac.lower())
+        mac = mac.lower()
+        data = files.script_for(mac)
         if data is None:
             return Response("#!ipxe\necho crv: no boot script for this machine\nexit 1\n", 404)
+        machine = files.machine_at("by-mac", mac)
+        if machine is not None:
+            files.record(machine, "script")
         return Response(data, media_type="text/plain", headers={"Cache-Control": "no-store"})
 
     @app.post("/callback/{machine}/{nonce}")
@@ -183,12 +248,15 @@ def make_app(files: BootFiles, artefacts: Path | None) -> Any:
         return Response(status_code=204 if files.call_back(machine, nonce) else 404)
 
     @app.get("/files/{name}")
-    def artefact(name: str) -> Response:
+    def artefact(name: str, request: Request) -> Response:
         if artefacts is None or not _FILE.fullmatch(name) or not (artefacts / name).is_file():
             return Response(status_code=404)
         from fastapi.responses import FileResponse
 
-        return FileResponse(artefacts / name)
+        peer = request.client.host if request.client else ""
+        machine = files.machine_at("by-addr", peer)
+        done = None if machine is None else BackgroundTask(files.record, machine, f"file:{name}")
+        return FileResponse(artefacts / name, background=done)  # the task runs once sent
 
     return app
 
@@ -202,9 +270,11 @@ def serve(
     tftp_root: Path | None,
     artefacts: Path | None,
     ready: threading.Event | None = None,
+    http_netns: str | None = None,
 ) -> None:
     """Run the boot service until SIGTERM/SIGINT: TFTP in a thread (tftpy, downloads only),
-    HTTP in the foreground (FastAPI on uvicorn)."""
+    HTTP in the foreground (FastAPI on uvicorn); with `http_netns` the HTTP side listens inside
+    that network namespace (the lab's: its machines reach only addresses in there)."""
     import tftpy
     import uvicorn
 
@@ -220,10 +290,18 @@ def serve(
         make_app(files, artefacts), host=host, port=port, log_level="warning", access_log=False
     )
     server = uvicorn.Server(config)
+    sockets = None
+    if http_netns:
+        from crv.base.netns import listen_in, netns_path
+
+        try:
+            sockets = [listen_in(netns_path(http_netns), host, port)]
+        except OSError as exc:
+            raise PoolError(pool, f"boot service: {exc}") from None
     if ready is not None:
         threading.Thread(target=_signal_when_started, args=(server, ready), daemon=True).start()
     try:
-        server.run()
+        server.run(sockets=sockets)
     finally:
         if tftp is not None:
             tftp.stop(now=True)
@@ -235,9 +313,11 @@ def _signal_when_started(server: Any, ready: threading.Event) -> None:
     ready.set()
 
 
-def dnsmasq_config(pool: Any, *, network: str, interface: str | None) -> str:
+def dnsmasq_config(pool: Any, *, network: str, interface: str | None, dhcp: bool = False) -> str:
     """A dnsmasq configuration adding PXE/iPXE boot to an existing DHCP network as a proxy
-    (the site's DHCP server keeps handing out addresses; dnsmasq adds only the boot part)."""
+    (the site's DHCP server keeps handing out addresses; dnsmasq adds only the boot part), or,
+    with `dhcp`, for a dnsmasq that is the network's DHCP server: each machine of the pool's
+    machines file gets its reserved address by MAC (`dhcp-host`) and the boot part with it."""
     import ipaddress
     from urllib.parse import urlsplit
 
@@ -257,9 +337,19 @@ def dnsmasq_config(pool: Any, *, network: str, interface: str | None) -> str:
             raise PoolError(
                 pool.name, f"PXE firmware asks TFTP on port 69; tftp_listen uses {port}"
             )
+    hosts = None
+    if dhcp:
+        hosts = []
+        for machine in pool.machines().values():
+            if not machine.address or not _DHCP_HOST.fullmatch(machine.address):
+                raise PoolError(
+                    pool.name, f"--dhcp: machine {machine.name} has no IP address to reserve"
+                )
+            hosts += [(mac, machine.address, machine.name) for mac in machine.macs]
     return render(
         DNSMASQ_TEMPLATE,
         pool_repr=repr(pool.name),
+        hosts=hosts,
         interface=interface,
         network=network,
         tftp_host=tftp_host,

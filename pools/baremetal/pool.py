@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -66,7 +66,12 @@ class BaremetalOptions(BaseModel):
       should serve them).
     - `class`, `groups`: the class (and labels) of machine each node group gets.
     - `boot_timeout`: seconds from power-on to the call-back before a machine is written off;
-      `attempts`: machines tried per node.
+      `attempts`: machines tried per node; `phase_timeouts`: earlier deadlines for the phases
+      the boot service sees (`script`, `kernel`, `initrd`: seconds from power-on), so a
+      machine whose firmware never asks for its script is written off sooner.
+    - `service_address`: the address machines dial the crv service at (its port stays), when
+      it is not the one in the service URL (the lab's bridge address); `http_netns`: the
+      network namespace the boot service listens in (the lab's).
     - `min_interval`, `power_window`: seconds between commands to one BMC; how long a failing
       BMC command is retried.
     """
@@ -90,6 +95,17 @@ class BaremetalOptions(BaseModel):
     attempts: int = Field(default=3, ge=1, le=100)
     min_interval: float = Field(default=0.5, ge=0, le=60)
     power_window: float = Field(default=60.0, gt=0, le=3600)
+    phase_timeouts: dict[Literal["script", "kernel", "initrd"], float] = Field(default_factory=dict)
+    service_address: str | None = Field(default=None, max_length=253)
+    http_netns: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+    @field_validator("phase_timeouts")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        for phase, seconds in value.items():
+            if not 0 < seconds <= 24 * 3600:
+                raise ValueError(f"{phase}: seconds must be above 0 and at most a day")
+        return value
 
     @field_validator("kernel", "initrd", "http_url")
     @classmethod
@@ -115,6 +131,11 @@ class BaremetalPool:
         self._lock = threading.Lock()
 
     # -- configuration -------------------------------------------------------------------
+
+    @property
+    def service_address(self) -> str | None:
+        """Where this pool's machines dial the crv service (crv.engine.stages)."""
+        return self.options.service_address
 
     def _path(self, value: str) -> Path:
         return Path(value) if os.path.isabs(value) else self.base / value
@@ -236,7 +257,7 @@ class BaremetalPool:
         machine = machines.get(lease.machine)
         if machine is not None:
             self.power.off(machine.name, self.bmc(machine))  # raises: the lease stays
-            self.files.remove(machine.name, machine.macs)
+            self.files.remove(machine.name, machine.macs, machine.address)
         with self._ledger() as ledger:
             ledger.leases.pop(name, None)
 
@@ -254,13 +275,13 @@ class BaremetalPool:
                     current.state = "up"
                     lease = current
             return self._info(lease, machines)
-        if time.time() < lease.deadline:
+        late = self._late(lease)
+        if late is None:
             return self._info(lease, machines)
         script = self._script_of(lease)
         if script is None:
             raise PoolError(self.name, f"node {name}: the boot script of {lease.machine} is gone")
-        waited = int(self.options.boot_timeout)
-        self._write_off(lease, machines, f"did not call back within {waited} s of power-on")
+        self._write_off(lease, machines, late)
         tried = [*lease.tried, lease.machine]
         if len(tried) >= self.options.attempts:
             with self._ledger() as ledger:
@@ -268,12 +289,42 @@ class BaremetalPool:
             raise PoolError(
                 self.name,
                 f"node {name}: {len(tried)} machines did not boot ({', '.join(tried)}); "
-                f"the last {lease.machine} did not call back within {waited} s",
+                f"the last {lease.machine} {late}",
             )
         new = self._reallocate(lease, machines, tried)
         spec = NodeSpec(name=name, cluster=lease.cluster, group=lease.group, bootstrap={})
         new = self._power_up(new, spec, machines, script=script)
         return self._info(new, machines)
+
+    def timings(self, lease: Lease) -> dict[str, float]:
+        """What crv saw of the lease's boot: `power_on` (the BMC took the power-on), `script`
+        (iPXE fetched its script), `kernel` and `initrd` (sent in full by the boot service;
+        absent when they come from elsewhere) and `callback` (the booted OS enrolled and
+        called back): UNIX times."""
+        if lease.state == "allocated" or not lease.since:
+            return {}
+        found = {"power_on": lease.since}
+        names = {
+            "file:" + self.options.kernel.rsplit("/", 1)[-1]: "kernel",
+            "file:" + self.options.initrd.rsplit("/", 1)[-1]: "initrd",
+        }
+        for event, when in self.files.events(lease.machine).items():
+            phase = names.get(event, event)
+            if phase in ("script", "kernel", "initrd", "callback") and when >= lease.since:
+                found[phase] = when
+        return found
+
+    def _late(self, lease: Lease) -> str | None:
+        """Why the machine of a booting lease is written off now (None: it is not late): a
+        phase past its deadline (`phase_timeouts`), or no call-back within `boot_timeout`."""
+        now, seen = time.time(), self.timings(lease)
+        for phase, seconds in sorted(self.options.phase_timeouts.items(), key=lambda p: p[1]):
+            if phase not in seen and now >= lease.since + seconds:
+                what = {"script": "its boot script", "kernel": "the kernel"}.get(phase, phase)
+                return f"did not fetch {what} within {seconds:g} s of power-on"
+        if now < lease.deadline:
+            return None
+        return f"did not call back within {int(self.options.boot_timeout)} s of power-on"
 
     # -- allocation and power --------------------------------------------------------------
 
@@ -384,7 +435,7 @@ class BaremetalPool:
                 with self._ledger() as ledger:
                     ledger.leases.pop(lease.node, None)
                 raise
-            self.files.write(machine.name, machine.macs, text, lease.nonce)
+            self.files.write(machine.name, machine.macs, text, lease.nonce, machine.address)
             try:
                 self.power.pxe_boot(machine.name, bmc)
             except PoolError as exc:
@@ -416,7 +467,7 @@ class BaremetalPool:
         an admin has looked (`crv baremetal clear`)."""
         machine = machines.get(lease.machine)
         if machine is not None:
-            self.files.remove(machine.name, machine.macs)
+            self.files.remove(machine.name, machine.macs, machine.address)
             try:
                 self.power.off(machine.name, self.bmc(machine))
                 powered = "off"
@@ -457,6 +508,9 @@ class BaremetalPool:
             extra["bmc"] = f"{machine.bmc.address}:{machine.bmc.port}"
         if lease.tried:
             extra["failed_machines"] = list(lease.tried)
+        timings = self.timings(lease)
+        if timings:
+            extra["timings"] = timings
         tags = {TAG_CLUSTER: lease.cluster, TAG_NODE: lease.node}
         address = machine.address if machine is not None else None
         return NodeInfo(lease.node, lease.cluster, state, address, tags, extra)
@@ -473,6 +527,7 @@ class BaremetalPool:
             tftp_root=self._path(o.tftp_root) if o.tftp_root else None,
             artefacts=self._path(o.files) if o.files else None,
             ready=ready,
+            http_netns=o.http_netns,
         )
 
     def clear(self, machine_name: str) -> None:

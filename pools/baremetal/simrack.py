@@ -69,7 +69,7 @@ def rack_dir(home: Home, pool: str) -> Path:
     return home.root / "racks" / pool
 
 
-def _free_udp_port(address: str) -> int:
+def free_udp_port(address: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind((address, 0))
         return int(s.getsockname()[1])
@@ -121,7 +121,7 @@ def create(
     root = rack_dir(home, pool)
     for sub in ("machines", "secrets", "tftp", "files"):
         (root / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
-    http_port, tftp_port = _free_tcp_port(), _free_udp_port("127.0.0.1")
+    http_port, tftp_port = _free_tcp_port(), free_udp_port("127.0.0.1")
     http_url = f"http://127.0.0.1:{http_port}"
     write_atomic(root / "tftp" / "undionly.kpxe", b"simulated iPXE boot loader\n", 0o644)
     write_atomic(root / "files" / "vmlinuz", b"simulated kernel\n", 0o644)
@@ -141,7 +141,7 @@ def create(
         root / "machines.yaml", (header + yaml.safe_dump(doc, sort_keys=False)).encode(), 0o600
     )
 
-    _start_bmcs(root, [spec for _, spec in made])
+    start_bmcs(root, [spec for _, spec in made])
     options = {
         "machines": str(root / "machines.yaml"),
         "kernel": f"{http_url}/files/vmlinuz",
@@ -178,7 +178,7 @@ def _machine(
         "labels": {"rack": pool},
         "bmc": {
             "address": bmc_address,
-            "port": _free_udp_port(bmc_address),
+            "port": free_udp_port(bmc_address),
             "username": USER,
             "password": {"file": f"secrets/{name}.pass"},
             "cipher_suite": 3,
@@ -203,7 +203,7 @@ def _machine(
     return entry, spec
 
 
-def _start_bmcs(root: Path, specs: list[simbmc.SimBmcSpec]) -> None:
+def start_bmcs(root: Path, specs: list[simbmc.SimBmcSpec]) -> None:
     """Start every BMC, recorded in bmcs.json; if one fails, stop those started."""
     started: list[dict[str, Any]] = []
     try:
@@ -213,7 +213,7 @@ def _start_bmcs(root: Path, specs: list[simbmc.SimBmcSpec]) -> None:
                 {"machine": spec.machine, "pid": proc.pid, "start": start_ticks(proc.pid)}
             )
     except RuntimeError as exc:
-        _stop_bmcs(started)
+        stop_bmcs(started)
         raise RackError(str(exc)) from None
     finally:
         write_atomic(root / "bmcs.json", json.dumps(started).encode(), 0o600)
@@ -233,7 +233,7 @@ def _register(pools_file: Path, pool: str, options: dict[str, Any]) -> None:
     write_atomic(pools_file, yaml.safe_dump(doc, sort_keys=False).encode(), 0o600)
 
 
-def _stop_bmcs(bmcs: list[dict[str, Any]]) -> int:
+def stop_bmcs(bmcs: list[dict[str, Any]]) -> int:
     stopped = 0
     for entry in bmcs:
         pid = entry.get("pid")
@@ -257,7 +257,7 @@ def stop(home: Home, pool: str) -> int:
         bmcs = json.loads((root / "bmcs.json").read_text())
     except (OSError, ValueError):
         bmcs = []
-    stopped = _stop_bmcs(bmcs)
+    stopped = stop_bmcs(bmcs)
     with suppress(FileNotFoundError):
         for machine_dir in sorted((root / "machines").iterdir()):
             simbmc.machine_off(machine_dir)
