@@ -551,6 +551,14 @@ def _entry_points(plan: Plan, status: ClusterStatus | None) -> list[tuple[str, s
 def status(
     name: Annotated[str, typer.Argument(help="Cluster name.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    show_timings: Annotated[
+        bool,
+        typer.Option(
+            "--timings",
+            help="Where each node's time went: seconds from provision to each phase (power-on, "
+            "PXE script, kernel, ramdisk, call-back, enrolled, recipes, verified).",
+        ),
+    ] = False,
 ) -> None:
     """Show a cluster's nodes, their pools and the state of every role on them, and where the
     pools disagree with crv's records (drift: `crv repair` converges it)."""
@@ -564,6 +572,14 @@ def status(
     if as_json:
         sys.stdout.write(json.dumps(status_json(found, found_drift)) + "\n")
         return
+    if show_timings:
+        from rich.console import Console
+
+        table = _timings_table(found)
+        Console(
+            width=max(console.width, table.__rich_measure__(console, console.options).maximum)
+        ).print(table)
+        return
     table = Table(title=f"{found['name']} ({found['appliance']}) ready={found['ready']}")
     for column in ("node", "group", "pool", "address", "state", "roles"):
         table.add_column(column)
@@ -573,6 +589,24 @@ def status(
     console.print(table)
     for line in _drift_lines(name, found_drift):
         print(line)
+
+
+def _timings_table(found: ClusterStatus) -> Table:
+    from crv.engine.timings import PHASES, seconds_since_start
+
+    rows = {n["name"]: seconds_since_start(n.get("timings") or {}) for n in found["nodes"]}
+    seen = {p for r in rows.values() for p in r} - {"provision"}
+    phases = [p for p in PHASES if p in seen]
+    table = Table(title=f"{found['name']}: seconds from provision to each phase")
+    for column in ("node", "pool", *phases):
+        table.add_column(
+            column, justify="left" if column in ("node", "pool") else "right", no_wrap=True
+        )
+    for n in found["nodes"]:
+        times = rows[n["name"]]
+        cells = [f"{times[p]:.1f}" if p in times else "-" for p in phases]
+        table.add_row(n["name"], n["pool"], *cells)
+    return table
 
 
 def _drift_lines(cluster: str, found: Drift) -> list[str]:
@@ -606,6 +640,7 @@ def status_json(found: ClusterStatus, found_drift: Drift | None = None) -> dict[
                 "address": n["address"],
                 "state": n["state"],
                 "roles": {r: v["state"] for r, v in n["roles"].items()},
+                "timings": n.get("timings") or {},
             }
             for n in found["nodes"]
         ],

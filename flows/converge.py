@@ -29,6 +29,7 @@ from crv.base import running as daemons
 from crv.base.errors import CrvError
 from crv.base.home import Home
 from crv.base.retry import RetryPolicy
+from crv.engine import timings
 from crv.engine.converge import (
     keep_undrained,
     kept_failure,
@@ -89,6 +90,7 @@ def summary_rows(status: ClusterStatus) -> list[dict[str, Any]]:
             "address": n["address"] or "",
             "state": n["state"],
             "roles": ", ".join(f"{r}={v['state']}" for r, v in n["roles"].items()),
+            "timings": timings.summary(n.get("timings") or {}),
         }
         for n in status["nodes"]
     ]

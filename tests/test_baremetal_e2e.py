@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,20 @@ def test_web_farm_on_six_machines_through_every_step_then_released(crv: Crv) -> 
         assert missing.value.code == 404
     lb = next(line for line in r.stdout.splitlines() if line.startswith("lb on "))
     assert len(answers(lb.split(": ", 1)[1] + "/", 10)) == 5  # every web node behind the lb
+    # where each node's time went, from what crv saw: the pool's power-on, the boot service's
+    # script, kernel and initrd (by the machine's address), enrolment, call-back, recipes,
+    # verify - in that order
+    order = ["provision", "power_on", "script", "kernel", "initrd", "enrolled", "callback",
+             "recipes", "verified"]  # fmt: skip
+    for node in status["nodes"]:
+        times = {p: datetime.fromisoformat(t) for p, t in node["timings"].items()}
+        assert set(order) <= set(times), node["timings"]
+        seen = [times[p] for p in order]
+        assert seen == sorted(seen), node["timings"]
+    table = crv("status", "webfarm", "--timings")
+    assert table.returncode == 0, table.stderr
+    assert "power_on" in table.stdout and "initrd" in table.stdout and "verified" in table.stdout
+    assert all(n["name"] in table.stdout for n in status["nodes"])
 
     r = crv("destroy", "webfarm", timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr

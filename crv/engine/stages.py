@@ -17,6 +17,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import time
 import urllib.parse
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -312,6 +313,7 @@ class ClusterRun:
         self._tokens: Batcher[str, str] | None = None
         self._roles: Batcher[dict[str, Any], dict[str, Any]] | None = None
         self._bundle: Bundle | None = None
+        self._finished: dict[str, dict[str, set[str]]] = {"recipes": {}, "verified": {}}
 
     # -- set-up and tear-down of the run ----------------------------------------------------
 
@@ -473,8 +475,10 @@ class ClusterRun:
                 self._node_item(node, address=existing.address, state="provisioned")
             )
             return
-        # recorded first: while the node is remade, status never claims one the pool lacks
-        await self._node_updates.submit(self._node_item(node, state="provisioning"))
+        # recorded first: while the node is remade, status never claims one the pool lacks;
+        # a node made afresh starts its timings (one being booted keeps them)
+        began = {} if existing is not None and alive else {"provision": time.time()}
+        await self._node_updates.submit(self._node_item(node, state="provisioning", timings=began))
         for (n, _), r in self.mirror.roles.items():
             if n == node:  # a new machine: every role runs on it again (the store reset them)
                 r.update(state="pending", attributes={}, output="")
@@ -497,9 +501,27 @@ class ClusterRun:
         )
         info = await self._in_thread(pool.create_node, spec)
         self.mirror.addresses[node] = info.address
+        timings = {"created": time.time(), **(info.extra.get("timings") or {})}
         await self._node_updates.submit(
-            self._node_item(node, address=info.address, state="provisioned")
+            self._node_item(node, address=info.address, state="provisioned", timings=timings)
         )
+
+    async def _phase(self, node: str, phase: str, role: str) -> None:
+        """`role` on `node` reached `phase` (recipes, verified); the node's time of the phase
+        is recorded once every role of the node has. With `verified`, the pool's own phase
+        times of the node (bare metal: power-on, script, kernel, initrd, call-back) too."""
+        assert self._node_updates is not None
+        seen = self._finished[phase].setdefault(node, set())
+        seen.add(role)
+        group = self.plan.nodes[node].group
+        if not seen.issuperset(self.plan.appliance.groups[group].roles):
+            return
+        timings = {phase: time.time()}
+        pool = self.drivers(self.pool_of(node))
+        if phase == "verified" and callable(getattr(pool, "timings", None)):
+            info = await self._in_thread(pool.get_node, node)
+            timings.update((info.extra.get("timings") or {}) if info is not None else {})
+        await self._node_updates.submit(self._node_item(node, timings=timings))
 
     async def _adopt(self, node: str, adopt: Callable[[str, str, str | None], NodeInfo]) -> None:
         """A machine crv did not make (pools.manual): it is there once its agent has paired;
@@ -528,6 +550,11 @@ class ClusterRun:
             return self.mirror.nodes.get(node) == "enrolled"
 
         what = "waiting for its agent to enrol"
+        await self._wait_enrolled(node, enrolled, what)
+        assert self._node_updates is not None
+        await self._node_updates.submit(self._node_item(node, timings={"enrolled": time.time()}))
+
+    async def _wait_enrolled(self, node: str, enrolled: Callable[[], bool], what: str) -> None:
         tend = getattr(self.drivers(self.pool_of(node)), "tend", None)
         if tend is None:
             await self.mirror.wait(node, enrolled, self.timeouts.boot, what)
@@ -568,6 +595,7 @@ class ClusterRun:
         ):
             # converged in an earlier run; verify checks it again. A role that reads others
             # runs again only if what it reads changed (a resize): the service compares.
+            self._finished["recipes"].setdefault(node, set()).add(role)  # timed back then
             if not self.plan.appliance.roles[role].depends_on:
                 return
             result = await self._roles.submit({"node": node, "role": role, "op": "refresh"})
@@ -598,6 +626,7 @@ class ClusterRun:
             r["retry"] = True  # the next attempt releases again
             raise RecipeFailed(node, role, r.get("exit_code"), r.get("output") or "")
         r.pop("retry", None)
+        await self._phase(node, "recipes", role)
 
     async def verify(self, node: str, role: str) -> None:
         assert self._roles is not None
@@ -624,6 +653,7 @@ class ClusterRun:
                 raise err from None
         await self._roles.submit({"node": node, "role": role, "op": "verified"})
         self.mirror.roles.setdefault((node, role), {})["state"] = "verified"
+        await self._phase(node, "verified", role)
 
     async def _check_on_node(self, node: str, role: str, check: Check) -> None:
         """Ask the node's agent to run the check (it calls out; crv never dials the node) and

@@ -106,6 +106,15 @@ class ClusterSpec(_Body):
     bundle: str
 
 
+Phase = Literal[
+    "provision", "power_on", "script", "kernel", "initrd", "callback", "created", "enrolled",
+    "recipes", "verified",
+]  # fmt: skip
+
+
+PhaseTime = Annotated[float, Field(ge=0, le=1e11)]
+
+
 class NodeItem(_Body):
     name: Name
     group: Name
@@ -113,6 +122,9 @@ class NodeItem(_Body):
     pool: Name
     address: Annotated[str, Field(max_length=64)] | None = None
     state: Literal["planned", "provisioning", "provisioned", "failed", "leaving"] | None = None
+    # when the node reached each phase of its making (UNIX times): the first time of a phase
+    # is kept, and a `provision` time starts a new record (store.merge_timings)
+    timings: Annotated[dict[Phase, PhaseTime], Field(max_length=16)] = {}
 
 
 class NodesRequest(_Body):
@@ -183,6 +195,7 @@ class NodeStatus(TypedDict):
     state: str  # crv.base.states.NodeState
     last_seen: str | None  # ISO time of the agent's last call
     roles: dict[str, RoleStatus]
+    timings: NotRequired[dict[str, str]]  # phase -> ISO time (crv status --timings)
 
 
 class ClusterStatus(TypedDict):

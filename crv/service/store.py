@@ -69,6 +69,8 @@ nodes = sa.Table(
     sa.Column("enrol_token", sa.String(64)),
     sa.Column("enrol_csr", sa.String(64)),
     sa.Column("enrolled_at", sa.DateTime(timezone=True)),
+    # when the node reached each phase of its making: {phase: UNIX time} (NodeItem.timings)
+    sa.Column("timings", sa.JSON),
 )
 
 role_states = sa.Table(
@@ -205,6 +207,18 @@ _DECISION_FIELDS = (
 )  # fmt: skip
 
 
+def merge_timings(
+    old: Mapping[str, float] | None, new: Mapping[str, float] | None
+) -> dict[str, float] | None:
+    """A node's phase times after a report: the first time of each phase stays (a re-run does
+    not move them), and a new `provision` starts the record again (the node is made anew)."""
+    if not new:
+        return dict(old) if old else None
+    if "provision" in new or not old:
+        return dict(new)
+    return {**new, **old}
+
+
 @dataclass
 class _NodeWrites:
     """What one put_nodes writes, gathered to be written in one executemany per kind."""
@@ -230,6 +244,7 @@ class _NodeWrites:
                 "state": item.get("state") or "planned",
                 "generation": 1,
                 "stop": False,
+                "timings": merge_timings(None, item.get("timings")),
             }
         )
         self.changed.add(item["name"])
@@ -247,6 +262,7 @@ class _NodeWrites:
                     address=sa.bindparam("_address"),
                     generation=sa.bindparam("_generation"),
                     state=sa.bindparam("_state"),
+                    timings=sa.bindparam("_timings"),
                 ),
                 self.updates,
             )
@@ -583,7 +599,8 @@ class Store:
             )  # fmt: skip
         w.updates.append(
             {"_name": name, "_roles": list(item["roles"]), "_grp": item["group"],
-             "_address": address, "_generation": generation, "_state": state}
+             "_address": address, "_generation": generation, "_state": state,
+             "_timings": merge_timings(row.timings, item.get("timings"))}
         )  # fmt: skip
 
     def _roles_of_node(
@@ -1560,6 +1577,10 @@ class Store:
                     "roles": {
                         r: roles.get(n.name, {}).get(r, RoleStatus(state="pending"))
                         for r in n.roles
+                    },
+                    "timings": {
+                        phase: datetime.fromtimestamp(t, timezone.utc).isoformat()
+                        for phase, t in sorted((n.timings or {}).items(), key=lambda p: p[1])
                     },
                 }
             )

@@ -27,7 +27,6 @@ import shutil
 import sys
 import tarfile
 import time
-import urllib.request
 from pathlib import Path
 
 NODE_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
@@ -44,9 +43,30 @@ def idle(reason: str) -> int:
         time.sleep(3600)
 
 
-def fetch(url: str, dest: Path) -> None:
-    with urllib.request.urlopen(url, timeout=10) as r:
-        dest.write_bytes(r.read())
+def get(url: str, source: str | None) -> bytes:
+    """An HTTP GET from the machine's own address (as a real NIC's: the boot service tells
+    machines apart by it)."""
+    import http.client
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    bind = (source, 0) if source else None
+    conn = http.client.HTTPConnection(
+        parts.hostname or "", parts.port or 80, timeout=10, source_address=bind
+    )
+    try:
+        conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""))
+        answer = conn.getresponse()
+        data = answer.read()
+    finally:
+        conn.close()
+    if answer.status != 200:
+        raise OSError(f"HTTP {answer.status} for {url}")
+    return data
+
+
+def fetch(url: str, dest: Path, source: str | None = None) -> None:
+    dest.write_bytes(get(url, source))
 
 
 def parse_script(text: str) -> tuple[str, list[str], str]:
@@ -105,13 +125,13 @@ def boot(machine_dir: Path) -> int:
     url = conf["ipxe_url"].replace("${mac:hexhyp}", mac)
     say(f"iPXE: chain {url}")
     try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            script = r.read().decode()
+        source = conf.get("address")
+        script = get(url, source).decode()
         kernel, args, initrd = parse_script(script)
         say(f"iPXE: kernel {kernel}")
-        fetch(kernel, os_dir / "vmlinuz")
+        fetch(kernel, os_dir / "vmlinuz", source)
         say(f"iPXE: initrd {initrd}")
-        fetch(initrd, os_dir / "initrd")
+        fetch(initrd, os_dir / "initrd", source)
         with tarfile.open(os_dir / "initrd") as archive:
             member = archive.getmember("crv-agent")
             source = archive.extractfile(member)
