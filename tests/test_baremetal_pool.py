@@ -860,3 +860,34 @@ def test_dnsmasq_accepts_the_config(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_dnsmasq_config_as_the_dhcp_server_reserves_every_machines_address(
+    tmp_path: Path,
+) -> None:
+    machines = {"machines": [
+        {"name": "m1", "macs": ["52:54:00:00:00:01", "52:54:00:00:01:01"], "address": "10.0.0.11",
+         "bmc": {"address": "10.1.0.11", "username": "u", "password": {"env": "X"}}},
+        {"name": "m2", "macs": ["52:54:00:00:00:02"], "address": "10.0.0.12",
+         "bmc": {"address": "10.1.0.12", "username": "u", "password": {"env": "X"}}},
+    ]}  # fmt: skip
+    (tmp_path / "machines.yaml").write_text(yaml.safe_dump(machines))
+    pool = _pxe_pool(tmp_path, machines=str(tmp_path / "machines.yaml"))
+    text = boot.dnsmasq_config(pool, network="10.0.0.0", interface="br0", dhcp=True)
+    lines = text.splitlines()
+    assert "dhcp-range=10.0.0.0,static" in lines and "dhcp-range=10.0.0.0,proxy" not in lines
+    # every NIC of the machine, on one line (dnsmasq refuses an address reserved twice)
+    assert "dhcp-host=52:54:00:00:00:01,52:54:00:00:01:01,10.0.0.11,m1" in lines
+    assert "dhcp-host=52:54:00:00:00:02,10.0.0.12,m2" in lines
+    assert "dhcp-boot=tag:ipxe,http://10.0.0.5:8067/ipxe/${mac:hexhyp}" in lines
+    if os.access("/usr/sbin/dnsmasq", os.X_OK):
+        conf = tmp_path / "dnsmasq.conf"
+        conf.write_text(text.replace("interface=br0\n", "").replace("bind-interfaces\n", ""))
+        result = subprocess.run(["/usr/sbin/dnsmasq", "--test", f"--conf-file={conf}"],
+                                capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+    named = {"machines": [{**machines["machines"][0], "address": "r1.example.org"}]}
+    (tmp_path / "machines.yaml").write_text(yaml.safe_dump(named))
+    with pytest.raises(PoolError, match="m1 has no IP address"):
+        boot.dnsmasq_config(_pxe_pool(tmp_path, machines=str(tmp_path / "machines.yaml")),
+                            network="10.0.0.0", interface=None, dhcp=True)  # fmt: skip

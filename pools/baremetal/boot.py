@@ -345,7 +345,8 @@ def dnsmasq_config(pool: Any, *, network: str, interface: str | None, dhcp: bool
                 raise PoolError(
                     pool.name, f"--dhcp: machine {machine.name} has no IP address to reserve"
                 )
-            hosts += [(mac, machine.address, machine.name) for mac in machine.macs]
+            # one line per machine, every NIC on it: dnsmasq refuses an address given twice
+            hosts.append((",".join(machine.macs), machine.address, machine.name))
     return render(
         DNSMASQ_TEMPLATE,
         pool_repr=repr(pool.name),
