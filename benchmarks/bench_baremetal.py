@@ -1,13 +1,19 @@
-"""Bare metal: the web farm on a simulated rack of 6 machines, through the CLI.
+"""Bare metal: where a machine's time goes, on the simulated rack and on the lab's real PXE rack.
 
-A temporary CRV_HOME, `crv baremetal simulate-rack 6` (ipmi_sim BMCs speaking IPMI 2.0, machines
-that TFTP their boot loader, chain their iPXE script, download kernel and initrd and run the
-agent), `crv up`, then `crv deploy appliances/webfarm --pool rack --set workers=5` (6 nodes) and
-`crv destroy`. Prints the wall time of each, the IPMI commands sent per machine (the pool's lease
-ledger counts them: session opens, commands, session closes), and the time from power-on to the
-call-back as each machine's console log recorded it.
+For each rack: one machine (benchmarks/appliances/one-web: one node), then the web farm on N
+machines (`--set workers=N-1`), each deployed through the CLI and destroyed. Per phase it prints
+the seconds from provision (`crv status NAME --timings`: power-on, iPXE script fetched, kernel,
+ramdisk, enrolled, call-back, recipes, verified; the median over the N machines), the deploy's
+wall time, and the IPMI commands each machine got (the pool's ledger counts session opens,
+commands and closes; deploy + destroy).
 
-    python -m benchmarks.bench_baremetal [--machines 6] [--keep]
+- the simulated rack (`crv baremetal simulate-rack`): ipmi_sim BMCs, machines that are Python
+  programs following the boot chain on loopback;
+- `--real`: the lab's rack (`crv lab rack`): qemu machines (TCG here) with iPXE firmware behind
+  ipmi_sim BMCs, real DHCP (dnsmasq), a real kernel and the image's PXE ramdisk. Needs root and
+  what the lab needs; the image comes from the test image cache (CRV_TEST_IMAGES).
+
+    python -m benchmarks.bench_baremetal [--machines 3] [--real] [--smoke] [--keep]
 """
 
 from __future__ import annotations
@@ -15,20 +21,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks import exit_on_sigterm
 
 REPO = Path(__file__).resolve().parent.parent
+ONE = str(REPO / "benchmarks" / "appliances" / "one-web")
+PHASES = ("power_on", "script", "kernel", "initrd", "enrolled", "callback", "recipes", "verified")
 
 
-def crv(home: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def crv(home: Path, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CRV_HOME": str(home)}
     env.pop("CRV_POOLS_FILE", None)
     r = subprocess.run(
@@ -40,70 +49,126 @@ def crv(home: Path, *args: str, timeout: float = 600) -> subprocess.CompletedPro
     return r
 
 
-def timed(home: Path, *args: str) -> tuple[float, subprocess.CompletedProcess[str]]:
-    began = time.monotonic()
-    r = crv(home, *args)
-    return time.monotonic() - began, r
+def phases(home: Path, cluster: str) -> dict[str, float]:
+    """Median seconds from provision to each phase over the cluster's nodes."""
+    from crv.engine.timings import seconds_since_start
+
+    status = json.loads(crv(home, "status", cluster, "--json").stdout)
+    per: dict[str, list[float]] = {}
+    for node in status["nodes"]:
+        for phase, seconds in seconds_since_start(node.get("timings") or {}).items():
+            per.setdefault(phase, []).append(seconds)
+    return {p: statistics.median(v) for p, v in per.items()}
 
 
-def boot_times(home: Path) -> list[float]:
-    """Seconds from power-on to the agent's enrolment, from each machine's console log."""
-    found = []
-    stamp = re.compile(r"(\d\d):(\d\d):(\d\d)")
-    for log in sorted((home / "racks/rack/machines").glob("*/console.log")):
-        text = log.read_text()
-        on = [m for m in text.splitlines() if "powered on, boot device pxe" in m]
-        done = [m for m in text.splitlines() if "enrolled as" in m]
-        if on and done:
-            a, b = stamp.search(on[-1]), stamp.search(done[-1])
-            if a and b:
-                t = [int(x) * k for x, k in zip(a.groups(), (3600, 60, 1), strict=True)]
-                u = [int(x) * k for x, k in zip(b.groups(), (3600, 60, 1), strict=True)]
-                found.append(float(sum(u) - sum(t)))
-    return found
+def run_rack(home: Path, machines: int) -> dict[str, Any]:
+    """One machine, then N, on the rack pool of `home`; the figures."""
+    out: dict[str, Any] = {}
+    for label, args in (
+        ("one", ["deploy", ONE, "--pool", "rack", "-n", "one", "--boot-timeout", "900"]),
+        ("all", ["deploy", "appliances/webfarm", "--pool", "rack", "-n", "farm",
+                 "--set", f"workers={machines - 1}", "--boot-timeout", "900"]),
+    ):  # fmt: skip
+        began = time.monotonic()
+        crv(home, *args)
+        out[f"{label}_deploy_s"] = time.monotonic() - began
+        cluster = args[args.index("-n") + 1]
+        out[f"{label}_phases"] = phases(home, cluster)
+        crv(home, "destroy", cluster)
+    ledger = json.loads((home / "pools/rack/leases.json").read_text())
+    out["ipmi"] = dict(ledger["commands"])
+    return out
+
+
+def real_rack_reason() -> str:
+    """Why the lab's rack cannot run here ('' when it can)."""
+    if os.geteuid() != 0:
+        return "not root (the lab needs network namespaces and its own libvirtd)"
+    from lab.network import missing_tools
+
+    missing = missing_tools() + [t for t in ("ipmi_sim", "mmdebstrap") if not shutil.which(t)]
+    return f"missing {', '.join(missing)}" if missing else ""
+
+
+def image_for_the_lab() -> Path:
+    """The base image with its PXE ramdisk, from (or built into) the test image cache."""
+    from crv.base.home import Home
+    from lab import images
+
+    cache = Path(os.environ.get("CRV_TEST_IMAGES", "/var/tmp/crv-test-images"))
+    cache.mkdir(parents=True, exist_ok=True)
+    home = Home(Path(tempfile.mkdtemp(prefix="crv-bench-img-")))
+    home.root.mkdir(parents=True, exist_ok=True)
+    home.images_dir.symlink_to(cache)
+    return images.build(home, (), ramdisk=True, progress=lambda line: None).dir
+
+
+def row(label: str, values: list[str]) -> str:
+    return f"  {label:<24}" + "".join(f"{v:>14}" for v in values)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_baremetal")
-    parser.add_argument("--machines", type=int, default=6)
-    parser.add_argument("--keep", action="store_true", help="keep the temporary CRV_HOME")
-    parser.add_argument("--smoke", action="store_true", help="a 2-machine rack (CI)")
+    parser.add_argument("--machines", type=int, default=3)
+    parser.add_argument("--real", action="store_true", help="also the lab's real PXE rack")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary CRV_HOMEs")
+    parser.add_argument("--smoke", action="store_true", help="a 2-machine simulated rack (CI)")
     args = parser.parse_args(argv if argv is not None else [])
     if args.smoke:
-        args.machines = 2
+        args.machines, args.real = 2, False
     if shutil.which("ipmi_sim") is None:
         print("bench_baremetal: skipped, OpenIPMI's ipmi_sim is not installed")
         return
-    home = Path(tempfile.mkdtemp(prefix="crv-bench-bm-"))
+    results: dict[str, dict[str, Any]] = {}
+    homes: list[Path] = []
     try:
-        rack_s, _ = timed(home, "baremetal", "simulate-rack", str(args.machines))
-        up_s, _ = timed(home, "up")
-        workers = str(args.machines - 1)
-        deploy_s, _ = timed(
-            home, "deploy", "appliances/webfarm", "--pool", "rack", "--set", f"workers={workers}"
-        )
-        boots = boot_times(home)
-        destroy_s, _ = timed(home, "destroy", "webfarm")
-        ledger = json.loads((home / "pools/rack/leases.json").read_text())
-        commands = ledger["commands"]
-        print(f"bare metal, {args.machines}-machine simulated rack (webfarm, workers={workers})")
-        print(f"  rack start (BMCs up)        {rack_s:6.1f} s")
-        print(f"  crv up                      {up_s:6.1f} s")
-        print(f"  deploy, every step          {deploy_s:6.1f} s")
-        if boots:
-            print(f"  power-on to enrolled        {min(boots):.0f}-{max(boots):.0f} s per machine")
-        print(f"  destroy (all powered off)   {destroy_s:6.1f} s")
-        per = sorted(commands.values())
-        print(f"  IPMI commands per machine   {per[0]}-{per[-1]} (deploy + destroy) {commands}")
+        home = Path(tempfile.mkdtemp(prefix="crv-bench-bm-"))
+        homes.append(home)
+        crv(home, "baremetal", "simulate-rack", str(args.machines))
+        crv(home, "up")
+        results["simulated"] = run_rack(home, args.machines)
+        why = real_rack_reason() if args.real else "not asked (--real)"
+        if not why:
+            home = Path(tempfile.mkdtemp(prefix="crv-bench-lab-"))
+            homes.append(home)
+            image = image_for_the_lab()
+            os.environ["CRV_LAB_HARDWARE"] = str(home / "hardware")
+            crv(home, "lab", "rack", str(args.machines), "--image", str(image))
+            results["real"] = run_rack(home, args.machines)
     finally:
-        subprocess.run(
-            [sys.executable, "-m", "crv_cli", "down"],
-            env={**os.environ, "CRV_HOME": str(home)}, capture_output=True, cwd=REPO, timeout=120,
-        )  # fmt: skip
-        if args.keep:
-            print(f"  CRV_HOME kept: {home}")
-        else:
-            shutil.rmtree(home, ignore_errors=True)
+        for home in homes:
+            env = {**os.environ, "CRV_HOME": str(home)}
+            for cmd in (["lab", "down"], ["down"]):
+                subprocess.run([sys.executable, "-m", "crv_cli", *cmd], env=env,
+                               capture_output=True, cwd=REPO, timeout=300)  # fmt: skip
+            if args.keep:
+                print(f"  CRV_HOME kept: {home}")
+            else:
+                shutil.rmtree(home, ignore_errors=True)
+    racks = list(results)
+    n = args.machines
+    print(f"bare metal: seconds from provision to each phase (one machine; median of {n})")
+    header = [f"{r} 1" for r in racks] + [f"{r} {n}" for r in racks]
+    print(row("phase", header))
+    for phase in PHASES:
+        cells = [results[r]["one_phases"].get(phase) for r in racks]
+        cells += [results[r]["all_phases"].get(phase) for r in racks]
+        print(row(phase, ["-" if c is None else f"{c:.1f}" for c in cells]))
+    walls = [results[r]["one_deploy_s"] for r in racks] + [
+        results[r]["all_deploy_s"] for r in racks
+    ]
+    print(row("deploy wall time", [f"{w:.1f}" for w in walls]))
+    for r in racks:
+        per = sorted(results[r]["ipmi"].values())
+        print(f"  IPMI commands per machine ({r}, deploys + destroys): {per[0]}-{per[-1]}")
+    if "real" in results:
+        sim, real = results["simulated"]["all_phases"], results["real"]["all_phases"]
+        if sim.get("verified") and real.get("verified"):
+            print(
+                f"  real / simulated, provision to verified: {real['verified'] / sim['verified']:.1f}x"
+            )
+    else:
+        print(f"  real rack: skipped, {why}")
 
 
 if __name__ == "__main__":

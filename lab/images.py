@@ -8,8 +8,9 @@ anywhere but the Debian mirror the host's apt uses) into a directory tree, and f
   kernel boot (the kernel and initrd below, `cmdline` of the manifest);
 - `vmlinuz`, `initrd.img`: the tree's Debian cloud kernel and its initramfs;
 - `ramdisk.cpio.gz` (unless --no-ramdisk): the whole tree as an initramfs whose `/init` brings
-  the network up by DHCP and runs `crv-agent run --cmdline /proc/cmdline`, for machines that
-  PXE-boot (the role Ironic's IPA ramdisk plays);
+  the network up by DHCP and execs the image's systemd, which runs `crv-agent run --cmdline
+  /proc/cmdline` (a unit only the ramdisk has), for machines that PXE-boot (the role Ironic's
+  IPA ramdisk plays): recipes that use systemctl work there as on a disk guest;
 - `build.log`, everything the steps printed (mmdebstrap's apt and dpkg output included);
 - `image.json`, the manifest (pools/images.py reads it), written last: every file with its
   SHA-256 and size, the packages, the suite and mirror, the builder version.
@@ -22,10 +23,10 @@ enabled but never started during the build: mmdebstrap's policy-rc.d refuses (bu
 `invoke-rc.d: policy-rc.d denied execution of start`).
 
 Images are cached by content: the key hashes the builder version, suite, mirror, the sorted
-package list and (with the ramdisk) the agent's SHA-256; the image lives in
-`$CRV_HOME/images/<key[:16]>/`. A warm cache answers at once; a build goes to a temporary
-directory renamed into place at the end under a lock, so a failed or killed build never leaves
-a half image that looks whole.
+package list and (with the ramdisk) the agent's SHA-256 and the ramdisk's own files; the
+image lives in `$CRV_HOME/images/<key[:16]>/`. A warm cache answers at once; a build goes to a
+temporary directory renamed into place at the end under a lock, so a failed or killed build
+never leaves a half image that looks whole.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from crv.base.home import Home
 from pools import AGENT
 from pools.images import MANIFEST, ImageManifest, load, sha256_of
 
-BUILDER = "crv-image/3"  # part of the cache key: a change to what a build makes bumps it
+BUILDER = "crv-image/4"  # part of the cache key: a change to what a build makes bumps it
 SUITE = "bookworm"
 # What every guest needs: systemd, python3 for the agent and recipes, cloud-init, the cloud
 # kernel (virtio drivers), DHCP, the guest agent libvirt asks for addresses, CA certificates,
@@ -79,10 +80,14 @@ KEPT = ("/usr/share/doc/*/copyright", "/usr/share/locale/locale.alias")
 MIRROR = re.compile(r"^(https?|file)://[^\s,]+$")
 Progress = Callable[[str], None]
 
-# /init of the PXE ramdisk: the tree is the root filesystem (in RAM), the agent its only job.
+# /init of the PXE ramdisk: the tree is the root filesystem (in RAM). It brings up what the
+# boot needs and hands over to the image's systemd, which starts the agent (RAMDISK_UNIT): the
+# recipes can then use systemctl as on a disk guest (munge, slurmd...).
 RAMDISK_INIT = r"""#!/bin/sh
-# crv PXE ramdisk: drivers, network by DHCP, then the agent with its bootstrap from the kernel
-# command line (crv.service= crv.ca_sha256= crv.cluster= crv.node= crv.token=). No systemd.
+# crv PXE ramdisk: drivers, network by DHCP, the machine's name, then the image's systemd as
+# PID 1. systemd starts crv-agent-pxe.service (a unit only the ramdisk has): the agent with its
+# bootstrap from the kernel command line (crv.service= crv.ca_sha256= crv.cluster= crv.node=
+# crv.token=). Without systemd, the agent runs from here as before.
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin
 export PATH
 mount -t proc proc /proc
@@ -90,14 +95,18 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /run /tmp /var/lib/crv-agent
 mount -t devpts devpts /dev/pts
-mount -t tmpfs -o mode=0755 tmpfs /run
+mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
 echo "crv ramdisk: kernel $(uname -r), loading drivers"
 # drivers of the devices present; twice: virtio_pci's devices appear once it is loaded
 for pass in 1 2; do
     cat /sys/bus/*/devices/*/modalias 2>/dev/null | sort -u | xargs -r modprobe -qab 2>/dev/null
 done
 node=$(sed -n 's/.*crv\.node=\([^ ]*\).*/\1/p' /proc/cmdline)
-[ -n "$node" ] && hostname "$node"
+if [ -n "$node" ]; then
+    hostname "$node"
+    echo "$node" >/etc/hostname  # systemd sets the name from it
+    printf '127.0.1.1\t%s\n' "$node" >>/etc/hosts
+fi
 ip link set lo up
 up=""
 for dev in /sys/class/net/*; do
@@ -108,6 +117,11 @@ for dev in /sys/class/net/*; do
 done
 echo "crv ramdisk: network: ${up:-no DHCP answer on any interface}"
 ip -4 -o addr show scope global
+grep -q 'crv\.token=' /proc/cmdline || echo "crv ramdisk: no crv.token= on the command line"
+if [ -x /sbin/init ]; then
+    echo "crv ramdisk: starting systemd (crv-agent-pxe.service runs the agent)"
+    exec /sbin/init
+fi
 while true; do
     echo "crv ramdisk: starting crv-agent"
     python3 /usr/local/bin/crv-agent run --home /var/lib/crv-agent --cmdline /proc/cmdline
@@ -115,6 +129,57 @@ while true; do
     sleep 5
 done
 """
+# The agent of a PXE-booted machine, as the disk guests' crv-agent.service (pools/cloudinit.py)
+# but: its bootstrap from the kernel command line, started again whatever its exit, its output
+# on the console too (the rack's serial logs), and KillMode=process: an agent that starts again
+# leaves the processes its recipes started (as when /init ran it), daemons or not.
+RAMDISK_UNIT = """\
+[Unit]
+Description=crv agent of a PXE-booted machine (bootstrap from the kernel command line)
+ConditionKernelCommandLine=crv.token
+After=network.target
+StartLimitIntervalSec=0
+
+[Service]
+Environment=CRV_AGENT_HOME=/var/lib/crv-agent PYTHONUNBUFFERED=1
+ExecStartPre=/bin/echo "crv ramdisk: starting crv-agent"
+ExecStart=/usr/bin/python3 /usr/local/bin/crv-agent run --home /var/lib/crv-agent \\
+    --cmdline /proc/cmdline
+ExecStopPost=/bin/sh -c 'echo "crv ramdisk: crv-agent exited ($$EXIT_STATUS)"'
+Restart=always
+RestartSec=5
+KillMode=process
+StandardOutput=journal+console
+StandardError=journal+console
+SyslogIdentifier=crv-agent
+
+[Install]
+WantedBy=multi-user.target
+"""
+# What only the ramdisk has (the disk image boots without any of it): path in the tree -> text.
+RAMDISK_FILES = {
+    "init": RAMDISK_INIT,
+    "etc/systemd/system/crv-agent-pxe.service": RAMDISK_UNIT,
+    # no datasource on a PXE boot: cloud-init's generator leaves it out
+    "etc/cloud/cloud-init.disabled": "crv PXE ramdisk: the bootstrap is on the command line\n",
+    # the root is RAM: a journal on "disk" is RAM as well
+    "etc/systemd/journald.conf.d/crv-pxe.conf": "[Journal]\nStorage=volatile\nRuntimeMaxUse=32M\n",
+}  # fmt: skip
+# path in the tree -> link target; /dev/null masks a unit
+RAMDISK_LINKS = {
+    "etc/systemd/system/multi-user.target.wants/crv-agent-pxe.service":
+        "/etc/systemd/system/crv-agent-pxe.service",
+    # the root is the initramfs: nothing to check or remount
+    "etc/systemd/system/systemd-fsck-root.service": "/dev/null",
+    "etc/systemd/system/systemd-remount-fs.service": "/dev/null",
+    # a first boot every time (no machine id): no wizard waiting on the console
+    "etc/systemd/system/systemd-firstboot.service": "/dev/null",
+    # nobody logs in (root has no password): no getty on the console or a VT
+    "etc/systemd/system/serial-getty@.service": "/dev/null",
+    "etc/systemd/system/getty@.service": "/dev/null",
+    # /init brought the NIC up with its kernel name: udev must not try to rename it
+    "etc/systemd/network/99-default.link": "/dev/null",
+}  # fmt: skip
 
 
 class ImageBuildError(CrvError):
@@ -149,10 +214,14 @@ def default_mirror() -> str:
 
 
 def key_of(packages: Iterable[str], suite: str, mirror: str, ramdisk: bool) -> str:
-    """The content key: builder version, suite, mirror, sorted packages, the agent's SHA-256
-    when the ramdisk (which carries the agent) is built."""
+    """The content key: builder version, suite, mirror, sorted packages and, when the ramdisk
+    is built, the agent's SHA-256 and what only the ramdisk has (its /init, its units)."""
     agent = hashlib.sha256(AGENT.read_bytes()).hexdigest() if ramdisk else ""
-    text = json.dumps([BUILDER, suite, mirror.rstrip("/"), sorted(set(packages)), ramdisk, agent])
+    own = [RAMDISK_FILES, RAMDISK_LINKS] if ramdisk else []
+    text = json.dumps(
+        [BUILDER, suite, mirror.rstrip("/"), sorted(set(packages)), ramdisk, agent, *own],
+        sort_keys=True,
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -239,7 +308,7 @@ def _build_into(
     _disk(tree, work, log)
     _boot_files(tree, work)
     if ramdisk:
-        say("PXE ramdisk (cpio.gz of the tree; /init runs the agent)")
+        say("PXE ramdisk (cpio.gz of the tree; /init, then systemd, runs the agent)")
         _ramdisk(tree, work / "ramdisk.cpio.gz", log)
     say("SHA-256 of the files, manifest")
     manifest = _manifest(work, key, suite, mirror, packages, ramdisk)
@@ -378,10 +447,9 @@ def _manifest(
 
 
 def _ramdisk(tree: Path, out: Path, log: Path) -> None:
-    """The tree but /boot as a gzip'd newc cpio with RAMDISK_INIT as /init."""
-    init = tree / "init"
-    init.write_text(RAMDISK_INIT)
-    init.chmod(0o755)
+    """The tree but /boot as a gzip'd newc cpio with RAMDISK_INIT as /init and the rest of
+    RAMDISK_FILES and RAMDISK_LINKS, which are taken out of the tree again afterwards."""
+    added = _add_ramdisk_files(tree)
     names = log.parent / "ramdisk.files"
     try:
         with open(names, "wb") as listing:  # a file, not a pipe: cpio reads while we write
@@ -406,8 +474,35 @@ def _ramdisk(tree: Path, out: Path, log: Path) -> None:
             if cpio.wait() != 0:
                 raise ImageBuildError("ramdisk: cpio failed")
     finally:
-        init.unlink()
+        for path in reversed(added):
+            if path.is_dir() and not path.is_symlink():
+                path.rmdir()
+            else:
+                path.unlink()
         names.unlink(missing_ok=True)
+
+
+def _add_ramdisk_files(tree: Path) -> list[Path]:
+    """RAMDISK_FILES and RAMDISK_LINKS into the tree; what was added (directories first)."""
+    added: list[Path] = []
+    wanted = [(name, text, None) for name, text in RAMDISK_FILES.items()]
+    wanted += [(name, None, target) for name, target in RAMDISK_LINKS.items()]
+    for name, text, target in wanted:
+        path = tree / name
+        missing = [p for p in path.parents if p != tree and p.is_relative_to(tree)]
+        for parent in reversed(missing):
+            if not parent.exists():
+                parent.mkdir(mode=0o755)
+                added.append(parent)
+        if path.exists() or path.is_symlink():
+            raise ImageBuildError(f"ramdisk: the tree already has /{name}")
+        if target is not None:
+            path.symlink_to(target)
+        else:
+            path.write_text(text or "")
+            path.chmod(0o755 if name == "init" else 0o644)
+        added.append(path)
+    return added
 
 
 # apt's and dpkg's words for a package it cannot install: (pattern, what the error line says)
