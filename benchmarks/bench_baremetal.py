@@ -164,9 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     if "real" in results:
         sim, real = results["simulated"]["all_phases"], results["real"]["all_phases"]
         if sim.get("verified") and real.get("verified"):
-            print(
-                f"  real / simulated, provision to verified: {real['verified'] / sim['verified']:.1f}x"
-            )
+            ratio = real["verified"] / sim["verified"]
+            print(f"  real / simulated, provision to verified ({n} machines): {ratio:.0f}x")
     else:
         print(f"  real rack: skipped, {why}")
 
