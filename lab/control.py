@@ -19,11 +19,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from crv.base.home import Home
 from crv.base.netns import netns_path
-from lab import hypervisor, network
+from lab import hypervisor, network, poolfile, rack
 from lab.network import LabError, Net
 from pools import LAB_POOL
 
@@ -93,7 +91,7 @@ def up(
                 _write_pool(home, existing, image, memory_mb, max_nodes)
             return existing
         if image is None:  # remade: with the image its pool had
-            before = (_read_pools(_pools_file(home))["pools"].get(POOL) or {}).get("options", {})
+            before = (poolfile.entry(home, POOL) or {}).get("options", {})
             image = Path(before["image"]) if before.get("image") else None
         down(home)
     lab_dir = home.lab_dir
@@ -128,8 +126,6 @@ def down(home: Home) -> dict[str, Any]:
     lab_dir = home.lab_dir
     removed: dict[str, Any] = {"domains": [], "netns": None}
     if "index" in data:
-        from lab import rack
-
         removed["rack"] = rack.remove(home, data)  # its BMCs live outside the namespace
     if lab_dir.is_dir():
         removed["domains"] = hypervisor.remove_domains(lab_dir)
@@ -145,8 +141,7 @@ def down(home: Home) -> dict[str, Any]:
 
 def pool_image(home: Home) -> Path | None:
     """The manifest the lab pool boots (pools.yaml), None when there is no lab pool."""
-    entry = _read_pools(_pools_file(home))["pools"].get(POOL) or {}
-    image = (entry.get("options") or {}).get("image")
+    image = ((poolfile.entry(home, POOL) or {}).get("options") or {}).get("image")
     return Path(image) if image else None
 
 
@@ -187,28 +182,10 @@ def _check_can() -> None:
 # -- the lab pool in pools.yaml ------------------------------------------------------------------
 
 
-def _pools_file(home: Home) -> Path:
-    from pools.config import config_file
-
-    return config_file(home.root)
-
-
-def _read_pools(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {"pools": {}}
-    doc = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(doc, dict):
-        raise LabError(f"{path}: not a mapping; cannot add the lab pool")
-    doc.setdefault("pools", {})
-    return doc
-
-
 def _write_pool(
     home: Home, data: dict[str, Any], image: Path | None, memory_mb: int, max_nodes: int
 ) -> None:
-    path = _pools_file(home)
-    doc = _read_pools(path)
-    before = (doc["pools"].get(POOL) or {}).get("options", {})
+    before = (poolfile.entry(home, POOL) or {}).get("options", {})
     image_path = str(image.resolve()) if image is not None else before.get("image")
     if not image_path:
         raise LabError("no image for the lab pool: build one (crv image build) and pass --image")
@@ -224,27 +201,16 @@ def _write_pool(
         "console_log": True,
         "max_nodes": max_nodes,
     }
-    doc["pools"][POOL] = {
-        "driver": "libvirt",
-        "description": f"real qemu guests in the lab (namespace {data['netns']})",
-        "options": options,
-    }
-    _save_yaml(path, doc)
+    poolfile.put(
+        home,
+        POOL,
+        {
+            "driver": "libvirt",
+            "description": f"real qemu guests in the lab (namespace {data['netns']})",
+            "options": options,
+        },
+    )
 
 
 def _remove_pool(home: Home) -> None:
-    path = _pools_file(home)
-    if not path.is_file():
-        return
-    doc = _read_pools(path)
-    if doc["pools"].pop(POOL, None) is not None:
-        _save_yaml(path, doc)
-
-
-def _save_yaml(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(
-        "# crv pools (pools/config.py); the `lab` entry is written by `crv lab up`\n"
-        + yaml.safe_dump(doc, sort_keys=False)
-    )
-    tmp.replace(path)
+    poolfile.drop(home, POOL)

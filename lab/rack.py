@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from crv.base.home import Home
-from lab import network
+from lab import network, poolfile
 from lab.network import LabError, Net
 from pools import images
 from pools.baremetal import simbmc, simrack
@@ -91,8 +91,8 @@ def create(
         sub.mkdir(mode=0o700, parents=True, exist_ok=True)
     hw.chmod(0o700)
     # what the boot service serves: the image's kernel and ramdisk (links into the cache)
-    for name, part in (("vmlinuz", "kernel"), ("ramdisk.cpio.gz", "ramdisk")):
-        (root / "files" / name).symlink_to(manifest.path(part))
+    (root / "files" / "vmlinuz").symlink_to(manifest.path("kernel"))
+    (root / "files" / "ramdisk.cpio.gz").symlink_to(manifest.path("ramdisk"))
     accel = "kvm" if lab.get("domain_type") == "kvm" else "tcg"
     entries, specs = [], []
     try:
@@ -186,12 +186,9 @@ def _machine(
 
 
 def _write_pool(home: Home, options: dict[str, Any]) -> None:
-    from lab import control
-
-    path = control._pools_file(home)
-    doc = control._read_pools(path)
-    doc["pools"][POOL] = {"driver": "baremetal", "description": DESCRIPTION, "options": options}
-    control._save_yaml(path, doc)
+    poolfile.put(
+        home, POOL, {"driver": "baremetal", "description": DESCRIPTION, "options": options}
+    )
 
 
 def _configure_dnsmasq(home: Home, net: Net) -> None:
@@ -248,8 +245,6 @@ def remove(home: Home, lab: dict[str, Any]) -> int:
     """Power every machine off, stop the BMCs, take the taps off the bridge, drop the pool
     entry and the PXE boot from dnsmasq, and the files; the number of machines there were.
     Idempotent (also what `crv lab down` does first)."""
-    from lab import control
-
     net = Net(int(lab["index"]))
     hw = hardware_dir(net)
     dirs = machine_dirs(net)
@@ -271,11 +266,7 @@ def remove(home: Home, lab: dict[str, Any]) -> int:
         conf.unlink()
         if net.netns in network.namespaces():
             network.restart_dnsmasq(net, home.lab_dir)
-    path = control._pools_file(home)
-    if path.is_file():
-        doc = control._read_pools(path)
-        if doc["pools"].pop(POOL, None) is not None:
-            control._save_yaml(path, doc)
+    poolfile.drop(home, POOL)
     shutil.rmtree(hw, ignore_errors=True)
     shutil.rmtree(rack_dir(home), ignore_errors=True)
     shutil.rmtree(home.pool_dir(POOL), ignore_errors=True)
