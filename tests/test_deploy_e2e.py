@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -180,9 +181,16 @@ def test_webfarm_deploys_answers_round_robin_and_destroys_clean(crv: Crv) -> Non
         "farm-front-0", "farm-worker-0", "farm-worker-1", "farm-worker-2",
     ]  # fmt: skip
     for n in status["nodes"]:
-        assert set(n) == {"name", "group", "pool", "address", "state", "roles"}
+        assert set(n) == {"name", "group", "pool", "address", "state", "roles", "timings"}
         assert n["pool"] == "local" and n["address"].startswith(f"{LOCAL_NET}.")
         assert set(n["roles"].values()) == {"verified"}
+        # where its time went: every phase crv sees on the local pool, in order
+        order = ["provision", "created", "enrolled", "recipes", "verified"]
+        assert list(n["timings"]) == order, n["timings"]
+        times = [datetime.fromisoformat(n["timings"][p]) for p in order]
+        assert times == sorted(times) and times[-1] - times[0] < timedelta(minutes=5)
+    table = crv("status", "farm", "--timings")
+    assert table.returncode == 0 and "enrolled" in table.stdout and "farm-worker-2" in table.stdout
     listed = crv("list", "--json")
     assert {"name": "farm", "appliance": "webfarm", "pool": "local", "nodes": 4, "ready": True} in (
         json.loads(listed.stdout)["clusters"]
@@ -197,6 +205,8 @@ def test_webfarm_deploys_answers_round_robin_and_destroys_clean(crv: Crv) -> Non
             "verify[worker/web]", "contextualize[front/lb]", "verify[front/lb]"} <= names  # fmt: skip
     artifacts = httpx.post(f"{api}/artifacts/filter", json={"limit": 50}, auth=auth).json()
     assert "cluster-farm" in {a["key"] for a in artifacts}
+    summary = next(a for a in artifacts if a["key"] == "cluster-farm")
+    assert "verified +" in json.dumps(summary["data"])  # the timings column
     assert "deploy-farm" in {a["key"] for a in artifacts}
 
     # nothing secret reached Prefect: flow parameters, task and flow logs, artifacts (F: secrets)
