@@ -166,7 +166,10 @@ def lab_status(as_json: JsonOption = False) -> None:
             print("no lab (crv lab up makes one)")
         raise typer.Exit(1)
     up = control.alive(data)
-    _show({**data, "up": up}, None, as_json)
+    from lab import rack
+
+    machines = rack.describe(home, data)["machines"] if up else []
+    _show({**data, "up": up, "rack": machines}, None, as_json)
     if not up:
         raise typer.Exit(1)
 
@@ -189,3 +192,6 @@ def _show(data: dict[str, Any], service: str | None, as_json: bool) -> None:
     print(f"  guests: {data.get('domain_type', 'qemu')} ({data.get('kvm', 'TCG')})")
     print(f"  libvirt: virsh -c '{data['uri']}' list --all")
     print(f"  pool: {data['pool']} (pools.yaml) - crv deploy APPLIANCE --pool {data['pool']}")
+    if data.get("rack"):
+        power = ", ".join(f"{m['name']} {m['power']}" for m in data["rack"])
+        print(f"  rack: {len(data['rack'])} PXE machines, pool rack ({power})")
