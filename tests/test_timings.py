@@ -29,6 +29,10 @@ def test_the_first_time_of_a_phase_stays_and_a_new_provision_starts_again() -> N
         "provision": 1.0, "enrolled": 5.0, "recipes": 10.0,
     }  # fmt: skip
     assert merge_timings(old, {"provision": 20.0}) == {"provision": 20.0}  # made anew
+    # a machine that replaced one written off: its boot's times replace the first machine's
+    first = {"provision": 1.0, "power_on": 2.0}
+    moved = merge_timings(first, {"power_on": 62.0, "script": 80.0, "verified": 120.0})
+    assert moved == {"provision": 1.0, "power_on": 62.0, "script": 80.0, "verified": 120.0}
 
 
 def test_the_store_keeps_timings_and_status_shows_them_in_time_order(tmp_path: Path) -> None:

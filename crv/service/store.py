@@ -207,16 +207,23 @@ _DECISION_FIELDS = (
 )  # fmt: skip
 
 
+# what a pool reports of the machine's current boot: a machine that replaced a failed one
+# (bare metal) has its own times, which replace the first machine's
+MACHINE_PHASES = frozenset({"power_on", "script", "kernel", "initrd", "callback"})
+
+
 def merge_timings(
     old: Mapping[str, float] | None, new: Mapping[str, float] | None
 ) -> dict[str, float] | None:
-    """A node's phase times after a report: the first time of each phase stays (a re-run does
-    not move them), and a new `provision` starts the record again (the node is made anew)."""
+    """A node's phase times after a report: the first time of each of crv's phases stays (a
+    re-run does not move them), the machine's phases are the newest report's, and a new
+    `provision` starts the record again (the node is made anew)."""
     if not new:
         return dict(old) if old else None
     if "provision" in new or not old:
         return dict(new)
-    return {**new, **old}
+    machine = {p: t for p, t in new.items() if p in MACHINE_PHASES}
+    return {**new, **old, **machine}
 
 
 @dataclass
