@@ -13,7 +13,9 @@ qemu machines with iPXE firmware behind ipmi_sim BMCs, the bare-metal pool `rack
 The module's teardown destroys what is left, `crv lab down`, `crv down`, and checks that
 nothing is left: namespace, route, veth, BMCs, machines, hardware directory.
 The BMCs' configuration and passwords live outside CRV_HOME, in $CRV_LAB_HARDWARE (a tmp dir
-per module here). Marked `rack`: `./dev test -m rack tests/test_vm_rack.py -n 0`.
+per module here). Marked `rack`: `./dev test -m rack tests/test_vm_rack.py -n 0`; measured
+5 min 17 s with the image cached, 9 min with another CI run beside it (load 17 on 2 cores);
+most of it is the written-off machine's 90 s script deadline and TCG boots.
 """
 
 from __future__ import annotations
@@ -279,7 +281,6 @@ def test_webfarm_on_three_pxe_machines(rack: Rack) -> None:
         assert rack.power(machine) == expected, (machine["name"], listed)
 
 
-@pytest.mark.xfail(reason="timings in progress", strict=False)
 def test_timings_of_the_pxe_nodes_are_in_order(rack: Rack) -> None:
     status = rack.crv.json("status", "wf")
     nodes = [n for n in status["nodes"] if n["pool"] == POOL]
@@ -287,9 +288,14 @@ def test_timings_of_the_pxe_nodes_are_in_order(rack: Rack) -> None:
     for node in nodes:
         timings = node.get("timings") or {}
         assert set(PHASES) <= set(timings), (node["name"], timings)
-        times = [(phase, datetime.fromisoformat(timings[phase])) for phase in PHASES]
-        for (before, t0), (after, t1) in itertools.pairwise(times):
-            assert t1 >= t0, f"{node['name']}: {after} at {t1}, before {before} at {t0}"
+        at = {phase: datetime.fromisoformat(timings[phase]) for phase in PHASES}
+        # each phase at or after the one before it; `callback` and `enrolled` between them in
+        # either order: the agent enrols, then calls the boot service back, while the flow
+        # notices the enrolment on its own (seen: enrolled 0.4 s before the call-back)
+        for before, after in itertools.pairwise(PHASES):
+            if {before, after} != {"callback", "enrolled"}:
+                assert at[after] >= at[before], (node["name"], after, before, timings)
+        assert at["initrd"] <= at["enrolled"] and at["callback"] <= at["recipes"], timings
 
 
 def test_a_machine_that_never_fetches_its_script_is_written_off_and_the_node_moves(
