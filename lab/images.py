@@ -130,14 +130,19 @@ while true; do
 done
 """
 # The agent of a PXE-booted machine, as the disk guests' crv-agent.service (pools/cloudinit.py)
-# but: its bootstrap from the kernel command line, started again whatever its exit, its output
-# on the console too (the rack's serial logs), and KillMode=process: an agent that starts again
-# leaves the processes its recipes started (as when /init ran it), daemons or not.
+# but: its bootstrap from the kernel command line; started as soon as systemd runs
+# (DefaultDependencies=no: /init brought the network up, so it enrols while the rest of the boot
+# goes on, which under TCG took 7-25 s; what its recipes start with systemctl waits for that
+# boot as usual); started again whatever its exit; its output on the console too (the rack's
+# serial logs); KillMode=process: an agent that starts again leaves the processes its recipes
+# started (as when /init ran it), daemons or not.
 RAMDISK_UNIT = """\
 [Unit]
 Description=crv agent of a PXE-booted machine (bootstrap from the kernel command line)
 ConditionKernelCommandLine=crv.token
-After=network.target
+DefaultDependencies=no
+Conflicts=shutdown.target
+Before=shutdown.target
 StartLimitIntervalSec=0
 
 [Service]
@@ -177,6 +182,7 @@ RAMDISK_LINKS = {
     # nobody logs in (root has no password): no getty on the console or a VT
     "etc/systemd/system/serial-getty@.service": "/dev/null",
     "etc/systemd/system/getty@.service": "/dev/null",
+    "etc/systemd/system/getty-static.service": "/dev/null",
     # /init brought the NIC up with its kernel name: udev must not try to rename it
     "etc/systemd/network/99-default.link": "/dev/null",
 }  # fmt: skip
@@ -485,7 +491,9 @@ def _ramdisk(tree: Path, out: Path, log: Path) -> None:
 def _add_ramdisk_files(tree: Path) -> list[Path]:
     """RAMDISK_FILES and RAMDISK_LINKS into the tree; what was added (directories first)."""
     added: list[Path] = []
-    wanted = [(name, text, None) for name, text in RAMDISK_FILES.items()]
+    wanted: list[tuple[str, str | None, str | None]] = [
+        (name, text, None) for name, text in RAMDISK_FILES.items()
+    ]
     wanted += [(name, None, target) for name, target in RAMDISK_LINKS.items()]
     for name, text, target in wanted:
         path = tree / name

@@ -1,6 +1,7 @@
 """A real image: `crv image build`'s base image (cached in CRV_TEST_IMAGES across runs, see
 tests/vm_fixtures.py), its manifest and cache, its disk booted with its kernel and initrd under
-qemu TCG until cloud-init has finished, and its PXE ramdisk booted until /init runs the agent.
+qemu TCG until cloud-init has finished, and its PXE ramdisk booted until its systemd runs
+the agent.
 Guests have no NIC, or qemu's user-mode NIC with restrict=on: nothing leaves the machine.
 Marked vm: `./dev test -m vm tests/test_image_build.py` (the first run builds for minutes)."""
 
@@ -91,7 +92,9 @@ runcmd:
     assert manifests.backing_file(tmp_path / "guest.qcow2") == str(image.path("disk"))
 
 
-def test_the_ramdisk_takes_dhcp_and_runs_the_agent(built_image: BuiltImage, tmp_path: Path) -> None:
+def test_the_ramdisk_takes_dhcp_and_its_systemd_runs_the_agent(
+    built_image: BuiltImage, tmp_path: Path
+) -> None:
     image = built_image()
     # no crv.service=: the agent must say so (a service it could not reach would be retried
     # for its 600 s deadline). user-mode NIC with restrict=on: DHCP from qemu, nothing beyond.
@@ -101,8 +104,20 @@ def test_the_ramdisk_takes_dhcp_and_runs_the_agent(built_image: BuiltImage, tmp_
               memory=1536, nic="user,restrict=on,model=virtio-net-pci") as guest:  # fmt: skip
         guest.wait_for(r"crv ramdisk: network: eth0|crv ramdisk: network: ens\d+", timeout=300)
         guest.wait_for(r"inet 10\.0\.2\.15/", timeout=30)
-        guest.wait_for(r"crv ramdisk: starting crv-agent", timeout=60)
+        guest.wait_for(r"crv ramdisk: starting systemd", timeout=30)
+        guest.wait_for(r"systemd \S+ running in system mode", timeout=60)
+        # the ramdisk's own unit (crv-agent-pxe.service), its output on the console via journald
+        guest.wait_for(r"crv-agent\[\d+\]: crv ramdisk: starting crv-agent", timeout=180)
+        took = time.monotonic() - guest.started
         guest.wait_for(
             r"crv-agent: /proc/cmdline: no crv\.service= on the kernel command line", 120
         )
-        assert "Kernel panic" not in guest.text()
+        # Restart=always: systemd starts it again (5 s later)
+        again = r"(?s)crv-agent exited.*crv-agent\[\d+\]: crv ramdisk: starting crv-agent"
+        guest.wait_for(again, 120)
+        text = guest.text()
+    print(f"ramdisk boot to the agent's start: {took:.0f} s")
+    assert "Kernel panic" not in text
+    # nothing that waits for a disk, a datasource or a login on a diskless boot
+    assert "FAILED" not in text, [line for line in text.splitlines() if "FAILED" in line]
+    assert "Cloud-init" not in text and "login:" not in text
