@@ -42,7 +42,7 @@ import pytest
 import yaml
 
 from tests.conftest import CATALOG, REPO
-from tests.vm_fixtures import BuiltImage
+from tests.vm_fixtures import BuiltImage, processes, tear_down_lab
 
 pytestmark = [
     pytest.mark.rack,
@@ -172,43 +172,6 @@ class Rack:
         subprocess.run(["ip", "-n", self.netns, *args], check=True, capture_output=True)
 
 
-def processes() -> dict[str, str]:
-    """pid -> command line (NULs as spaces), of every process of the host."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                found[proc.name] = (
-                    (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                )
-            except OSError:
-                continue
-    return found
-
-
-def leftovers(crv: Crv, lab: dict[str, Any]) -> list[str]:
-    def ip(*args: str) -> str:
-        return subprocess.run(["ip", *args], capture_output=True, text=True).stdout
-
-    found = []
-    if str(lab["netns"]) in ip("netns", "list").split():
-        found.append(f"namespace {lab['netns']}")
-    if str(lab["subnet"]) in ip("route"):
-        found.append(f"route {lab['subnet']}")
-    if f" {lab['veth']}@" in ip("-o", "link"):
-        found.append(f"veth {lab['veth']}")
-    names = ("qemu-system", "ipmi_sim", "power-on.sh", "libvirtd", "virtlogd", "dnsmasq")
-    for pid, cmdline in processes().items():
-        mentions = str(crv.home) in cmdline or str(crv.hardware) in cmdline
-        if mentions and any(name in cmdline for name in names):
-            found.append(f"process {pid}: {cmdline[:120]}")
-    if (crv.hardware / str(lab["netns"])).exists():
-        found.append("the rack's hardware directory")
-    if (crv.home / "lab").exists():
-        found.append("the lab dir")
-    return found
-
-
 @pytest.fixture(scope="module")
 def rack(tmp_path_factory: pytest.TempPathFactory, built_image: BuiltImage) -> Iterator[Rack]:
     image = built_image()  # with the PXE ramdisk; cached across runs
@@ -223,16 +186,7 @@ def rack(tmp_path_factory: pytest.TempPathFactory, built_image: BuiltImage) -> I
         assert [m["power"] for m in shown["machines"]] == ["off"] * MACHINES, shown
         yield Rack(crv, lab, shown)
     finally:
-        listed = crv("list", "--json")
-        if listed.returncode == 0:
-            for cluster in json.loads(listed.stdout).get("clusters", []):
-                crv("destroy", cluster["name"], timeout=600)
-        crv("lab", "down", timeout=300)
-        crv("down", timeout=120)
-    deadline = time.monotonic() + 15
-    while lab is not None and leftovers(crv, lab) and time.monotonic() < deadline:
-        time.sleep(0.3)
-    assert lab is None or leftovers(crv, lab) == []
+        tear_down_lab(crv, crv.home, crv.hardware, lab)
     assert "rack:" not in (crv.home / "pools.yaml").read_text()
 
 

@@ -37,7 +37,7 @@ import yaml
 
 from crv.appliance.loader import load_appliance
 from tests.conftest import CATALOG, REPO
-from tests.vm_fixtures import BuiltImage
+from tests.vm_fixtures import BuiltImage, lab_leftovers, processes, tear_down_lab
 
 pytestmark = [
     pytest.mark.rack,
@@ -104,39 +104,6 @@ class Lab:
         return {r["machine"]: r for r in rows}
 
 
-def processes() -> dict[str, str]:
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            found[proc.name] = cmdline.replace(b"\0", b" ").decode(errors="replace")
-    return found
-
-
-def leftovers(crv: Crv, lab: dict[str, Any]) -> list[str]:
-    def ip(*args: str) -> str:
-        return subprocess.run(["ip", *args], capture_output=True, text=True).stdout
-
-    found = []
-    if str(lab["netns"]) in ip("netns", "list").split():
-        found.append(f"namespace {lab['netns']}")
-    if str(lab["subnet"]) in ip("route"):
-        found.append(f"route {lab['subnet']}")
-    names = ("qemu-system", "ipmi_sim", "power-on.sh", "libvirtd", "virtlogd", "dnsmasq")
-    for pid, cmdline in processes().items():
-        mine = str(crv.home) in cmdline or str(crv.hardware) in cmdline
-        if mine and any(name in cmdline for name in names):
-            found.append(f"process {pid}: {cmdline[:120]}")
-    if (crv.hardware / str(lab["netns"])).exists():
-        found.append("the rack's hardware directory")
-    if (crv.home / "lab").exists():
-        found.append("the lab dir")
-    return found
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, built_image: BuiltImage) -> Iterator[Lab]:
     image = built_image(*load_appliance(SLURM).packages)  # with the PXE ramdisk
@@ -150,16 +117,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, built_image: BuiltImage) -> It
         assert [m["power"] for m in rack["machines"]] == ["off"] * MACHINES, rack
         yield Lab(crv, state, rack)
     finally:
-        listed = crv("list", "--json")
-        if listed.returncode == 0:
-            for cluster in json.loads(listed.stdout).get("clusters", []):
-                crv("destroy", cluster["name"], timeout=600)
-        crv("lab", "down", timeout=300)
-        crv("down", timeout=120)
-    deadline = time.monotonic() + 15
-    while state is not None and leftovers(crv, state) and time.monotonic() < deadline:
-        time.sleep(0.3)
-    assert state is None or leftovers(crv, state) == []
+        tear_down_lab(crv, crv.home, crv.hardware, state)
 
 
 def roles(crv: Crv, cluster: str) -> dict[tuple[str, str], tuple[str, str]]:
@@ -245,6 +203,6 @@ def test_the_lab_leaves_nothing(lab: Lab) -> None:
     crv = lab.crv
     crv.ok("lab", "down", timeout=300)
     deadline = time.monotonic() + 15
-    while leftovers(crv, lab.lab) and time.monotonic() < deadline:
+    while lab_leftovers(crv.home, crv.hardware, lab.lab) and time.monotonic() < deadline:
         time.sleep(0.3)
-    assert leftovers(crv, lab.lab) == []
+    assert lab_leftovers(crv.home, crv.hardware, lab.lab) == []

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pycdlib
 import pytest
@@ -147,3 +148,65 @@ def boot(
         finally:
             proc.kill()
             proc.wait(timeout=30)
+
+
+def processes() -> dict[str, str]:
+    """pid -> command line (NULs as spaces), of every process of the host."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                found[proc.name] = (
+                    (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                )
+            except OSError:
+                continue
+    return found
+
+
+def lab_leftovers(home: Path, hardware: Path, lab: dict[str, Any]) -> list[str]:
+    """What is left of a lab (and its rack) after `crv lab down`: its namespace, route, veth,
+    processes naming the crv home or the hardware directory, and its directories."""
+
+    def ip(*args: str) -> str:
+        return subprocess.run(["ip", *args], capture_output=True, text=True).stdout
+
+    found = []
+    if str(lab["netns"]) in ip("netns", "list").split():
+        found.append(f"namespace {lab['netns']}")
+    if str(lab["subnet"]) in ip("route"):
+        found.append(f"route {lab['subnet']}")
+    if f" {lab['veth']}@" in ip("-o", "link"):
+        found.append(f"veth {lab['veth']}")
+    names = ("qemu-system", "ipmi_sim", "power-on.sh", "libvirtd", "virtlogd", "dnsmasq")
+    for pid, cmdline in processes().items():
+        mentions = str(home) in cmdline or str(hardware) in cmdline
+        if mentions and any(name in cmdline for name in names):
+            found.append(f"process {pid}: {cmdline[:120]}")
+    if (hardware / str(lab["netns"])).exists():
+        found.append("the rack's hardware directory")
+    if (home / "lab").exists():
+        found.append("the lab dir")
+    return found
+
+
+def tear_down_lab(
+    crv: Callable[..., subprocess.CompletedProcess[str]],
+    home: Path,
+    hardware: Path,
+    lab: dict[str, Any] | None,
+) -> None:
+    """Destroy every cluster of the home, `crv lab down`, `crv down`; then nothing may be left
+    of the lab (`lab_leftovers`) within 15 s."""
+    import json
+
+    listed = crv("list", "--json")
+    if listed.returncode == 0:
+        for cluster in json.loads(listed.stdout).get("clusters", []):
+            crv("destroy", cluster["name"], timeout=600)
+    crv("lab", "down", timeout=300)
+    crv("down", timeout=120)
+    deadline = time.monotonic() + 15
+    while lab is not None and lab_leftovers(home, hardware, lab) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert lab is None or lab_leftovers(home, hardware, lab) == []
