@@ -476,8 +476,8 @@ class ClusterRun:
             )
             return
         # recorded first: while the node is remade, status never claims one the pool lacks;
-        # a node made afresh starts its timings (one being booted keeps them)
-        began = {} if existing is not None and alive else {"provision": time.time()}
+        # it is made afresh (below), so its timings start again
+        began = {"provision": time.time()}
         await self._node_updates.submit(self._node_item(node, state="provisioning", timings=began))
         for (n, _), r in self.mirror.roles.items():
             if n == node:  # a new machine: every role runs on it again (the store reset them)

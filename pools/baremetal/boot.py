@@ -138,8 +138,8 @@ class BootFiles:
         """One line `EVENT TIME` in the machine's `events`, while it is being provisioned (its
         directory exists): what the boot service saw of its boot, for the timings."""
         directory = self._dir(machine)
-        if not directory.is_dir():
-            return
+        if not directory.is_dir() or event in self.events(machine):
+            return  # only the first time counts: a machine asking again grows nothing
         with suppress(OSError):
             fd = os.open(directory / "events", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
