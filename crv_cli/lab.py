@@ -114,8 +114,9 @@ def lab_rack(
             data = control.up(home, manifest)
             daemons.restart_service(home)
         if manifest is None:
-            manifest = control.pool_image(home) or _image(None)
-        assert manifest is not None
+            manifest = control.pool_image(home)
+        if manifest is None:
+            raise SpecError("--image", "", "the lab's pool has no image: give one")
         daemons.stop_boot_service(home, rack.POOL)
         phases = {"script": script_timeout} if script_timeout else None
         shown = rack.create(
