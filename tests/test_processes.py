@@ -136,6 +136,13 @@ def test_environ_by_prefix(tmp_path: Path) -> None:
     env = {"CRV_T_ONE": "1", "CRV_T_TWO": "a=b", "OTHER": "x", "PATH": os.defpath}
     proc = subprocess.Popen(["sleep", "30"], env=env)
     try:
+        # Popen returns once the child's execve closed its close-on-exec pipe, which the
+        # kernel does before it lays out the new environment: read in between, the environ
+        # is empty (seen once in CI). Wait for the environment to be there, then check it.
+        deadline = time.monotonic() + 10
+        while not processes.environ(proc.pid):
+            assert time.monotonic() < deadline, "sleep's environment never appeared"
+            time.sleep(0.01)
         assert processes.environ(proc.pid, "CRV_T_") == {"CRV_T_ONE": "1", "CRV_T_TWO": "a=b"}
         assert processes.environ(proc.pid)["OTHER"] == "x"
     finally:
