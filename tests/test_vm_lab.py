@@ -117,7 +117,12 @@ def test_webfarm_on_real_guests_deploys_resizes_destroys_and_leaves_nothing(crv:
     crv.ok("scale", "vmfarm", "worker", "2")
     assert answers(lb) == {"hello from vmfarm-worker-0", "hello from vmfarm-worker-1"}
     crv.ok("scale", "vmfarm", "worker", "1")
-    assert answers(lb) == {"hello from vmfarm-worker-0"}
+    # the shrink takes the idler worker (the web role publishes how busy it is): either may go,
+    # and the load balancer answers from the one that stays, and only from it
+    kept = [n["name"] for n in json.loads(crv.ok("status", "vmfarm", "--json"))["nodes"]
+            if n["group"] == "worker"]  # fmt: skip
+    assert len(kept) == 1 and kept[0] in ("vmfarm-worker-0", "vmfarm-worker-1"), kept
+    assert answers(lb) == {f"hello from {kept[0]}"}
 
     crv.ok("destroy", "vmfarm")
     virsh = subprocess.run(["virsh", "-c", str(lab["uri"]), "list", "--all", "--name"],
