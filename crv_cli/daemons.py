@@ -40,6 +40,7 @@ import urllib.request
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crv.base.home import Home
 from crv.base.processes import session_listens, spawn, start_time, wait_ready
@@ -77,10 +78,22 @@ from crv.base.running import (
 from crv.base.running import (
     running as running,
 )
+from crv.service.database import SCHEMA as DB_SCHEMA
+from crv.service.database import database_url
+from crv.service.database import prefect_url as prefect_database_url
+from crv.service.database import prepare as prepare_database
+from crv.service.database import redact as redact_url
+from crv.service.database import remember_url as remember_database
+from crv.service.settings import service_processes
 from lab import control as lab
 
 SERVICE_PORT = 8443
+if TYPE_CHECKING:
+    from crv_cli.postgres import LocalPostgres
+
 PREFECT_PORT = 4200
+ENV_PREFECT_SERVICES = "CRV_PREFECT_SERVICES"
+ENV_PREFECT_WORKERS = "CRV_PREFECT_WORKERS"
 START_TIMEOUT = 120.0
 
 
@@ -236,9 +249,18 @@ def _stop_unguarded_prefect(home: Home, auth: str | None) -> bool:
 
 def up(home: Home, *, serve: bool = True) -> Endpoints:
     """Start what is not running: the service and Prefect in parallel (Prefect takes ~10 s
-    here), then, unless `serve` is false, the process serving the deployments (~5 s)."""
+    here), then, unless `serve` is false, the process serving the deployments (~5 s).
+    On PostgreSQL the database is checked (and migrated) first: one line if it is not usable,
+    before anything starts."""
     host, with_auth = prefect_settings()
     home.ensure()
+    url = database_url(home)
+    service_processes(url is not None)  # a refused CRV_SERVICE_PROCESSES: one line, first
+    prefect_workers(url is not None)
+    if url is not None and (
+        read_record(service_record(home)) is None or read_record(prefect_record(home)) is None
+    ):
+        prepare_database(url)
     auth = ensure_api_auth(home) if with_auth else None
     _stop_unguarded_prefect(home, auth)
     service = running_url(service_record(home), lambda u: service_healthy(home, u))
@@ -260,19 +282,96 @@ def up(home: Home, *, serve: bool = True) -> Endpoints:
     return ep
 
 
+def local_postgres(home: Home) -> LocalPostgres:
+    """The PostgreSQL of this home's own (`crv up --postgres`)."""
+    from crv_cli.postgres import LocalPostgres
+
+    return LocalPostgres(home.root / "postgres")
+
+
+def _has_local_postgres(home: Home) -> bool:
+    return (home.root / "postgres").is_dir()
+
+
+def choose_database(home: Home, given: str | None, *, postgres: bool = False) -> None:
+    """`crv up --database URL | sqlite` or `--postgres`: check the database (reachable, crv's
+    schema migrated, pg_trgm for Prefect) and record it for this home's daemons. Refused while
+    they run on another one: they would go on with the old one."""
+    if given is not None and postgres:
+        raise DaemonError("--database and --postgres: give one of them")
+    if given is None and not postgres:
+        return
+    if given is not None and given.strip().lower() == "sqlite":
+        url = None
+    elif postgres:
+        url = local_postgres(home).start()
+    else:
+        url = given
+    running_on = database_url(home)
+    up_now = read_record(service_record(home)) or read_record(prefect_record(home))
+    if up_now is not None and url != running_on:
+        now = "SQLite" if running_on is None else redact_url(running_on)
+        raise DaemonError(f"crv runs on {now} in {home.root}: `crv down` first, then change it")
+    if url is not None:
+        prepare_database(url)
+    remember_database(home, url)
+
+
+def database_description(home: Home) -> str:
+    url = database_url(home)
+    if url is None:
+        return f"SQLite in {home.root} (`crv up --database URL` or `--postgres` for PostgreSQL)"
+    return f"{redact_url(url)} (crv's tables in schema {DB_SCHEMA}, Prefect's in public)"
+
+
+def prefect_services_apart() -> bool:
+    """CRV_PREFECT_SERVICES=apart: the Prefect server's API (`--no-services`) and its background
+    services (`prefect server services start`: scheduler, repossessor, ...) run as two daemons,
+    Prefect's scale-out recipe; `together` (the default) is one process."""
+    value = os.environ.get(ENV_PREFECT_SERVICES, "").strip().lower() or "together"
+    if value not in ("together", "apart"):
+        raise DaemonError(
+            f"{ENV_PREFECT_SERVICES}={value!r}: it is together (the default) or apart"
+        )
+    return value == "apart"
+
+
+def prefect_workers(postgres: bool) -> int:
+    """CRV_PREFECT_WORKERS=N: the Prefect API in N processes (PostgreSQL only; default 1)."""
+    raw = os.environ.get(ENV_PREFECT_WORKERS, "").strip() or "1"
+    if not raw.isdigit() or int(raw) < 1:
+        raise DaemonError(f"{ENV_PREFECT_WORKERS}={raw!r}: give a whole number, 1 or more")
+    if int(raw) > 1 and not postgres:
+        raise DaemonError(
+            f"{ENV_PREFECT_WORKERS}={raw}: several Prefect API processes need PostgreSQL "
+            "(CRV_DATABASE_URL or `crv up --database`)"
+        )
+    return int(raw)
+
+
 def _start_prefect(home: Home, host: str, auth: str | None) -> str:
-    """A Prefect server for `home` on `host`: its API URL."""
+    """A Prefect server for `home` on `host` (its database: SQLite under the home, or the
+    PostgreSQL crv's store uses, in its `public` schema): its API URL."""
     argv = [sys.executable, "-m", "prefect", "server", "start", "--host", host]
     dial = _dial_address(host)
     dial_host = f"[{dial}]" if ":" in dial else dial
     server_env = {**prefect_env(home), **PREFECT_SERVER_SETTINGS}
+    url = database_url(home)
+    if url is not None:  # in the environment, never on a command line
+        server_env["PREFECT_API_DATABASE_CONNECTION_URL"] = prefect_database_url(url)
+    workers = prefect_workers(url is not None)
+    if workers > 1:
+        argv += ["--workers", str(workers)]
+    apart = prefect_services_apart()
+    if apart:
+        argv.append("--no-services")
     if auth is not None:
         server_env["PREFECT_SERVER_API_AUTH_STRING"] = auth
     for preferred in (PREFECT_PORT, 0):  # 4200, or any port if another took it first
         port = _free_port(preferred, host)
         api_url = f"http://{dial_host}:{port}/api"
         try:
-            return _start(
+            started = _start(
                 "prefect",
                 prefect_record(home),
                 [*argv, "--port", str(port)],
@@ -283,10 +382,38 @@ def _start_prefect(home: Home, host: str, auth: str | None) -> str:
                 listens=True,
                 umask=0o077,
             )
+            if apart:
+                _start_prefect_services(home, {**server_env, "PREFECT_API_URL": api_url})
+            return started
         except ExitedAtStart:
             if preferred == 0:
                 raise
     raise AssertionError("unreachable")
+
+
+def prefect_services_record(home: Home) -> Path:
+    return home.prefect_dir / "services.json"
+
+
+def _start_prefect_services(home: Home, env: dict[str, str]) -> str:
+    """Prefect's background services in a process of their own (CRV_PREFECT_SERVICES=apart)."""
+    _stop(prefect_services_record(home))
+    started = time.monotonic()
+    log = home.prefect_dir / "prefect-services.log"
+
+    def running(_: str) -> bool:  # it has no port: alive for a few seconds, and said so
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return time.monotonic() - started > 3 and "Starting" in text
+
+    return _start(
+        "prefect-services",
+        prefect_services_record(home),
+        [sys.executable, "-m", "prefect", "server", "services", "start"],
+        env,
+        "",
+        running,
+        umask=0o077,
+    )
 
 
 def _start_service(home: Home) -> str:
@@ -404,6 +531,11 @@ def down(home: Home) -> list[str]:
         stopped.append("service")
     if _stop(prefect_record(home)):
         stopped.append("prefect")
+    if _stop(prefect_services_record(home)):
+        stopped.append("prefect-services")
+    if _has_local_postgres(home) and local_postgres(home).running():
+        local_postgres(home).stop()
+        stopped.append("postgresql")
     stopped += _stop_boot_services(home)
     from pools.baremetal import simrack
 

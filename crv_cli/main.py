@@ -165,17 +165,39 @@ def schema(
 
 
 @app.command()
-def up() -> None:
+def up(
+    database: Annotated[
+        str | None,
+        typer.Option(
+            "--database",
+            metavar="URL",
+            help="Keep crv's store and the Prefect server's database in this PostgreSQL "
+            "(postgresql://USER:PASSWORD@HOST:PORT/DB; the password may come from ~/.pgpass or "
+            "PGPASSWORD instead), from now on; `sqlite` goes back to SQLite in CRV_HOME. "
+            "CRV_DATABASE_URL does the same for one command.",
+        ),
+    ] = None,
+    postgres: Annotated[
+        bool,
+        typer.Option(
+            "--postgres",
+            help="Start a PostgreSQL of this home's own (Debian's postgresql package) and use "
+            "it as --database does.",
+        ),
+    ] = False,
+) -> None:
     """Start the crv service, a Prefect server and the served deployments in the background
     (idempotent)."""
     home = cli_home()
     with user_errors():
+        daemons.choose_database(home, database, postgres=postgres)
         endpoints = ensure_up(home)
     home.tighten()  # running already: a home left open since (or by an older crv) is closed
     print(f"crv service: {endpoints.service_url}")
     print(f"Prefect UI:  {endpoints.prefect_ui_url}")
     print(f"Prefect API: {endpoints.prefect_api_url}")
     print(f"state:       {home.root}")
+    print(f"database:    {daemons.database_description(home)}")
     ttl = float(Service(home, endpoints.service_url).call("GET", "/v1/health")["node_cert_ttl"])
     print(f"node certs:  {ttl:g} s lifetime, renewed by each agent at about 2/3 of it "
           "(CRV_NODE_CERT_TTL)")  # fmt: skip

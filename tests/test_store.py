@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from crv.service import store as store_module
-from crv.service.store import Issued, Store, StoreError, open_engine
+from crv.service.database import open_engine
+from crv.service.store import Issued, Store, StoreError
 
 ROLES = {
     "web": {"recipe": "roles/web.sh", "appdir": "a0", "env": {}, "depends_on": []},
@@ -19,9 +20,14 @@ ROLES = {
 }
 
 
-@pytest.fixture()
-def store(tmp_path: Path) -> Store:
-    s = Store(open_engine(tmp_path / "crv.sqlite"))
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """The same tests on both databases: SQLite in a file, a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        s = Store(open_engine(tmp_path / "crv.sqlite"))
+    else:
+        s = Store(open_engine(request.getfixturevalue("fresh_database")))
+    request.addfinalizer(s.engine.dispose)
     s.put_cluster(
         "c", appliance="x", source="dir", pool="local", parameters={}, roles=ROLES, bundle=b"b"
     )

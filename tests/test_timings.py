@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from crv.engine.timings import seconds_since_start, summary
-from crv.service.store import Store, merge_timings, open_engine
+from crv.service.database import open_engine
+from crv.service.store import Store, merge_timings
 from pools.baremetal.inventory import Lease
 from pools.baremetal.pool import BaremetalOptions, BaremetalPool
 

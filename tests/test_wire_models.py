@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from crv.service.app import create_app
 from crv.service.models import CLUSTER_STATUS
 from crv.service.pki import CertificateAuthority
-from crv.service.store import Store, open_engine
+from crv.service.database import open_engine
+from crv.service.store import Store
 
 ROLES = {
     "web": {"recipe": "roles/web.sh", "appdir": "a0", "env": {}, "depends_on": []},

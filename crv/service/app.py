@@ -21,6 +21,7 @@ from crv.service.pki import CertificateAuthority
 from crv.service.routes import admin, node, public
 from crv.service.state import ServiceState
 from crv.service.store import REJOIN_GRACE, Store, StoreError
+from crv.service.wakeups import Bus
 
 log = logging.getLogger("crv.service")
 
@@ -76,14 +77,30 @@ def create_app(
     *,
     node_ttl: timedelta = NODE_CERT_TTL,
     rejoin_grace: timedelta = REJOIN_GRACE,
+    threads: int = 1,
+    bus: str | None = None,
+    processes: int = 1,
 ) -> FastAPI:
+    """The service's app. `threads`: the store's worker threads; `bus`: the PostgreSQL to
+    tell the other service processes through (crv.service.wakeups), none with one process."""
+    state = ServiceState(store, ca, node_ttl, rejoin_grace, threads=threads)
+    state.processes = processes
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        store.engine.dispose()
+        if bus is not None:
+            state.bus = Bus(bus, state.deliver)
+            await state.bus.start()
+        try:
+            yield
+        finally:
+            if state.bus is not None:
+                await state.bus.stop()
+            state.executor.shutdown(wait=True)
+            store.engine.dispose()
 
     app = FastAPI(title="crv service", version="1", lifespan=lifespan, docs_url=None)
-    app.state.crv = ServiceState(store, ca, node_ttl, rejoin_grace)
+    app.state.crv = state
     app.add_middleware(BodyLimit)
     app.add_exception_handler(StoreError, _store_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]

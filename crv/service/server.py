@@ -12,10 +12,14 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import multiprocessing
 import os
+import signal
 import socket
 import ssl
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -24,12 +28,14 @@ from typing import Any, ClassVar
 import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from sqlalchemy.engine import Engine
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from crv.base.errors import PkiError
 from crv.base.home import Home
 from crv.base.netns import listen_in
 from crv.service.app import create_app
+from crv.service.database import conninfo, database_url, open_engine, redact
 from crv.service.guard import (
     ENV_HEADER_TIMEOUT,
     ENV_MAX_CONNS,
@@ -39,9 +45,11 @@ from crv.service.guard import (
     loop_factory,
 )
 from crv.service.pki import CertificateAuthority, node_ttl_from_env
-from crv.service.store import Store, open_engine
+from crv.service.settings import service_processes, store_threads
+from crv.service.store import Store
 
 log = logging.getLogger("crv.service")
+
 
 _BUSY = b'{"detail": "too many connections from this address"}'
 TOO_MANY_CONNECTIONS = (
@@ -226,22 +234,66 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(home: Home, host: str, port: int, netns: Sequence[tuple[Path, str]] = ()) -> None:
+RESTART_PAUSE = 1.0  # seconds before a service process that died is started again
+
+
+def serve(
+    home: Home,
+    host: str,
+    port: int,
+    netns: Sequence[tuple[Path, str]] = (),
+    processes: int | None = None,
+) -> None:
     """Serve on (host, port), and on the same port at each (namespace, address) of `netns`:
-    a listener inside a lab's network namespace (crv.base.netns), where its guests dial."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    limits = Limits.from_env()
+    a listener inside a lab's network namespace (crv.base.netns), where its guests dial.
+
+    With several processes (PostgreSQL) this one binds the sockets, migrates the store and
+    supervises the processes that serve: each accepts on the same sockets, and one that dies
+    is started again."""
+    _logging()
     _raise_open_files_limit()
     ca = CertificateAuthority.create_or_load(home.ca_dir)
-    server_crt, server_key = ensure_credentials(home, ca, [address for _, address in netns])
+    ensure_credentials(home, ca, [address for _, address in netns])
+    url = database_url(home)
+    n = processes or service_processes(url is not None)
+    engine = open_engine(url or home.database)  # the schema up to date, before anyone serves
     sockets = [_listen(host, port)] + [listen_in(path, addr, port) for path, addr in netns]
-    store = Store(open_engine(home.database))
+    if n == 1:
+        _serve(home, sockets, engine, n)
+        return
+    engine.dispose()
+    log.info("serving with %d processes on %s (%s)", n, home.root, redact(url or ""))
+    _supervise(home, sockets, n)
+
+
+def _logging(several: bool = False) -> None:
+    """The daemon's log: with several processes each line names the process that wrote it."""
+    who = "[%(process)d] " if several else ""
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s"
+    )
+
+
+def _serve(home: Home, sockets: list[socket.socket], engine: Engine | None, processes: int) -> None:
+    """One service process: the app on `sockets` until SIGTERM."""
+    limits = Limits.from_env()
+    ca = CertificateAuthority.create_or_load(home.ca_dir)
+    server_crt, server_key = home.service_dir / "server.crt", home.service_dir / "server.key"
+    url = database_url(home)
+    threads = store_threads(url is not None)
+    if engine is None:
+        engine = open_engine(url or home.database, migrate=False, pool_size=threads)
+    store = Store(engine)
+    app = create_app(
+        store,
+        ca,
+        node_ttl=node_ttl_from_env(),
+        threads=threads,
+        bus=conninfo(url) if url is not None and processes > 1 else None,
+        processes=processes,
+    )
     config = uvicorn.Config(
-        create_app(store, ca, node_ttl=node_ttl_from_env()),
-        host=host,
-        port=port,
+        app,
         http=TlsPeerHttpToolsProtocol,
         loop="uvloop",
         log_level="warning",
@@ -265,3 +317,48 @@ def serve(home: Home, host: str, port: int, netns: Sequence[tuple[Path, str]] = 
             loop.run_until_complete(server.serve(sockets=sockets))
         finally:
             loop.close()
+
+
+def _process(home: Home, sockets: list[socket.socket], processes: int) -> None:
+    """The target of a supervised service process (spawned: a fresh interpreter)."""
+    _logging(several=True)
+    _raise_open_files_limit()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the parent decides
+    _serve(home, sockets, None, processes)
+
+
+def _supervise(home: Home, sockets: list[socket.socket], n: int) -> None:
+    """Start `n` service processes on the shared sockets, start again one that dies, and stop
+    them all on SIGTERM or SIGINT."""
+    context = multiprocessing.get_context("spawn")
+    stopping = threading.Event()
+
+    def stop(signum: int, _: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    running: dict[int, multiprocessing.process.BaseProcess] = {}
+
+    def start(i: int) -> None:
+        p = context.Process(target=_process, args=(home, sockets, n), name=f"crv-service-{i}")
+        p.start()
+        running[i] = p
+
+    for i in range(n):
+        start(i)
+    while not stopping.wait(0.5):
+        for i, p in list(running.items()):
+            if not p.is_alive() and not stopping.is_set():
+                log.warning("service process %s exited (%s); starting another", p.pid, p.exitcode)
+                stopping.wait(RESTART_PAUSE)
+                if not stopping.is_set():
+                    start(i)
+    for p in running.values():
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + 15
+    for p in running.values():
+        p.join(max(0.1, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()

@@ -10,12 +10,14 @@ request).
 import asyncio
 import base64
 import binascii
+import functools
 import time
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Annotated, Any
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -27,6 +29,10 @@ from crv.base.errors import PkiError
 from crv.service.models import RejoinRequest
 from crv.service.pki import CertificateAuthority, is_admin, node_identity
 from crv.service.store import Enrolment, Issued, Store, StoreError
+from crv.service.wakeups import Bus, Message, Waiters
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 # what a re-joining node signs with its last key, ahead of its new CSR (the CSR binds the
 # signature to the one key the new certificate may certify; the prefix to this use)
@@ -42,37 +48,12 @@ class NodeCaller:
     roles: tuple[str, ...]
 
 
-class Waiters:
-    """Wake long polls by key (a node, a cluster) when something they may care about changed:
-    an agent hears about a release within milliseconds, and an idle one costs nothing."""
-
-    def __init__(self) -> None:
-        self._waiting: dict[Any, set[asyncio.Future[None]]] = defaultdict(set)
-
-    def notify(self, key: Any) -> None:
-        for fut in self._waiting.pop(key, ()):
-            if not fut.done():
-                fut.set_result(None)
-
-    async def wait_until(self, key: Any, ready: Callable[[], bool], timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not ready():
-            left = deadline - loop.time()
-            if left <= 0:
-                return
-            fut: asyncio.Future[None] = loop.create_future()
-            self._waiting[key].add(fut)
-            try:
-                await asyncio.wait_for(fut, left)
-            except TimeoutError:
-                return
-            finally:
-                self._waiting.get(key, set()).discard(fut)
-
-
 class ServiceState:
-    """One per app (`app.state.crv`)."""
+    """One per app (`app.state.crv`), so one per service process.
+
+    The store's calls run on worker threads (`db`), never on the event loop: one thread on
+    SQLite (its single writer; the calls stay in the order the loop made them), several on
+    PostgreSQL. Changes wake long polls here and, through the bus, in the other processes."""
 
     def __init__(
         self,
@@ -80,8 +61,13 @@ class ServiceState:
         ca: CertificateAuthority,
         node_ttl: timedelta,
         rejoin_grace: timedelta,
+        *,
+        threads: int = 1,
     ) -> None:
         self.store = store
+        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="crv-store")
+        self.bus: Bus | None = None
+        self.processes = 1  # service processes in all (health)
         self.ca = ca
         self.node_ttl = node_ttl
         self.rejoin_grace = rejoin_grace
@@ -94,10 +80,59 @@ class ServiceState:
         self.current_roles: dict[str, tuple[str, ...] | None] = {}
         self.ends: dict[str, float] = {}  # serial -> when the certificate ends (Unix time)
         self.cluster_cas: dict[str, CertificateAuthority] = {}
+        # cluster -> its roles' spec (who may read whose attributes), dropped when it changes
+        self.cluster_roles: dict[str, dict[str, Any]] = {}
 
-    def forget_identities(self) -> None:
-        self.identities.clear()
-        self.current_roles.clear()
+    async def db(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """`call(*args, **kwargs)` (a store method) on a store thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(call, *args, **kwargs))
+
+    # -- telling this process and the others ----------------------------------------------------
+
+    def _tell(self, message: Message) -> None:
+        self.deliver(message)
+        if self.bus is not None:
+            self.bus.publish(message)
+
+    def deliver(self, message: Message) -> None:
+        """Act on a change made here or in another service process."""
+        kind, names = message[0], message[1:]
+        if kind == "node":
+            self.node_waiters.notify((names[0], names[1]))
+        elif kind == "nodes":  # every node of the cluster (its bundle or spec changed)
+            self.node_waiters.notify_where(lambda key: key[0] == names[0])
+            self.cluster_roles.pop(names[0], None)
+        elif kind == "cluster":
+            self.cluster_waiters.notify(names[0])
+        elif kind == "forget":  # certificates or roles changed: who may call is asked again
+            self.identities.clear()
+            self.current_roles.clear()
+            for cluster in names:  # its spec changed or it is gone (its CA with it)
+                self.cluster_roles.pop(cluster, None)
+                self.cluster_cas.pop(cluster, None)
+        elif kind == "all":  # notifications may have been missed: wake and forget everything
+            self.node_waiters.notify_all()
+            self.cluster_waiters.notify_all()
+            self.identities.clear()
+            self.current_roles.clear()
+            self.cluster_roles.clear()
+            self.cluster_cas.clear()
+
+    def wake_node(self, cluster: str, node: str) -> None:
+        self._tell(["node", cluster, node])
+
+    def wake_nodes(self, cluster: str) -> None:
+        """The cluster's spec changed: every node's poll answers, who reads what is asked again."""
+        self._tell(["nodes", cluster])
+
+    def wake_cluster(self, cluster: str) -> None:
+        self._tell(["cluster", cluster])
+
+    def forget_identities(self, *clusters: str) -> None:
+        """Certificates or a node's roles changed (and the specs of `clusters`): every process
+        asks the store again who may call."""
+        self._tell(["forget", *clusters])
 
     # -- who calls ------------------------------------------------------------------------------
 
@@ -123,7 +158,7 @@ class ServiceState:
             self.ends.clear()
         return ident
 
-    def node_caller(self, der: bytes | None) -> NodeCaller:
+    async def node_caller(self, der: bytes | None) -> NodeCaller:
         if not der:
             raise StoreError(401, "a node certificate is required")
         ident = self.identity(der)
@@ -139,7 +174,7 @@ class ServiceState:
         else:
             if len(self.current_roles) > 20_000:
                 self.current_roles.clear()
-            current, superseded = self.store.current_roles(serial, cluster, node)
+            current, superseded = await self.db(self.store.current_roles, serial, cluster, node)
             for old in superseded:  # a renewed node's first call with its new certificate
                 self.current_roles.pop(old, None)
             self.current_roles[serial] = current
@@ -148,9 +183,14 @@ class ServiceState:
         # the plan decides today's roles; the certificate can only narrow them
         return NodeCaller(cluster, node, tuple(r for r in cert_roles if r in current))
 
-    def readable_roles(self, caller: NodeCaller) -> set[str]:
+    async def readable_roles(self, caller: NodeCaller) -> set[str]:
         """The roles a node may read attributes of: its own and those they depend on."""
-        spec = self.store.require_cluster(caller.cluster).roles
+        spec = self.cluster_roles.get(caller.cluster)
+        if spec is None:
+            spec = (await self.db(self.store.require_cluster, caller.cluster)).roles
+            if len(self.cluster_roles) > 10_000:
+                self.cluster_roles.clear()
+            self.cluster_roles[caller.cluster] = spec
         readable = set(caller.roles)
         for role in caller.roles:
             readable.update(d["role"] for d in spec.get(role, {}).get("depends_on", ()))
@@ -238,14 +278,10 @@ class ServiceState:
 
     # -- waking long polls ----------------------------------------------------------------------
 
-    def wake_cluster_nodes(self, cluster: str) -> None:
-        for node in self.store.node_names(cluster):
-            self.node_waiters.notify((cluster, node))
-
-    def forget(self, cluster: str, delete: Callable[[], list[str]]) -> dict[str, list[str]]:
-        revoked = delete()
+    async def forget(self, cluster: str, delete: Callable[[], list[str]]) -> dict[str, list[str]]:
+        revoked = await self.db(delete)
         self.forget_identities()
-        self.cluster_waiters.notify(cluster)
+        self.wake_cluster(cluster)
         return {"revoked": revoked}
 
 
@@ -262,7 +298,7 @@ Svc = Annotated[ServiceState, Depends(service)]
 
 async def node_caller(request: Request, svc: Svc) -> NodeCaller:
     """The node a request comes from, by its current certificate (401/403 otherwise)."""
-    return svc.node_caller(getattr(request.state, "tls_peer_cert", None))
+    return await svc.node_caller(getattr(request.state, "tls_peer_cert", None))
 
 
 async def admin(request: Request) -> None:

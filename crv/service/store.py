@@ -1,16 +1,20 @@
 """The service's state: clusters, nodes, role states, attributes, certificates and events.
 
-SQLAlchemy Core over SQLite by default (WAL, one writer: the service process); the schema uses
-only portable types so the same tables work on PostgreSQL. Everything a deploy needs to resume
-lives here, so a restarted service carries on: attributes, node and role states, and which
-certificates are valid. Bootstrap tokens are stored as SHA-256 only.
+SQLAlchemy Core over SQLite by default (WAL, one writer: the service process) or PostgreSQL
+(crv.service.database); the schema uses only portable types and the code is the same for both.
+Everything a deploy needs to resume lives here, so a restarted service carries on: attributes,
+node and role states, and which certificates are valid. Bootstrap tokens are stored as SHA-256
+only.
 
-Every method is one transaction. The service calls them from its event loop: each is a few
-hundred microseconds of SQLite, cheaper than a hop to a thread.
+Every public method is one transaction (or a few, each complete), run again from the start when
+PostgreSQL refuses it as a serialization failure or a deadlock (its transactions are
+SERIALIZABLE: several service processes may change the same rows). The service calls them on
+its worker threads (crv.service.state), never on its event loop.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -20,11 +24,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
 from crv.base.errors import CrvError
@@ -367,34 +369,17 @@ def _utc(value: datetime | None) -> datetime | None:
     return value
 
 
-def open_engine(path: Path) -> Engine:
-    engine = sa.create_engine(f"sqlite:///{path}", future=True)
-
-    @event.listens_for(engine, "connect")
-    def _pragmas(dbapi_conn: Any, _: Any) -> None:
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA busy_timeout=5000")
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.close()
-
-    METADATA.create_all(engine)
-    _add_missing_columns(engine)
-    return engine
-
-
-def _add_missing_columns(engine: Engine) -> None:
-    """Columns added since a state directory was made (create_all only makes missing tables).
-    Each is nullable, so ADD COLUMN is all it takes, on SQLite and PostgreSQL alike."""
-    inspector = sa.inspect(engine)
-    with engine.begin() as c:
-        for table in METADATA.sorted_tables:
-            have = {col["name"] for col in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name not in have:
-                    kind = column.type.compile(dialect=engine.dialect)
-                    c.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}")
+def add_missing_columns(c: Connection) -> None:
+    """Columns added before the store had migrations (create_all only makes missing tables):
+    each is nullable, so ADD COLUMN is all it takes, on SQLite and PostgreSQL alike. Changes
+    since are Alembic revisions (crv/service/migrations)."""
+    inspector = sa.inspect(c)
+    for table in METADATA.sorted_tables:
+        have = {col["name"] for col in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in have:
+                kind = column.type.compile(dialect=c.dialect)
+                c.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}")
 
 
 def _revoke(c: Connection, serials: Sequence[str], reason: str | None = None) -> None:
@@ -937,6 +922,11 @@ class Store:
                 .where(nodes.c.cluster == cluster, nodes.c.name == name)
                 .values(last_seen=now())
             )
+
+    def touch_and_work(self, cluster: str, name: str) -> dict[str, Any]:
+        """`touch`, then `work`: an agent's poll in one trip to a store thread."""
+        self.touch(cluster, name)
+        return self.work(cluster, name)
 
     # -- pairing ----------------------------------------------------------------------------
 
@@ -1651,3 +1641,27 @@ class Store:
                 at=now(), cluster=cluster, node=node, role=role, kind=kind, **fields
             )
         )
+
+
+RETRIES = 20  # serialization failures in a row before the error reaches the caller
+_RETRY_STATES = ("40001", "40P01")  # PostgreSQL: serialization_failure, deadlock_detected
+
+
+def _retried(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def call(self: Store, *args: Any, **kwargs: Any) -> Any:
+        for attempt in range(RETRIES):
+            try:
+                return method(self, *args, **kwargs)
+            except sa.exc.OperationalError as e:
+                if getattr(e.orig, "sqlstate", None) not in _RETRY_STATES or attempt + 1 == RETRIES:
+                    raise
+                time.sleep(0.001 * (attempt + 1) * (1 + secrets.randbelow(8)))
+        raise AssertionError("unreachable")
+
+    return call
+
+
+for _name, _method in list(vars(Store).items()):  # every public method: one retried transaction
+    if not _name.startswith("_") and callable(_method):
+        setattr(Store, _name, _retried(_method))

@@ -35,7 +35,7 @@ router = APIRouter(prefix="/v1/admin", dependencies=[Admin])
 
 @router.get("/clusters")
 async def list_clusters(svc: Svc) -> dict[str, Any]:
-    return {"clusters": svc.store.list_clusters()}
+    return {"clusters": await svc.db(svc.store.list_clusters)}
 
 
 @router.put("/clusters/{cluster}")
@@ -48,7 +48,8 @@ async def put_cluster(svc: Svc, cluster: ClusterPath, body: ClusterSpec) -> dict
         for dep in spec.depends_on:
             if dep.role not in body.roles:
                 raise StoreError(400, f"roles.{role}.depends_on: unknown role {dep.role!r}")
-    digest, changed = svc.store.put_cluster(
+    digest, changed = await svc.db(
+        svc.store.put_cluster,
         cluster,
         appliance=body.appliance,
         source=body.source,
@@ -60,40 +61,42 @@ async def put_cluster(svc: Svc, cluster: ClusterPath, body: ClusterSpec) -> dict
         bundle=bundle,
     )
     if changed:
-        svc.wake_cluster_nodes(cluster)
+        svc.wake_nodes(cluster)
     return {"name": cluster, "bundle": digest}
 
 
 @router.get("/clusters/{cluster}")
 async def cluster_status(svc: Svc, cluster: str) -> ClusterStatus:
-    return svc.store.status(cluster)
+    return await svc.db(svc.store.status, cluster)
 
 
 @router.put("/clusters/{cluster}/nodes")
 async def put_nodes(svc: Svc, cluster: str, body: NodesRequest) -> dict[str, int]:
-    svc.store.require_cluster(cluster)
-    changed = svc.store.put_nodes(cluster, [n.model_dump() for n in body.nodes])
-    svc.current_roles.clear()
+    await svc.db(svc.store.require_cluster, cluster)
+    changed = await svc.db(svc.store.put_nodes, cluster, [n.model_dump() for n in body.nodes])
+    svc.forget_identities()
     for node in changed:
-        svc.node_waiters.notify((cluster, node))
-    svc.cluster_waiters.notify(cluster)
+        svc.wake_node(cluster, node)
+    svc.wake_cluster(cluster)
     return {"nodes": len(body.nodes)}
 
 
 @router.post("/clusters/{cluster}/tokens")
 async def tokens(svc: Svc, cluster: str, body: TokensRequest) -> dict[str, dict[str, str]]:
-    svc.store.require_cluster(cluster)
-    svc.current_roles.clear()
+    await svc.db(svc.store.require_cluster, cluster)
+    svc.forget_identities()
     ttl = timedelta(seconds=body.ttl)
-    return {"tokens": svc.store.issue_tokens(cluster, body.nodes, ttl)}
+    return {"tokens": await svc.db(svc.store.issue_tokens, cluster, body.nodes, ttl)}
 
 
 @router.post("/clusters/{cluster}/roles")
 async def roles(svc: Svc, cluster: str, body: RolesRequest) -> dict[str, Any]:
-    results, woken = svc.store.update_roles(cluster, [u.model_dump() for u in body.updates])
+    results, woken = await svc.db(
+        svc.store.update_roles, cluster, [u.model_dump() for u in body.updates]
+    )
     for node in woken:
-        svc.node_waiters.notify((cluster, node))
-    svc.cluster_waiters.notify(cluster)
+        svc.wake_node(cluster, node)
+    svc.wake_cluster(cluster)
     return {"results": results}
 
 
@@ -102,7 +105,7 @@ async def create_pairing(svc: Svc, cluster: ClusterPath, body: PairingRequest) -
     """A one-time PIN for a machine to join `group` (`crv pair`), with the fingerprint of
     the CA the machine's agent pins."""
     ttl = timedelta(seconds=body.ttl)
-    made = svc.store.create_pairing(cluster, body.group, body.roles, ttl)
+    made = await svc.db(svc.store.create_pairing, cluster, body.group, body.roles, ttl)
     log.info("pairing %s opened for %s group %s", made["id"], cluster, body.group)
     return {**made, "ca_sha256": svc.ca.fingerprint_sha256}
 
@@ -111,15 +114,15 @@ async def create_pairing(svc: Svc, cluster: ClusterPath, body: PairingRequest) -
 async def pairing(
     svc: Svc, ident: Annotated[str, PathParam(pattern="^[0-9a-f]{16}$")]
 ) -> dict[str, Any]:
-    return svc.store.pairing(ident)
+    return await svc.db(svc.store.pairing, ident)
 
 
 @router.get("/clusters/{cluster}/liveness")
 async def liveness(svc: Svc, cluster: ClusterPath) -> dict[str, Any]:
     """When each node's agent last called and when its certificate ends: a change waiting
     on a node that went quiet fails fast, saying why (crv.engine.stages.Mirror)."""
-    svc.store.require_cluster(cluster)
-    return {"nodes": svc.store.liveness(cluster)}
+    await svc.db(svc.store.require_cluster, cluster)
+    return {"nodes": await svc.db(svc.store.liveness, cluster)}
 
 
 @router.get("/clusters/{cluster}/attributes/{role}/{key}")
@@ -128,8 +131,8 @@ async def attribute_readings(
 ) -> dict[str, Any]:
     """Every node's value of a role's attribute with its age: the autoscale flow's
     blackboard metric."""
-    svc.store.require_cluster(cluster)
-    readings = svc.store.attribute_readings(cluster, role, key)
+    await svc.db(svc.store.require_cluster, cluster)
+    readings = await svc.db(svc.store.attribute_readings, cluster, role, key)
     return {
         "role": role,
         "key": key,
@@ -141,29 +144,29 @@ async def attribute_readings(
 async def autoscaling_all(svc: Svc) -> dict[str, Any]:
     """Every cluster's autoscaling setting: the serve process makes the `autoscale/<cluster>`
     deployments match it."""
-    return {"clusters": svc.store.autoscaling()}
+    return {"clusters": await svc.db(svc.store.autoscaling)}
 
 
 @router.get("/clusters/{cluster}/autoscaling")
 async def autoscaling(svc: Svc, cluster: str) -> dict[str, Any]:
-    svc.store.require_cluster(cluster)
-    found = svc.store.autoscaling(cluster)
+    await svc.db(svc.store.require_cluster, cluster)
+    found = await svc.db(svc.store.autoscaling, cluster)
     return found[0] if found else {"cluster": cluster, "enabled": False, "every": None}
 
 
 @router.put("/clusters/{cluster}/autoscaling")
 async def put_autoscaling(svc: Svc, cluster: str, body: AutoscalingSetting) -> dict[str, Any]:
-    return svc.store.put_autoscaling(cluster, body.enabled, body.every)
+    return await svc.db(svc.store.put_autoscaling, cluster, body.enabled, body.every)
 
 
 @router.post("/clusters/{cluster}/decisions")
 async def add_decision(svc: Svc, cluster: str, body: DecisionRecord) -> dict[str, int]:
-    return {"seq": svc.store.add_decision(cluster, body.model_dump())}
+    return {"seq": await svc.db(svc.store.add_decision, cluster, body.model_dump())}
 
 
 @router.patch("/clusters/{cluster}/decisions/{seq}", status_code=204)
 async def set_outcome(svc: Svc, cluster: str, seq: int, body: Outcome) -> None:
-    svc.store.set_outcome(cluster, seq, body.outcome)
+    await svc.db(svc.store.set_outcome, cluster, seq, body.outcome)
 
 
 @router.get("/clusters/{cluster}/decisions")
@@ -174,8 +177,8 @@ async def list_decisions(
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> dict[str, Any]:
     """The newest decisions first."""
-    svc.store.require_cluster(cluster)
-    return {"decisions": svc.store.decisions(cluster, group, limit)}
+    await svc.db(svc.store.require_cluster, cluster)
+    return {"decisions": await svc.db(svc.store.decisions, cluster, group, limit)}
 
 
 @router.get("/clusters/{cluster}/events")
@@ -186,28 +189,33 @@ async def cluster_events(
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT)] = 0,
 ) -> dict[str, Any]:
     store = svc.store
-    await svc.cluster_waiters.wait_until(cluster, lambda: store.last_event(cluster) > after, wait)
-    found = store.events_after(cluster, after)
+
+    async def ready() -> bool:
+        return await svc.db(store.last_event, cluster) > after
+
+    await svc.cluster_waiters.wait_until(cluster, ready, wait)
+    found = await svc.db(store.events_after, cluster, after)
     return {"last": found[-1]["seq"] if found else after, "events": found}
 
 
 @router.delete("/clusters/{cluster}/nodes/{node}")
 async def delete_node(svc: Svc, cluster: str, node: str) -> dict[str, list[str]]:
-    result = svc.forget(cluster, lambda: svc.store.delete_node(cluster, node))
-    svc.node_waiters.notify((cluster, node))
+    result = await svc.forget(cluster, lambda: svc.store.delete_node(cluster, node))
+    svc.wake_node(cluster, node)
     return result
 
 
 @router.delete("/clusters/{cluster}")
 async def delete_cluster(svc: Svc, cluster: str) -> dict[str, list[str]]:
-    nodes = svc.store.node_names(cluster)
-    result = svc.forget(cluster, lambda: svc.store.delete_cluster(cluster))
+    nodes = await svc.db(svc.store.node_names, cluster)
+    result = await svc.forget(cluster, lambda: svc.store.delete_cluster(cluster))
     # its CA signs a last CRL (every node certificate revoked), then loses its key
     authority = svc.cluster_cas.pop(cluster, None) or svc.cluster_ca(cluster, create=False)
+    svc.forget_identities(cluster)  # the other processes drop its CA too
     if authority is not None and authority is not svc.ca:
-        revoked = svc.store.revoked(cluster)
+        revoked = await svc.db(svc.store.revoked, cluster)
         last = svc.crl_pem(authority, revoked, next_update=timedelta(days=3650))
         svc.ca.retire_cluster_ca(cluster, last_crl=last)
     for node in nodes:
-        svc.node_waiters.notify((cluster, node))
+        svc.wake_node(cluster, node)
     return result

@@ -34,12 +34,14 @@ async def renew(request: Request, svc: Svc, caller: Node, body: RenewRequest) ->
     assert ident is not None  # node_caller checked it
     serial = ident[0]
     try:
-        new = svc.store.renew(caller.cluster, caller.node, serial, svc.signer(body.csr))
+        new = await svc.db(
+            svc.store.renew, caller.cluster, caller.node, serial, svc.signer(body.csr)
+        )
     except PkiError as e:
         log.warning("renewal of %s/%s refused: %s", caller.cluster, caller.node, e)
         raise StoreError(400, str(e)) from None
     log.info("renewed %s/%s: %s supersedes %s", caller.cluster, caller.node, new.serial, serial)
-    svc.cluster_waiters.notify(caller.cluster)
+    svc.wake_cluster(caller.cluster)
     return svc.issued(caller.cluster, new.pem)
 
 
@@ -52,29 +54,28 @@ async def work(
 ) -> dict[str, Any]:
     store = svc.store
     key = (caller.cluster, caller.node)
-    store.touch(*key)
-    first = store.work(*key)
+    first = await svc.db(store.touch_and_work, *key)
     if first["generation"] > after or wait <= 0:
         return first
 
-    def changed() -> bool:
-        gen = store.generation(*key)
+    async def changed() -> bool:
+        gen = await svc.db(store.generation, *key)
         return gen is None or gen > after
 
     await svc.node_waiters.wait_until(key, changed, wait)
-    return store.work(*key)
+    return await svc.db(store.work, *key)
 
 
 @router.post("/v1/alive", status_code=204)
 async def alive(svc: Svc, caller: Node) -> None:
     """A heartbeat from an agent busy running a recipe (it does not poll meanwhile): a
     change waiting on the node tells a long recipe from a node that is gone."""
-    svc.store.touch(caller.cluster, caller.node, every=ALIVE_EVERY)
+    await svc.db(svc.store.touch, caller.cluster, caller.node, every=ALIVE_EVERY)
 
 
 @router.get("/v1/recipes")
 async def recipes(svc: Svc, caller: Node) -> Response:
-    row = svc.store.require_cluster(caller.cluster)
+    row = await svc.db(svc.store.require_cluster, caller.cluster)
     return Response(
         row.bundle, media_type="application/gzip", headers={"X-Crv-Bundle": row.bundle_digest}
     )
@@ -90,14 +91,14 @@ async def set_attribute(
         raise StoreError(400, "value: contains a NUL character")
     if len(body.value.encode()) > MAX_VALUE:
         raise StoreError(413, f"value: more than {MAX_VALUE} bytes")
-    svc.store.set_attribute(caller.cluster, caller.node, role, key, body.value)
+    await svc.db(svc.store.set_attribute, caller.cluster, caller.node, role, key, body.value)
 
 
 @router.get("/v1/attributes/{role}/{key}")
 async def get_attribute(svc: Svc, caller: Node, role: RolePath, key: KeyPath) -> dict[str, Any]:
-    if role not in svc.readable_roles(caller):
+    if role not in await svc.readable_roles(caller):
         raise StoreError(403, f"{caller.node} neither hosts nor depends on role {role!r}")
-    values = svc.store.get_attribute(caller.cluster, role, key)
+    values = await svc.db(svc.store.get_attribute, caller.cluster, role, key)
     return {"role": role, "key": key, "values": [{"node": n, "value": v} for n, v in values]}
 
 
@@ -105,7 +106,8 @@ async def get_attribute(svc: Svc, caller: Node, role: RolePath, key: KeyPath) ->
 async def status_report(svc: Svc, caller: Node, body: StatusReport) -> None:
     if body.role not in caller.roles:
         raise StoreError(403, f"{caller.node} does not host role {body.role!r}")
-    svc.store.report_status(
+    await svc.db(
+        svc.store.report_status,
         caller.cluster,
         caller.node,
         body.role,
@@ -115,7 +117,7 @@ async def status_report(svc: Svc, caller: Node, body: StatusReport) -> None:
         output=body.output,
     )
     log.info("%s/%s %s: %s", caller.cluster, caller.node, body.role, body.state)
-    svc.cluster_waiters.notify(caller.cluster)
+    svc.wake_cluster(caller.cluster)
 
 
 @router.post("/v1/check", status_code=204)
@@ -123,8 +125,8 @@ async def check_report(svc: Svc, caller: Node, body: CheckReport) -> None:
     """The result of a verify the node's agent ran (`verify: {on_node: ...}`)."""
     if body.role not in caller.roles:
         raise StoreError(403, f"{caller.node} does not host role {body.role!r}")
-    svc.store.report_check(
+    await svc.db(svc.store.report_check,
         caller.cluster, caller.node, body.role,
         check=body.check, exit_code=body.exit_code, output=body.output,
     )  # fmt: skip
-    svc.cluster_waiters.notify(caller.cluster)
+    svc.wake_cluster(caller.cluster)

@@ -29,6 +29,8 @@ async def health(svc: Svc) -> dict[str, Any]:
         "status": "ok",
         "ca_sha256": svc.ca.fingerprint_sha256,
         "node_cert_ttl": svc.node_ttl.total_seconds(),
+        "database": svc.store.engine.dialect.name,
+        "processes": svc.processes,
     }
 
 
@@ -61,13 +63,13 @@ async def crl(
         authority = svc.cluster_ca(cluster, create=False)
         if authority is None:
             raise StoreError(404, f"no CA for cluster {cluster!r}")
-        pem = svc.crl_pem(authority, store.revoked(cluster))
+        pem = svc.crl_pem(authority, await svc.db(store.revoked, cluster))
         return Response(pem, media_type="application/pkix-crl")
-    root = ca.retired() + ([] if ca.per_cluster else store.revoked())
+    root = ca.retired() + ([] if ca.per_cluster else await svc.db(store.revoked))
     parts = [svc.crl_pem(ca, root)]
     for name, authority in ca.cluster_cas().items():
         if authority is not ca:
-            parts.append(svc.crl_pem(authority, store.revoked(name)))
+            parts.append(svc.crl_pem(authority, await svc.db(store.revoked, name)))
     parts += ca.final_crls()
     return Response(b"".join(parts), media_type="application/pkix-crl")
 
@@ -79,8 +81,14 @@ async def enrol(svc: Svc, body: EnrolRequest, request: Request) -> dict[str, Any
     # bridge gets its address by DHCP after the pool made it)
     peer = request.client.host if request.client is not None else None
     try:
-        pem, revoked = svc.store.enrol(
-            body.cluster, body.node, body.token, digest, svc.signer(body.csr), peer=peer
+        pem, revoked = await svc.db(
+            svc.store.enrol,
+            body.cluster,
+            body.node,
+            body.token,
+            digest,
+            svc.signer(body.csr),
+            peer=peer,
         )
     except StoreError as e:
         if e.status == 401:
@@ -93,7 +101,7 @@ async def enrol(svc: Svc, body: EnrolRequest, request: Request) -> dict[str, Any
     if revoked:
         svc.forget_identities()
     log.info("enrolled %s/%s", body.cluster, body.node)
-    svc.cluster_waiters.notify(body.cluster)
+    svc.wake_cluster(body.cluster)
     return svc.issued(body.cluster, pem)
 
 
@@ -109,8 +117,8 @@ async def pair(svc: Svc, body: PairRequest) -> dict[str, Any]:
     digest = hashlib.sha256(body.csr.encode()).hexdigest()
     try:
         check_unnamed_csr(body.csr.encode())
-        cluster, node, pem, revoked = svc.store.pair(
-            body.pin, digest, body.address, svc.signer(body.csr)
+        cluster, node, pem, revoked = await svc.db(
+            svc.store.pair, body.pin, digest, body.address, svc.signer(body.csr)
         )
     except WrongPin:
         await asyncio.sleep(WRONG_PIN_DELAY)
@@ -121,7 +129,7 @@ async def pair(svc: Svc, body: PairRequest) -> dict[str, Any]:
     if revoked:
         svc.forget_identities()
     log.info("paired %s/%s%s", cluster, node, f" at {body.address}" if body.address else "")
-    svc.cluster_waiters.notify(cluster)
+    svc.wake_cluster(cluster)
     return {**svc.issued(cluster, pem), "cluster": cluster, "node": node}
 
 
@@ -138,17 +146,22 @@ async def rejoin(svc: Svc, body: RejoinRequest) -> dict[str, Any]:
         log.warning("re-join of %s refused: %s", where, e)
         raise StoreError(403, f"re-join of {where} refused: {e}") from None
     try:
-        new = svc.store.rejoin(
-            body.cluster, body.node, serial, svc.signer(body.csr), grace=svc.rejoin_grace
+        new = await svc.db(
+            svc.store.rejoin,
+            body.cluster,
+            body.node,
+            serial,
+            svc.signer(body.csr),
+            grace=svc.rejoin_grace,
         )
     except PkiError as e:  # the new CSR
         log.warning("re-join of %s refused: %s", where, e)
         raise StoreError(400, f"re-join of {where} refused: {e}") from None
     except StoreError as e:  # the node proved who it is, but may no longer come back
         log.warning("%s", e)
-        svc.store.refused(body.cluster, body.node, str(e))
-        svc.cluster_waiters.notify(body.cluster)
+        await svc.db(svc.store.refused, body.cluster, body.node, str(e))
+        svc.wake_cluster(body.cluster)
         raise
     log.info("re-joined %s with certificate %s", where, new.serial)
-    svc.cluster_waiters.notify(body.cluster)
+    svc.wake_cluster(body.cluster)
     return svc.issued(body.cluster, new.pem)
