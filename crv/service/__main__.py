@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
+from crv.base.errors import CrvError
 from crv.base.home import Home
 from crv.base.netns import netns_path
 from crv.service.server import serve
@@ -25,4 +27,8 @@ for item in args.netns_listen:
     if not name or not address:
         parser.error(f"--netns-listen {item!r}: give NAMESPACE=ADDRESS")
     netns.append((netns_path(name), address))
-serve(Home.from_env(), args.host, args.port, netns)
+try:
+    serve(Home.from_env(), args.host, args.port, netns)
+except CrvError as e:  # a refused setting or an unusable database: one line, not a traceback
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)

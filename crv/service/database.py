@@ -13,7 +13,8 @@ hot routes' queries are prepared statements without code of ours.
 Schema changes are Alembic revisions (crv/service/migrations). A new database is made from the
 tables' definitions and stamped with the newest revision (Alembic's recipe for a database built
 from scratch); a database stamped before goes through `upgrade head`; one from before Alembic
-(SQLite homes of earlier crv versions) gets its missing tables and columns, then the stamp. On
+(SQLite homes of earlier crv versions) gets its missing tables and columns, which brings it to
+the first revision (0001), and then the revisions since. On
 PostgreSQL the migration holds an advisory lock, so services starting together migrate once.
 
 The URL's password never leaves this module in clear: `redact` is what errors and logs show.
@@ -218,15 +219,22 @@ def upgrade(engine: Engine) -> str:
     from crv.service.store import METADATA, add_missing_columns
 
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines on every start
-    with engine.begin() as c:
+    connection = engine.connect()
+    if is_postgres(engine):  # each statement sees what the lock's previous holder committed
+        connection = connection.execution_options(isolation_level="READ COMMITTED")
+    with connection as c, c.begin():
         if is_postgres(engine):  # SQLite has one service process: nobody to wait for
             c.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_LOCK_ID})")
         config = _alembic(c)
         current = MigrationContext.configure(c).get_current_revision()
-        if current is None:
-            METADATA.create_all(c)  # what is missing; a home from before Alembic keeps its rows
-            add_missing_columns(c)
+        if current is None and not sa.inspect(c).has_table("clusters"):
+            METADATA.create_all(c)  # a new database: made as it is now
             command.stamp(config, "head")
+        elif current is None:  # from before migrations: what it lacks, then the baseline's
+            METADATA.create_all(c)  # stamp, then the revisions since
+            add_missing_columns(c)
+            command.stamp(config, "0001")
+            command.upgrade(config, "head")
         elif current != head():
             command.upgrade(config, "head")
     return head()

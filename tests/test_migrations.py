@@ -1,0 +1,125 @@
+"""The store's schema through Alembic (crv.service.database.upgrade), on SQLite and on a real
+PostgreSQL: a new database is made and stamped with the newest revision; one stamped at an
+older revision is upgraded; one from before crv had migrations keeps its rows, gets what it
+lacks and the stamp; services starting together migrate once."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+
+from crv.service import database
+from crv.service.database import head, open_engine, revision, upgrade
+from crv.service.store import METADATA, Store
+
+INDEX = "ix_certificates_cluster_node"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    if request.param == "sqlite":
+        return tmp_path / "state.db"
+    url: str = request.getfixturevalue("fresh_database")
+    return url
+
+
+def _engine(target: Path | str) -> sa.Engine:
+    return open_engine(target, migrate=False)
+
+
+def indexes(engine: sa.Engine) -> set[str]:
+    with engine.connect() as c:
+        return {i["name"] for i in sa.inspect(c).get_indexes("certificates") if i["name"]}
+
+
+def test_a_new_database_is_made_at_the_newest_revision(target: Path | str) -> None:
+    engine = open_engine(target)
+    try:
+        assert revision(engine) == head() == "0002"
+        assert INDEX in indexes(engine)
+        Store(engine).put_cluster(
+            "c", appliance="x", source="d", pool="local", parameters={}, roles={}, bundle=b"b"
+        )
+        assert upgrade(engine) == head()  # again: nothing to do, nothing lost
+        assert [c["name"] for c in Store(engine).list_clusters()] == ["c"]
+    finally:
+        engine.dispose()
+
+
+def test_a_database_stamped_at_the_first_revision_gets_the_index(target: Path | str) -> None:
+    engine = _engine(target)
+    try:
+        with engine.begin() as c:
+            METADATA.create_all(c)
+            c.execute(sa.text(f"DROP INDEX {INDEX}"))
+            command.stamp(database._alembic(c), "0001")
+        assert INDEX not in indexes(engine)
+        assert revision(engine) == "0001"
+        upgrade(engine)
+        assert revision(engine) == "0002"
+        assert INDEX in indexes(engine)
+    finally:
+        engine.dispose()
+
+
+def test_a_database_from_before_migrations_keeps_its_rows(target: Path | str) -> None:
+    """Tables as an older crv made them (no timings column, no index, no alembic_version)."""
+    engine = _engine(target)
+    try:
+        old = sa.MetaData()
+        for table in METADATA.sorted_tables:
+            columns = [
+                c._copy() for c in table.columns if (table.name, c.name) != ("nodes", "timings")
+            ]
+            sa.Table(table.name, old, *columns)
+        with engine.begin() as c:
+            old.create_all(c)
+            c.execute(
+                sa.text(
+                    "INSERT INTO autoscaling (cluster, enabled, every, updated_at) "
+                    "VALUES ('keep', true, 30, CURRENT_TIMESTAMP)"
+                )
+            )
+        upgrade(engine)
+        assert revision(engine) == head()
+        with engine.connect() as c:
+            have = {col["name"] for col in sa.inspect(c).get_columns("nodes")}
+        assert "timings" in have
+        assert INDEX in indexes(engine)
+        assert Store(engine).autoscaling()[0]["cluster"] == "keep"
+    finally:
+        engine.dispose()
+
+
+def test_services_starting_together_migrate_once(fresh_database: str) -> None:
+    """Four engines upgrade a new PostgreSQL database at once: the advisory lock lets one make
+    it; the others find it stamped."""
+    engines = [_engine(fresh_database) for _ in range(4)]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(upgrade, engines))
+        assert results == [head()] * 4
+        with engines[0].connect() as c:
+            stamps = c.execute(sa.text("SELECT count(*) FROM alembic_version")).scalar()
+        assert stamps == 1
+    finally:
+        for e in engines:
+            e.dispose()
+
+
+def test_crv_tables_stay_out_of_the_public_schema(fresh_database: str) -> None:
+    """Prefect's server keeps its tables (among them `events` and `alembic_version`) in
+    `public` of the same database: crv's are in their own schema."""
+    engine = open_engine(fresh_database)
+    try:
+        with engine.connect() as c:
+            public = sa.inspect(c).get_table_names(schema="public")
+            mine = sa.inspect(c).get_table_names(schema=database.SCHEMA)
+        assert not {"events", "alembic_version", "clusters"} & set(public)
+        assert {"events", "alembic_version", "clusters", "nodes"} <= set(mine)
+    finally:
+        engine.dispose()
