@@ -4,6 +4,14 @@
 `deploy-appliance/crv`, `scale-role/crv`, `destroy-cluster/crv` and `repair-cluster/crv`.
 `autoscale_deployment()` builds the per-cluster `autoscale/<cluster>` ones that the serve process
 adds while it runs, for the clusters with autoscaling enabled (deployments.serve).
+
+With a work pool (CRV_WORK_POOL, `build(work_pool=...)`) the same deployments are registered to
+that Prefect work pool instead, for `crv worker` / `prefect worker start --pool NAME` to run on
+any machine where crv is installed: their entry points are module paths (`flows.deploy.
+deploy_appliance`, imported from the installed package; no code storage, no pull steps), they
+carry the tag `crv-worker`, and their runs send a heartbeat every HEARTBEAT_SECONDS (a job
+variable, so a bare `prefect worker start` gives it too), by which the server marks Crashed a
+run whose worker died (deployments.serve.ensure_crash_detection).
 Each enforces its parameter schema, completed by `deployments.forms` from the catalog and the
 pools, so the Prefect UI renders a real form and the API refuses bad input when a run is
 created. `DEPLOYMENTS` is the list to extend.
@@ -26,6 +34,7 @@ if TYPE_CHECKING:
 
 NAME = "crv"  # every deployment is <flow name>/crv
 TAGS = ["crv"]
+WORKER_TAG = "crv-worker"  # the deployments of a work pool, and so their runs (module doc)
 
 Form = Callable[[forms.Schema, Mapping[str, forms.CatalogEntry], list[str]], forms.Schema]
 
@@ -87,8 +96,27 @@ def names() -> list[str]:
     return [spec.full_name for spec in DEPLOYMENTS]
 
 
-def build(catalog: Mapping[str, forms.CatalogEntry] | None = None) -> list[RunnerDeployment]:
-    """The RunnerDeployments, their forms completed from the catalog and the known pools."""
+def on_work_pool(work_pool: str | None) -> dict[str, Any]:
+    """What `to_deployment` takes to put a deployment on `work_pool` (module doc); nothing for a
+    served one."""
+    if work_pool is None:
+        return {}
+    from prefect.types.entrypoint import EntrypointType
+
+    from crv.base.running import HEARTBEAT_SECONDS
+
+    return {
+        "work_pool_name": work_pool,
+        "entrypoint_type": EntrypointType.MODULE_PATH,
+        "job_variables": {"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS)}},
+    }
+
+
+def build(
+    catalog: Mapping[str, forms.CatalogEntry] | None = None, *, work_pool: str | None = None
+) -> list[RunnerDeployment]:
+    """The RunnerDeployments, their forms completed from the catalog and the known pools;
+    served, or on `work_pool` (module doc)."""
     from prefect.utilities.callables import ParameterSchema
     from pydantic import ConfigDict
 
@@ -112,7 +140,11 @@ def build(catalog: Mapping[str, forms.CatalogEntry] | None = None) -> list[Runne
         if spec.catalog_in_description:
             description += f"\n\nThe catalog:\n\n{forms.appliance_table(entries)}"
         deployment: RunnerDeployment = flow.to_deployment(
-            name=NAME, description=description, tags=TAGS, enforce_parameter_schema=True
+            name=NAME,
+            description=description,
+            tags=TAGS if work_pool is None else [*TAGS, WORKER_TAG],
+            enforce_parameter_schema=True,
+            **on_work_pool(work_pool),
         )
         generated = deployment._parameter_openapi_schema.model_dump()
         form = spec.form(generated, entries, pools)
@@ -124,8 +156,11 @@ def build(catalog: Mapping[str, forms.CatalogEntry] | None = None) -> list[Runne
 AUTOSCALE_FLOW = "autoscale"
 
 
-async def autoscale_deployment(cluster: str, every: float) -> RunnerDeployment:
-    """The scheduled `autoscale/<cluster>` deployment: one autoscale run every `every` s."""
+async def autoscale_deployment(
+    cluster: str, every: float, work_pool: str | None = None
+) -> RunnerDeployment:
+    """The scheduled `autoscale/<cluster>` deployment: one autoscale run every `every` s;
+    served, or on `work_pool` like the others."""
     from flows.autoscale import autoscale
 
     deployment: RunnerDeployment = await autoscale.ato_deployment(
@@ -136,7 +171,40 @@ async def autoscale_deployment(cluster: str, every: float) -> RunnerDeployment:
         "metric, decide, resize; every decision is in the `autoscale-<cluster>` artifact and "
         f"`crv autoscale status {cluster}`. Pause it here to stop autoscaling for a while; "
         f"`crv autoscale disable {cluster}` removes it.",
-        tags=[*TAGS, "autoscale"],
+        tags=[*TAGS, "autoscale"] + ([] if work_pool is None else [WORKER_TAG]),
         enforce_parameter_schema=True,
+        **on_work_pool(work_pool),
     )
     return deployment
+
+
+def ready(api_url: str, since: float, auth: str | None, work_pool: str | None) -> bool:
+    """Whether the process started at `since` has done its part (without importing Prefect):
+    served, every deployment was polled for runs by it (Prefect keeps a deployment `READY` for
+    a while after its last poll, so an older poll does not count); on a work pool, every
+    deployment is registered to that pool by it (the workers poll, whenever they run)."""
+    import json
+    import urllib.request
+    from datetime import datetime
+
+    from crv.base.running import request_with_auth
+
+    def when(iso: str) -> float:  # "Z": Python < 3.11
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+    for full_name in names():
+        request = request_with_auth(f"{api_url}/deployments/name/{full_name}", auth)
+        try:
+            with urllib.request.urlopen(request, timeout=2) as r:
+                found = json.load(r)
+            if work_pool is None:
+                stamp = found.get("last_polled")
+            elif found.get("work_pool_name") == work_pool:
+                stamp = found.get("updated")
+            else:
+                return False
+            if not stamp or when(stamp) < since:
+                return False
+        except (OSError, ValueError):
+            return False
+    return True

@@ -36,16 +36,15 @@ from pydantic import Field
 from crv.appliance.loader import NOT_SCALED, Appliance, load_recorded
 from crv.appliance.spec import Scaling
 from crv.base.errors import CrvError
-from crv.base.home import Home
 from crv.engine import autoscale as policy
-from crv.engine.placement import Drivers, recorded
+from crv.engine.placement import recorded
 from crv.engine.stages import Timeouts
 from crv.service.client import AsyncService, ServiceError
 from crv.service.models import ClusterStatus
-from flows.converge import WAIT, DeployFailed, require_cluster, running_service
+from flows.converge import WAIT, DeployFailed, require_cluster, running_service, running_site
 from flows.locks import ClusterBusy, cluster_change
 from flows.scale import resize
-from tasks.pools import pool_capacities
+from tasks.pools import pool_capacities, site_drivers
 
 HTTP_LIMIT = 64 * 1024  # bytes of an HTTP metric's answer that are read
 HTTP_TIMEOUT = 10.0
@@ -194,7 +193,7 @@ class _Run:
         )
         if d.action == "grow":  # the pools of the group, in order, may not have that much room
             order = recorded(status, loaded).order(name)
-            room = await pool_capacities(Drivers(Home.from_env()), order)
+            room = await pool_capacities(site_drivers(running_site()), order)
             d = policy.within_room(d, room, memory)
         if d.action == "none":
             await self.record(name, d)

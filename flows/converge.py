@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from prefect import get_run_logger
 from prefect.artifacts import (
     acreate_progress_artifact,
@@ -42,9 +44,13 @@ from crv.engine.placement import Drivers, NoCapacity, Placement, recorded
 from crv.engine.stages import ClusterRun, Timeouts
 from crv.service.client import AsyncService, Service, ServiceError
 from crv.service.models import ClusterStatus, NodeStatus
-from crv.service.pki import CertificateAuthority
 from flows import events
-from tasks.pools import destroy_machine, teardown_cluster
+from tasks.pools import (
+    destroy_machine,
+    refuse_machine_local,
+    site_drivers,
+    teardown_cluster,
+)
 from tasks.stages import BY_KIND
 from tasks.stages import drain as drain_roles
 
@@ -103,12 +109,26 @@ def raise_if_kept(result: dict[str, Any]) -> None:
         raise DeployFailed(message)
 
 
+def running_site() -> daemons.Site:
+    """Where this run finds crv: CRV_HOME's daemons on the crv machine, or the worker
+    configuration (CRV_WORKER_CONFIG) on a Prefect worker elsewhere (crv.base.running)."""
+    try:
+        return daemons.find_site()
+    except daemons.DaemonError as e:
+        raise DeployFailed(str(e)) from None
+
+
 def running_service() -> tuple[Home, daemons.Endpoints]:
-    home = Home.from_env()
-    endpoints = daemons.running(home)
-    if endpoints is None:
-        raise DeployFailed(f"the crv service is not running for {home.root}: run `crv up`")
-    return home, endpoints
+    site = running_site()
+    return site.home, site.endpoints
+
+
+def ca_bundle(home: Home) -> tuple[str, str]:
+    """The CA certificate (PEM) and its SHA-256 fingerprint, what a node's bootstrap pins: read
+    from the certificate alone (a worker elsewhere has no CA key, and needs none)."""
+    cert = x509.load_pem_x509_certificate(home.ca_file.read_bytes())
+    pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+    return pem, cert.fingerprint(hashes.SHA256()).hex()
 
 
 async def converge(
@@ -131,14 +151,15 @@ async def converge(
     everything for a run again to resume from; `rollback` removes what this run added and
     converges the cluster back to what was recorded before it (or removes it, if it is new).
     `remove_first` names the nodes a shrink should take first (crv.appliance.plan.members)."""
-    home, endpoints = running_service()
-    service = AsyncService(home, endpoints.service_url)
+    site = running_site()
+    refuse_machine_local(site, placement.names())
+    service = AsyncService(site.home, site.endpoints.service_url)
     try:
         before = await status_of(service, cluster)
         appliance = with_counts(loaded, counts)
         existing = [(n["name"], n["group"]) for n in before["nodes"]] if before else []
         indices = members(appliance, cluster, existing, remove_first)
-        change = _Change(home, endpoints, service, cluster, placement, timeouts, retries)
+        change = _Change(site, service, cluster, placement, timeouts, retries)
         try:
             return await change.run(loaded, counts, indices, drain=True)
         except DeployFailed as e:
@@ -177,17 +198,16 @@ class _Change:
 
     def __init__(
         self,
-        home: Home,
-        endpoints: daemons.Endpoints,
+        site: daemons.Site,
         service: AsyncService,
         cluster: str,
         placement: Placement,
         timeouts: Timeouts,
         retries: int,
     ) -> None:
-        self.home, self.endpoints, self.service = home, endpoints, service
+        self.home, self.endpoints, self.service = site.home, site.endpoints, service
         self.cluster, self.placement = cluster, placement
-        self.drivers = Drivers(home)
+        self.drivers = site_drivers(site)
         self.timeouts, self.retries = timeouts, retries
         self.logger = get_run_logger()
 
@@ -254,15 +274,15 @@ class _Change:
         }
 
     def _cluster_run(self, plan: Plan, counts: dict[str, int]) -> ClusterRun:
-        ca = CertificateAuthority.create_or_load(self.home.ca_dir)
+        ca_pem, ca_sha256 = ca_bundle(self.home)
         return ClusterRun(
             plan,
             self.placement,
             self.drivers,
             self.service,
             service_url=self.endpoints.service_url,
-            ca_pem=ca.certificate_pem.decode(),
-            ca_sha256=ca.fingerprint_sha256,
+            ca_pem=ca_pem,
+            ca_sha256=ca_sha256,
             ca_file=str(self.home.ca_file),
             timeouts=self.timeouts,
             counts=counts,

@@ -29,10 +29,11 @@ from flows.converge import (
     OnFailure,
     converge,
     raise_if_kept,
-    running_service,
+    running_site,
     status_of,
 )
 from flows.locks import cluster_change
+from tasks.pools import refuse_machine_local
 
 __all__ = ["PROGRESS_LISTENERS", "STARTED_LISTENERS", "deploy_appliance"]
 
@@ -80,11 +81,13 @@ async def deploy_appliance(
 ) -> dict[str, Any]:
     for listener in STARTED_LISTENERS:
         listener(str(flow_run.id))
-    home, endpoints = running_service()
+    site = running_site()
+    home, endpoints = site.home, site.endpoints
     loaded = load_appliance(locate(appliance), parameters or {})
     cluster = name or loaded.name
     expand(with_counts(loaded, counts or {}), cluster)  # bad input fails before the wait
     placement = place(loaded, pool, pools)
+    refuse_machine_local(site, placement.names())  # on a worker elsewhere: not the local pool
     check(home, loaded, placement, pools)
     if autoscale_every is not None and not loaded.scaled:
         raise DeployFailed(f"autoscale_every: appliance {loaded.name}: {NOT_SCALED}")

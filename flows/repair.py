@@ -19,7 +19,7 @@ from pydantic import Field
 
 from crv.appliance.loader import load_recorded
 from crv.engine.converge import remake
-from crv.engine.placement import Drivers, lapsed, recorded
+from crv.engine.placement import lapsed, recorded
 from crv.engine.stages import Timeouts
 from crv.service.client import AsyncService
 from flows import events
@@ -29,10 +29,10 @@ from flows.converge import (
     converge,
     raise_if_kept,
     require_cluster,
-    running_service,
+    running_site,
 )
 from flows.locks import cluster_change
-from tasks.pools import destroy_machine, pool_drift
+from tasks.pools import destroy_machine, pool_drift, site_drivers
 
 
 @flow(name="repair-cluster", persist_result=False, log_prints=True)
@@ -44,8 +44,9 @@ async def repair_cluster(
     wait: Annotated[float | None, WAIT] = None,
 ) -> dict[str, Any]:
     logger = get_run_logger()
-    home, endpoints = running_service()
-    drivers = Drivers(home)
+    site = running_site()
+    home, endpoints = site.home, site.endpoints
+    drivers = site_drivers(site)
     async with cluster_change(name, wait=wait):
         status = await require_cluster(name)
         found = await pool_drift(drivers, status)

@@ -5,7 +5,13 @@ Each daemon leaves `<dir>/daemon.json` (pid, its start time, url). "Running" mea
 alive with the same start time (pids are reused) and answers its health check. The Prefect API
 requires HTTP basic auth (`user:password` in `prefect/api-auth`, made by `crv up`) unless
 CRV_PREFECT_AUTH=off. Read by the CLI, the deployments, the flows and the tasks; started and
-stopped by `crv_cli.daemons`."""
+stopped by `crv_cli.daemons`.
+
+Flows find the service through a `Site` (`find_site`): on the crv machine, CRV_HOME's records
+(exactly as above); on a Prefect worker elsewhere, the worker configuration directory that
+`crv worker-config DIR` wrote (CRV_WORKER_CONFIG=DIR): the same files laid out as a CRV_HOME
+(the CA certificate, the admin certificate and key, pools.yaml, the pools' state) and the
+service's URL in `worker.json`. docs/workers.md says what runs where."""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import base64
 import functools
 import json
 import os
+import re
 import ssl
 import time
 import urllib.error
@@ -234,3 +241,126 @@ def running(home: Home, patience: float = BUSY_PATIENCE) -> Endpoints | None:
         return None
     prefect = running_url(prefect_record(home), functools.partial(prefect_healthy, home), patience)
     return Endpoints(service, prefect) if service and prefect else None
+
+
+# -- the deployments on a Prefect work pool, and the workers that run them -----------------------
+
+ENV_WORK_POOL = "CRV_WORK_POOL"
+ENV_WORKER_CONFIG = "CRV_WORKER_CONFIG"
+WORKER_FILE = "worker.json"  # in a worker configuration directory: the service's URL, ...
+WORKER_ENV_FILE = "worker.env"  # ... and what Prefect's clients need (the auth string: 0600)
+# Prefect's shortest heartbeat (it refuses less than 30 s): runs on a work pool send one every
+# 30 s, and the server marks a run whose heartbeats stopped for HEARTBEAT_GRACE Crashed
+# (deployments.serve makes that automation)
+HEARTBEAT_SECONDS = 30
+HEARTBEAT_GRACE = 90
+_POOL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def work_pool() -> str | None:
+    """CRV_WORK_POOL: the Prefect work pool (process type) the deployments are registered to
+    instead of being served, run by `crv worker` / `prefect worker start --pool NAME` anywhere;
+    unset or empty: served by `crv up`'s own process (the default)."""
+    value = os.environ.get(ENV_WORK_POOL, "").strip()
+    if not value:
+        return None
+    if not _POOL_NAME.fullmatch(value):
+        raise DaemonError(
+            f"{ENV_WORK_POOL}={value!r}: a work pool name is letters, digits, '.', '_' and '-' "
+            "(up to 63, starting with a letter or digit)"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a flow run (or the process that registers the deployments) finds crv: the files its
+    service client and its pools use, laid out as a CRV_HOME (`home`: the home itself, or a
+    worker configuration directory), and the running service's and Prefect's URLs."""
+
+    home: Home
+    endpoints: Endpoints
+    worker_config: Path | None = None  # None: this machine's CRV_HOME
+
+    @property
+    def remote(self) -> bool:
+        """Read from a worker configuration: pools whose state is this CRV_HOME's (the local
+        pool) cannot be used from here."""
+        return self.worker_config is not None
+
+    def describe(self) -> str:
+        if self.worker_config is None:
+            return f"CRV_HOME {self.home.root}"
+        return f"worker configuration {self.worker_config}"
+
+
+def worker_files(root: Path) -> list[Path]:
+    """What a worker configuration directory holds (mode 0600 each, the directory 0700)."""
+    home = Home(root)
+    return [
+        root / WORKER_FILE, root / WORKER_ENV_FILE, home.ca_file, home.admin_cert, home.admin_key
+    ]  # fmt: skip
+
+
+def read_worker_config(root: Path) -> tuple[str, str, str | None]:
+    """(service URL, Prefect API URL, work pool) of a worker configuration directory; a missing
+    or unreadable part is one DaemonError naming the file and the field."""
+    root = root.expanduser().resolve()
+    if not root.is_dir():
+        raise DaemonError(f"{ENV_WORKER_CONFIG}={root}: not a directory (`crv worker-config DIR` "
+                          "on the crv machine writes one)")  # fmt: skip
+    for path in worker_files(root):
+        if not path.is_file():
+            raise DaemonError(f"{path}: missing; copy the whole directory `crv worker-config` "
+                              "wrote")  # fmt: skip
+    path = root / WORKER_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DaemonError(f"{path}: not JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise DaemonError(f"{path}: not a JSON object")
+    found = []
+    for field in ("service_url", "prefect_api_url"):
+        value = data.get(field)
+        if not isinstance(value, str) or not re.fullmatch(r"https?://\S+", value):
+            raise DaemonError(f"{path}: {field}: missing or not an http(s) URL")
+        found.append(value)
+    pool = data.get("work_pool")
+    if pool is not None and not (isinstance(pool, str) and _POOL_NAME.fullmatch(pool)):
+        raise DaemonError(f"{path}: work_pool: not a work pool name")
+    return found[0], found[1], pool
+
+
+def find_site(patience: float = BUSY_PATIENCE) -> Site:
+    """The site of this process: the worker configuration CRV_WORKER_CONFIG names, else
+    CRV_HOME's running daemons (as `running`). A DaemonError says what is missing."""
+    given = os.environ.get(ENV_WORKER_CONFIG, "").strip()
+    if not given:
+        home = Home.from_env()
+        endpoints = running(home, patience)
+        if endpoints is None:
+            raise DaemonError(f"the crv service is not running for {home.root}: run `crv up`")
+        return Site(home, endpoints)
+    root = Path(given).expanduser().resolve()
+    service_url, prefect_url, _ = read_worker_config(root)
+    home = Home(root)
+    # the API this process talks to (PREFECT_API_URL), if it was given another address
+    prefect_url = os.environ.get("PREFECT_API_URL") or prefect_url
+    deadline = time.monotonic() + patience
+    while True:
+        answer = service_healthy(home, service_url)
+        if answer:
+            return Site(home, Endpoints(service_url, prefect_url), root)
+        if answer is False:
+            raise DaemonError(
+                f"the crv service at {service_url} ({root / WORKER_FILE}) does not answer as the "
+                f"one whose CA is {home.ca_file}: run `crv worker-config` again on the crv machine"
+            )
+        if time.monotonic() >= deadline:
+            raise DaemonError(
+                f"the crv service at {service_url} ({root / WORKER_FILE}) does not answer from "
+                "this machine: is it running (`crv up`), and listening where workers reach it "
+                "(CRV_SERVICE_ADDRESS)?"
+            )
+        time.sleep(0.5)
