@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from crv.base.flock import exclusive
 from crv.base.processes import spawn, wait_ready
@@ -130,11 +130,23 @@ class SimOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     max_nodes: int | None = Field(default=None, ge=0, le=1_000_000)  # none: no limit
+    # where the sim host lives (its socket, its log), instead of CRV_HOME/pools/<name>: a path
+    # every process using the pool reaches, such as Prefect workers of this machine that have
+    # no CRV_HOME (docs/workers.md)
+    state_dir: str | None = Field(default=None, max_length=4096)
+
+    @field_validator("state_dir")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is not None and not os.path.isabs(value):
+            raise ValueError("an absolute path, the same for every process that uses the pool")
+        return value
 
 
 def configured(name: str, state_dir: Path, options: SimOptions) -> SimPool:
     """A sim pool that pools.yaml names (pools/config.py DRIVERS)."""
-    return SimPool(state_dir, name=name, max_nodes=options.max_nodes)
+    root = Path(options.state_dir) if options.state_dir else state_dir
+    return SimPool(root, name=name, max_nodes=options.max_nodes)
 
 
 class SimPool(MaxNodes):
