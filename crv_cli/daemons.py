@@ -38,7 +38,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,11 +50,11 @@ from crv.base.running import (
     prefect_record,
     read_auth,
     read_record,
-    request_with_auth,
     running_url,
     serve_record,
     service_healthy,
     service_record,
+    work_pool,
 )
 from crv.base.running import (  # and what `crv_cli.daemons` users read from it
     PREFECT_USER as PREFECT_USER,
@@ -257,6 +256,7 @@ def up(home: Home, *, serve: bool = True) -> Endpoints:
     url = database_url(home)
     service_processes(url is not None)  # a refused CRV_SERVICE_PROCESSES: one line, first
     prefect_workers(url is not None)
+    work_pool()  # a refused CRV_WORK_POOL: one line, before anything starts
     if url is not None and (
         read_record(service_record(home)) is None or read_record(prefect_record(home)) is None
     ):
@@ -552,23 +552,12 @@ def deployment_names() -> list[str]:
     return names()
 
 
-def _deployments_polled(api_url: str, since: float, auth: str | None) -> bool:
-    """Every deployment is registered and was polled for runs after `since` (by the process
-    just started, not one before it: Prefect keeps a deployment `READY` for a while)."""
-    for full_name in deployment_names():
-        request = request_with_auth(f"{api_url}/deployments/name/{full_name}", auth)
-        try:
-            with urllib.request.urlopen(request, timeout=2) as r:
-                polled = json.load(r).get("last_polled")
-            if not polled or _timestamp(polled) < since:
-                return False
-        except (OSError, ValueError):
-            return False
-    return True
+def _deployments_ready(api_url: str, since: float, auth: str | None) -> bool:
+    """Served: every deployment polled by the process just started; on a work pool
+    (CRV_WORK_POOL): every deployment registered to it by that process (deployments.ready)."""
+    from deployments import ready
 
-
-def _timestamp(iso: str) -> float:
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()  # Z: Python < 3.11
+    return ready(api_url, since, auth, work_pool())
 
 
 def served(home: Home, api_url: str) -> int | None:
@@ -598,7 +587,7 @@ def _start_serving(home: Home, api_url: str) -> str:
         [sys.executable, "-m", "deployments"],
         serve_env(home, api_url),
         api_url,
-        lambda url: _deployments_polled(url, since, api_auth(home)),
+        lambda url: _deployments_ready(url, since, api_auth(home)),
     )
 
 
