@@ -90,3 +90,46 @@ needs_ipmi_sim = pytest.mark.skipif(
     not os.access("/usr/bin/ipmi_sim", os.X_OK) and os.environ.get("CI") != "true",
     reason="OpenIPMI's ipmi_sim (Debian package openipmi) is not installed",
 )
+
+
+# A real PostgreSQL (issue 21), from Debian's package: one per test session and xdist worker, a
+# database of its own per test that asks for `fresh_database`.
+from collections.abc import Iterator  # noqa: E402
+
+from crv_cli.postgres import LocalPostgres, PostgresError, postgres_binaries  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def local_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPostgres]:
+    """The session's PostgreSQL, started; skips when Debian's postgresql is absent."""
+    try:
+        postgres_binaries()
+    except PostgresError as e:
+        pytest.skip(str(e))
+    server = LocalPostgres(tmp_path_factory.mktemp("postgres"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(local_postgres: LocalPostgres) -> str:
+    """A real PostgreSQL for this test session (per xdist worker): its URL (database `crv`,
+    role `crv`); skips when Debian's postgresql is absent."""
+    return local_postgres.url
+
+
+@pytest.fixture
+def fresh_database(local_postgres: LocalPostgres) -> Iterator[str]:
+    """A new empty database of the session's PostgreSQL (owner crv, with pg_trgm): its URL.
+    Dropped afterwards, its connections ended first."""
+    import secrets
+
+    name = f"t_{secrets.token_hex(6)}"
+    url = local_postgres.create_database(name)
+    try:
+        yield url
+    finally:
+        local_postgres.drop_database(name)
