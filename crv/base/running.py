@@ -262,11 +262,14 @@ def work_pool() -> str | None:
     instead of being served, run by `crv worker` / `prefect worker start --pool NAME` anywhere;
     unset or empty: served by `crv up`'s own process (the default)."""
     value = os.environ.get(ENV_WORK_POOL, "").strip()
-    if not value:
-        return None
+    return checked_work_pool(value, ENV_WORK_POOL) if value else None
+
+
+def checked_work_pool(value: str, source: str) -> str:
+    """`value` if it is a work pool name crv uses; else one DaemonError naming `source`."""
     if not _POOL_NAME.fullmatch(value):
         raise DaemonError(
-            f"{ENV_WORK_POOL}={value!r}: a work pool name is letters, digits, '.', '_' and '-' "
+            f"{source}={value!r}: a work pool name is letters, digits, '.', '_' and '-' "
             "(up to 63, starting with a letter or digit)"
         )
     return value
