@@ -846,12 +846,14 @@ from crv_cli.autoscale import autoscale_app  # noqa: E402  (these use the helper
 from crv_cli.baremetal import baremetal_app, pxe_app  # noqa: E402
 from crv_cli.image import image_app  # noqa: E402
 from crv_cli.lab import lab_app  # noqa: E402
+from crv_cli.worker import register as register_worker_commands  # noqa: E402
 
 app.add_typer(autoscale_app, name="autoscale")
 app.add_typer(baremetal_app, name="baremetal")
 app.add_typer(pxe_app, name="pxe")
 app.add_typer(lab_app, name="lab")
 app.add_typer(image_app, name="image")
+register_worker_commands(app)  # crv worker-config, crv worker (Prefect workers elsewhere)
 
 
 def main() -> None:
