@@ -257,9 +257,12 @@ def up(home: Home, *, serve: bool = True) -> Endpoints:
     service_processes(url is not None)  # a refused CRV_SERVICE_PROCESSES: one line, first
     prefect_workers(url is not None)
     work_pool()  # a refused CRV_WORK_POOL: one line, before anything starts
-    if url is not None and (
+    starting = (
         read_record(service_record(home)) is None or read_record(prefect_record(home)) is None
-    ):
+    )
+    if url is not None and starting:
+        if _has_local_postgres(home) and local_postgres(home).url == url:  # `crv down` since
+            local_postgres(home).start()
         prepare_database(url)
     auth = ensure_api_auth(home) if with_auth else None
     _stop_unguarded_prefect(home, auth)
@@ -290,7 +293,7 @@ def local_postgres(home: Home) -> LocalPostgres:
 
 
 def _has_local_postgres(home: Home) -> bool:
-    return (home.root / "postgres").is_dir()
+    return (home.root / "postgres" / "password").is_file()
 
 
 def choose_database(home: Home, given: str | None, *, postgres: bool = False) -> None:

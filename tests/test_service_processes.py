@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from crv.service.database import redact
+from crv_cli.postgres import LocalPostgres
 from tests.test_service_security import (
     Service,
     enrol,
@@ -37,8 +38,8 @@ PROCESSES = 2
 
 
 @pytest.fixture(scope="module")
-def database(postgres_server: object) -> str:
-    return postgres_server.create_database("svcprocs")  # type: ignore[attr-defined,no-any-return]
+def database(local_postgres: LocalPostgres) -> str:
+    return local_postgres.create_database("svcprocs")
 
 
 @pytest.fixture(scope="module")
