@@ -49,8 +49,8 @@ from crv.base.running import (
     running,
     work_pool,
 )
-from crv_cli.common import err_console, user_errors
 from crv_cli.common import home as cli_home
+from crv_cli.common import user_errors
 
 DEFAULT_POOL = "crv"
 
@@ -268,7 +268,7 @@ def register(app: typer.Typer) -> None:
               f"prefect worker start --pool {chosen} --type process")  # fmt: skip
         print("the local pool cannot be used from another machine (docs/workers.md)")
         for warning in warnings:
-            err_console.print(f"warning: {warning}", highlight=False)
+            print(f"warning: {warning}", file=sys.stderr)
 
     @app.command("worker")
     def worker(
@@ -298,11 +298,8 @@ def register(app: typer.Typer) -> None:
         if limit:
             argv += ["--limit", str(limit)]
         where = f"configuration {given}" if given else f"CRV_HOME {cli_home().root}"
-        err_console.print(
-            f"worker of work pool {chosen} against {env['PREFECT_API_URL']} ({where})",
-            highlight=False,
-        )
+        print(f"worker of work pool {chosen} against {env['PREFECT_API_URL']} ({where})",
+              file=sys.stderr, flush=True)  # fmt: skip
         sys.stdout.flush()
-        sys.stderr.flush()
         python = shutil.which(sys.executable) or sys.executable
         os.execve(python, argv, env)
