@@ -249,3 +249,47 @@ def test_an_unreachable_database_is_one_line_without_the_password(tmp_path: Path
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"error: database postgresql://crv:***@127.0.0.1:{port}/crv ")
     assert "Sup3rSecret" not in r.stderr + r.stdout
+
+
+def test_the_service_rides_out_a_postgresql_restart(
+    svc: Service, local_postgres: LocalPostgres
+) -> None:
+    """PostgreSQL restarts under the service: its pooled connections are dead. The next
+    requests are answered (a dropped connection is replaced and the transaction runs again),
+    and the processes listen to each other again (a poll still answers a change made
+    through the other process)."""
+    with svc.admin() as admin:
+        tokens = setup_cluster(svc, admin, "pr", nodes=[("pr-web-0", "web")])
+    creds = enrol(svc, "pr", "pr-web-0", tokens["pr-web-0"])
+    clients = spread_clients(svc, lambda: node_client(svc, creds), want=1)
+    try:
+        for c in clients:
+            assert c.get("/v1/work").status_code == 200
+        local_postgres.stop()
+        local_postgres.start()
+        after = clients[0].get("/v1/work").json()["generation"]
+        for c in clients:  # each process's pool: dead connections, replaced on use
+            assert c.get("/v1/work").status_code == 200
+        deadline = time.monotonic() + 10
+        while "listening for the other service processes again" not in svc.log.read_text():
+            assert time.monotonic() < deadline, "the bus did not listen again"
+            time.sleep(0.2)
+
+        def poll(c: httpx.Client) -> int:
+            r = c.get("/v1/work", params={"after": after, "wait": 25}, timeout=40)
+            assert r.status_code == 200, r.text
+            return int(r.json()["generation"])
+
+        with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
+            futures = [pool.submit(poll, c) for c in clients]
+            time.sleep(1.0)
+            with svc.admin() as admin:
+                r = admin.post(
+                    "/v1/admin/clusters/pr/roles",
+                    json={"updates": [{"node": "pr-web-0", "role": "web", "op": "release"}]},
+                )
+                assert r.status_code == 200, r.text
+            assert all(g > after for g in (f.result(timeout=5) for f in futures))
+    finally:
+        for c in clients:
+            c.close()

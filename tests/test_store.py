@@ -363,3 +363,29 @@ def test_a_node_without_an_address_gets_the_one_its_enrolment_came_from(store: S
     assert signed == ["10.77.1.5", "127.0.1.9"]  # a known address is kept
     addresses = {n["name"]: n["address"] for n in store.status("c")["nodes"]}
     assert addresses == {"c-g-0": "10.77.1.5", "c-g-1": "127.0.1.9"}
+
+
+def test_writers_of_one_cluster_take_turns(store: Store) -> None:
+    """Eight threads (as the service's store threads, or several service processes) add
+    attributes to one node's role at once, 320 keys against a cap of 256: exactly 256 are kept
+    and 64 refused. A check-then-insert that did not take turns (READ COMMITTED without the
+    cluster's lock on PostgreSQL) lets more through."""
+    import concurrent.futures
+
+    store.put_nodes("c", [node("n1", ["web"])])
+
+    def add(t: int) -> tuple[int, int]:
+        kept = refused = 0
+        for k in range(40):
+            try:
+                store.set_attribute("c", "n1", "web", f"k{t}-{k}", "v")
+                kept += 1
+            except StoreError as e:
+                assert e.status == 413
+                refused += 1
+        return kept, refused
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(add, range(8)))
+    assert sum(k for k, _ in results) == store_module.MAX_KEYS_PER_ROLE == 256
+    assert sum(r for _, r in results) == 320 - 256

@@ -4,9 +4,9 @@ names one. The store's code is the same for both (crv.service.store, SQLAlchemy 
 
 PostgreSQL: crv's tables live in the schema `crv_store` of the given database, so Prefect's
 server can use the same database (its tables stay in `public`; both have an `events` table and
-an `alembic_version`). Transactions are SERIALIZABLE, as SQLite's single writer makes them, and
-the store runs a transaction again when PostgreSQL refuses it as a serialization failure
-(crv.service.store.retried): several service processes then change the same rows safely.
+an `alembic_version`). Reads are REPEATABLE READ snapshots; the store's writes to one cluster
+go one at a time under an advisory lock (crv.service.store.Store._writing), as SQLite's single
+writer makes them, so several service processes change the same rows safely.
 psycopg 3 prepares a statement on the server after its fifth execution on a connection, so the
 hot routes' queries are prepared statements without code of ours.
 
@@ -129,6 +129,8 @@ def open_engine(target: Path | str, *, migrate: bool = True, pool_size: int = 10
 
 
 def _sqlite(path: Path) -> Engine:
+    from crv.service.store import WRITE_OPTION
+
     engine = sa.create_engine(f"sqlite:///{path}", future=True)
 
     @event.listens_for(engine, "connect")
@@ -139,6 +141,16 @@ def _sqlite(path: Path) -> Engine:
         cur.execute("PRAGMA busy_timeout=5000")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
+        # SQLAlchemy emits BEGIN itself (below): the driver's own began only before a write,
+        # so a transaction's reads ran outside it (two writers both read, then both wrote)
+        dbapi_conn.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        # a write transaction (the store's `_writing`) takes the write lock first, as the
+        # advisory lock does on PostgreSQL; a read is a snapshot
+        immediate = conn.get_execution_options().get(WRITE_OPTION, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
 
@@ -146,14 +158,17 @@ def _sqlite(path: Path) -> Engine:
 def _postgres(url: str, pool_size: int) -> Engine:
     engine = sa.create_engine(
         check_url(url),
-        isolation_level="SERIALIZABLE",
+        isolation_level="REPEATABLE READ",  # reads; the store's writes: crv.service.store
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,  # a connection PostgreSQL dropped (a restart) is replaced, not used
+        # no pre-ping (a round trip per checkout): a connection found dropped is replaced and
+        # the store's transaction runs again (crv.service.store._retried)
         connect_args={
             "connect_timeout": 5,
             "application_name": "crv-service",
-            "options": f"-c search_path={SCHEMA}",
+            # a commit does not wait for its WAL on disk: what PostgreSQL crashing may lose is
+            # the last fraction of a second, as SQLite's WAL with synchronous=NORMAL may
+            "options": f"-c search_path={SCHEMA} -c synchronous_commit=off",
         },
     )
     try:

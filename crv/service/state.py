@@ -288,7 +288,7 @@ class ServiceState:
 # -- FastAPI dependencies ---------------------------------------------------------------------
 
 
-def service(request: Request) -> ServiceState:
+async def service(request: Request) -> ServiceState:
     state: ServiceState = request.app.state.crv
     return state
 
