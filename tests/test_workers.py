@@ -79,7 +79,13 @@ class Site:
     workers: dict[str, Worker] = field(default_factory=dict)
 
     def request(self, method: str, path: str, **kw: Any) -> Any:
-        r = httpx.request(method, f"{self.api}{path}", auth=self.auth, timeout=30, **kw)
+        """One call to the Prefect API; a 503 (its SQLite database locked by a burst of writes,
+        as on a loaded machine) is tried again, backing off, as Prefect's own client does."""
+        for attempt in range(8):
+            r = httpx.request(method, f"{self.api}{path}", auth=self.auth, timeout=30, **kw)
+            if r.status_code != 503:
+                break
+            time.sleep(min(2**attempt, 16))
         assert r.status_code < 300, f"{method} {path}: {r.status_code} {r.text}"
         return r.json() if r.content else None
 
@@ -252,6 +258,32 @@ def test_worker_config_is_private_and_complete(site: Site) -> None:
         assert "prefect\0worker\0start" in cmdline and auth not in cmdline and key not in cmdline
         env = _environ(w.proc.pid)
         assert "CRV_HOME" not in env and env["CRV_WORKER_CONFIG"] == str(config)
+
+
+def test_the_local_pool_is_refused_on_a_worker_elsewhere(site: Site) -> None:
+    run_id = site.run("epsilon", pool="local")
+    final = site.wait_final(run_id)
+    assert final["state"]["type"] == "FAILED"
+    assert (
+        "pool: local: cannot be used by a Prefect worker on another machine"
+        in (final["state"]["message"])
+    ), final["state"]
+    assert site.crv("status", "epsilon", "--json").returncode != 0  # nothing was recorded
+
+
+def test_bad_worker_input_is_one_line(site: Site, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "CRV_HOME"}
+    for args, line in [
+        (["--config", str(tmp_path / "nope")], f"error: {tmp_path / 'nope'}: not a directory"),
+        (["--config", str(tmp_path)], f"error: {tmp_path / 'worker.json'}: missing"),
+        (["--config", str(site.config), "--pool", "a b"], "error: --pool='a b': a work pool"),
+    ]:
+        r = subprocess.run(
+            [sys.executable, "-m", "crv_cli", "worker", *args],
+            capture_output=True, text=True, env=env, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 2 and r.stderr.startswith(line), (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_two_clusters_on_two_workers(site: Site) -> None:

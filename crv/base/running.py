@@ -310,8 +310,8 @@ def read_worker_config(root: Path) -> tuple[str, str, str | None]:
     or unreadable part is one DaemonError naming the file and the field."""
     root = root.expanduser().resolve()
     if not root.is_dir():
-        raise DaemonError(f"{ENV_WORKER_CONFIG}={root}: not a directory (`crv worker-config DIR` "
-                          "on the crv machine writes one)")  # fmt: skip
+        raise DaemonError(f"{root}: not a directory (`crv worker-config DIR` on the crv machine "
+                          "writes one)")  # fmt: skip
     for path in worker_files(root):
         if not path.is_file():
             raise DaemonError(f"{path}: missing; copy the whole directory `crv worker-config` "
