@@ -742,7 +742,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--values", type=int, default=10, help="values each attribute read answers (10)"
     )
-    parser.add_argument("--database", metavar="URL", help=f"sets {ENV_DATABASE_URL}")
+    parser.add_argument(
+        "--database",
+        metavar="sqlite|postgresql|URL",
+        help=f"sqlite (the default), postgresql (a PostgreSQL of the benchmark's own, Debian's "
+        f"package, removed after) or a URL (sets {ENV_DATABASE_URL})",
+    )
     parser.add_argument("--processes", type=int, metavar="N", help=f"sets {ENV_PROCESSES}")
     parser.add_argument("--smoke", action="store_true", help="20 agents, 2 s, 1 client (CI)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -756,7 +761,15 @@ def main(argv: list[str] | None = None) -> None:
     out = sys.stderr if args.json else sys.stdout
 
     saved = dict(os.environ)
-    if args.database is not None:
+    local: Any = None
+    if args.database == "postgresql":
+        from crv_cli.postgres import LocalPostgres
+
+        local = LocalPostgres(Path(tempfile.mkdtemp(prefix="crv-bench-pg-")))
+        os.environ[ENV_DATABASE_URL] = local.start()
+    elif args.database == "sqlite":
+        os.environ.pop(ENV_DATABASE_URL, None)
+    elif args.database is not None:
         os.environ[ENV_DATABASE_URL] = args.database
     if args.processes is not None:
         os.environ[ENV_PROCESSES] = str(args.processes)
@@ -779,6 +792,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"bench_blackboard: {e}") from None
     finally:
         run.close()
+        if local is not None:
+            local.destroy()
+            shutil.rmtree(local.directory, ignore_errors=True)
         os.environ.clear()
         os.environ.update(saved)
     if args.json:
