@@ -293,3 +293,38 @@ def test_the_service_rides_out_a_postgresql_restart(
     finally:
         for c in clients:
             c.close()
+
+
+def test_a_locked_database_does_not_stop_the_service_answering(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """SQLite, one process: another program holds the database's write lock, so a node's
+    write waits in the store (up to its 5 s busy timeout). Meanwhile the service answers
+    health checks on new connections at once: the store's calls run off the event loop."""
+    import sqlite3
+
+    for one in started_service(tmp_path_factory):
+        with one.admin() as admin:
+            tokens = setup_cluster(one, admin, "lk", nodes=[("lk-web-0", "web")])
+        creds = enrol(one, "lk", "lk-web-0", tokens["lk-web-0"])
+        holder = sqlite3.connect(one.home.database, timeout=1, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            with (
+                node_client(one, creds) as c,
+                concurrent.futures.ThreadPoolExecutor(1) as pool,
+            ):
+                put = pool.submit(c.put, "/v1/attributes/web/k", json={"value": "v"})
+                time.sleep(0.5)
+                assert not put.done()  # waiting for the lock
+                slowest = 0.0
+                for _ in range(5):
+                    began = time.monotonic()
+                    with one.client() as h:
+                        assert h.get("/v1/health").status_code == 200
+                    slowest = max(slowest, time.monotonic() - began)
+                assert slowest < 0.5, f"a health check took {slowest:.2f} s"
+                holder.execute("ROLLBACK")
+                assert put.result(timeout=10).status_code == 204
+        finally:
+            holder.close()
