@@ -46,6 +46,7 @@ from crv.base.running import (
     checked_work_pool,
     prefect_env,
     read_worker_config,
+    registered_work_pool,
     running,
     work_pool,
 )
@@ -74,11 +75,13 @@ PoolOption = Annotated[
 ]
 
 
-def _chosen_pool(given: str | None) -> str:
-    """--pool, else CRV_WORK_POOL, else `crv`."""
+def _chosen_pool(given: str | None, home: Home | None = None) -> str:
+    """--pool, else the pool `crv up` registered the deployments to (of `home`), else
+    CRV_WORK_POOL, else `crv`."""
     if given is not None:
         return checked_work_pool(given, "--pool")
-    return work_pool() or DEFAULT_POOL
+    registered = registered_work_pool(home) if home is not None else None
+    return registered or work_pool() or DEFAULT_POOL
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -154,6 +157,13 @@ def write_config(home: Home, directory: Path, pool: str) -> list[str]:
     ]
     _write_private(directory / WORKER_ENV_FILE, ("\n".join(lines) + "\n").encode())
     warnings = []
+    registered = registered_work_pool(home)
+    if registered != pool:
+        now = f"registered to work pool {registered}" if registered else "served by `crv up`"
+        warnings.append(
+            f"the deployments are {now}: workers of {pool} get no runs until `crv down` and "
+            f"`CRV_WORK_POOL={pool} crv up`"
+        )
     if _loopback(endpoints.service_url):
         warnings.append(
             f"the crv service listens on {endpoints.service_url}: only workers on this machine "
@@ -251,7 +261,7 @@ def register(app: typer.Typer) -> None:
         pools.yaml; every file 0600) and say what to copy. It holds crv's admin key."""
         home = cli_home()
         with user_errors():
-            chosen = _chosen_pool(pool)
+            chosen = _chosen_pool(pool, home)
             warnings = write_config(home, directory, chosen)
         d = directory.expanduser().absolute()
         print(f"wrote {d} (mode 0700, every file 0600):")

@@ -112,6 +112,7 @@ async def _serve(deployments: list[RunnerDeployment]) -> None:
     )
     for d in deployments:
         await runner.aadd_deployment(d)
+    _record_work_pool(None)
     print(f"serving {', '.join(d.full_name for d in deployments)}", flush=True)
     watch = asyncio.create_task(AutoscaleWatch(runner.aadd_deployment).loop())
     try:
@@ -126,6 +127,7 @@ async def _register(deployments: list[RunnerDeployment], pool: str) -> None:
     await ensure_crash_detection()
     for d in deployments:
         await d.aapply(work_pool_name=pool)
+    _record_work_pool(pool)
     names = ", ".join(d.full_name for d in deployments)
     print(f"registered {names} to work pool {pool}; its workers run them", flush=True)
 
@@ -133,6 +135,18 @@ async def _register(deployments: list[RunnerDeployment], pool: str) -> None:
         return await d.aapply(work_pool_name=pool)
 
     await AutoscaleWatch(add, pool).loop()
+
+
+def _record_work_pool(pool: str | None) -> None:
+    """Say in CRV_HOME where the deployments went (crv.base.running.registered_work_pool)."""
+    from crv.base.home import Home
+    from crv.base.running import work_pool_record
+
+    record = work_pool_record(Home.from_env())
+    if pool is None:
+        record.unlink(missing_ok=True)
+    else:
+        record.write_text(f"{pool}\n")
 
 
 async def ensure_work_pool(pool: str) -> None:

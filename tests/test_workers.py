@@ -210,7 +210,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         assert "deploy-appliance/crv" in up.stdout
         made = crv("worker-config", str(s.config))
         assert made.returncode == 0, made.stderr
-        assert "crv worker --config" in made.stdout
+        assert "crv worker --config" in made.stdout and "get no runs" not in made.stderr
         for name in WORKERS:
             s.workers[name] = start_worker(s.config, name, root)
         end = time.monotonic() + 60
@@ -250,6 +250,7 @@ def test_worker_config_is_private_and_complete(site: Site) -> None:
     # the deployments are on the work pool, not served: module entry points, no storage
     d = site.request("GET", "/deployments/name/deploy-appliance/crv")
     assert d["work_pool_name"] == POOL and d["entrypoint"] == "flows.deploy.deploy_appliance"
+    assert (site.crv.home / "prefect" / "work-pool").read_text() == f"{POOL}\n"
     assert d["pull_steps"] == [] and "crv-worker" in d["tags"]
     # no secret on any worker's command line; neither has a CRV_HOME
     key = (config / "service/admin.key").read_text()

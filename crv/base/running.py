@@ -235,6 +235,23 @@ def serve_record(home: Home) -> Path:
     return home.prefect_dir / "serve.json"
 
 
+def work_pool_record(home: Home) -> Path:
+    """The work pool the deployments process registered the deployments to (its name, one
+    line); absent while it serves them (deployments.serve writes or removes it at start)."""
+    return home.prefect_dir / "work-pool"
+
+
+def registered_work_pool(home: Home) -> str | None:
+    """The work pool of the running deployments process, None when it serves them (or none
+    runs)."""
+    if read_record(serve_record(home)) is None:
+        return None
+    try:
+        return work_pool_record(home).read_text().strip() or None
+    except OSError:
+        return None
+
+
 def running(home: Home, patience: float = BUSY_PATIENCE) -> Endpoints | None:
     service = running_url(service_record(home), lambda u: service_healthy(home, u), patience)
     if service is None:
