@@ -436,7 +436,7 @@ def paused():
     return found
 
 serve._enabled = paused
-asyncio.run(serve.AutoscaleWatch(Runner()).tick())
+asyncio.run(serve.AutoscaleWatch(Runner().aadd_deployment).tick())
 wait(done)
 print("there" if _deployment({CLUSTER!r}) else "gone")
 """
