@@ -328,3 +328,32 @@ def test_a_locked_database_does_not_stop_the_service_answering(
                 assert put.result(timeout=10).status_code == 204
         finally:
             holder.close()
+
+
+def test_an_attribute_set_through_one_process_is_read_through_the_other(svc: Service) -> None:
+    """Each process keeps recent blackboard answers: a value set through one process reaches
+    readers on both at once (the set drops the other process's answers through the bus)."""
+    with svc.admin() as admin:
+        tokens = setup_cluster(svc, admin, "at", nodes=[("at-web-0", "web"), ("at-lb-0", "lb")])
+    web = enrol(svc, "at", "at-web-0", tokens["at-web-0"])
+    lb = enrol(svc, "at", "at-lb-0", tokens["at-lb-0"])
+    readers = spread_clients(svc, lambda: node_client(svc, lb), want=1)
+    try:
+        with node_client(svc, web) as writer:
+            for value in ("one", "two", "three"):
+                for r in readers:  # every process has the old answer (or none) at hand
+                    assert r.get("/v1/attributes/web/port").status_code == 200
+                assert (
+                    writer.put("/v1/attributes/web/port", json={"value": value}).status_code == 204
+                )
+                deadline = time.monotonic() + 0.5
+                for r in readers:
+                    while True:
+                        got = r.get("/v1/attributes/web/port").json()["values"]
+                        if got == [{"node": "at-web-0", "value": value}]:
+                            break
+                        assert time.monotonic() < deadline, f"{got} after setting {value}"
+                        time.sleep(0.01)
+    finally:
+        for r in readers:
+            r.close()

@@ -48,6 +48,51 @@ class NodeCaller:
     roles: tuple[str, ...]
 
 
+ANSWER_TTL = 1.0  # seconds a hot read's answer is reused at most (also dropped on any change)
+
+
+class Answers:
+    """Recent answers of the hot reads (an agent's poll, a blackboard read), per cluster, for
+    at most ANSWER_TTL seconds, and dropped as soon as anything of their cluster changes here or
+    in another service process: agents polling a steady cluster cost no store call.
+
+    A read takes the cluster's version before it goes to the store; its answer is kept only if
+    no change came in meanwhile (a change committed during the read is never hidden)."""
+
+    def __init__(self, ttl: float = ANSWER_TTL, most: int = 50_000) -> None:
+        self.ttl, self.most = ttl, most
+        self._kept: dict[str, dict[Any, tuple[float, Any]]] = {}
+        self._versions: dict[str, int] = {}
+        self._size = 0
+
+    def get(self, cluster: str, key: Any) -> Any:
+        entry = self._kept.get(cluster, {}).get(key)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def version(self, cluster: str) -> int:
+        return self._versions.get(cluster, 0)
+
+    def put(self, cluster: str, key: Any, value: Any, version: int) -> None:
+        if version != self.version(cluster):
+            return
+        if self._size >= self.most:
+            self.drop()
+        self._kept.setdefault(cluster, {})[key] = (time.monotonic() + self.ttl, value)
+        self._size += 1
+
+    def drop(self, cluster: str | None = None) -> None:
+        if cluster is None:
+            for name in self._kept:
+                self._versions[name] = self.version(name) + 1
+            self._kept.clear()
+            self._size = 0
+            return
+        self._versions[cluster] = self.version(cluster) + 1
+        self._size -= len(self._kept.pop(cluster, {}))
+
+
 class ServiceState:
     """One per app (`app.state.crv`), so one per service process.
 
@@ -82,6 +127,8 @@ class ServiceState:
         self.cluster_cas: dict[str, CertificateAuthority] = {}
         # cluster -> its roles' spec (who may read whose attributes), dropped when it changes
         self.cluster_roles: dict[str, dict[str, Any]] = {}
+        self.work_answers = Answers()  # (cluster) node -> its /v1/work answer
+        self.attribute_answers = Answers()  # (cluster) (role, key) -> the values
 
     async def db(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """`call(*args, **kwargs)` (a store method) on a store thread."""
@@ -98,6 +145,14 @@ class ServiceState:
     def deliver(self, message: Message) -> None:
         """Act on a change made here or in another service process."""
         kind, names = message[0], message[1:]
+        if kind == "all":
+            self.work_answers.drop()
+            self.attribute_answers.drop()
+        elif kind != "forget" or names:  # anything of these clusters may have changed
+            cluster = names[0] if kind != "forget" else None
+            for name in [cluster] if cluster is not None else names:
+                self.work_answers.drop(name)
+                self.attribute_answers.drop(name)
         if kind == "node":
             self.node_waiters.notify((names[0], names[1]))
         elif kind == "nodes":  # every node of the cluster (its bundle or spec changed)
@@ -128,6 +183,10 @@ class ServiceState:
 
     def wake_cluster(self, cluster: str) -> None:
         self._tell(["cluster", cluster])
+
+    def attributes_changed(self, cluster: str) -> None:
+        """An attribute was set: every process reads the cluster's attributes again."""
+        self._tell(["attributes", cluster])
 
     def forget_identities(self, *clusters: str) -> None:
         """Certificates or a node's roles changed (and the specs of `clusters`): every process

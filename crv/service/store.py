@@ -971,6 +971,10 @@ class Store:
             )
             c.commit()
 
+    def touch_due(self, cluster: str, name: str, every: float = TOUCH_EVERY) -> bool:
+        """Whether `touch` would write now (no store call: this process's own record)."""
+        return time.monotonic() - self._touched.get((cluster, name), -every) >= every
+
     def touch_and_work(self, cluster: str, name: str) -> dict[str, Any]:
         """`touch`, then `work`: an agent's poll in one trip to a store thread."""
         self.touch(cluster, name)

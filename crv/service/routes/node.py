@@ -54,7 +54,11 @@ async def work(
 ) -> dict[str, Any]:
     store = svc.store
     key = (caller.cluster, caller.node)
-    first = await svc.db(store.touch_and_work, *key)
+    first: dict[str, Any] | None = svc.work_answers.get(caller.cluster, caller.node)
+    if first is None or store.touch_due(*key):
+        version = svc.work_answers.version(caller.cluster)
+        first = await svc.db(store.touch_and_work, *key)
+        svc.work_answers.put(caller.cluster, caller.node, first, version)
     if first["generation"] > after or wait <= 0:
         return first
 
@@ -92,13 +96,18 @@ async def set_attribute(
     if len(body.value.encode()) > MAX_VALUE:
         raise StoreError(413, f"value: more than {MAX_VALUE} bytes")
     await svc.db(svc.store.set_attribute, caller.cluster, caller.node, role, key, body.value)
+    svc.attributes_changed(caller.cluster)
 
 
 @router.get("/v1/attributes/{role}/{key}")
 async def get_attribute(svc: Svc, caller: Node, role: RolePath, key: KeyPath) -> dict[str, Any]:
     if role not in await svc.readable_roles(caller):
         raise StoreError(403, f"{caller.node} neither hosts nor depends on role {role!r}")
-    values = await svc.db(svc.store.get_attribute, caller.cluster, role, key)
+    values = svc.attribute_answers.get(caller.cluster, (role, key))
+    if values is None:
+        version = svc.attribute_answers.version(caller.cluster)
+        values = await svc.db(svc.store.get_attribute, caller.cluster, role, key)
+        svc.attribute_answers.put(caller.cluster, (role, key), values, version)
     return {"role": role, "key": key, "values": [{"node": n, "value": v} for n, v in values]}
 
 
