@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,6 +110,53 @@ def test_a_cluster_lives_on_postgresql_across_a_restart(crv: Crv) -> None:
     r = crv("destroy", "pgfarm", timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "pgfarm" not in crv("list").stdout
+
+
+def test_a_deploy_rides_out_postgresql_going_away(crv: Crv) -> None:
+    """PostgreSQL stops for 5 s in the middle of a deploy (agents enrolling): the service and
+    Prefect answer 5xx meanwhile, which their clients retry. The deploy either completes or
+    fails in one clean line, and then the same command converges; either way every node ends
+    verified, and the cluster goes away whole."""
+    from crv_cli.postgres import LocalPostgres
+
+    log = crv.home / "service" / "service.log"
+    mark = log.stat().st_size
+    deploy = crv.popen(
+        "deploy", "webfarm", "--pool", "sim", "--name", "pgout", "--set", "workers=4"
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while b"enrolled pgout/" not in log.read_bytes()[mark:]:
+            assert deploy.poll() is None, deploy.communicate()[0]
+            assert time.monotonic() < deadline, "no node enrolled"
+            time.sleep(0.1)
+        database = LocalPostgres(crv.home / "postgres")
+        database.stop()
+        time.sleep(5)
+        database.start()
+        out, _ = deploy.communicate(timeout=600)
+    finally:
+        if deploy.poll() is None:
+            deploy.kill()
+    print(f"the deploy through a 5 s PostgreSQL outage: exit code {deploy.returncode}")
+    if deploy.returncode != 0:  # failed, cleanly: then the same command converges
+        assert "Traceback" not in out, out
+        again = crv(
+            "deploy",
+            "webfarm",
+            "--pool",
+            "sim",
+            "--name",
+            "pgout",
+            "--set",
+            "workers=4",
+            timeout=600,
+        )
+        assert again.returncode == 0, again.stdout + again.stderr
+    found = crv.status("pgout")
+    assert found["ready"] and len(found["nodes"]) == 5 and all(verified(n) for n in found["nodes"])
+    r = crv("destroy", "pgout", timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_the_password_is_nowhere_it_should_not_be(crv: Crv) -> None:
