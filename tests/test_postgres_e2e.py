@@ -19,9 +19,12 @@ import pytest
 from crv_cli.postgres import postgres_binaries
 from tests.test_deploy_e2e import Crv
 
-pytestmark = pytest.mark.skipif(
-    not Path("/usr/lib/postgresql").is_dir(), reason="Debian's postgresql is not installed"
-)
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.skipif(
+        not Path("/usr/lib/postgresql").is_dir(), reason="Debian's postgresql is not installed"
+    ),
+]
 
 
 @pytest.fixture(scope="module")
