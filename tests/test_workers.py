@@ -6,14 +6,18 @@ own process workers, runs created through the Prefect API (`create_flow_run` of 
 
 The nodes are on a sim pool whose state_dir every process names in pools.yaml (the crv machine's
 CLI and the workers alike): one sim host, the "cloud" they all reach. Which worker took a run is
-read from the run's own logs on the server (Prefect's worker logs "Worker '<name>' submitting
-flow run"). Each worker takes one run at a time (`--limit 1`), so two runs at once go to both.
+read from the workers' own logs ("Flow run '<name>' submitted to infrastructure"). Each worker
+takes one run at a time (`--limit 1`), so two runs at once go to both.
 
 The fault: a worker killed (SIGKILL of it and of its flow-run process) while its deploy holds the
 cluster's change slot. Nobody is left to report it: the server marks the run Crashed when its
 heartbeats stop (the automation deployments.serve makes, 30 s heartbeats, 90 s grace), the slot
 frees when the run's lease runs out (60 s, flows/locks.py; the repossessor every 5 s), and the
 deploy run again, taken by the other worker, converges.
+
+The module runs twice: on SQLite, then on PostgreSQL (`crv up --postgres`: crv's store and the
+Prefect server on a PostgreSQL of the home's own), where what does not depend on the database
+(the configuration's files, bad input, the local pool refused) is skipped.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ class Site:
     api: str
     auth: tuple[str, str]
     workers: dict[str, Worker] = field(default_factory=dict)
+    database: str = "sqlite"
 
     def request(self, method: str, path: str, **kw: Any) -> Any:
         """One call to the Prefect API; a 503 (its SQLite database locked by a burst of writes,
@@ -124,13 +129,19 @@ class Site:
         return list(self.request("POST", "/logs/filter", json=body))
 
     def taken_by(self, run_id: str, timeout: float = 60.0) -> str:
-        """The worker that took the run, from its log on the server."""
+        """The worker that took the run: the one whose log says it started the run's process
+        (both may try to submit a run: the second is told to abort)."""
+        name = self.flow_run(run_id)["name"]
         end = time.monotonic() + timeout
         while True:
-            for line in self.logs(run_id):
-                for name in WORKERS:
-                    if f"Worker '{name}' submitting flow run" in line["message"]:
-                        return name
+            found = [
+                w.name
+                for w in self.workers.values()
+                if f"Flow run '{name}' submitted to infrastructure" in w.text()
+            ]
+            if found:
+                assert len(found) == 1, found
+                return found[0]
             assert time.monotonic() < end, f"no worker took run {run_id}"
             time.sleep(0.5)
 
@@ -192,9 +203,18 @@ def start_worker(config: Path, name: str, where: Path) -> Worker:
     return Worker(name, proc, log)
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    root = tmp_path_factory.mktemp("workers")
+POSTGRES = pytest.mark.skipif(
+    not Path("/usr/lib/postgresql").is_dir(), reason="Debian's postgresql is not installed"
+)
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=POSTGRES)])
+def site(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Site]:
+    """crv on a work pool with two workers; on SQLite (the default), then with crv's store and
+    Prefect's server on a PostgreSQL of the home's own (`crv up --postgres`)."""
+    root = tmp_path_factory.mktemp(f"workers-{request.param}")
     home, sim_dir = root / "home", root / "sim"
     home.mkdir(mode=0o700)
     (home / "pools.yaml").write_text(
@@ -203,10 +223,18 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     crv = Crv(home)
     crv.env.update(CRV_WORK_POOL=POOL, CRV_SIM_LATENCY=FAST)
     started = time.monotonic()
-    up = crv.up()
+    if request.param == "sqlite":
+        up = crv.up()
+    else:
+        up = crv("up", "--postgres", timeout=300)
+        if up.returncode != 0:
+            crv("down")
+            _drop_postgres(home)
+            pytest.fail(f"crv up --postgres failed: {up.stdout}{up.stderr}")
     s = Site(crv, root / "worker-config", sim_dir, prefect_api(crv), crv.prefect_auth)
+    s.database = request.param
     try:
-        print(f"crv up with CRV_WORK_POOL: {time.monotonic() - started:.1f} s")
+        print(f"[{s.database}] crv up with CRV_WORK_POOL: {time.monotonic() - started:.1f} s")
         assert "deploy-appliance/crv" in up.stdout
         made = crv("worker-config", str(s.config))
         assert made.returncode == 0, made.stderr
@@ -219,7 +247,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                 assert w.proc.poll() is None, f"{w.name} exited: {w.text()}"
             assert time.monotonic() < end, {w.name: w.text() for w in s.workers.values()}
             time.sleep(0.2)
-        print(f"two workers up: {time.monotonic() - started:.1f} s after crv up began")
+        print(
+            f"[{s.database}] two workers up: {time.monotonic() - started:.1f} s after crv up began"
+        )
         yield s
     finally:
         for w in s.workers.values():
@@ -228,9 +258,24 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                 w.proc.wait()
         SimPool(sim_dir).shutdown()
         crv("down")
+        _drop_postgres(home)
+
+
+def _drop_postgres(home: Path) -> None:
+    if (home / "postgres").is_dir():
+        from crv_cli.postgres import LocalPostgres
+
+        LocalPostgres(home / "postgres").destroy()
+
+
+def sqlite_only(site: Site) -> None:
+    """What does not depend on the database is checked once, on SQLite."""
+    if site.database != "sqlite":
+        pytest.skip("checked on SQLite; nothing of it depends on the database")
 
 
 def test_worker_config_is_private_and_complete(site: Site) -> None:
+    sqlite_only(site)
     config = site.config
     assert stat.S_IMODE(config.stat().st_mode) == 0o700
     files = sorted(p.relative_to(config).as_posix() for p in config.rglob("*") if p.is_file())
@@ -262,6 +307,7 @@ def test_worker_config_is_private_and_complete(site: Site) -> None:
 
 
 def test_the_local_pool_is_refused_on_a_worker_elsewhere(site: Site) -> None:
+    sqlite_only(site)
     run_id = site.run("epsilon", pool="local")
     final = site.wait_final(run_id)
     assert final["state"]["type"] == "FAILED"
@@ -273,6 +319,7 @@ def test_the_local_pool_is_refused_on_a_worker_elsewhere(site: Site) -> None:
 
 
 def test_bad_worker_input_is_one_line(site: Site, tmp_path: Path) -> None:
+    sqlite_only(site)
     env = {k: v for k, v in os.environ.items() if k != "CRV_HOME"}
     for args, line in [
         (["--config", str(tmp_path / "nope")], f"error: {tmp_path / 'nope'}: not a directory"),
@@ -304,7 +351,7 @@ def test_two_clusters_on_two_workers(site: Site) -> None:
         assert status["drift"] == {"missing": [], "orphans": [], "unreachable": {}}, status
     held = {n.name for n in SimPool(site.sim_dir).list_nodes()}
     assert held == {f"{c}-{g}-0" for c in runs for g in ("front", "worker")}
-    print(f"two clusters, two workers: both COMPLETED in {elapsed:.1f} s")
+    print(f"[{site.database}] two clusters, two workers: both COMPLETED in {elapsed:.1f} s")
 
 
 def test_one_change_of_a_cluster_at_a_time_whichever_worker(site: Site) -> None:
@@ -322,7 +369,7 @@ def test_one_change_of_a_cluster_at_a_time_whichever_worker(site: Site) -> None:
     assert first[1] <= second[0], f"the changes interleaved: {first} and {second}"
     assert first[1] - first[0] > 3.0  # the slow one really took its seconds
     assert site.status("gamma")["ready"]
-    print(f"two changes of gamma, one after the other: {elapsed:.1f} s")
+    print(f"[{site.database}] two changes of gamma, one after the other: {elapsed:.1f} s")
 
 
 def test_a_worker_killed_during_a_deploy(site: Site) -> None:
@@ -378,6 +425,6 @@ def test_a_worker_killed_during_a_deploy(site: Site) -> None:
     message = site.flow_run(killed_run)["state"]["message"]
     assert "heartbeat" in message, message
     print(
-        f"worker killed: slot free after {freed:.1f} s, the deploy again converged "
+        f"[{site.database}] worker killed: slot free after {freed:.1f} s, the deploy again converged "
         f"{converged:.1f} s after the kill, the run marked Crashed after {crashed:.1f} s"
     )
