@@ -203,6 +203,9 @@ def start_worker(config: Path, name: str, where: Path) -> Worker:
     return Worker(name, proc, log)
 
 
+# heavy (two crv ups, two workers, a killed worker's lease, on two databases): its own CI step
+pytestmark = pytest.mark.postgres
+
 POSTGRES = pytest.mark.skipif(
     not Path("/usr/lib/postgresql").is_dir(), reason="Debian's postgresql is not installed"
 )
