@@ -14,9 +14,9 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from crv.service.app import create_app
+from crv.service.database import open_engine
 from crv.service.models import CLUSTER_STATUS
 from crv.service.pki import CertificateAuthority
-from crv.service.database import open_engine
 from crv.service.store import Store
 
 ROLES = {
