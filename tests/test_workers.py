@@ -147,16 +147,23 @@ class Site:
 
     def change_span(self, run_id: str, cluster: str) -> tuple[float, float]:
         """When the run's converge began (it logs the cluster's size once it holds the change
-        slot) and when it logged the cluster verified: server timestamps, in seconds."""
-        start = end = None
-        for line in self.logs(run_id):
-            when = _seconds(line["timestamp"])
-            if line["message"].startswith(f"cluster {cluster}: ") and start is None:
-                start = when
-            if line["message"].startswith(f"cluster {cluster} verified"):
-                end = when
-        assert start is not None and end is not None, [x["message"] for x in self.logs(run_id)]
-        return start, end
+        slot) and when it logged the cluster verified: server timestamps, in seconds. A run's
+        last lines may reach the server a moment after its final state (its process sends its
+        logs in batches, the last ones as it exits)."""
+        deadline = time.monotonic() + 30
+        while True:
+            start = end = None
+            lines = self.logs(run_id)
+            for line in lines:
+                when = _seconds(line["timestamp"])
+                if line["message"].startswith(f"cluster {cluster}: ") and start is None:
+                    start = when
+                if line["message"].startswith(f"cluster {cluster} verified"):
+                    end = when
+            if start is not None and end is not None:
+                return start, end
+            assert time.monotonic() < deadline, [x["message"] for x in lines]
+            time.sleep(0.5)
 
     def slots(self, cluster: str) -> int:
         """Active slots of the cluster's change slot (flows/locks.py)."""
