@@ -118,7 +118,7 @@ def test_the_readme_api_calls_work_with_the_credentials(crv: Crv) -> None:
     """The README's deploy block as written (AUTH from `crv api-credentials`, every curl with
     -u), then its destroy call; without the credentials the same deploy block fails."""
     deploy = readme_block("create_flow_run", "deploy-appliance/crv", "until curl")
-    assert deploy.count('curl -s -u "$AUTH"') == 3, deploy
+    assert deploy.count('curl -s --retry 5 -u "$AUTH"') == 3, deploy
 
     # the same lines without the credentials: refused, nothing deployed
     stripped = with_api(crv, deploy).replace(' -u "$AUTH"', "")
@@ -140,6 +140,7 @@ def test_the_readme_api_calls_work_with_the_credentials(crv: Crv) -> None:
     d = sh(crv, with_api(crv, "API=http://127.0.0.1:4200/api\n" + prelude) + "\n" + destroy_line)
     assert d.returncode == 0, d.stdout + d.stderr
     run: dict[str, Any] = json.loads(d.stdout)
+    assert "id" in run, d.stdout
     state = wait_for_run(crv, str(run["id"]))
     assert state == "COMPLETED", state
     assert crv("status", "farm2").returncode == 2
