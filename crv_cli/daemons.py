@@ -339,6 +339,10 @@ def prefect_services_apart() -> bool:
     return value == "apart"
 
 
+# Prefect's CLI, its SQLite write transactions begun IMMEDIATE (crv_cli/prefect_server.py)
+PREFECT_SERVER = [sys.executable, "-m", "crv_cli.prefect_server", "server"]
+
+
 def prefect_workers(postgres: bool) -> int:
     """CRV_PREFECT_WORKERS=N: the Prefect API in N processes (PostgreSQL only; default 1)."""
     raw = os.environ.get(ENV_PREFECT_WORKERS, "").strip() or "1"
@@ -355,7 +359,7 @@ def prefect_workers(postgres: bool) -> int:
 def _start_prefect(home: Home, host: str, auth: str | None) -> str:
     """A Prefect server for `home` on `host` (its database: SQLite under the home, or the
     PostgreSQL crv's store uses, in its `public` schema): its API URL."""
-    argv = [sys.executable, "-m", "prefect", "server", "start", "--host", host]
+    argv = [*PREFECT_SERVER, "start", "--host", host]
     dial = _dial_address(host)
     dial_host = f"[{dial}]" if ":" in dial else dial
     server_env = {**prefect_env(home), **PREFECT_SERVER_SETTINGS}
@@ -411,7 +415,7 @@ def _start_prefect_services(home: Home, env: dict[str, str]) -> str:
     return _start(
         "prefect-services",
         prefect_services_record(home),
-        [sys.executable, "-m", "prefect", "server", "services", "start"],
+        [*PREFECT_SERVER, "services", "start"],
         env,
         "",
         running,
