@@ -389,3 +389,51 @@ def test_writers_of_one_cluster_take_turns(store: Store) -> None:
         results = list(pool.map(add, range(8)))
     assert sum(k for k, _ in results) == store_module.MAX_KEYS_PER_ROLE == 256
     assert sum(r for _, r in results) == 320 - 256
+
+
+def test_a_poll_while_its_cluster_is_destroyed_and_made_again_is_work_or_403(
+    store: Store,
+) -> None:
+    """An agent's poll (`work`) reads its node, its cluster and its role states: each of those
+    statements sees its own moment on PostgreSQL. A destroy (and the cluster made again, with
+    other roles) between them is a 403 or the work of one consistent moment, never a 500 (the
+    10-cluster day saw NoResultFound)."""
+    import threading
+
+    web_only = {"web": ROLES["web"]}
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    answers = {"work": 0, "403": 0}
+
+    def poll() -> None:
+        while not stop.is_set():
+            try:
+                work = store.work("c", "n1")
+                assert {r["role"] for r in work["roles"]} <= {"web", "mon"}
+                answers["work"] += 1
+            except StoreError as e:
+                if e.status != 403:
+                    errors.append(e)
+                answers["403"] += 1
+            except BaseException as e:
+                errors.append(e)
+                return
+
+    pollers = [threading.Thread(target=poll) for _ in range(3)]
+    for t in pollers:
+        t.start()
+    try:
+        for i in range(60):
+            store.delete_cluster("c")
+            roles = ROLES if i % 2 else web_only
+            store.put_cluster(
+                "c", appliance="x", source="dir", pool="local", parameters={}, roles=roles,
+                bundle=b"b",
+            )  # fmt: skip
+            store.put_nodes("c", [node("n1", ["web", "mon"] if i % 2 else ["web"])])
+    finally:
+        stop.set()
+        for t in pollers:
+            t.join()
+    assert errors == [], errors[:3]
+    assert answers["work"] > 0 and answers["403"] > 0, answers

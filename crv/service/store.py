@@ -975,6 +975,32 @@ class Store:
         """Whether `touch` would write now (no store call: this process's own record)."""
         return time.monotonic() - self._touched.get((cluster, name), -every) >= every
 
+    @staticmethod
+    def _work_rows(c: Connection, cluster: str, name: str) -> tuple[Any, Any, dict[str, Any]]:
+        """A node's row, its cluster's roles and bundle, and its role states. A node or a
+        cluster not there (a destroy between two statements included) is refused alike."""
+        node = c.execute(
+            sa.select(nodes).where(nodes.c.cluster == cluster, nodes.c.name == name)
+        ).first()
+        cl = None
+        if node is not None:
+            cl = c.execute(
+                sa.select(clusters.c.roles, clusters.c.bundle_digest).where(
+                    clusters.c.name == cluster
+                )
+            ).first()
+        if node is None or cl is None:
+            raise StoreError(403, f"node {cluster}/{name} is not part of a cluster")
+        states = {
+            r.role: r
+            for r in c.execute(
+                sa.select(role_states).where(
+                    role_states.c.cluster == cluster, role_states.c.node == name
+                )
+            )
+        }
+        return node, cl, states
+
     def touch_and_work(self, cluster: str, name: str) -> dict[str, Any]:
         """`touch`, then `work`: an agent's poll in one trip to a store thread."""
         self.touch(cluster, name)
@@ -1197,24 +1223,12 @@ class Store:
 
     def work(self, cluster: str, name: str) -> dict[str, Any]:
         with self._glance() as c:
-            node = c.execute(
-                sa.select(nodes).where(nodes.c.cluster == cluster, nodes.c.name == name)
-            ).first()
-            if node is None:
-                raise StoreError(403, f"node {cluster}/{name} is not part of a cluster")
-            cl = c.execute(
-                sa.select(clusters.c.roles, clusters.c.bundle_digest).where(
-                    clusters.c.name == cluster
-                )
-            ).one()
-            states = {
-                r.role: r
-                for r in c.execute(
-                    sa.select(role_states).where(
-                        role_states.c.cluster == cluster, role_states.c.node == name
-                    )
-                )
-            }
+            node, cl, states = self._work_rows(c, cluster, name)
+        if any(role not in cl.roles for role in node.roles):
+            # on PostgreSQL each of the glance's statements saw its own moment: a change of the
+            # cluster came between them. Read again, in one snapshot.
+            with self.engine.connect() as c:
+                node, cl, states = self._work_rows(c, cluster, name)
         roles = []
         for role in node.roles:
             spec, st = cl.roles[role], states.get(role)
