@@ -41,7 +41,14 @@ from crv.engine.placement import recorded
 from crv.engine.stages import Timeouts
 from crv.service.client import AsyncService, ServiceError
 from crv.service.models import ClusterStatus
-from flows.converge import WAIT, DeployFailed, require_cluster, running_service, running_site
+from flows.converge import (
+    WAIT,
+    DeployFailed,
+    require_cluster,
+    running_service,
+    running_site,
+    status_of,
+)
 from flows.locks import ClusterBusy, cluster_change
 from flows.scale import resize
 from tasks.pools import pool_capacities, site_drivers
@@ -71,16 +78,23 @@ async def autoscale(
         scaled = _scaled_groups(name, status)
         run = _Run(service, name, Timeouts(boot=boot_timeout, recipe=recipe_timeout), retries)
         try:
-            async with cluster_change(name, wait=wait):
+            try:
+                async with cluster_change(name, wait=wait):
+                    for group in scaled:
+                        status = await require_cluster(name)
+                        await run.group(status, group)
+            except ClusterBusy as busy:
+                logger.info("cluster %s: %s; skipped", name, busy)
+                counts = {g.name: g.count for g in _loaded(status).groups.values()}
                 for group in scaled:
-                    status = await require_cluster(name)
-                    await run.group(status, group)
-        except ClusterBusy as busy:
-            logger.info("cluster %s: %s; skipped", name, busy)
-            counts = {g.name: g.count for g in _loaded(status).groups.values()}
-            for group in scaled:
-                if group not in run.done:
-                    await run.skipped(group, counts[group], f"skipped: {busy}")
+                    if group not in run.done:
+                        await run.skipped(group, counts[group], f"skipped: {busy}")
+        except (ServiceError, DeployFailed):
+            # destroyed meanwhile (the change that held it was its destroy): nothing to decide
+            if await status_of(service, name) is not None:
+                raise
+            logger.info("cluster %s: destroyed during this run; it decides nothing more", name)
+            return {"cluster": name, "decisions": run.rows, "destroyed": True}
         await acreate_table_artifact(
             key=f"autoscale-{name}",
             table=run.rows,

@@ -179,6 +179,20 @@ class Farm:
         runs: list[dict[str, Any]] = json.loads(found)
         return runs
 
+    def running_autoscale(self, cluster: str) -> bool:
+        """Whether a run of the autoscale flow for `cluster` is RUNNING."""
+        found = self.prefect(
+            "from prefect import get_client\n"
+            "from prefect.client.schemas.filters import *\n"
+            "with get_client(sync_client=True) as c:\n"
+            "    runs = c.read_flow_runs(\n"
+            "        flow_filter=FlowFilter(name=FlowFilterName(any_=['autoscale'])),\n"
+            "        flow_run_filter=FlowRunFilter(state=FlowRunFilterState(\n"
+            "            type=FlowRunFilterStateType(any_=['RUNNING']))))\n"
+            f"print(any(r.parameters.get('name') == {cluster!r} for r in runs))\n"
+        )
+        return found.strip() == "True"
+
     def workers(self) -> list[dict[str, Any]]:
         return [n for n in self.crv.status(CLUSTER)["nodes"] if n["group"] == "worker"]
 
@@ -552,3 +566,64 @@ def test_destroy_removes_the_deployment_and_no_run_fails(farm: Farm) -> None:
     assert not farm.deployment_there()
     after = farm.runs_started_after(destroyed_at)
     assert all(r["state"] == "COMPLETED" for r in after), after
+
+
+def test_a_run_whose_cluster_is_destroyed_while_it_waits_decides_nothing(
+    farm: Farm, tmp_path: Path
+) -> None:
+    """A run that found its cluster, then waited for the change slot while the cluster's
+    destroy held it (the 10-cluster day on PostgreSQL saw one fail on the 404 that followed):
+    it decides nothing and completes. The destroy is played by a process that holds the slot and
+    removes the cluster's record before it lets go (the cluster's local nodes are killed after).
+    """
+    name = "asgone"
+    r = farm.crv("deploy", str(fast_farm(tmp_path, name)), "--set", "workers=1", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    env = farm.prefect_env()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import asyncio, sys\n"
+         "from crv.base.home import Home\n"
+         "from crv.service.client import Service\n"
+         "from crv_cli.daemons import running\n"
+         "from flows.locks import cluster_change\n"
+         "async def main():\n"
+         f"    async with cluster_change({name!r}, wait=60):\n"
+         "        print('held', flush=True)\n"
+         "        await asyncio.wait_for(asyncio.to_thread(sys.stdin.readline), 200)\n"
+         "        home = Home.from_env()\n"
+         f"        Service(home, running(home).service_url).delete_cluster({name!r})\n"
+         "asyncio.run(main())\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO, env=env,
+    )  # fmt: skip
+    run = None
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        run = subprocess.Popen(
+            [sys.executable, "-c",
+             "import asyncio, json\n"
+             "from flows.autoscale import autoscale\n"
+             f"state = asyncio.run(autoscale({name!r}, wait=150, return_state=True))\n"
+             "print(json.dumps([state.type.value, state.result(raise_on_failure=False)],"
+             " default=str))\n"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
+        )  # fmt: skip
+        # its first look at the cluster is done a moment after it runs; then it waits
+        wait_for("the autoscale run to start", lambda: farm.running_autoscale(name), 120)
+        time.sleep(8)
+        assert holder.stdin is not None
+        holder.stdin.close()  # "the destroy" removes the record and lets the slot go
+        assert holder.wait(timeout=60) == 0
+        out, err = run.communicate(timeout=240)
+        assert run.returncode == 0, err
+        state, result = json.loads(out)
+        assert state == "COMPLETED", (result, err[-2000:])
+        assert result == {"cluster": name, "decisions": [], "destroyed": True}
+        assert "destroyed during this run; it decides nothing more" in err
+    finally:
+        for proc in (holder, run):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+        for pid in farm.crv.node_processes():  # asgone's nodes (asfarm is destroyed already)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
