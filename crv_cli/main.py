@@ -34,6 +34,7 @@ from crv.appliance.plan import Plan, expand
 from crv.appliance.spec import json_schema
 from crv.base.errors import CrvError, SpecError
 from crv.base.home import Home
+from crv.base.running import registered_work_pool
 from crv.engine.placement import Drift, Drivers, check, drift, lapsed, place, pools_of
 from crv.service.client import Service, ServiceError
 from crv.service.models import ClusterStatus
@@ -206,7 +207,9 @@ def up(
         print(f"             (CRV_NODE_CERT_TTL={wanted:g} takes effect after `crv down`)")
     with user_errors():
         pid = daemons.ensure_served(home, endpoints)
-    print(f"deployments: {', '.join(daemons.deployment_names())} (served by pid {pid})")
+    pool = registered_work_pool(home)
+    how = f"served by pid {pid}" if pool is None else f"on work pool {pool}: run by `crv worker`"
+    print(f"deployments: {', '.join(daemons.deployment_names())} ({how})")
     print(f"run forms:   {endpoints.prefect_ui_url}/deployments")
     if daemons.api_auth(home) is None:
         print("API auth:    none (CRV_PREFECT_AUTH=off; loopback only)")

@@ -246,6 +246,7 @@ def site(
     try:
         print(f"[{s.database}] crv up with CRV_WORK_POOL: {time.monotonic() - started:.1f} s")
         assert "deploy-appliance/crv" in up.stdout
+        assert f"(on work pool {POOL}: run by `crv worker`)" in up.stdout, up.stdout
         made = crv("worker-config", str(s.config))
         assert made.returncode == 0, made.stderr
         assert "crv worker --config" in made.stdout and "get no runs" not in made.stderr
