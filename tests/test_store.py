@@ -437,3 +437,38 @@ def test_a_poll_while_its_cluster_is_destroyed_and_made_again_is_work_or_403(
             t.join()
     assert errors == [], errors[:3]
     assert answers["work"] > 0 and answers["403"] > 0, answers
+
+
+def test_an_enrolment_replayed_is_answered_while_the_cluster_is_being_written(
+    store: Store,
+) -> None:
+    """The same token with the same CSR again (the agent lost the first answer) gets the same
+    certificate without waiting for the cluster's turn to write: a burst of enrolments that
+    holds that turn must not hold up the retries too. Another CSR is still refused."""
+    import concurrent.futures
+    import threading
+
+    store.put_nodes("c", [node("c-g-0", ["web"], address="127.0.1.2", state="provisioned")])
+    token = store.issue_tokens("c", ["c-g-0"], timedelta(minutes=5))["c-g-0"]
+    issued = Issued("abc1", store_module.now(), "the-pem")
+    assert store.enrol("c", "c-g-0", token, "csr", lambda _: issued) == ("the-pem", [])
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with store._writing("c"):
+            held.set()
+            release.wait(30)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        holder = pool.submit(hold)
+        assert held.wait(10)
+        try:
+            replay = pool.submit(store.enrol, "c", "c-g-0", token, "csr", lambda _: issued)
+            assert replay.result(timeout=10) == ("the-pem", [])
+        finally:
+            release.set()
+            holder.result(timeout=10)
+    with pytest.raises(StoreError) as refused:
+        store.enrol("c", "c-g-0", token, "other-csr", lambda _: issued)
+    assert refused.value.status == 401
