@@ -6,6 +6,8 @@ Timed here, never in unit tests: these machines are noisy, so a benchmark report
 several runs and the test-suite checks behaviour only.
 """
 
+import argparse
+import os
 import signal
 import sys
 
@@ -23,3 +25,21 @@ def exit_on_sigterm() -> None:
         sys.exit(128 + signum)
 
     signal.signal(signal.SIGTERM, terminated)
+
+
+def add_database_options(parser: argparse.ArgumentParser, postgresql: str) -> None:
+    """`--database sqlite|postgresql|both` and `--processes N`, as the benchmarks that run on
+    both databases take them; `postgresql` says what the PostgreSQL side is."""
+    parser.add_argument(
+        "--database",
+        choices=["sqlite", "postgresql", "both"],
+        default="both",
+        help=f"SQLite with one service process, {postgresql} with --processes, or both side "
+        "by side (the default; each in a process of its own)",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="service processes on PostgreSQL (default: the CPU count)",
+    )

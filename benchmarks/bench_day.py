@@ -53,7 +53,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks import exit_on_sigterm
+from benchmarks import add_database_options, exit_on_sigterm
 from benchmarks.bench_resize import crv
 from crv.base.home import Home
 from crv.base.running import request_with_auth
@@ -737,19 +737,7 @@ def both(args: argparse.Namespace) -> list[Day]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_day")
     parser.add_argument("--clusters", type=int, default=10)
-    parser.add_argument(
-        "--database",
-        choices=["sqlite", "postgresql", "both"],
-        default="both",
-        help="SQLite with one service process, PostgreSQL (`crv up --postgres`) with "
-        "--processes, or both side by side (the default; each in a process of its own)",
-    )
-    parser.add_argument(
-        "--processes",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="service processes on PostgreSQL (default: the CPU count)",
-    )
+    add_database_options(parser, "PostgreSQL (`crv up --postgres`)")
     parser.add_argument("--workers", type=int, default=2, help="web nodes per cluster at first")
     parser.add_argument("--every", type=float, default=30.0, help="autoscale interval, seconds")
     parser.add_argument("--hold", type=float, default=30.0, help="seconds between two changes")

@@ -37,7 +37,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import exit_on_sigterm
+from benchmarks import add_database_options, exit_on_sigterm
 from crv.appliance.loader import load_appliance
 from crv.appliance.plan import Plan, expand
 from crv.base.home import Home
@@ -268,19 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeline", action="store_true", help="CPU use per second")
     parser.add_argument("--keep", action="store_true", help="leave CRV_HOME and the daemons")
     parser.add_argument("--smoke", action="store_true", help="one 5-node deploy per database (CI)")
-    parser.add_argument(
-        "--database",
-        choices=["sqlite", "postgresql", "both"],
-        default="both",
-        help="SQLite with one service process, PostgreSQL with --processes, or both side by side "
-        "(the default; each in a process of its own)",
-    )
-    parser.add_argument(
-        "--processes",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="service processes on PostgreSQL (default: the CPU count)",
-    )
+    add_database_options(parser, "PostgreSQL")
     parser.add_argument(
         "--postgres-url",
         help="a PostgreSQL database to use (else one of the benchmark's own, started and removed)",
