@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import re
 import signal
 import sys
 import time
@@ -40,7 +41,7 @@ from crv.service.client import Service, ServiceError
 from crv.service.models import ClusterStatus
 from crv.service.pki import node_ttl_from_env
 from crv.service.store import LEAVING
-from crv_cli import daemons
+from crv_cli import daemons, submit
 from crv_cli.common import (
     EXIT_BAD_INPUT,
     console,
@@ -317,11 +318,23 @@ def deploy(
     autoscale_every: Annotated[
         str, typer.Option(help="With --autoscale: the schedule's interval, e.g. 60s, 5m.")
     ] = "60s",
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(
+            "--idempotency-key",
+            metavar="KEY",
+            help="Run through the deploy-appliance deployment, once per KEY: the same command "
+            "again (while it runs or after) follows the same run instead of starting another.",
+        ),
+    ] = None,
 ) -> None:
     """Deploy an appliance: provision, certify, contextualize and verify every node."""
     home = cli_home()
     overrides = parse_overrides(set_ or []) if set_ else {}
     with user_errors():
+        if idempotency_key is not None:
+            idempotency_key = submit.checked_key(idempotency_key)
+            reference = submit.catalog_name(directory)
         plan = expand(load_appliance(locate(directory), overrides), cluster=name)
         groups = _pool_for(pool_for)
         check(home, plan.appliance, place(plan.appliance, pool, groups), groups)
@@ -333,9 +346,59 @@ def deploy(
             if not plan.appliance.scaled:
                 raise SpecError(plan.appliance.source, "nodes", f"--autoscale: {NOT_SCALED}")
         endpoints = ensure_up(home)
+    if idempotency_key is not None:
+        asked = {
+            "appliance": reference,
+            "pool": pool,
+            "name": plan.cluster,
+            "parameters": overrides or None,
+            "boot_timeout": boot_timeout,
+            "retries": retries,
+            "wait": wait,
+            "on_failure": on_failure.value if on_failure else None,
+            "pools": groups or None,
+            "autoscale_every": every,
+        }
+        state = _submitted("deploy-appliance/crv", asked, idempotency_key, endpoints, plan.cluster)
+    else:
+        state = _run_with_progress(
+            _deploy_here(
+                directory,
+                pool,
+                plan,
+                overrides,
+                boot_timeout,
+                retries,
+                wait,
+                on_failure,
+                groups,
+                every,
+            ),
+            endpoints,
+            f"deploying {plan.cluster}",
+            plan,
+        )
+    _report(state, "deploy", home, endpoints, plan)
+    if every is not None:
+        print(f"autoscaling every {every:g} s: `crv autoscale status {plan.cluster}`")
+
+
+def _deploy_here(
+    directory: str,
+    pool: str,
+    plan: Plan,
+    overrides: dict[str, str],
+    boot_timeout: float,
+    retries: int,
+    wait: float | None,
+    on_failure: OnFailureChoice | None,
+    groups: dict[str, str],
+    every: float | None,
+) -> Any:
+    """The deploy flow's coroutine, to run in this process."""
     from flows.deploy import deploy_appliance
 
-    run = deploy_appliance(
+    return deploy_appliance(
         appliance=str(locate(directory)),
         pool=pool,
         name=plan.cluster,
@@ -348,10 +411,35 @@ def deploy(
         autoscale_every=every,
         return_state=True,
     )
-    state = _run_with_progress(run, endpoints, f"deploying {plan.cluster}", plan)
-    _report(state, "deploy", home, endpoints, plan)
-    if every is not None:
-        print(f"autoscaling every {every:g} s: `crv autoscale status {plan.cluster}`")
+
+
+def _submitted(
+    deployment: str,
+    asked: dict[str, Any],
+    key: str,
+    endpoints: daemons.Endpoints,
+    cluster: str,
+) -> State[Any]:
+    """Create (or find) the run of `deployment` for `key` and follow it to its end."""
+    parameters = {k: v for k, v in asked.items() if v is not None}
+
+    async def go() -> State[Any]:
+        made = await submit.submit(deployment, parameters, key)
+        run = made.run
+        said = "new run" if made.new else f"the run of key {key} ({run.state_name})"
+        err_console.print(
+            f"{said}: {run.name}; watch it: {endpoints.prefect_ui_url}/runs/flow-run/{run.id}",
+            soft_wrap=True,
+        )
+        ended = await submit.follow(run, f"{deployment} {cluster}")
+        assert ended.state is not None
+        return ended.state
+
+    with user_errors():
+        try:
+            return asyncio.run(go())
+        except KeyboardInterrupt:  # the run goes on in the deployment's process
+            raise Stopped(signal.SIGINT) from None
 
 
 def _pool_for(given: list[str] | None) -> dict[str, str]:
@@ -557,7 +645,9 @@ def _reason(state: State[Any]) -> str:
         error = None
     if isinstance(error, CrvError):
         return str(error)
-    return state.message or state.name or "failed"
+    # a run followed from here (--idempotency-key) has Prefect's message only
+    message = re.sub(r"^Flow run encountered an exception: \w+: ", "", state.message or "")
+    return message or state.name or "failed"
 
 
 def _entry_points(plan: Plan, status: ClusterStatus | None) -> list[tuple[str, str, str]]:
