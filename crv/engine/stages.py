@@ -678,8 +678,8 @@ class ClusterRun:
             raise verify.VerifyFailed(str(e)) from None
         result = self.mirror.roles[key]["check"]
         if result["exit_code"] != 0:
-            tail = (result["output"] or "").strip()[-verify.OUTPUT_TAIL :]
-            raise verify.VerifyFailed(f"on the node, exited {result['exit_code']}: {tail}")
+            output = result["output"] or ""
+            raise verify.VerifyFailed(f"on the node, {verify.exited(result['exit_code'], output)}")
 
     async def drain(self, node: str, roles: Iterable[str]) -> str | None:
         """Run the drain recipe of each of `roles` on `node`, one after another (a node about
