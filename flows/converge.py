@@ -31,10 +31,14 @@ from crv.base import running as daemons
 from crv.base.errors import CrvError
 from crv.base.home import Home
 from crv.base.retry import RetryPolicy
+from crv.base.states import NodeState
 from crv.engine import timings
 from crv.engine.converge import (
+    UNHEALTHY_KINDS,
+    brake,
     keep_undrained,
     kept_failure,
+    quarantines,
     recorded_sizes,
     roles_to_drain,
     victims,
@@ -44,6 +48,7 @@ from crv.engine.placement import Drivers, NoCapacity, Placement, recorded
 from crv.engine.stages import ClusterRun, Timeouts
 from crv.service.client import AsyncService, Service, ServiceError
 from crv.service.models import ClusterStatus, NodeStatus
+from crv.service.store import natural_key
 from flows import events
 from tasks.pools import (
     destroy_machine,
@@ -244,12 +249,18 @@ class _Change:
             )
             emit_cluster("deploying", nodes=len(plan.nodes), steps=dag.total)
             dag.step_listeners.append(_node_milestones(plan, run.pool_of))
+            health = _Health(self, plan, run, dag)
+            dag.step_listeners.append(health.on_step)
             status = await _run_stages(plan, dag, run)
+            if await health.settle():
+                status = await self.service.status(self.cluster)
         finally:
             await run.close()
         if dag.counts().get("ok", 0) != dag.total:
             await publish_summary(self.cluster, status)
             message = failure_message(dag)
+            if dag.halted is not None and dag.halted_steps:
+                message = f"{dag.halted}; first failure: {message}"
             emit_cluster("failed", error=message, seconds=round(time.monotonic() - started, 3))
             raise DeployFailed(message)  # the victims stay, leaving: a run again removes them
         revoked = await remove_nodes(self.drivers, self.service, self.cluster, leaving)
@@ -334,6 +345,61 @@ class _Change:
             )  # fmt: skip
         self.logger.warning("cluster %s: %s", self.cluster, what)
         return what
+
+
+class _Health:
+    """A change's nodes that fail to join (FAULTS F5, F6): a new node whose certify or first
+    contextualize failed for good is quarantined by the service (token and certificates
+    revoked, attributes purged, refused from then on) while the others go on; when more of
+    the change's new nodes failed than the appliance's max_unhealthy, no step and no create
+    starts any more (the decisions: crv.engine.converge.quarantines and brake)."""
+
+    def __init__(self, change: _Change, plan: Plan, run: ClusterRun, dag: DagRun) -> None:
+        self.change, self.plan, self.run, self.dag = change, plan, run, dag
+        self.new = {n for n in plan.nodes if run.mirror.nodes.get(n) != NodeState.ENROLLED}
+        self.failed: set[str] = set()
+        self.calls: list[asyncio.Task[None]] = []
+
+    def on_step(self, sid: str, result: StepResult) -> None:
+        if result.state != "failed":
+            return
+        d = self.plan.graph.nodes[sid]
+        node, kind = d["node"], d["kind"]
+        if kind in UNHEALTHY_KINDS and node in self.new:
+            self.failed.add(node)
+        if quarantines(kind, node, self.run.made):
+            self.dag.stop_node(node, f"{node} is quarantined")
+            reason = f"{sid} failed after {result.attempts} attempts: {result.error}"
+            self.calls.append(asyncio.create_task(self._quarantine(node, reason)))
+        why = brake(self.plan.appliance.max_unhealthy, len(self.new), len(self.failed))
+        if why is not None and self.dag.halted is None:
+            self.dag.halt(why)
+            self.run.stopped = why
+            self.change.logger.error("cluster %s: %s", self.change.cluster, why)
+            events.cluster_event(
+                self.change.cluster, self.plan.appliance.name, self.change.placement.default,
+                "halted", error=why, failed=sorted(self.failed, key=natural_key),
+            )  # fmt: skip
+
+    async def _quarantine(self, node: str, reason: str) -> None:
+        try:
+            revoked = await self.change.service.quarantine(self.change.cluster, node, reason)
+        except (ServiceError, OSError) as e:
+            self.change.logger.error("%s could not be quarantined: %s", node, e)
+            return
+        self.run.quarantined(node)
+        self.change.logger.warning(
+            "%s quarantined (%d certificates revoked): %s", node, len(revoked), reason
+        )
+        events.node_event(
+            self.change.cluster, self.plan.appliance.name, self.run.pool_of(node), node,
+            "quarantined", error=reason, revoked=len(revoked),
+        )  # fmt: skip
+
+    async def settle(self) -> bool:
+        """Wait for the quarantines asked; whether there were any."""
+        await asyncio.gather(*self.calls)
+        return bool(self.calls)
 
 
 async def remove_nodes(

@@ -70,8 +70,9 @@ NODE_ENROLLED = "crv.node.enrolled"
 NODE_VERIFIED = "crv.node.verified"
 NODE_FAILED = "crv.node.failed"
 NODE_DESTROYED = "crv.node.destroyed"
+NODE_QUARANTINED = "crv.node.quarantined"
 NODE_EVENTS = frozenset(
-    {NODE_PROVISIONED, NODE_ENROLLED, NODE_VERIFIED, NODE_FAILED, NODE_DESTROYED}
+    {NODE_PROVISIONED, NODE_ENROLLED, NODE_VERIFIED, NODE_FAILED, NODE_DESTROYED, NODE_QUARANTINED}
 )
 
 CLUSTER_DEPLOYING = "crv.cluster.deploying"
@@ -81,6 +82,7 @@ CLUSTER_SCALED = "crv.cluster.scaled"
 CLUSTER_DESTROYED = "crv.cluster.destroyed"
 CLUSTER_ROLLED_BACK = "crv.cluster.rolled-back"
 CLUSTER_REPAIRED = "crv.cluster.repaired"
+CLUSTER_HALTED = "crv.cluster.halted"  # the brake: too many new nodes failed (an alert)
 CLUSTER_EVENTS = frozenset(
     {
         CLUSTER_DEPLOYING,
@@ -90,6 +92,7 @@ CLUSTER_EVENTS = frozenset(
         CLUSTER_DESTROYED,
         CLUSTER_ROLLED_BACK,
         CLUSTER_REPAIRED,
+        CLUSTER_HALTED,
     }
 )
 

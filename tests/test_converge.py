@@ -123,3 +123,86 @@ def test_a_repair_remakes_the_missing_then_the_lapsed_it_destroys_first() -> Non
         {"name": "c-worker-2", "pool": "sim", "state": "lapsed"},
     ]
     assert converge.remake([], []) == ([], [])
+
+
+# -- F5, F6: quarantine and the brake ------------------------------------------------------
+
+
+def test_certify_or_a_new_nodes_first_contextualize_quarantines_it() -> None:
+    assert converge.quarantines("certify", "c-w-0", made=set())
+    assert converge.quarantines("contextualize", "c-w-0", made={"c-w-0"})
+    # a member's recipe failing again (a resize re-ran it) does not shut it out
+    assert not converge.quarantines("contextualize", "c-w-0", made={"c-w-1"})
+    assert not converge.quarantines("verify", "c-w-0", made={"c-w-0"})
+    assert not converge.quarantines("provision", "c-w-0", made={"c-w-0"})
+
+
+@pytest.mark.parametrize(
+    ("max_unhealthy", "new", "failed", "stops"),
+    [
+        ("40%", 5, 2, False),  # 40 % of 5 is 2: two may fail
+        ("40%", 5, 3, True),
+        ("40%", 3, 1, False),  # 1.2 rounds down to 1
+        ("40%", 3, 2, True),
+        ("40%", 1, 1, True),
+        ("100%", 10, 10, False),  # the brake off
+        ("0%", 10, 1, True),
+        (3, 100, 3, False),  # a number of nodes
+        (3, 100, 4, True),
+    ],
+)
+def test_the_brake_stops_a_change_when_more_new_nodes_fail_than_max_unhealthy(
+    max_unhealthy: int | str, new: int, failed: int, stops: bool
+) -> None:
+    why = converge.brake(max_unhealthy, new, failed)
+    assert (why is not None) == stops
+    if why is not None:
+        limit = converge.unhealthy_limit(max_unhealthy, new)
+        assert why == (
+            f"stopped: {failed} of {new} new nodes failed, more than max_unhealthy "
+            f"{max_unhealthy} ({limit}); crv makes no more nodes in this change"
+        )
+
+
+def test_a_halted_run_starts_no_step_and_a_stopped_node_none_of_its_own(
+    appliance: Appliance,
+) -> None:
+    """The executor: after `halt` no step starts (those running finish); after `stop_node`
+    none of that node's; both are skipped, not failed, and the halt counts what it kept."""
+    import asyncio
+
+    from crv.base.retry import RetryPolicy
+    from crv.engine.executor import DagRun
+
+    plan = expand(with_counts(appliance, {"worker": 3}), "c")
+    ran: list[str] = []
+    gate = asyncio.Event()
+
+    async def step(sid: str) -> None:
+        ran.append(sid)
+        d = plan.graph.nodes[sid]
+        if d["kind"] == "certify" and d["node"] == "c-worker-1":
+            holder[0].stop_node("c-worker-1", "c-worker-1 is quarantined")
+            raise RuntimeError("never enrolled")
+        if d["kind"] == "contextualize" and d["node"] == "c-worker-0":
+            holder[0].halt("stopped: the brake")
+            gate.set()
+        await asyncio.sleep(0)
+
+    async def run() -> DagRun:
+        dag = DagRun(plan, RetryPolicy(retries=0))
+        holder.append(dag)
+        await asyncio.gather(*(dag._run_step(sid, step) for sid in plan.graph))
+        return dag
+
+    holder: list[DagRun] = []
+    dag = asyncio.run(run())
+    states = {sid: r.state for sid, r in dag.results.items()}
+    assert states["c-worker-1:certify"] == "failed"
+    assert all(states[s] == "skipped" for s in states if s.startswith("c-worker-1:") and
+               not s.endswith((":provision", ":certify")))  # fmt: skip
+    assert not any(s.startswith("c-worker-1:contextualize") for s in ran)
+    assert gate.is_set() and dag.halted == "stopped: the brake"
+    assert not any(s.startswith("c-worker-0:verify") for s in ran)  # after the halt
+    assert dag.results["c-worker-0:verify:work"].error == "stopped: the brake"
+    assert dag.halted_steps >= 1

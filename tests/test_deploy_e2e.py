@@ -255,6 +255,7 @@ def test_failing_recipe_is_retried_then_named_and_others_are_kept(crv: Crv, tmp_
         '#!/bin/sh\necho "starting on $CRV_NODE"\n'
         'if [ "$CRV_NODE" = "$CRV_PARAM_BAD" ]; then echo "disk on fire" >&2; exit 3; fi\n'
     )
+    revoked_before = crv.revoked_serials()
     r = crv("deploy", str(app), "--retries", "1")
     assert r.returncode == 1
     err = r.stderr.strip().splitlines()[-1]
@@ -270,6 +271,17 @@ def test_failing_recipe_is_retried_then_named_and_others_are_kept(crv: Crv, tmp_
     assert not status["ready"]
     log = (crv.home / "pools/local/flaky-node-1/logs/svc.log").read_text()
     assert log.count("disk on fire") == 2  # the first run and one retry
+    # F5: its first contextualize failed for good: quarantined, its certificate revoked (and
+    # on the CRL), while the other nodes were verified; 1 of 3 is not beyond max_unhealthy 40 %
+    assert {n["name"]: n["state"] for n in status["nodes"]}["flaky-node-1"] == "quarantined"
+    assert len(crv.revoked_serials() - revoked_before) == 1
+    assert "stopped:" not in err
+
+    # run again with the fault gone: the quarantined node is made again and joins
+    again = crv("deploy", str(app), "--set", "bad=none")
+    assert again.returncode == 0, again.stderr
+    status = crv.status("flaky")
+    assert status["ready"] and {n["state"] for n in status["nodes"]} == {"enrolled"}
 
     d = crv("destroy", "flaky")
     assert d.returncode == 0, d.stderr

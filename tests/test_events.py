@@ -228,8 +228,9 @@ def test_unknown_event_names_are_refused() -> None:
         events.node_event("c", "a", "p", "c-n-0", events.CLUSTER_READY)
     assert events.CLUSTER_ROLLED_BACK in events.CLUSTER_EVENTS
     assert {n.rsplit(".", 1)[1] for n in events.NODE_EVENTS} == {
-        "provisioned", "enrolled", "verified", "failed", "destroyed"
+        "provisioned", "enrolled", "verified", "failed", "destroyed", "quarantined"
     }  # fmt: skip
+    assert events.CLUSTER_HALTED in events.CLUSTER_EVENTS
 
 
 def test_emitting_with_the_api_unreachable_returns_normally(tmp_path: Path) -> None:

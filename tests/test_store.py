@@ -472,3 +472,45 @@ def test_an_enrolment_replayed_is_answered_while_the_cluster_is_being_written(
     with pytest.raises(StoreError) as refused:
         store.enrol("c", "c-g-0", token, "other-csr", lambda _: issued)
     assert refused.value.status == 401
+
+
+def test_a_quarantined_node_is_shut_out_and_made_again_by_the_next_change(store: Store) -> None:
+    """F5: its certificate revoked (returned for the CRL), its token spent, what it published
+    purged, every node call refused; put `provisioning` again (the next change remakes it),
+    its roles start afresh."""
+    store.put_nodes("c", [node("c-g-0", ["web"], address="127.0.1.9", state="provisioned"),
+                          node("c-g-1", ["web"], address="127.0.1.8", state="provisioned")])  # fmt: skip
+    tokens = store.issue_tokens("c", ["c-g-0", "c-g-1"], timedelta(minutes=5))
+
+    serials = iter(["cd0", "cd1", "cd2"])
+
+    def sign(e: store_module.Enrolment) -> Issued:
+        return Issued(next(serials), store_module.now() + timedelta(days=1), "pem")
+
+    store.enrol("c", "c-g-0", tokens["c-g-0"], "csr0", sign)
+    store.set_attribute("c", "c-g-0", "web", "url", "http://127.0.1.9/")
+    assert store.get_attribute("c", "web", "url") == [("c-g-0", "http://127.0.1.9/")]
+
+    assert store.quarantine("c", "c-g-0", "c-g-0:contextualize:web failed: exit 3") == ["cd0"]
+    assert store.quarantine("c", "c-g-1", "c-g-1:certify failed: timed out") == []
+    assert {serial for serial, _ in store.revoked("c")} == {int("cd0", 16)}
+    assert store.get_attribute("c", "web", "url") == []
+    assert store.current_roles("cd0", "c", "c-g-0") == (None, [])  # every node route: 403
+    with pytest.raises(StoreError) as refused:
+        store.renew("c", "c-g-0", "cd0", sign)
+    assert refused.value.status == 403 and "quarantined" in str(refused.value)
+    with pytest.raises(StoreError, match="no unused token"):  # c-g-1's token is spent
+        store.enrol("c", "c-g-1", tokens["c-g-1"], "csr1", sign)
+    states = {n["name"]: n["state"] for n in store.status("c")["nodes"]}
+    assert states == {"c-g-0": "quarantined", "c-g-1": "quarantined"}
+    assert ("c-g-0", "node", "quarantined") in events(store)
+    with pytest.raises(StoreError) as unknown:
+        store.quarantine("c", "c-g-9", "no such node")
+    assert unknown.value.status == 404
+
+    # the next change makes it again: a new token enrols it, its roles run again
+    store.put_nodes("c", [node("c-g-0", ["web"], state="provisioning")])
+    store.put_nodes("c", [node("c-g-0", ["web"], state="provisioned")])
+    again = store.issue_tokens("c", ["c-g-0"], timedelta(minutes=5))
+    store.enrol("c", "c-g-0", again["c-g-0"], "csr2", sign)
+    assert store.work("c", "c-g-0")["roles"][0]["state"] == "pending"

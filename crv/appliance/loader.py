@@ -88,6 +88,7 @@ class Appliance:
     groups: Mapping[str, Group]  # in document order, own groups first
     roles: Mapping[str, Role]
     on_failure: str = "keep"  # the top appliance's; an included one's is not used
+    max_unhealthy: int | str = "40%"  # the top appliance's too (crv.engine.converge.brake)
     packages: tuple[str, ...] = ()  # image.packages, its included appliances' too, sorted
 
     @property
@@ -219,6 +220,7 @@ class _Resolver:
                 groups=scope.groups,
                 roles=scope.roles,
                 on_failure=s.on_failure,
+                max_unhealthy=s.max_unhealthy,
                 packages=tuple(sorted(scope.packages | set(s.image.packages))),
             ),
             used,

@@ -382,6 +382,13 @@ class ApplianceSpec(_Model):
     description: Text = ""
     # a deploy or resize that fails: keep what it made (run it again to resume), or roll back
     on_failure: Literal["keep", "rollback"] = "keep"
+    # the brake (FAULTS F6, as Cluster API's MachineHealthCheck maxUnhealthy): when more of a
+    # change's new nodes than this fail (a number of nodes, or a share such as "40%"), crv
+    # stops making nodes and fails the change
+    max_unhealthy: (
+        Annotated[int, Field(ge=0, le=1_000_000)]
+        | Annotated[str, Field(pattern=r"^(100|[1-9]?[0-9])%$")]
+    ) = "40%"
     parameters: dict[Name, Parameter] = Field(default_factory=dict, max_length=256)
     include: list[Include] = Field(default_factory=list, max_length=32)
     nodes: dict[Name, NodeGroup] = Field(default_factory=dict, max_length=256)

@@ -25,10 +25,15 @@ class NodeState(_Words):
     PROVISIONED = "provisioned"  # its pool made it; its agent has not enrolled yet
     ENROLLED = "enrolled"  # its agent holds a certificate and runs its roles
     LEAVING = "leaving"  # a shrink picked it: it still runs, but no longer feeds anyone
+    # it failed certify or its first contextualize for good: its token and certificates are
+    # revoked, what it published is purged, the service refuses it; the next change remakes it
+    QUARANTINED = "quarantined"
 
 
 # a node recorded `provisioning` again from these states has lost its machine: it is remade
-REMADE_FROM = (NodeState.PROVISIONED, NodeState.ENROLLED, NodeState.LEAVING)
+REMADE_FROM = (
+    NodeState.PROVISIONED, NodeState.ENROLLED, NodeState.LEAVING, NodeState.QUARANTINED
+)  # fmt: skip
 
 
 class RoleState(_Words):

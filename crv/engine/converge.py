@@ -111,3 +111,36 @@ def remake(
     destroy = [n for n in ended if n["name"] not in gone]
     again = [{"name": n["name"], "pool": n["pool"], "state": "lapsed"} for n in destroy]
     return destroy, list(missing) + again
+
+
+# -- a node that fails to join, and too many of them (FAULTS F5, F6) --------------------------
+
+# the steps whose failure for good shuts a new node out: it never got, or never used, the trust
+# a member has (a recipe failing again on a member is not a reason to shut it out)
+QUARANTINE_KINDS = ("certify", "contextualize")
+UNHEALTHY_KINDS = ("provision", "certify", "contextualize")
+
+
+def quarantines(kind: str, node: str, made: Collection[str]) -> bool:
+    """Whether a step of `kind` that failed for good on `node` quarantines it: certify, or a
+    contextualize of a node this change made (its first)."""
+    return kind == "certify" or (kind == "contextualize" and node in made)
+
+
+def unhealthy_limit(max_unhealthy: int | str, new: int) -> int:
+    """How many of a change's `new` nodes may fail before the brake: a number of nodes, or a
+    share of them ("40%", rounded down), as Cluster API's maxUnhealthy."""
+    if isinstance(max_unhealthy, str):
+        return new * int(max_unhealthy.rstrip("%")) // 100
+    return max_unhealthy
+
+
+def brake(max_unhealthy: int | str, new: int, failed: int) -> str | None:
+    """The one line that stops a change whose new nodes fail too often, or None."""
+    limit = unhealthy_limit(max_unhealthy, new)
+    if failed <= limit:
+        return None
+    return (
+        f"stopped: {failed} of {new} new nodes failed, more than max_unhealthy "
+        f"{max_unhealthy} ({limit}); crv makes no more nodes in this change"
+    )

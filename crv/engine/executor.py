@@ -58,6 +58,11 @@ class StageFailed(CrvError):
     """Raised by a stage after all its nodes ran, when some failed or could not run."""
 
 
+class Halted(CrvError):
+    """A step not run, or given up, because its node was quarantined or the change was
+    stopped by its brake (crv.engine.converge.brake): it is skipped, not failed."""
+
+
 def stages(plan: Plan) -> list[Stage]:
     """Stages in the plan's topological order of their first step (for a readable UI)."""
     by_key: dict[tuple[str, str, str | None], list[str]] = {}
@@ -79,6 +84,18 @@ class DagRun:
         self.listeners: list[Callable[[DagRun], None]] = []
         self.step_listeners: list[Callable[[str, StepResult], None]] = []  # each finished step
         self.started = time.monotonic()
+        self.halted: str | None = None  # why no step starts any more (the brake)
+        self.halted_steps = 0  # steps the brake kept from starting
+        self._stopped: dict[str, str] = {}  # node -> why none of its steps starts any more
+
+    def halt(self, reason: str) -> None:
+        """From now on no step starts (those running finish); the first reason stays."""
+        if self.halted is None:
+            self.halted = reason
+
+    def stop_node(self, node: str, reason: str) -> None:
+        """From now on no step of `node` starts (a quarantined node)."""
+        self._stopped.setdefault(node, reason)
 
     @property
     def total(self) -> int:
@@ -110,14 +127,22 @@ class DagRun:
         preds = [self._done[p] for p in self.plan.graph.pred[sid]]
         if preds and not all(await asyncio.gather(*preds)):
             return self._finish(sid, StepResult("skipped", error="a step it waits for failed"))
+        node = self.plan.graph.nodes[sid]["node"]
         result = StepResult("ok", started=time.monotonic())
         for attempt in range(self.policy.retries + 1):
+            why = self._stopped.get(node) or self.halted
+            if why is not None:
+                self.halted_steps += node not in self._stopped
+                return self._finish(sid, StepResult("skipped", attempt, why))
             result.attempts = attempt + 1
             try:
                 await fn(sid)
                 return self._finish(sid, result)
             except asyncio.CancelledError:
                 raise
+            except Halted as e:
+                self.halted_steps += self.halted is not None and node not in self._stopped
+                return self._finish(sid, StepResult("skipped", result.attempts, str(e)))
             except Exception as e:  # every failure is recorded per node, never lost
                 result.error = str(e) if isinstance(e, CrvError) else f"{type(e).__name__}: {e}"
                 if attempt == self.policy.retries or not self.policy.retryable(e):

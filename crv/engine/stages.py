@@ -29,8 +29,9 @@ from typing import Any, Generic, TypeVar
 from crv.appliance.bundle import Bundle, build
 from crv.appliance.plan import Plan
 from crv.base.errors import CrvError
-from crv.base.states import DRAIN_STATES
+from crv.base.states import DRAIN_STATES, NodeState
 from crv.engine import verify
+from crv.engine.executor import Halted
 from crv.engine.placement import ALIVE, NoCapacity, Placement, capacities
 from crv.engine.verify import Check
 from crv.service.client import AsyncService, ServiceError
@@ -199,6 +200,13 @@ class Mirror:
             if not fut.done():
                 fut.set_result(None)
 
+    def mark(self, node: str, state: str) -> None:
+        """What this process knows before the event says so: the node's waits look again."""
+        self.nodes[node] = state
+        for fut in self._waiters.pop(node, ()):
+            if not fut.done():
+                fut.set_result(None)
+
     def _wake_all(self) -> None:
         for futs in self._waiters.values():
             for fut in futs:
@@ -224,6 +232,8 @@ class Mirror:
         while not ready():
             if self.error is not None:
                 raise StepError(f"lost the service's event stream: {self.error}", temporary=False)
+            if self.nodes.get(node) == NodeState.QUARANTINED:
+                raise Halted(f"{node} is quarantined")
             if silence is not None:
                 self._check_alive(node, since, silence, what)
             left = deadline - loop.time()
@@ -314,6 +324,12 @@ class ClusterRun:
         self._roles: Batcher[dict[str, Any], dict[str, Any]] | None = None
         self._bundle: Bundle | None = None
         self._finished: dict[str, dict[str, set[str]]] = {"recipes": {}, "verified": {}}
+        self.made: set[str] = set()  # the nodes this run asked a pool to make
+        self.stopped: str | None = None  # the brake tripped: no create starts any more
+
+    def quarantined(self, node: str) -> None:
+        """The service shut `node` out: its waits end now (crv.engine.stages.Mirror.wait)."""
+        self.mirror.mark(node, NodeState.QUARANTINED)
 
     # -- set-up and tear-down of the run ----------------------------------------------------
 
@@ -477,6 +493,9 @@ class ClusterRun:
             return
         # recorded first: while the node is remade, status never claims one the pool lacks;
         # it is made afresh (below), so its timings start again
+        if self.mirror.nodes.get(node) == NodeState.QUARANTINED:  # remade: its waits may wait
+            self.mirror.nodes[node] = NodeState.PROVISIONING
+        self.made.add(node)
         began = {"provision": time.time()}
         await self._node_updates.submit(self._node_item(node, state="provisioning", timings=began))
         for (n, _), r in self.mirror.roles.items():
@@ -499,7 +518,13 @@ class ClusterRun:
                 "token": token,
             },
         )
-        info = await self._in_thread(pool.create_node, spec)
+
+        def create() -> NodeInfo:
+            if self.stopped is not None:  # the brake tripped while this create waited
+                raise Halted(f"{node} was not made: {self.stopped}")
+            return pool.create_node(spec)
+
+        info = await self._in_thread(create)
         self.mirror.addresses[node] = info.address
         timings = {"created": time.time(), **(info.extra.get("timings") or {})}
         await self._node_updates.submit(

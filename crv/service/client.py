@@ -137,6 +137,14 @@ class AsyncService:
         body = {"enabled": enabled, "every": every}
         await self.call("PUT", f"/v1/admin/clusters/{cluster}/autoscaling", json=body)
 
+    async def quarantine(self, cluster: str, node: str, reason: str) -> list[str]:
+        result = await self.call(
+            "POST",
+            f"/v1/admin/clusters/{cluster}/nodes/{node}/quarantine",
+            json={"reason": reason[:4000]},
+        )
+        return list(result["revoked"])
+
     async def delete_node(self, cluster: str, node: str) -> list[str]:
         result = await self.call("DELETE", f"/v1/admin/clusters/{cluster}/nodes/{node}")
         return list(result["revoked"])

@@ -174,6 +174,10 @@ class Outcome(_Body):
     outcome: Text
 
 
+class QuarantineRequest(_Body):
+    reason: Text  # the step's failure, kept in the node's event
+
+
 # -- the cluster status: GET /v1/admin/clusters/{cluster}, `crv status --json` -----------------
 
 

@@ -948,6 +948,39 @@ class Store:
         _revoke(c, serials)
         return serials
 
+    def quarantine(self, cluster: str, name: str, reason: str) -> list[str]:
+        """Shut a node out for good (FAULTS F5): its bootstrap token is spent, its certificates
+        revoked (returned), what its roles published purged, and its state `quarantined`, which
+        every node route refuses (not a member). Its machine stays for inspection until the
+        next change of the cluster remakes it or a destroy removes it."""
+        with self._writing(cluster) as c:
+            found = c.execute(
+                nodes.update()
+                .where(nodes.c.cluster == cluster, nodes.c.name == name)
+                .values(
+                    state=NodeState.QUARANTINED.value,
+                    token_hash=None,
+                    token_expires=None,
+                    enrol_token=None,
+                    enrol_csr=None,
+                    generation=nodes.c.generation + 1,
+                )
+            ).rowcount
+            if found != 1:
+                raise StoreError(404, f"no node {name!r} in cluster {cluster!r}")
+            self._touched.pop((cluster, name), None)
+            revoked = self._revoke_node_certs(c, cluster, name)
+            c.execute(
+                attributes.delete().where(
+                    attributes.c.cluster == cluster, attributes.c.node == name
+                )
+            )
+            self._event(
+                c, cluster, name, None, "node", state=NodeState.QUARANTINED.value,
+                output=reason[:2000],
+            )  # fmt: skip
+            return revoked
+
     def delete_node(self, cluster: str, name: str) -> list[str]:
         with self._writing(cluster) as c:
             return self._delete_node(c, cluster, name)
@@ -1177,6 +1210,8 @@ class Store:
                     certificates.c.cluster == cluster,
                     certificates.c.node == node,
                     certificates.c.revoked_at.is_(None),
+                    nodes.c.state
+                    != NodeState.QUARANTINED.value,  # its certificates are revoked too
                 )
             ).all()
         mine = next((r for r in rows if r.serial == serial), None)

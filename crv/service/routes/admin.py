@@ -21,6 +21,7 @@ from crv.service.models import (
     NodesRequest,
     Outcome,
     PairingRequest,
+    QuarantineRequest,
     RolePath,
     RolesRequest,
     TokensRequest,
@@ -196,6 +197,16 @@ async def cluster_events(
     await svc.cluster_waiters.wait_until(cluster, ready, wait)
     found = await svc.db(store.events_after, cluster, after)
     return {"last": found[-1]["seq"] if found else after, "events": found}
+
+
+@router.post("/clusters/{cluster}/nodes/{node}/quarantine")
+async def quarantine_node(
+    svc: Svc, cluster: str, node: str, body: QuarantineRequest
+) -> dict[str, list[str]]:
+    """Shut a node out (FAULTS F5): token spent, certificates revoked, attributes purged."""
+    result = await svc.forget(cluster, lambda: svc.store.quarantine(cluster, node, body.reason))
+    svc.wake_node(cluster, node)
+    return result
 
 
 @router.delete("/clusters/{cluster}/nodes/{node}")
