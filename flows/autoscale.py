@@ -36,11 +36,13 @@ from pydantic import Field
 from crv.appliance.loader import NOT_SCALED, Appliance, load_recorded
 from crv.appliance.spec import Scaling
 from crv.base.errors import CrvError
+from crv.base.states import NodeState
 from crv.engine import autoscale as policy
 from crv.engine.placement import recorded
 from crv.engine.stages import Timeouts
 from crv.service.client import AsyncService, ServiceError
 from crv.service.models import ClusterStatus
+from crv.service.store import natural_key
 from flows.converge import (
     WAIT,
     DeployFailed,
@@ -209,6 +211,12 @@ class _Run:
             order = recorded(status, loaded).order(name)
             room = await pool_capacities(site_drivers(running_site()), order)
             d = policy.within_room(d, room, memory)
+            quarantined = sorted(
+                (n["name"] for n in status["nodes"]
+                 if n["group"] == name and n["state"] == NodeState.QUARANTINED),
+                key=natural_key,
+            )  # fmt: skip
+            d = policy.held_by_quarantine(d, quarantined, memory)
         if d.action == "none":
             await self.record(name, d)
             return

@@ -314,3 +314,21 @@ def test_an_http_metric_answered_with_an_error_status_is_no_metric() -> None:
         d = decide(scaling(), 1, 10, 3, got, 0, Memory(last_scale_up=-1000.0))
         assert d.action == "none" and d.reason.startswith("no metric: ")
         assert f"HTTP {status}" in d.reason and d.memory == Memory(last_scale_up=-1000.0)
+
+
+def test_no_growth_while_nodes_of_the_group_are_quarantined() -> None:
+    """F6: a growth would make nodes from what just failed; held, without a cooldown."""
+    from crv.engine.autoscale import held_by_quarantine
+
+    s = scaling()
+    grow = decide(s, 1, 10, 2, Reading(900.0, 0.0), 1000.0, Memory())
+    assert grow.action == "grow"
+    held = held_by_quarantine(grow, ["c-web-2", "c-web-3"], Memory())
+    assert (held.action, held.target, held.memory) == ("none", 2, Memory())
+    assert held.reason.endswith(
+        "; held: 2 quarantined (c-web-2, c-web-3): no growth until a deploy or `crv repair` "
+        "makes them again"
+    )
+    assert held_by_quarantine(grow, [], Memory()) == grow
+    shrink = decide(s, 1, 10, 5, Reading(0.0, 0.0), 1000.0, Memory(low_since=0.0))
+    assert held_by_quarantine(shrink, ["c-web-2"], Memory()) == shrink  # shrinking is not held

@@ -151,6 +151,22 @@ def within_room(d: Decision, room: Mapping[str, int | None], before: Memory) -> 
     return replace(d, target=d.current + total, reason=reason)
 
 
+def held_by_quarantine(d: Decision, quarantined: Sequence[str], before: Memory) -> Decision:
+    """No growth while nodes of the group are quarantined (FAULTS F6: no replacement loop): a
+    growth would make nodes from what just failed; a deploy or repair once the cause is fixed
+    makes them again. No cooldown starts for a growth that did not happen."""
+    if d.action != "grow" or not quarantined:
+        return d
+    names = ", ".join(quarantined[:3]) + (
+        f" and {len(quarantined) - 3} more" if len(quarantined) > 3 else ""
+    )
+    reason = (
+        f"{d.reason}; held: {len(quarantined)} quarantined ({names}): no growth until a deploy "
+        "or `crv repair` makes them again"
+    )
+    return replace(d, target=d.current, action="none", reason=reason, memory=before)
+
+
 def wanted(scaling: Scaling, metric: float, current: int) -> tuple[int, str]:
     """The node count the policy asks for (before bounds), and how it got there."""
     p = scaling.policy
