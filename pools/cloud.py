@@ -19,6 +19,19 @@ account limits (`InstanceLimitExceeded`, `VcpuLimitExceeded`: only a person can 
 other client errors are permanent. Messages are one line, cut to a reasonable length, and never
 contain the bootstrap token.
 
+Rate limits. A call the provider answers with a rate limit (HTTP 429 or 503, EC2's
+`RequestLimitExceeded`, any `Throttling`) is made again by the pool itself, as the AWS SDKs'
+standard retry mode does: after a jittered exponential backoff (`RetryPolicy`: 1 s doubling up to
+20 s, each scaled by 0.5-1.5), or after the `Retry-After` the answer carries (seconds or an
+HTTP-date, honoured up to 5 minutes) when that is longer, for at most `retry.attempts` attempts
+(default 8) within `retry.deadline` seconds (default 120) of the first. When that is spent, or
+when the provider asks to wait past the deadline (then at once, without sleeping), the call fails
+with one permanent line naming the pool, the call and the rate limit: the pool has waited as long
+as its deadline allows, and another layer retrying the step would only multiply that bound.
+Errors that are temporary for another reason (no answer, a 500, no capacity) are not retried
+here: they go up as temporary errors, for the step's own retries, with the `Retry-After` of the
+answer, if any, as their `delay`.
+
 The moto namespace pitfall (../shared/ENVIRONMENT.md): moto answers EC2 calls with
 `xmlns="http://ec2.amazonaws.com/doc/2016-11-15"` while libcloud parses with the namespace that
 ends in a slash, so every list comes back empty; moto also puts that namespace on error
@@ -30,15 +43,19 @@ there is no option to forget.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import inspect
+import logging
 import re
 import ssl
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from libcloud.common.exceptions import BaseHTTPError, RateLimitReachedError
 from libcloud.common.types import InvalidCredsError, LibcloudError
@@ -57,6 +74,7 @@ from libcloud.compute.providers import DRIVERS, get_driver
 from libcloud.compute.types import NodeState
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from crv.base.retry import RetryPolicy, parse_retry_after
 from pools import cloudinit
 from pools.base import TAG_CLUSTER, TAG_NODE, MaxNodes, NodeInfo, NodeSpec, PoolError
 from pools.credentials import SecretRef, check, resolve
@@ -65,6 +83,10 @@ TAG_GROUP = "crv-group"
 CLIENT_TOKEN_MAX = 64  # EC2: at most 64 ASCII characters
 GENERATIONS = 8  # client-token generations tried before giving up (re-creations of one node)
 MESSAGE_MAX = 300
+BACKOFF = RetryPolicy(base=1.0, factor=2.0, cap=20.0, jitter=0.5, asked_cap=300.0)
+
+R = TypeVar("R")
+log = logging.getLogger(__name__)
 
 # Credentials go through SecretRef, never driver_args.
 _SECRET_ARGS = {"key", "secret", "token", "password", "api_key", "ex_force_auth_token"}
@@ -92,6 +114,11 @@ _TEMPORARY_CODES = re.compile(
     r"|InternalError|InternalFailure|RequestTimeout|ServerInternal|SlowDown",
     re.IGNORECASE,
 )
+_THROTTLED_CODES = re.compile(
+    r"RequestLimitExceeded|Throttl|TooManyRequests|SlowDown|RateLimit|Rate exceeded",
+    re.IGNORECASE,
+)
+_THROTTLED_HTTP = (429, 503)
 _IMAGE_CODES = re.compile(r"InvalidAMIID|InvalidImage|image .*not (be )?found", re.IGNORECASE)
 _SIZE_CODES = re.compile(
     r"InvalidInstanceType|instance type|flavou?r .*not (be )?found|service ?offering",
@@ -112,6 +139,22 @@ class GroupOverride(BaseModel):
 
     image: str | None = None
     size: str | None = None
+
+
+class RetryOptions(BaseModel):
+    """How long the pool keeps asking a provider that answers with a rate limit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    attempts: int = Field(
+        default=8, ge=1, le=50, description="attempts of one call, the first included"
+    )
+    deadline: float = Field(
+        default=120.0,
+        gt=0,
+        le=3600,
+        description="seconds from a call's first attempt after which no attempt starts",
+    )
 
 
 class CloudOptions(BaseModel):
@@ -144,6 +187,10 @@ class CloudOptions(BaseModel):
         ge=0,
         le=100_000,
         description="at most this many crv instances (of any cluster) at a time: capacity()",
+    )
+    retry: RetryOptions = Field(
+        default_factory=RetryOptions,
+        description="rate-limited calls: attempts and deadline (module doc, Rate limits)",
     )
 
     @field_validator("provider")
@@ -194,11 +241,52 @@ class _NamespaceFixingResponse(EC2Response):
         return super().parse_body()  # type: ignore[no-untyped-call]
 
     def parse_error(self) -> Any:
+        # libcloud reads Retry-After with float() (429) after this, on the same dictionary: a
+        # value that is neither seconds nor an HTTP-date would raise ValueError from the driver
+        _normalise_retry_after(self.headers)
         # AWS sends errors without a namespace, and libcloud reads them so ("Errors/Error");
         # moto puts its namespace on errors too, which hides the error code from libcloud.
         if isinstance(self.body, str) and self._without in self.body:
             self.body = self.body.replace(" " + self._without, "", 1)
         return super().parse_error()  # type: ignore[no-untyped-call]
+
+
+def _normalise_retry_after(headers: Any) -> None:
+    """`retry-after` in libcloud's lower-cased headers as seconds, or dropped if unreadable."""
+    if not isinstance(headers, dict) or "retry-after" not in headers:
+        return
+    seconds = parse_retry_after(str(headers["retry-after"]))
+    if seconds is None:
+        del headers["retry-after"]
+    else:
+        headers["retry-after"] = str(seconds)
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    """The wait a provider's error answer asked for: its `Retry-After` header (seconds or an
+    HTTP-date), else libcloud's `retry_after` (a 429); None when it asked for none."""
+    headers = getattr(exc, "headers", None)
+    if isinstance(headers, Mapping):
+        for key, value in headers.items():
+            if str(key).lower() == "retry-after":
+                seconds = parse_retry_after(str(value))
+                if seconds is not None:
+                    return seconds
+    asked = getattr(exc, "retry_after", None)
+    if isinstance(asked, int | float) and not isinstance(asked, bool) and asked > 0:
+        return float(asked)
+    return None
+
+
+class _Throttled(PoolError):
+    """The provider answered with a rate limit: `CloudPool._call` asks again (module doc)."""
+
+    def __init__(self, pool: str, action: str, text: str, delay: float | None) -> None:
+        self.action = action
+        self.cause = text + (f"; Retry-After {delay:g} s" if delay is not None else "")
+        super().__init__(
+            pool, f"{action}: rate limited ({self.cause})", temporary=True, delay=delay
+        )
 
 
 class _NamespaceFixingConnection(EC2Connection):
@@ -283,6 +371,9 @@ class CloudPool(MaxNodes):
         self.state_dir = state_dir  # nothing is kept there: the cloud's tags are the record
         self.options = options
         self.max_nodes = options.max_nodes
+        self.backoff = dataclasses.replace(
+            BACKOFF, retries=options.retry.attempts - 1, deadline=options.retry.deadline
+        )
         self._local = threading.local()  # libcloud connections are not shared between threads
 
     # ---- the contract -------------------------------------------------------------------
@@ -361,8 +452,9 @@ class CloudPool(MaxNodes):
             if ec2:
                 kwargs["ex_clienttoken"] = _client_token(spec.cluster, spec.name, generation)
             try:
-                with self._translated(f"create {spec.name}", secrets):
-                    node = driver.create_node(**kwargs)
+                node = self._call(
+                    f"create {spec.name}", lambda: driver.create_node(**kwargs), secrets
+                )
             except PoolError as exc:
                 if not isinstance(exc.__cause__, IdempotentParamError):
                     raise
@@ -384,8 +476,7 @@ class CloudPool(MaxNodes):
         driver = self._driver()
         for node in self._nodes({f"tag:{TAG_NODE}": name}):
             try:
-                with self._translated(f"destroy {name}"):
-                    driver.destroy_node(node)
+                self._call(f"destroy {name}", functools.partial(driver.destroy_node, node))
             except PoolError as exc:
                 if exc.temporary or not _NOT_FOUND.search(str(exc)):
                     raise  # gone in between: that is what was asked
@@ -485,16 +576,15 @@ class CloudPool(MaxNodes):
     ) -> None:
         """Tag an instance the provider could not tag at creation; on failure, destroy it, so
         nothing untagged (invisible to list_nodes) is left behind."""
+        if "resource_type" in inspect.signature(driver.ex_create_tags).parameters:
+            tag = functools.partial(driver.ex_create_tags, [node.id], "UserVm", tags)  # CloudStack
+        else:
+            tag = functools.partial(driver.ex_create_tags, node, tags)
         try:
-            with self._translated(f"tag {name}", secrets):
-                if "resource_type" in inspect.signature(driver.ex_create_tags).parameters:
-                    driver.ex_create_tags([node.id], "UserVm", tags)  # CloudStack
-                else:
-                    driver.ex_create_tags(node, tags)
+            self._call(f"tag {name}", tag, secrets)
         except PoolError:
             try:
-                with self._translated(f"destroy untagged {name}"):
-                    driver.destroy_node(node)
+                self._call(f"destroy untagged {name}", functools.partial(driver.destroy_node, node))
             except PoolError as cleanup:
                 raise PoolError(
                     self.name,
@@ -518,11 +608,11 @@ class CloudPool(MaxNodes):
     def _nodes(self, ec2_filters: Mapping[str, str]) -> list[Node]:
         """Live instances with crv tags matching the filters (server-side on EC2)."""
         driver = self._driver()
-        with self._translated("list instances"):
-            if isinstance(driver, EC2NodeDriver):
-                nodes = driver.list_nodes(ex_filters=dict(ec2_filters))  # type: ignore[arg-type]
-            else:
-                nodes = driver.list_nodes()
+        listing: Callable[[], list[Node]] = driver.list_nodes
+        if isinstance(driver, EC2NodeDriver):
+            filters: Any = dict(ec2_filters)  # libcloud's annotation says str; it takes a dict
+            listing = functools.partial(driver.list_nodes, ex_filters=filters)
+        nodes = self._call("list instances", listing)
         wanted = {k[4:]: v for k, v in ec2_filters.items() if k.startswith("tag:")}
         result = []
         for node in nodes:
@@ -558,6 +648,29 @@ class CloudPool(MaxNodes):
             extra=extra,
         )
 
+    def _call(self, action: str, fn: Callable[[], R], secrets: tuple[str, ...] = ()) -> R:
+        """`fn()`, its errors translated (`_translated`); asked again while the provider answers
+        with a rate limit, within `self.backoff`'s attempts and deadline (module doc)."""
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                with self._translated(action, secrets):
+                    return fn()
+            except _Throttled as exc:
+                elapsed = time.monotonic() - started
+                step = self.backoff.after(attempt, exc, elapsed)
+                if step.wait is None:
+                    raise PoolError(
+                        self.name,
+                        f"{exc.action}: rate limited by the provider ({exc.cause}); "
+                        f"gave up: {step.why}",
+                        delay=exc.delay,
+                    ) from exc
+                log.info("%s; attempt %d again in %.1f s", exc, attempt + 2, step.wait)
+                time.sleep(step.wait)
+                attempt += 1
+
     @contextmanager
     def _translated(self, action: str, secrets: tuple[str, ...] = ()) -> Iterator[None]:
         """libcloud and connection errors become PoolError, temporary when a retry can help."""
@@ -567,8 +680,9 @@ class CloudPool(MaxNodes):
             raise
         except InvalidCredsError as exc:
             raise PoolError(self.name, f"{action}: authentication failed") from exc
-        except RateLimitReachedError as exc:
-            raise PoolError(self.name, f"{action}: rate limited", temporary=True) from exc
+        except RateLimitReachedError as exc:  # a 429: libcloud keeps no more of the answer
+            text = _one_line(str(exc), secrets)
+            raise _Throttled(self.name, action, text, _retry_after(exc)) from exc
         except IdempotentParamError as exc:
             raise PoolError(self.name, f"{action}: client token reused") from exc
         except (BaseHTTPError, LibcloudError) as exc:
@@ -576,7 +690,8 @@ class CloudPool(MaxNodes):
             text = _one_line(
                 str(getattr(exc, "message", None) or getattr(exc, "value", exc)), secrets
             )
-            raise self._classified(action, text, code if isinstance(code, int) else None) from exc
+            code = code if isinstance(code, int) else None
+            raise self._classified(action, text, code, _retry_after(exc)) from exc
         except ssl.SSLError as exc:  # a certificate the client refuses: a retry will not help
             raise PoolError(self.name, f"{action}: TLS: {_one_line(str(exc))}") from exc
         except OSError as exc:  # requests' ConnectionError and Timeout are OSErrors too
@@ -586,13 +701,17 @@ class CloudPool(MaxNodes):
                 temporary=True,
             ) from exc
 
-    def _classified(self, action: str, text: str, code: int | None) -> PoolError:
+    def _classified(
+        self, action: str, text: str, code: int | None, asked: float | None = None
+    ) -> PoolError:
         if _IMAGE_CODES.search(text):
             return PoolError(self.name, f"{action}: option image: {text}")
         if _SIZE_CODES.search(text):
             return PoolError(self.name, f"{action}: option size: {text}")
-        if _TEMPORARY_CODES.search(text) or code in (429, 500, 502, 503, 504):
-            return PoolError(self.name, f"{action}: {text}", temporary=True)
+        if code in _THROTTLED_HTTP or _THROTTLED_CODES.search(text):
+            return _Throttled(self.name, action, text, asked)
+        if _TEMPORARY_CODES.search(text) or code in (500, 502, 504):
+            return PoolError(self.name, f"{action}: {text}", temporary=True, delay=asked)
         if code in (401, 403) or _AUTH_CODES.search(text):
             return PoolError(self.name, f"{action}: authentication or permission: {text}")
         return PoolError(self.name, f"{action}: {text}")

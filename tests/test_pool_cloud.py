@@ -366,6 +366,55 @@ def test_rate_limit_is_temporary(tmp_path: Path) -> None:
     with pytest.raises(PoolError) as err, p._translated("list"):
         raise RateLimitReachedError()
     assert err.value.temporary
+    assert err.value.delay is None
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "headers", "delay", "message"),
+    [
+        (503, "RequestLimitExceeded: Request limit exceeded.", {"retry-after": "7"}, 7.0,
+         "pool c: create n: rate limited (RequestLimitExceeded: Request limit exceeded.; "
+         "Retry-After 7 s)"),
+        (503, "Service Unavailable", {"Retry-After": "Sun, 06 Nov 1994 08:49:37 GMT"}, 0.0,
+         "pool c: create n: rate limited (Service Unavailable; Retry-After 0 s)"),
+        (400, "Throttling: Rate exceeded", None, None,
+         "pool c: create n: rate limited (Throttling: Rate exceeded)"),
+        (500, "InternalError: try again", {"retry-after": "3"}, 3.0,
+         "pool c: create n: InternalError: try again"),  # temporary, left to the step
+        (503, "RequestLimitExceeded: x", {"retry-after": "later"}, None,
+         "pool c: create n: rate limited (RequestLimitExceeded: x)"),
+    ],
+)  # fmt: skip
+def test_retry_after_becomes_the_errors_delay(
+    tmp_path: Path, code: int, text: str, headers: Any, delay: float | None, message: str
+) -> None:
+    """The wait a provider asked for (the header libcloud kept on its error, seconds or an
+    HTTP-date) is the PoolError's `delay`; a rate limit is temporary, for the pool's own retry
+    (tests/test_cloud_storm.py makes real answers)."""
+    from libcloud.common.exceptions import BaseHTTPError, RateLimitReachedError  # type: ignore[import-untyped]
+
+    os.environ.setdefault(KEY_VAR, "testing")
+    os.environ.setdefault(SECRET_VAR, "testing")
+    p = CloudPool("c", tmp_path, CloudOptions.model_validate(options(1)))
+    with pytest.raises(PoolError) as err, p._translated("create n"):
+        raise BaseHTTPError(code, text, headers)
+    assert err.value.temporary
+    assert err.value.delay == delay
+    assert str(err.value) == message
+    with pytest.raises(PoolError) as err, p._translated("list"):  # a 429: libcloud's own class
+        raise RateLimitReachedError(headers={"retry-after": "4"})
+    assert err.value.delay == 4.0
+    assert str(err.value) == "pool c: list: rate limited (429 Rate limit exceeded; Retry-After 4 s)"
+
+
+def test_retry_options_are_checked() -> None:
+    opts = CloudOptions.model_validate(options(1, retry={"attempts": 3, "deadline": 10}))
+    assert (opts.retry.attempts, opts.retry.deadline) == (3, 10.0)
+    pool = CloudPool("c", Path("/nonexistent"), opts)
+    assert (pool.backoff.retries, pool.backoff.deadline) == (2, 10.0)
+    for bad in ({"attempts": 0}, {"deadline": 0}, {"deadline": 86400}, {"tries": 3}):
+        with pytest.raises(ValidationError):
+            CloudOptions.model_validate(options(1, retry=bad))
 
 
 # ---- options and credentials (no server) ---------------------------------------------------
