@@ -15,6 +15,18 @@ Why this shape:
 - Errors say whether a retry helps. A BMC that does not answer, or answers "busy", is retried with
   backoff within `window` seconds and then reported as a temporary PoolError; refused credentials
   are permanent at once (retrying only fills the BMC's lockout counter).
+- A BMC's answers are not trusted to end a wait (tests/test_bmc_hostile.py plays a hostile BMC).
+  Every wait for an answer ends `timeout` after the request was sent, however many packets
+  arrive meanwhile, and a packet that is not the answer - cut short, garbage, failing its
+  integrity check, another session's, another payload type, another message tag or sequence
+  number - is ignored, counted, and waited past. Left alone, python-ipmi restarts its wait with
+  each packet, so a BMC sending wrong-tag or foreign-payload packets faster than the timeout
+  held an operation for ever; a short datagram raised struct.error (a permanent "failed
+  unexpectedly"), and a corrupted packet inside the session an AuthenticationError that read as
+  a wrong password. So an operation ends within `window` plus one attempt, and an attempt is at
+  most one `timeout` per message (nine for Get Chassis Status: presence ping, Get Channel
+  Authentication Capabilities, Open Session, RAKP 1/2, RAKP 3/4, Set Session Privilege Level,
+  the command, Close Session), plus `OFF_WAIT` for a power-down in `pxe_boot`.
 - The password never leaves this module: python-ipmi's `Session.__str__` prints it and its
   rmcp interface logs that string at DEBUG when closing a session, so the session used here
   redacts it; library exceptions are translated into messages composed here and raised outside
@@ -38,7 +50,6 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import pyipmi
-import pyipmi.interfaces
 from pyipmi.chassis import BootDevice
 from pyipmi.errors import (
     AuthenticationError,
@@ -50,7 +61,14 @@ from pyipmi.errors import (
     NotSupportedError,
     RetryError,
 )
-from pyipmi.interfaces.rmcp import RMCP_CLASS_ASF, AsfPing, AsfPong, RmcpMsg
+from pyipmi.interfaces.rmcp import RMCP_CLASS_ASF, AsfMsg, AsfPing, AsfPong, RmcpMsg
+from pyipmi.interfaces.rmcpplus import (
+    PAYLOAD_TYPE_IPMI,
+    PAYLOAD_TYPE_OPEN_SESSION_REQUEST,
+    PAYLOAD_TYPE_RAKP_1,
+    PAYLOAD_TYPE_RAKP_3,
+    RmcpPlus,
+)
 from pyipmi.msgs import constants
 from pyipmi.session import Session
 
@@ -65,6 +83,9 @@ MAX_PASSWORD = 20  # bytes, IPMI 2.0 (16 for IPMI 1.5)
 MAX_USERNAME = 16  # bytes
 BMC_ADDRESS = 0x20  # the BMC's IPMB address
 OFF_WAIT = 30.0  # seconds a chassis may take to be off after a power down
+RECEIVE_BUFFER = 4096  # bytes of a datagram read: more than any answer to crv's commands
+# what decoding a packet that is not a valid answer raises, in python-ipmi 0.6
+INVALID = (DecodingError, AuthenticationError, struct.error, IndexError, ValueError)
 
 # completion codes after which the same command may succeed later
 BUSY_CODES = {constants.CC_NODE_BUSY}
@@ -118,12 +139,106 @@ class _Session(Session):  # type: ignore[misc]
 
 
 class _Transient(Exception):
-    """An attempt failed in a way a later attempt may not: `busy` or not answering."""
+    """An attempt failed in a way a later attempt may not: `what` is "busy", "not answering" or
+    "answering invalidly"."""
 
-    def __init__(self, busy: bool, detail: str) -> None:
+    def __init__(self, what: str, detail: str) -> None:
         super().__init__(detail)
-        self.busy = busy
+        self.what = what
         self.detail = detail
+
+
+class _Ignored(DecodingError):  # type: ignore[misc]
+    """A packet that is not the awaited answer, already counted."""
+
+
+class _Interface(RmcpPlus):  # type: ignore[misc]
+    """python-ipmi's RMCP+ interface, holding to its timeout whatever the BMC sends (see the
+    module's docstring): each wait ends `timeout` after the request was sent, and packets that
+    are not the answer are ignored and counted in `invalid`."""
+
+    def __init__(self, cipher_suite: int) -> None:
+        super().__init__(keep_alive_interval=0, cipher_suite=cipher_suite)
+        self.invalid = 0
+        self._answer_by = 0.0
+        self._awaited: tuple[int, bytes] | None = None  # session setup: (payload type, tag)
+
+    @property
+    def in_session(self) -> bool:
+        """The RAKP handshake succeeded: the BMC holds a session slot until it is closed."""
+        return self._session is not None and bool(self._session.activated)
+
+    def _ignore(self, e: Exception | str) -> None:
+        self.invalid += 1
+        log.debug(
+            "ignoring an invalid packet from %s:%s: %s",
+            self.host,
+            self.port,
+            e if isinstance(e, str) else type(e).__name__,
+        )
+
+    def _send_rmcp_msg(self, sdu: bytes | None, class_of_msg: int) -> None:
+        super()._send_rmcp_msg(sdu, class_of_msg)
+        self._answer_by = time.monotonic() + (self._timeout or 0.0)
+
+    def _receive_rmcp_msg(self) -> tuple[int | None, int | None, bytes]:
+        left = self._answer_by - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no valid answer in time")
+        self._sock.settimeout(left)
+        data = self._sock.recv(RECEIVE_BUFFER)
+        rmcp = RmcpMsg()
+        try:
+            sdu = rmcp.unpack(data)
+        except INVALID as e:
+            self._ignore(e)
+            raise _Ignored("not an RMCP packet") from None
+        return rmcp.seq_number, rmcp.class_of_msg, sdu
+
+    def _receive_asf_msg(self, cls: type[AsfMsg]) -> AsfMsg:
+        while True:
+            try:
+                return super()._receive_asf_msg(cls)
+            except _Ignored:
+                continue
+            except INVALID as e:
+                self._ignore(e)
+
+    def _send_payload(self, payload_type: int, payload: bytes) -> None:
+        super()._send_payload(payload_type, payload)
+        setup = (PAYLOAD_TYPE_OPEN_SESSION_REQUEST, PAYLOAD_TYPE_RAKP_1, PAYLOAD_TYPE_RAKP_3)
+        # the answer to a session setup request: the next payload type, with the same tag
+        self._awaited = (payload_type + 1, payload[:1]) if payload_type in setup else None
+
+    def _receive_payload(self) -> tuple[int, bytes]:
+        """One RMCP+ payload. Its session setup skips a DecodingError and waits on; so does
+        `_receive_ipmi_msg` here."""
+        try:
+            payload_type, payload = super()._receive_payload()
+        except _Ignored:
+            raise
+        except INVALID as e:
+            self._ignore(e)
+            raise _Ignored("not a valid RMCP+ packet") from None
+        if self._keys is None and self._awaited not in (None, (payload_type, payload[:1])):
+            self._ignore(f"payload type 0x{payload_type:02x} or message tag not awaited")
+            raise _Ignored("not the answer awaited")
+        return payload_type, payload
+
+    def _receive_ipmi_msg(self, ignore_sdu_length: bool = False) -> bytes:
+        while True:
+            try:
+                if self._keys is None:  # before the session: IPMI 1.5
+                    return super()._receive_ipmi_msg(ignore_sdu_length)  # type: ignore[no-any-return]
+                payload_type, data = self._receive_payload()
+            except _Ignored:
+                continue
+            except INVALID as e:
+                self._ignore(e)
+                continue
+            if payload_type == PAYLOAD_TYPE_IPMI:
+                return data
+            self._ignore(f"payload type 0x{payload_type:02x}")
 
 
 class Power:
@@ -251,10 +366,7 @@ class Power:
             log.debug("machine %s: BMC %s: %s, again in %.2fs", machine, bmc.where, failure, delay)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
-        if failure.busy:
-            what = f"busy after {count} attempts ({failure.detail})"
-        else:
-            what = f"not answering after {count} attempts ({failure.detail})"
+        what = f"{failure.what} after {count} attempts ({failure.detail})"
         raise self._error(machine, bmc, what, temporary=True)
 
     def _lock(self, key: tuple[str, int]) -> threading.Lock:
@@ -284,7 +396,7 @@ class Power:
             finally:
                 self._done(key)
         if not ok:
-            raise _Transient(False, "no answer to the RMCP presence ping")
+            raise _Transient("not answering", "no answer to the RMCP presence ping")
 
     def _session(self, machine: str, bmc: Bmc, action: Callable[[_Step], T]) -> T:
         """One attempt: open a session, run `action`, close. Library exceptions become a
@@ -297,22 +409,27 @@ class Power:
                 step.open()
                 return action(step)
             except Exception as e:  # translated below, never passed on
-                failure = self._translate(machine, bmc, e, step.opened)
+                failure = self._translate(machine, bmc, e, step)
             finally:
                 step.close()
         assert failure is not None  # the try returned otherwise
         raise failure
 
-    def _translate(self, machine: str, bmc: Bmc, e: Exception, opened: bool) -> Exception:
+    def _translate(self, machine: str, bmc: Bmc, e: Exception, step: _Step) -> Exception:
         user = f"user {bmc.username!r}"
+        opened = step.opened
+        invalid = step.interface.invalid
+        ignored = (
+            f"; {invalid} invalid answer{'s' if invalid != 1 else ''} ignored" if invalid else ""
+        )
         if isinstance(e, PoolError):
             return e
         if isinstance(e, CompletionCodeError):
             code = f"completion code 0x{e.cc:02x} {e.cc_desc}"
             if e.cc in BUSY_CODES:
-                return _Transient(True, code)
+                return _Transient("busy", code)
             if e.cc in TRANSIENT_CODES:
-                return _Transient(False, code)
+                return _Transient("not answering", code)
             if e.cc == constants.CC_INSUFFICIENT_PRIVILEGES:
                 return self._error(machine, bmc, f"refused a command to {user}: {code}")
             return self._error(machine, bmc, f"refused the command: {code}")
@@ -326,20 +443,24 @@ class Power:
             if e.msc in ROLE_MSC:
                 return self._error(machine, bmc, f"refused administrator privilege to {user}")
             if e.msc in BUSY_MSC:
-                return _Transient(True, f"no free session: {e.msc_desc}")
-            return _Transient(False, f"session setup failed: {e.msc_desc}")
+                return _Transient("busy", f"no free session: {e.msc_desc}")
+            return _Transient("not answering", f"session setup failed: {e.msc_desc}")
         if isinstance(e, (AuthenticationError, IpmiLongPasswordError)) and not opened:
+            # raised by the RAKP handshake only: a packet failing its integrity check is ignored
             return self._error(machine, bmc, f"refused the credentials of {user}")
         if isinstance(e, IpmiConnectionError):
-            return _Transient(False, "no answer to the RMCP presence ping")
+            return _Transient("not answering", f"no answer to the RMCP presence ping{ignored}")
         if isinstance(e, (TimeoutError, RetryError)):
-            return _Transient(False, "timed out")
+            return _Transient("not answering", f"timed out{ignored}")
         if isinstance(e, ConnectionRefusedError):
-            return _Transient(False, "connection refused")
+            return _Transient("not answering", "connection refused")
         if isinstance(e, OSError):
-            return _Transient(False, f"network error {type(e).__name__}")
-        if isinstance(e, (DecodingError, AuthenticationError)):
-            return _Transient(False, f"invalid answer ({type(e).__name__})")
+            return _Transient("not answering", f"network error {type(e).__name__}")
+        if isinstance(e, INVALID):
+            # an answer that came in time and passed the checks of its packet, but not those of
+            # its content (another console's session ID, a short message, other algorithms)
+            name = "struct.error" if isinstance(e, struct.error) else type(e).__name__
+            return _Transient("answering invalidly", f"{name}{ignored}")
         if isinstance(e, NotSupportedError):
             return self._error(machine, bmc, "does not support what is needed (IPMI 2.0, AES)")
         # unknown: the type only, its text might hold anything
@@ -355,9 +476,7 @@ class _Step:
         self.bmc = bmc
         self.key = key
         self.opened = False
-        interface = pyipmi.interfaces.create_interface(
-            "rmcpplus", keep_alive_interval=0, cipher_suite=bmc.cipher_suite
-        )
+        self.interface = interface = _Interface(bmc.cipher_suite)
         session = _Session()
         session.set_session_type_rmcp(bmc.address, port=bmc.port)
         session.set_auth_type_user(bmc.username, bmc.password)
@@ -384,9 +503,10 @@ class _Step:
 
     def close(self) -> None:
         """Close Session (not paced: it frees the BMC's session slot), then the socket. A
-        failing close does not undo the command that succeeded."""
+        failing close does not undo the command that succeeded. A session whose set-up failed
+        after the RAKP handshake (at Set Session Privilege Level) holds a slot too: closed."""
         try:
-            if self.opened:
+            if self.opened or self.interface.in_session:
                 self.power._count(self.machine)
                 self.ipmi.session.close()
         except Exception:
