@@ -155,6 +155,10 @@ class ExitedAtStart(DaemonError):
 def _free_port(preferred: int, address: str = "127.0.0.1") -> int:
     for port in (preferred, 0):
         with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as s:
+            # as the daemons bind (uvicorn sets it too): the port of a daemon that was killed
+            # is free again at once, though its last connections linger in TIME_WAIT; without
+            # it a restarted service moved to another port, and its nodes' agents lost it (F7)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((address, port))
             except OSError:

@@ -485,7 +485,12 @@ def _run_with_progress(
 def _report(
     state: State[dict[str, Any]], what: str, home: Home, endpoints: daemons.Endpoints, plan: Plan
 ) -> None:
-    status = Service(home, endpoints.service_url).status(plan.cluster)
+    try:
+        status = Service(home, endpoints.service_url).status(plan.cluster)
+    except ServiceError as e:  # the run ended, but the service cannot say how the cluster is
+        outcome = "completed" if state.is_completed() else f"failed: {_reason(state)}"
+        print(f"error: {what} of {plan.cluster} {outcome}; then {e}", file=sys.stderr)
+        raise typer.Exit(1) from None
     if not state.is_completed():
         print(f"error: {what} of {plan.cluster} failed: {_reason(state)}", file=sys.stderr)
         raise typer.Exit(1)
