@@ -17,7 +17,11 @@ Errors. Library errors become `PoolError` at the boundary: rate limits (HTTP 429
 errors are temporary; authentication failures, unknown image or size (naming the option),
 account limits (`InstanceLimitExceeded`, `VcpuLimitExceeded`: only a person can raise them) and
 other client errors are permanent. Messages are one line, cut to a reasonable length, and never
-contain the bootstrap token.
+contain the bootstrap token nor the credentials (key and secret, in clear or URL-, JSON- or
+XML-encoded: a provider's error text may echo the request). The PoolError a call raises has no
+library exception in its chain (neither `__cause__` nor `__context__`): libcloud keeps an error
+answer's body as its exception's text, and a logged traceback would print it
+(tests/test_cloud_secrets.py).
 
 Rate limits. A call the provider answers with a rate limit (HTTP 429 or 503, EC2's
 `RequestLimitExceeded`, any `Throttling`) is made again by the pool itself, as the AWS SDKs'
@@ -46,12 +50,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import html
 import inspect
+import json
 import logging
 import re
 import ssl
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -289,6 +296,10 @@ class _Throttled(PoolError):
         )
 
 
+class _TokenReused(PoolError):
+    """EC2 answered `IdempotentParameterMismatch`: `create_node` tries the next generation."""
+
+
 class _NamespaceFixingConnection(EC2Connection):
     responseCls = _NamespaceFixingResponse
 
@@ -301,9 +312,23 @@ def _driver_class(provider: str) -> type[Any]:
 
 
 def _one_line(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """`text` on one line, at most MESSAGE_MAX characters, each secret (as written in clear,
+    URL-encoded, JSON-, XML- or repr-escaped) replaced by `<redacted>`."""
     for secret in secrets:
-        if secret:
-            text = text.replace(secret, "<redacted>")
+        if not secret:
+            continue
+        written = {
+            secret,
+            urllib.parse.quote(secret, safe=""),
+            urllib.parse.quote_plus(secret),
+            json.dumps(secret)[1:-1],
+            json.dumps(secret)[1:-1].replace("/", "\\/"),
+            html.escape(secret),
+            html.escape(secret, quote=False),
+            repr(secret)[1:-1],
+        }
+        for form in sorted(written, key=len, reverse=True):
+            text = text.replace(form, "<redacted>")
     text = " ".join(text.split())
     return text if len(text) <= MESSAGE_MAX else text[: MESSAGE_MAX - 3] + "..."
 
@@ -455,9 +480,7 @@ class CloudPool(MaxNodes):
                 node = self._call(
                     f"create {spec.name}", lambda: driver.create_node(**kwargs), secrets
                 )
-            except PoolError as exc:
-                if not isinstance(exc.__cause__, IdempotentParamError):
-                    raise
+            except _TokenReused:
                 # the token belongs to an earlier instance of this node with other user-data
                 existing = self._existing(spec)
                 if existing is not None:
@@ -498,6 +521,7 @@ class CloudPool(MaxNodes):
         args = [resolve(o.key, self.name, "key")]
         if o.secret is not None:
             args.append(resolve(o.secret, self.name, "secret"))
+        self._local.credentials = tuple(args)  # redacted from this thread's errors
         kwargs: dict[str, Any] = dict(o.driver_args)
         if o.region is not None:
             if o.provider == "openstack":
@@ -507,7 +531,8 @@ class CloudPool(MaxNodes):
         try:
             return cls(*args, **kwargs)
         except (TypeError, ValueError) as exc:
-            raise PoolError(self.name, f"driver {o.provider}: {_one_line(str(exc))}") from exc
+            text = _one_line(str(exc), tuple(args))
+        raise PoolError(self.name, f"driver {o.provider}: {text}")  # outside: no chain
 
     def _fail(self, option: str, message: str) -> Any:
         raise PoolError(self.name, f"option {option}: {message}")
@@ -650,7 +675,16 @@ class CloudPool(MaxNodes):
 
     def _call(self, action: str, fn: Callable[[], R], secrets: tuple[str, ...] = ()) -> R:
         """`fn()`, its errors translated (`_translated`); asked again while the provider answers
-        with a rate limit, within `self.backoff`'s attempts and deadline (module doc)."""
+        with a rate limit, within `self.backoff`'s attempts and deadline (module doc). The
+        PoolError raised carries no library exception, nor their frames (module doc, Errors)."""
+        try:
+            return self._attempts(action, fn, secrets)
+        except PoolError as exc:
+            failure = exc
+        failure.__cause__ = failure.__context__ = None
+        raise failure.with_traceback(None)
+
+    def _attempts(self, action: str, fn: Callable[[], R], secrets: tuple[str, ...]) -> R:
         started = time.monotonic()
         attempt = 0
         while True:
@@ -674,6 +708,7 @@ class CloudPool(MaxNodes):
     @contextmanager
     def _translated(self, action: str, secrets: tuple[str, ...] = ()) -> Iterator[None]:
         """libcloud and connection errors become PoolError, temporary when a retry can help."""
+        secrets = (*secrets, *getattr(self._local, "credentials", ()))
         try:
             yield
         except PoolError:
@@ -684,7 +719,7 @@ class CloudPool(MaxNodes):
             text = _one_line(str(exc), secrets)
             raise _Throttled(self.name, action, text, _retry_after(exc)) from exc
         except IdempotentParamError as exc:
-            raise PoolError(self.name, f"{action}: client token reused") from exc
+            raise _TokenReused(self.name, f"{action}: client token reused") from exc
         except (BaseHTTPError, LibcloudError) as exc:
             code = getattr(exc, "code", None) or getattr(exc, "http_code", None)
             text = _one_line(
@@ -693,7 +728,7 @@ class CloudPool(MaxNodes):
             code = code if isinstance(code, int) else None
             raise self._classified(action, text, code, _retry_after(exc)) from exc
         except ssl.SSLError as exc:  # a certificate the client refuses: a retry will not help
-            raise PoolError(self.name, f"{action}: TLS: {_one_line(str(exc))}") from exc
+            raise PoolError(self.name, f"{action}: TLS: {_one_line(str(exc), secrets)}") from exc
         except OSError as exc:  # requests' ConnectionError and Timeout are OSErrors too
             raise PoolError(
                 self.name,
