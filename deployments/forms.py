@@ -10,13 +10,20 @@ JSON Schema out; nothing here imports Prefect):
   appliances, each described (the appliance, the type, the bounds, the default);
 - one `if appliance == X then ...` rule per appliance checks the chosen appliance's parameters
   (the text must read as the declared type, an enum one of its values, no unknown key) and its
-  counts (within each group's `scale` bounds).
+  counts (within each group's `scale` bounds);
+- every form (`bounded`) takes no parameter the flow does not have (`shell: rm -rf /` is
+  refused, not left for the flow to stumble on), no text without a length bound and no map
+  without a key bound, so an oversized value is refused by name at the door. (Prefect refuses
+  a run whose parameters are over 512 KiB in all, HTTP 422, before any schema is read.)
 
 With `enforce_parameter_schema` the Prefect server checks a run's parameters against this schema
 when the run is created (the UI's form asks it too, and shows the answer under the field): bad
 input is refused at once, HTTP 409 `Validation failed for field 'parameters.workers'. Failure
 reason: ...`, and no flow run exists. What a schema cannot say (an integer's bounds inside a
 text value, the total node count) the flow checks first thing, before anything is provisioned.
+The schema checks requests; it does not bind whoever has the API's credentials: they may ask
+for a run without it (`enforce_parameter_schema: false` in the request, or on the deployment),
+and then the flow's own checks are what stop a bad run before any node.
 """
 
 from __future__ import annotations
@@ -43,6 +50,12 @@ INTEGER_TEXT = r"^[+-]?[0-9]+$"
 NUMBER_TEXT = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
 BOOLEAN_TEXT = ["true", "false"]
 NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f-\x9f]*$"
+INTEGER_TEXT_MAX = 19  # a sign and 18 digits, what the loader reads
+NUMBER_TEXT_MAX = 64
+# the bounds `bounded` gives a field that has none of its own (a parameter a flow gains later)
+TEXT_MAX = 1024
+KEYS_MAX = 256  # as many parameters or node groups as an appliance may declare
+ITEMS_MAX = 256
 
 
 @dataclass(frozen=True)
@@ -106,9 +119,9 @@ def parameter_value_schema(p: Parameter) -> Schema:
     if p.enum is not None:
         return {"type": "string", "enum": [_text(v) for v in p.enum]}
     if p.type == "integer":
-        return {"type": "string", "pattern": INTEGER_TEXT}
+        return {"type": "string", "pattern": INTEGER_TEXT, "maxLength": INTEGER_TEXT_MAX}
     if p.type == "number":
-        return {"type": "string", "pattern": NUMBER_TEXT}
+        return {"type": "string", "pattern": NUMBER_TEXT, "maxLength": NUMBER_TEXT_MAX}
     if p.type == "boolean":
         return {"type": "string", "enum": BOOLEAN_TEXT}
     return {"type": "string", "maxLength": p.max_length, "pattern": NO_CONTROL_CHARACTERS}
@@ -231,13 +244,15 @@ def _nullable_fields(base: Schema, fields: Schema, description: str) -> None:
     box and none (the defaults). They shape the form; what is accepted is `appliance_rule`'s
     to say. (A value no option matched would be refused as `not valid under any of the given
     schemas`, without naming the key, so the JSON box takes any object and leaves it to the
-    rule to name the key.)"""
+    rule to name the key. No value needs more keys than there are fields: `maxProperties`
+    refuses a map of 10,000 keys as `has too many properties` before anything else reads it.)"""
     base.pop("type", None)
     base["anyOf"] = [
         {"type": "object", "title": "set", "properties": fields},
         {"type": "object", "title": "JSON"},
         {"type": "null", "title": "defaults"},
     ]
+    base["maxProperties"] = len(fields)
     base["description"] = description
 
 
@@ -327,7 +342,7 @@ def deploy_form(
                 }
             }
         )
-    return schema
+    return bounded(schema)
 
 
 def scale_form(generated: Schema, entries: Mapping[str, CatalogEntry]) -> Schema:
@@ -348,7 +363,7 @@ def scale_form(generated: Schema, entries: Mapping[str, CatalogEntry]) -> Schema
             "first).",
         },
     )
-    return schema
+    return bounded(schema)
 
 
 def destroy_form(generated: Schema, pools: Iterable[str]) -> Schema:
@@ -357,7 +372,7 @@ def destroy_form(generated: Schema, pools: Iterable[str]) -> Schema:
     _name_field(props, "name", "Cluster name (see `crv list`).")
     if "pool" in props:
         _pool_field(props["pool"], pools)
-    return schema
+    return bounded(schema)
 
 
 def repair_form(generated: Schema) -> Schema:
@@ -365,7 +380,7 @@ def repair_form(generated: Schema) -> Schema:
     props: Schema = schema["properties"]
     _name_field(props, "name", "Cluster name (see `crv list`).")
     _describe(props, TUNING)
-    return schema
+    return bounded(schema)
 
 
 def _name_field(props: Schema, key: str, description: str) -> None:
@@ -376,3 +391,32 @@ def _name_field(props: Schema, key: str, description: str) -> None:
 def _pool_field(field: Schema, pools: Iterable[str]) -> None:
     known = list(pools)
     field.update({"enum": known, "description": "Resource pool: " + ", ".join(known)})
+
+
+def bounded(schema: Schema) -> Schema:
+    """`schema` (a whole form) closed: no parameter beyond the flow's (`additionalProperties`),
+    and each field, or each option of a field that may be one of several (`anyOf`), bounded
+    where neither has a bound of its own: text by `maxLength` (an enum's by its longest value),
+    maps by `maxProperties`, lists by `maxItems`. Prefect's server checks all of these (JSON
+    Schema draft 2020-12, `prefect.utilities.schema_tools.validation`)."""
+    schema["additionalProperties"] = False
+    for field in schema.get("properties", {}).values():
+        for option in [field, *field.get("anyOf", [])]:
+            _bound(option, field)
+    return schema
+
+
+_BOUNDS = {"string": "maxLength", "object": "maxProperties", "array": "maxItems"}
+
+
+def _bound(option: Schema, field: Schema) -> None:
+    types = option.get("type", [])
+    for kind in [types] if isinstance(types, str) else types:
+        keyword = _BOUNDS.get(kind)
+        if keyword is None or keyword in option or keyword in field:
+            continue
+        if kind == "string":
+            enum = option.get("enum") or field.get("enum")
+            option[keyword] = max(len(str(v)) for v in enum) if enum else TEXT_MAX
+        else:
+            option[keyword] = KEYS_MAX if kind == "object" else ITEMS_MAX
