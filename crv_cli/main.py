@@ -34,7 +34,7 @@ from crv.appliance.loader import (
 from crv.appliance.plan import Plan, expand
 from crv.appliance.spec import json_schema
 from crv.base.errors import CrvError, SpecError
-from crv.base.home import Home
+from crv.base.home import Home, disk_full
 from crv.base.running import registered_work_pool
 from crv.engine.placement import Drift, Drivers, check, drift, lapsed, place, pools_of
 from crv.service.client import Service, ServiceError
@@ -492,7 +492,11 @@ def _report(
         print(f"error: {what} of {plan.cluster} {outcome}; then {e}", file=sys.stderr)
         raise typer.Exit(1) from None
     if not state.is_completed():
-        print(f"error: {what} of {plan.cluster} failed: {_reason(state)}", file=sys.stderr)
+        reason = _reason(state)
+        print(
+            f"error: {what} of {plan.cluster} failed: {reason}{_disk_full(home, reason)}",
+            file=sys.stderr,
+        )
         raise typer.Exit(1)
     print(f"cluster {plan.cluster} is ready ({len(plan.nodes)} nodes)")
     for role, node, url in _entry_points(plan, status):
@@ -640,6 +644,13 @@ def _await_pairing(service: Service, ident: str, seconds: float) -> str:
         raise typer.Exit(1) from None
     print("error: no machine paired: the PIN expired; run crv pair again", file=sys.stderr)
     raise typer.Exit(1)
+
+
+def _disk_full(home: Home, reason: str) -> str:
+    """What a failure's line adds when CRV_HOME's filesystem filled up during the change:
+    Prefect's server and crv's service then answer only '500' or '503' (F15)."""
+    full = disk_full(home.root)
+    return f"; {full}" if full is not None and full not in reason else ""
 
 
 def _reason(state: State[Any]) -> str:

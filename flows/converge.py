@@ -29,7 +29,7 @@ from crv.appliance.loader import Appliance, load_recorded, with_counts
 from crv.appliance.plan import Plan, expand, members
 from crv.base import running as daemons
 from crv.base.errors import CrvError
-from crv.base.home import Home
+from crv.base.home import Home, disk_full
 from crv.base.retry import RetryPolicy
 from crv.base.states import NodeState
 from crv.engine import timings
@@ -118,9 +118,13 @@ def running_site() -> daemons.Site:
     """Where this run finds crv: CRV_HOME's daemons on the crv machine, or the worker
     configuration (CRV_WORKER_CONFIG) on a Prefect worker elsewhere (crv.base.running)."""
     try:
-        return daemons.find_site()
+        site = daemons.find_site()
     except daemons.DaemonError as e:
         raise DeployFailed(str(e)) from None
+    full = disk_full(site.home.root) if site.home.root.is_dir() else None
+    if full is not None:  # F15: before any change, its slot or its records
+        raise DeployFailed(f"{full}; crv changed nothing")
+    return site
 
 
 def running_service() -> tuple[Home, daemons.Endpoints]:

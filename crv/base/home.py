@@ -8,6 +8,7 @@ pools' state, so a test or a demo isolates itself by pointing CRV_HOME elsewhere
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,23 @@ class Home:
             for pattern in ("*.db", "*.db-wal", "*.db-shm", "*.db-journal", "*.log", "api-auth"):
                 for f in d.glob(pattern):
                     _chmod(f, 0o600)
+
+
+LOW_DISK = 16 << 20  # bytes free under CRV_HOME below which crv starts no change (F15)
+
+
+def disk_full(root: Path) -> str | None:
+    """Why no change should start when the filesystem under `root` is (nearly) full, or None.
+    Prefect's server and crv's service fail their writes then, and Prefect's may leave a
+    cluster's change slot taken for good (its count written, its lease not): so crv refuses
+    before it takes the slot, rather than fail halfway."""
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return None
+    if free >= LOW_DISK:
+        return None
+    return f"the disk under {root} is full ({free // 1024} KiB free): free some space"
 
 
 def _chmod(path: Path, mode: int) -> None:

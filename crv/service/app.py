@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 
+import sqlalchemy as sa
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -103,6 +104,8 @@ def create_app(
     app.state.crv = state
     app.add_middleware(BodyLimit)
     app.add_exception_handler(StoreError, _store_error)  # type: ignore[arg-type]
+    app.add_exception_handler(sa.exc.OperationalError, _own_state)
+    app.add_exception_handler(OSError, _own_state)
     app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
     for routes in (public, node, admin):
         app.include_router(routes.router)
@@ -114,6 +117,20 @@ async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
         log.warning("refused %s %s: %s", request.method, request.url.path, exc)
     headers = {"Retry-After": "1"} if exc.status == 409 else None
     return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
+
+
+async def _own_state(request: Request, exc: Exception) -> JSONResponse:
+    """crv's own database or disk failed under a request (locked by another process, full,
+    PostgreSQL gone: FAULTS F15): 503 saying so in one line, which the caller may try again;
+    the transaction was rolled back, so nothing half-written stays."""
+    cause = getattr(exc, "orig", None) or exc
+    what = " ".join(str(cause).split())[:300] or type(cause).__name__
+    log.error("%s %s: crv's state: %s", request.method, request.url.path, what)
+    return JSONResponse(
+        {"detail": f"crv's state database or disk failed: {what}"},
+        status_code=503,
+        headers={"Retry-After": "2"},
+    )
 
 
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
