@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import email.utils
 import fcntl
 import hashlib
 import hmac
@@ -72,6 +73,15 @@ RENEW_RETRY = 30.0  # seconds at most before a failed renewal is tried again
 HEARTBEAT = 10.0  # seconds between heartbeats while a recipe runs (the agent does not poll then)
 # what a re-joining node signs with its last key ahead of its new CSR (crv.service.app)
 REJOIN_CONTEXT = b"crv-rejoin-v1\x00"
+# A node clock up to this many seconds off the service's works: every certificate crv issues
+# starts 15 min before it was made (crv.service.pki CLOCK_TOLERANCE, SKEW_MARGIN). Beyond it the
+# agent says which clock is off and by how much, from the Date of the service's answers.
+CLOCK_TOLERANCE = 600.0
+# OpenSSL's results for a certificate outside its dates, and the flag that leaves dates
+# unchecked (only to ask the service for its time: Service._clock_problem)
+X509_V_ERR_CERT_NOT_YET_VALID = 9
+X509_V_ERR_CERT_HAS_EXPIRED = 10
+X509_V_FLAG_NO_CHECK_TIME = 0x200000
 
 
 class AgentError(Exception):
@@ -563,6 +573,7 @@ class Service:
         self._prefix = parts.path.rstrip("/")
         self._context = context
         self._conn: _Connection | None = None
+        self._clock_note: tuple[int, float, str] | None = None  # (verify code, until, line)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -592,6 +603,9 @@ class Service:
                 self.close()
                 if "CERTIFICATE_EXPIRED" in str(e).upper().replace(" ", "_"):
                     raise CertificateEnded(f"{self.where}: {e}") from None
+                code = getattr(e, "verify_code", None)
+                if code in (X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED):
+                    raise Unreachable(f"{self.where}: {self._clock_problem(code)}") from None
                 if not reused:
                     raise Unreachable(f"{self.where}: {str(e) or type(e).__name__}") from None
             except (OSError, http.client.HTTPException) as e:
@@ -621,6 +635,95 @@ class Service:
             self.close()
             raise AgentError(f"{method} {path}: answer larger than {limit} bytes")
         return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+
+    def _clock_problem(self, code: int) -> str:
+        """The service's certificate (or its CA) is not valid yet, or has expired, by this
+        node's clock: say whether this clock is off and by how much (F14). The line is kept a
+        minute, so a caller retrying meanwhile logs it once."""
+        note = self._clock_note
+        if note is not None and note[0] == code and time.monotonic() < note[1]:
+            return note[2]
+        state = "has expired" if code == X509_V_ERR_CERT_HAS_EXPIRED else "is not valid yet"
+        try:
+            date = self._service_date()
+            skew = clock_skew(date)
+        except (OSError, http.client.HTTPException, TypeError, ValueError, OverflowError):
+            mine = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            text = (
+                f"the service's certificate {state} by this node's clock ({mine}); is the "
+                "clock right? (NTP)"
+            )
+        else:
+            if abs(skew) >= 60:
+                text = (
+                    f"this node's clock is {_span(skew)} {'behind' if skew > 0 else 'ahead of'} "
+                    f"the service's (service Date: {date}): the service's certificate {state} "
+                    "by this clock; set this node's clock (NTP)"
+                )
+            else:
+                text = (
+                    f"the service's certificate {state} although this node's clock agrees with "
+                    f"the service's (service Date: {date}): renew the certificate on the service"
+                )
+        self._clock_note = (code, time.monotonic() + 60, one_line(text))
+        return self._clock_note[2]
+
+    def _service_date(self) -> str:
+        """The Date of the service's GET /v1/health answer, over TLS that checks the same pinned
+        CA and host name and leaves only the certificates' dates unchecked: what it learns goes
+        into a log line and nothing else."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # host name and chain; no system roots
+        for der in self._context.get_ca_certs(binary_form=True):
+            context.load_verify_locations(cadata=der)
+        context.verify_flags |= X509_V_FLAG_NO_CHECK_TIME
+        conn = http.client.HTTPSConnection(self._host, self._port, timeout=10, context=context)
+        try:
+            headers = {"User-Agent": "crv-agent/" + VERSION}
+            conn.request("GET", self._prefix + "/v1/health", headers=headers)
+            resp = conn.getresponse()
+            resp.read(MAX_JSON_BYTES)
+            date = resp.getheader("Date")
+        finally:
+            conn.close()
+        if not date:
+            raise ValueError("no Date header")
+        return str(date)
+
+
+def clock_skew(date: str) -> float:
+    """Seconds this node's clock is behind the service's (negative: ahead), from the Date of
+    an answer (whole seconds: half a second added)."""
+    return email.utils.mktime_tz(email.utils.parsedate_tz(date)) + 0.5 - time.time()
+
+
+def _span(seconds: float) -> str:
+    """2:00:00, 0:10:00, 1 d 3:00:00."""
+    days, rest = divmod(round(abs(seconds)), 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    return (f"{days} d " if days else "") + f"{hours}:{minutes:02}:{secs:02}"
+
+
+def check_clock(resp: Response) -> None:
+    """One line when this node's clock is further off the service's (the Date of its answer)
+    than crv tolerates. The service still talks to it, but a node behind may find fresh
+    certificates (its own, its peers') not valid yet, and a node ahead its peers' ended before
+    they are renewed."""
+    date = resp.headers.get("date", "")
+    try:
+        skew = clock_skew(date)
+    except (TypeError, ValueError, OverflowError):
+        return
+    if abs(skew) <= CLOCK_TOLERANCE + 1:  # the Date and the way here: a second or so
+        return
+    if skew > 0:
+        where, risk = "behind", "fresh certificates (its own, its peers') may look not valid yet"
+    else:
+        where, risk = "ahead of", "its peers' certificates may look ended before they are renewed"
+    log(
+        f"this node's clock is {_span(skew)} {where} the service's (service Date: {date}), more "
+        f"than the {_span(CLOCK_TOLERANCE)} crv tolerates: {risk}; set this node's clock (NTP)"
+    )
 
 
 class Backoff:
@@ -815,6 +918,7 @@ def pair(
 def _issued(home: Path, resp: Response) -> tuple:
     """(certificate PEM, seconds it has left) of an enrol, renew or re-join answer; the
     cluster's CA bundle in it is written to cluster-ca.crt (CRV_CLUSTER_CA_FILE)."""
+    check_clock(resp)
     data = resp.json()
     pem, left = data.get("certificate"), data.get("expires_in")
     if not isinstance(pem, str) or not pem.startswith("-----BEGIN CERTIFICATE-----"):

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtensionOID, NameOID
 
 from crv.base.errors import PkiError
-from crv.service.pki import CertificateAuthority, node_identity
+from crv.service.pki import SKEW_MARGIN, CertificateAuthority, node_identity
 
 EC_P256 = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1")
 
@@ -99,7 +99,8 @@ def test_ca_created_private_and_reloaded_identically(tmp_path: Path) -> None:
     assert not ku.value.digital_signature
     cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     now = datetime.now(timezone.utc)
-    assert now - timedelta(minutes=6) < cert.not_valid_before_utc < now - timedelta(minutes=4)
+    back = now - SKEW_MARGIN  # back-dated (F14, tests/test_clock_skew.py)
+    assert back - timedelta(minutes=1) < cert.not_valid_before_utc <= back
     assert cert.not_valid_after_utc - now > timedelta(days=3649)
     # x509_strict checks what RFC 5280 requires of a CA (critical basicConstraints, SKI, ...).
     openssl("verify", "-x509_strict", "-CAfile", "ca.crt", "ca.crt", cwd=cadir)

@@ -40,9 +40,14 @@ NAME_RE = re.compile(NAME_PATTERN)
 _HOST_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _IDENTITY_URI_RE = re.compile(r"crv://([^/]*)/(node|role)/([^/]*)")
 
-# Nodes' clocks may be minutes off (F14): a certificate or CRL that starts "now" would be
-# "not yet valid" on a node running behind.
-SKEW_MARGIN = timedelta(minutes=5)
+# Nodes' clocks may be minutes off (F14): a certificate or CRL that starts "now" would be "not
+# yet valid" on a node running behind, and the CA and the service's certificate are made by
+# `crv up` moments before the first nodes meet them. Every certificate and CRL this CA makes
+# starts SKEW_MARGIN before now, which carries the tolerance crv promises (a node clock up to
+# CLOCK_TOLERANCE behind or ahead of the service's) with room. Beyond it the agent says which
+# clock is off (agent/crv_agent.py, CLOCK_TOLERANCE; docs/pki.md "Clock skew").
+CLOCK_TOLERANCE = timedelta(minutes=10)
+SKEW_MARGIN = timedelta(minutes=15)
 CA_VALIDITY = timedelta(days=3650)
 MAX_NODE_TTL = timedelta(days=7)
 MIN_NODE_TTL = timedelta(seconds=30)  # the agent renews at two thirds: 20 s at least
