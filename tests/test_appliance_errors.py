@@ -259,6 +259,115 @@ CASES: list[tuple[str, str, list[str], str]] = [
         "error: {F}: parameters.ratio.default: nan is not a finite number",
     ),
     (
+        "parameter-inf",
+        edit(
+            "parameters:\n",
+            "parameters:\n  ratio: {type: number, default: .inf}\n",
+        ),
+        [],
+        "error: {F}: parameters.ratio.default: inf is not a finite number",
+    ),
+    (
+        "parameter-negative-inf",
+        edit(
+            "parameters:\n",
+            "parameters:\n  ratio: {type: number, default: -.inf}\n",
+        ),
+        [],
+        "error: {F}: parameters.ratio.default: -inf is not a finite number",
+    ),
+    (
+        "parameter-enum-inf",
+        edit(
+            "parameters:\n",
+            "parameters:\n  ratio: {type: number, default: 1.5, enum: [1.5, .Inf]}\n",
+        ),
+        [],
+        "error: {F}: parameters.ratio.enum[1]: inf is not a finite number",
+    ),
+    (
+        # a bound is int | float: the error names the field, not a union arm ("maximum.int")
+        "parameter-maximum-inf",
+        edit("minimum: 1, maximum: 10", "minimum: 1, maximum: .inf"),
+        [],
+        "error: {F}: parameters.workers.maximum: inf is not a finite number",
+    ),
+    (
+        "parameter-minimum-negative-inf",
+        edit("minimum: 1, maximum: 10", "minimum: -.inf, maximum: 10"),
+        [],
+        "error: {F}: parameters.workers.minimum: -inf is not a finite number",
+    ),
+    (
+        "parameter-maximum-not-a-number",
+        edit("minimum: 1, maximum: 10", "minimum: 1, maximum: true"),
+        [],
+        "error: {F}: parameters.workers.maximum: True is not a number",
+    ),
+    (
+        "scaling-target-inf",
+        edit(
+            "scale: {min: 1, max: 10}}",
+            "scale: {min: 1, max: 10},\n"
+            "           scaling: {metric: {http: 'http://m/q'}, policy: {target_per_node: .inf}}}",
+        ),
+        [],
+        "error: {F}: nodes.worker.scaling.policy.target_per_node: Input should be a finite number "
+        "(got inf)",
+    ),
+    (
+        "scaling-threshold-negative-inf",
+        edit(
+            "scale: {min: 1, max: 10}}",
+            "scale: {min: 1, max: 10},\n"
+            "           scaling: {metric: {http: 'http://m/q'},\n"
+            "                     policy: {scale_up_above: 10, scale_down_below: -.inf}}}",
+        ),
+        [],
+        "error: {F}: nodes.worker.scaling.policy.scale_down_below: Input should be a finite "
+        "number (got -inf)",
+    ),
+    (
+        "scaling-stale-after-inf",
+        edit(
+            "scale: {min: 1, max: 10}}",
+            "scale: {min: 1, max: 10},\n"
+            "           scaling: {metric: {http: 'http://m/q', stale_after: .inf},\n"
+            "                     policy: {target_per_node: 5}}}",
+        ),
+        [],
+        "error: {F}: nodes.worker.scaling.metric.stale_after: inf is not between 0 and 7 days",
+    ),
+    (
+        "scaling-cooldown-negative-inf",
+        edit(
+            "scale: {min: 1, max: 10}}",
+            "scale: {min: 1, max: 10},\n"
+            "           scaling: {metric: {http: 'http://m/q'}, policy: {target_per_node: 5},\n"
+            "                     cooldown: -.inf}}",
+        ),
+        [],
+        "error: {F}: nodes.worker.scaling.cooldown: -inf is not between 0 and 7 days",
+    ),
+    (
+        "set-inf",
+        edit("parameters:\n", "parameters:\n  ratio: {type: number, default: 1.5}\n"),
+        ["--set", "ratio=inf"],
+        "error: --set: ratio: 'inf' is not a finite number",
+    ),
+    (
+        "set-negative-infinity",
+        edit("parameters:\n", "parameters:\n  ratio: {type: number, default: 1.5}\n"),
+        ["--set", "ratio=-Infinity"],
+        "error: --set: ratio: '-Infinity' is not a finite number",
+    ),
+    (
+        "set-overflows-to-inf",
+        edit("parameters:\n", "parameters:\n  ratio: {type: number, default: 1.5}\n"),
+        ["--set", "ratio=1e999"],
+        "error: --set: ratio: '1e999' is not a finite number",
+    ),
+    (
         "parameter-no-default-not-set",
         edit("default: 2, ", ""),
         [],

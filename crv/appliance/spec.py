@@ -23,6 +23,7 @@ from pydantic import (
     PlainValidator,
     ValidationError,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 
@@ -137,6 +138,18 @@ class Parameter(_Model):
     maximum: int | float | None = None
     enum: list[ParamLiteral] | None = Field(default=None, min_length=1, max_length=256)
     max_length: int = Field(default=1024, ge=1, le=65_536)
+
+    @field_validator("minimum", "maximum", mode="before")
+    @classmethod
+    def _finite_bound(cls, value: object) -> object:
+        # Before the int | float union, so an error names the field, not a union arm.
+        if value is None:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{brief(value)} is not a number")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{value} is not a finite number")
+        return value
 
 
 class Scale(_Model):
