@@ -21,11 +21,13 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtensionOID, NameOID
 
 from crv.base.errors import PkiError
-from crv.service.pki import SKEW_MARGIN, CertificateAuthority, node_identity
+from crv.service.pki import SKEW_MARGIN, CertificateAuthority, check_unnamed_csr, node_identity
 
 EC_P256 = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1")
 
@@ -426,6 +428,145 @@ def test_garbage_refused(ca: CertificateAuthority, garbage: bytes) -> None:
 def test_certificate_pem_instead_of_csr_refused(ca: CertificateAuthority) -> None:
     with pytest.raises(PkiError, match="not a readable PEM certificate request"):
         sign(ca, ca.certificate_pem)
+
+
+# --- duplicates: cryptography's builder refuses them, so the DER is put together here ------------
+
+
+def _tlv(tag: int, body: bytes) -> bytes:
+    if len(body) < 0x80:
+        return bytes([tag, len(body)]) + body
+    size = len(body).to_bytes((len(body).bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + body
+
+
+def _inside(der: bytes) -> list[bytes]:
+    """The TLVs inside one constructed TLV (a SEQUENCE, SET or [0])."""
+    i = 2 + (der[1] & 0x7F if der[1] & 0x80 else 0)
+    found = []
+    while i < len(der):
+        start, size, i = i, der[i + 1], i + 2
+        if size & 0x80:
+            size, i = int.from_bytes(der[i : i + (size & 0x7F)], "big"), i + (size & 0x7F)
+        i += size
+        found.append(der[start:i])
+    return found
+
+
+def _pem_csr(info: bytes, key: ec.EllipticCurvePrivateKey, algorithm: bytes) -> bytes:
+    """CertificationRequest {info, algorithm, signature}, signed by `key`: only the duplicate is
+    wrong with it (openssl verifies its self-signature)."""
+    signature = key.sign(info, ec.ECDSA(hashes.SHA256()))
+    der = _tlv(0x30, info + algorithm + _tlv(0x03, b"\x00" + signature))
+    body = "\n".join(textwrap.wrap(base64.b64encode(der).decode(), 64))
+    return (
+        f"-----BEGIN CERTIFICATE REQUEST-----\n{body}\n-----END CERTIFICATE REQUEST-----\n".encode()
+    )
+
+
+def _builder(cn: str | None) -> x509.CertificateSigningRequestBuilder:
+    names = [x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else []
+    return x509.CertificateSigningRequestBuilder().subject_name(x509.Name(names))
+
+
+def csr_with_extension_twice(
+    first: x509.ExtensionType, second: x509.ExtensionType, cn: str | None = "web-0"
+) -> bytes:
+    """One extensionRequest holding `first` and then `second`, two extensions of one type: the
+    second is built under a stand-in OID of the same length (2.5.29.99), then renamed."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    stand_in = x509.ObjectIdentifier("2.5.29.99")
+    csr = (
+        _builder(cn)
+        .add_extension(first, critical=False)
+        .add_extension(x509.UnrecognizedExtension(stand_in, second.public_bytes()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    info, algorithm, _ = _inside(csr.public_bytes(Encoding.DER))
+    arc = int(first.oid.dotted_string.removeprefix("2.5.29."))
+    assert info.count(bytes.fromhex("0603551d63")) == 1 and arc < 0x80
+    info = info.replace(bytes.fromhex("0603551d63"), bytes.fromhex("0603551d") + bytes([arc]))
+    return _pem_csr(info, key, algorithm)
+
+
+def csr_with_two_extension_requests(
+    first: x509.ExtensionType, second: x509.ExtensionType, *, der_order: bool = True
+) -> bytes:
+    """Two extensionRequest attributes, `first` in one and `second` in the other: in DER's
+    order for a SET OF (by encoding), or not."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    made = [
+        _inside(_builder("web-0").add_extension(ext, critical=False).sign(key, hashes.SHA256())
+                .public_bytes(Encoding.DER))
+        for ext in (first, second)
+    ]  # fmt: skip
+    version, subject, spki, _ = _inside(made[0][0])
+    attributes = [_inside(_inside(info)[3])[0] for info, _, _ in made]
+    if der_order == (attributes[0] > attributes[1]):
+        attributes.reverse()
+    info = _tlv(0x30, version + subject + spki + _tlv(0xA0, b"".join(attributes)))
+    return _pem_csr(info, key, made[0][1])
+
+
+SAN_WEB_0 = x509.SubjectAlternativeName([x509.DNSName("web-0")])
+SAN_WEB_1 = x509.SubjectAlternativeName([x509.DNSName("web-1")])
+NOT_CA = x509.BasicConstraints(ca=False, path_length=None)
+CA = x509.BasicConstraints(ca=True, path_length=None)
+CLIENT = x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH])
+CODE_SIGNING = x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CODE_SIGNING])
+TWICE = {
+    "subjectAltName": (SAN_WEB_0, SAN_WEB_1, "2.5.29.17", "DNS:web-1"),
+    "basicConstraints": (NOT_CA, CA, "2.5.29.19", "CA:TRUE"),
+    "extendedKeyUsage": (CLIENT, CODE_SIGNING, "2.5.29.37", "Code Signing"),
+}
+
+
+@pytest.mark.parametrize(("first", "second", "oid", "seen"), TWICE.values(), ids=TWICE.keys())
+def test_csr_with_an_extension_twice_refused(
+    ca: CertificateAuthority,
+    tmp_path: Path,
+    first: x509.ExtensionType,
+    second: x509.ExtensionType,
+    oid: str,
+    seen: str,
+) -> None:
+    """The first is harmless, the second is what a check reading only the first would let in."""
+    pem = csr_with_extension_twice(first, second)
+    (tmp_path / "twice.csr").write_bytes(pem)
+    shown = output(openssl("req", "-in", "twice.csr", "-verify", "-noout", "-text", cwd=tmp_path))
+    assert "self-signature verify OK" in shown and seen in shown  # well-formed but for that
+    with pytest.raises(PkiError) as refused:
+        sign(ca, pem, addresses=["10.0.0.5"])
+    assert str(refused.value) == f"CSR for web-0: duplicate extension {oid}"
+    assert refused.value.__cause__ is None and refused.value.__suppress_context__
+    # a pairing machine's CSR (no names) is judged the same way
+    with pytest.raises(PkiError) as refused:
+        check_unnamed_csr(csr_with_extension_twice(first, second, cn=None))
+    assert str(refused.value) == f"CSR for a pairing machine: duplicate extension {oid}"
+
+
+@pytest.mark.parametrize("second", [SAN_WEB_1, CA], ids=["san", "ca"])
+def test_csr_with_two_extension_requests_refused(
+    ca: CertificateAuthority, tmp_path: Path, second: x509.ExtensionType
+) -> None:
+    """openssl and cryptography read the first extensionRequest attribute and ignore the rest, so
+    no check would see the second: the CSR is refused rather than signed unread."""
+    pem = csr_with_two_extension_requests(SAN_WEB_0, second)
+    (tmp_path / "two.csr").write_bytes(pem)
+    shown = output(openssl("req", "-in", "two.csr", "-verify", "-noout", "-text", cwd=tmp_path))
+    assert "self-signature verify OK" in shown and shown.count("X509v3 ") == 1  # one of two
+    assert len(x509.load_pem_x509_csr(pem).attributes) == 2
+    with pytest.raises(PkiError) as refused:
+        sign(ca, pem, addresses=["10.0.0.5"])
+    assert str(refused.value) == "CSR for web-0: 2 extensionRequest attributes; one at most"
+    # out of DER order the attributes cannot be read at all: refused too, not signed unread
+    pem = csr_with_two_extension_requests(SAN_WEB_0, second, der_order=False)
+    with pytest.raises(PkiError) as refused:
+        sign(ca, pem, addresses=["10.0.0.5"])
+    assert str(refused.value).startswith(
+        "CSR for web-0: not a readable PEM certificate request: error parsing asn1 value: "
+    )
+    assert "\n" not in str(refused.value)
 
 
 @pytest.mark.parametrize(

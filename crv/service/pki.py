@@ -57,6 +57,7 @@ MAX_CSR_BYTES = 16 * 1024  # a real CSR is under 2 KiB; bigger ones are padding 
 _ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1)
 _ALLOWED_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
 _NODE_EKUS = (ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH)
+_EXTENSION_REQUEST = x509.ObjectIdentifier("1.2.840.113549.1.9.14")  # PKCS #9 extensionRequest
 
 _IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -461,10 +462,14 @@ def _check_csr(csr_pem: bytes, node: str, ips: Sequence[_IP]) -> x509.Certificat
         digest = csr.signature_hash_algorithm
         subject = csr.subject
         extensions = csr.extensions
+        requests = sum(attribute.oid == _EXTENSION_REQUEST for attribute in csr.attributes)
     except x509.DuplicateExtension as e:
         raise PkiError(f"{what}: duplicate extension {e.oid.dotted_string}") from None
     except (ValueError, UnsupportedAlgorithm) as e:
         raise PkiError(f"{what}: not a readable PEM certificate request: {_one_line(e)}") from None
+    if requests > 1:
+        # cryptography and openssl read the first and ignore the rest: nothing checks those
+        raise PkiError(f"{what}: {requests} extensionRequest attributes; one at most")
     if isinstance(key, ec.EllipticCurvePublicKey):
         if not isinstance(key.curve, _ALLOWED_CURVES):
             raise PkiError(f"{what}: EC key on curve {key.curve.name}; P-256 or P-384 required")
