@@ -284,16 +284,38 @@ def test_unreachable_bmc_is_temporary_after_retries() -> None:
 
 
 @pytest.mark.parametrize(
-    ("password", "suite", "message"),
+    ("user", "password", "suite", "message"),
     [
-        ("", 17, "has no password for user 'admin'"),
-        ("Zq9#", 0, "cipher suite 0 has no authentication"),
-        ("Zq9#" * 5 + "!", 17, "is longer than 20 bytes"),  # 21 bytes
-        ("Zq9#", 1, "allowed are 17, and 3"),
+        ("admin", "", 17, "has no password for user 'admin'"),
+        ("admin", "Zq9#", 0, "cipher suite 0 has no authentication"),
+        ("admin", "Zq9#" * 5 + "!", 17, "is longer than 20 bytes"),  # 21 bytes
+        ("admin", "Zq9#", 1, "uses cipher suite 1: allowed are 17, and 3"),  # no integrity
+        ("admin", "Zq9#", 2, "uses cipher suite 2: allowed are 17, and 3"),  # no encryption
+        ("admin", "Zq9#", 15, "uses cipher suite 15: allowed are 17, and 3"),  # no integrity
+        ("admin", "Zq9#", 16, "uses cipher suite 16: allowed are 17, and 3"),  # no encryption
+        ("", "Zq9#", 17, "has no user name: an empty \\(NULL\\) user logs in anonymously"),
+        ("", "Zq9#", 3, "has no user name"),
+        ("\0", "Zq9#", 17, "has a user name with a NUL byte"),
+        ("\0admin", "Zq9#", 17, "has a user name with a NUL byte"),
+        ("admin" * 3 + "ab", "Zq9#", 17, "user name is longer than 16 bytes"),
+    ],
+    ids=[
+        "no-password",
+        "suite-0",
+        "password-too-long",
+        "suite-1",
+        "suite-2",
+        "suite-15",
+        "suite-16",
+        "empty-user",
+        "empty-user-suite-3",
+        "nul-user",
+        "nul-prefixed-user",
+        "user-too-long",
     ],
 )
-def test_refused_without_a_packet(password: str, suite: int, message: str) -> None:
-    bmc = Bmc("127.0.0.9", 623, "admin", password, cipher_suite=suite)
+def test_refused_without_a_packet(user: str, password: str, suite: int, message: str) -> None:
+    bmc = Bmc("127.0.0.9", 623, user, password, cipher_suite=suite)
     power = Power("rack")
     for operation in (power.state, power.on, power.off, power.pxe_boot):
         with pytest.raises(PoolError, match=message) as caught:

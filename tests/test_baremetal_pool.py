@@ -43,7 +43,7 @@ from pools.baremetal import boot, inventory, simbmc, simrack
 from pools.baremetal.pool import BaremetalOptions, BaremetalPool
 from pools.base import NodeSpec, PoolError, write_atomic
 from pools.credentials import SecretRef, check, resolve
-from tests.conftest import needs_ipmi_sim
+from tests.conftest import crv, needs_ipmi_sim
 
 pytestmark = needs_ipmi_sim
 
@@ -252,8 +252,96 @@ MACHINE_2 = """  - name: m2
             "unknown field",
         ),
         (MACHINE_1 + MACHINE_2.replace("m2", "m1"), "machines[1].name", "'m1' is listed twice"),
+        (
+            MACHINE_1.replace("username: crv,", 'username: "",'),
+            "machines[0].bmc.username",
+            "must not be empty: an empty (NULL) user name logs in anonymously",
+        ),
+        (
+            'bmc_defaults: {username: ""}\n' + MACHINE_1.replace("username: crv, ", ""),
+            "machines[0].bmc.username",
+            "must not be empty: an empty (NULL) user name logs in anonymously",
+        ),
+        (
+            MACHINE_1.replace("username: crv,", 'username: "\\0",'),
+            "machines[0].bmc.username",
+            "must not hold a control character (a NUL ends an IPMI user name)",
+        ),
+        (
+            MACHINE_1.replace("username: crv,", 'username: "\\0admin",'),
+            "machines[0].bmc.username",
+            "must not hold a control character (a NUL ends an IPMI user name)",
+        ),
+        (
+            MACHINE_1.replace("username: crv, ", ""),
+            "machines[0].bmc.username",
+            "required field is missing",
+        ),
+        *[
+            (
+                MACHINE_1.replace("username: crv,", f"username: crv, cipher_suite: {suite},"),
+                "machines[0].bmc.cipher_suite",
+                "must be 17 (HMAC-SHA256, AES-128) or 3 (HMAC-SHA1, AES-128)",
+            )
+            for suite in (1, 2, 15, 16)
+        ],
+        (
+            MACHINE_1 + MACHINE_2.replace("m2.pass", "m1.pass"),
+            "machines[1].bmc.password",
+            "file {dir}/m1.pass is also machine 'm1''s: give each BMC its own password",
+        ),
+        (
+            MACHINE_1 + MACHINE_2.replace("{file: m2.pass}", "{file: ./bmc/../m1.pass}"),
+            "machines[1].bmc.password",
+            "file {dir}/bmc/../m1.pass is also machine 'm1''s: give each BMC its own password",
+        ),
+        (
+            (MACHINE_1 + MACHINE_2)
+            .replace("{file: m1.pass}", "{env: BMC_PW}")
+            .replace("{file: m2.pass}", "{env: BMC_PW}"),
+            "machines[1].bmc.password",
+            "environment variable BMC_PW is also machine 'm1''s: give each BMC its own password",
+        ),
+        (
+            (MACHINE_1 + MACHINE_2)
+            .replace("{file: m1.pass}", "{prefect_secret: bmc}")
+            .replace("{file: m2.pass}", "{prefect_secret: bmc}"),
+            "machines[1].bmc.password",
+            "Prefect Secret block 'bmc' is also machine 'm1''s: give each BMC its own password",
+        ),
+        (
+            "bmc_defaults: {password: {file: rack.pass}}\n"
+            + (MACHINE_1 + MACHINE_2)
+            .replace(", password: {file: m1.pass}", "")
+            .replace(", password: {file: m2.pass}", ""),
+            "machines[1].bmc.password",
+            "file {dir}/rack.pass (from bmc_defaults) is also machine 'm1''s: "
+            "give each BMC its own password",
+        ),
     ],
-    ids=["literal-password", "suite-0", "suite-0-default", "dup-mac", "bad-mac", "unknown", "dup"],
+    ids=[
+        "literal-password",
+        "suite-0",
+        "suite-0-default",
+        "dup-mac",
+        "bad-mac",
+        "unknown",
+        "dup",
+        "empty-user",
+        "empty-user-default",
+        "nul-user",
+        "nul-prefixed-user",
+        "no-user",
+        "suite-1",
+        "suite-2",
+        "suite-15",
+        "suite-16",
+        "shared-password-file",
+        "shared-password-file-other-spelling",
+        "shared-password-env",
+        "shared-password-prefect-secret",
+        "shared-password-default",
+    ],
 )
 def test_machines_file_error_names_file_and_field(
     tmp_path: Path, text: str, field_: str, message: str
@@ -267,7 +355,45 @@ def test_machines_file_error_names_file_and_field(
     shown = str(err)
     assert "\n" not in shown
     assert shown.startswith(f"{path}: {field_}: ")
-    assert message in shown
+    assert message.replace("{dir}", str(tmp_path)) in shown
+
+
+@pytest.mark.parametrize(
+    ("text", "field_", "message"),
+    [
+        (
+            MACHINE_1 + MACHINE_2.replace("m2.pass", "m1.pass"),
+            "machines[1].bmc.password",
+            "file {dir}/m1.pass is also machine 'm1''s: give each BMC its own password",
+        ),
+        (
+            MACHINE_1.replace("username: crv,", 'username: "",'),
+            "machines[0].bmc.username",
+            "must not be empty: an empty (NULL) user name logs in anonymously",
+        ),
+    ],
+    ids=["shared-password", "empty-user"],
+)
+def test_machines_file_error_is_one_line_and_exit_2_from_the_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, field_: str, message: str
+) -> None:
+    """`crv baremetal list` and `check` read the machines file first: the same line, exit 2, and
+    no BMC asked anything."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (tmp_path / "machines.yaml").write_text(text)
+    pool = {"driver": "baremetal", "options": {
+        "machines": str(tmp_path / "machines.yaml"),
+        "kernel": "http://127.0.0.1:9/vmlinuz", "initrd": "http://127.0.0.1:9/initrd",
+    }}  # fmt: skip
+    write_atomic(home / "pools.yaml", yaml.safe_dump({"pools": {"rack": pool}}).encode(), 0o600)
+    monkeypatch.setenv("CRV_HOME", str(home))
+    monkeypatch.delenv("CRV_POOLS_FILE", raising=False)
+    path = tmp_path / "machines.yaml"
+    line = f"error: pool rack: {path}: {field_}: {message.replace('{dir}', str(tmp_path))}\n"
+    for command in (["list"], ["check"], ["check", "m1"]):
+        result = crv("baremetal", *command, "--pool", "rack")
+        assert (result.exit_code, result.stdout, result.stderr) == (2, "", line), command
 
 
 def test_literal_password_is_not_echoed_in_the_error(tmp_path: Path) -> None:
@@ -319,6 +445,21 @@ def test_file_credential_is_relative_to_the_machines_file_and_owner_only(
     with pytest.raises(PoolError) as caught:
         resolve(ref, "p", "machines.m1.bmc.password")
     assert str(secret) in str(caught.value) and "No such file" in str(caught.value)
+
+
+def test_the_simulated_rack_gives_each_bmc_its_own_long_random_password(rack: Rack) -> None:
+    """What the machines-file loader cannot see (it holds references, never values): the rack
+    `crv baremetal simulate-rack` makes has a 16-to-20-character password per BMC, none shared,
+    each in its own 0600 file."""
+    machines = rack.pool.machines()
+    files = {m.name: m.bmc.password.file for m in machines.values()}
+    assert len(set(files.values())) == len(machines) == 6
+    values = {}
+    for name, file in files.items():
+        assert file is not None and stat.S_IMODE(os.stat(file).st_mode) == 0o600
+        values[name] = resolve(machines[name].bmc.password, POOL, "password")
+        assert 16 <= len(values[name].encode()) <= 20, name
+    assert len(set(values.values())) == len(values)
 
 
 # -- 3. boot scripts ---------------------------------------------------------------------------------
@@ -867,9 +1008,9 @@ def test_dnsmasq_config_as_the_dhcp_server_reserves_every_machines_address(
 ) -> None:
     machines = {"machines": [
         {"name": "m1", "macs": ["52:54:00:00:00:01", "52:54:00:00:01:01"], "address": "10.0.0.11",
-         "bmc": {"address": "10.1.0.11", "username": "u", "password": {"env": "X"}}},
+         "bmc": {"address": "10.1.0.11", "username": "u", "password": {"env": "X1"}}},
         {"name": "m2", "macs": ["52:54:00:00:00:02"], "address": "10.0.0.12",
-         "bmc": {"address": "10.1.0.12", "username": "u", "password": {"env": "X"}}},
+         "bmc": {"address": "10.1.0.12", "username": "u", "password": {"env": "X2"}}},
     ]}  # fmt: skip
     (tmp_path / "machines.yaml").write_text(yaml.safe_dump(machines))
     pool = _pxe_pool(tmp_path, machines=str(tmp_path / "machines.yaml"))

@@ -12,7 +12,11 @@ The machines file is the admin's description of the rack (`docs/pools.md`, "Bare
         bmc: {address: 10.1.0.101, password: {file: bmc/r1-01.pass}}
 
 Credentials are references only (pools/credentials.py): a literal password is refused, so it
-never lands in this file, in a flow's parameters or in Prefect's database.
+never lands in this file, in a flow's parameters or in Prefect's database. Two machines never
+share a MAC, a BMC or a password reference (the same file, environment variable or Secret
+block, given per machine or once in `bmc_defaults`): each BMC has its own credential (US-CERT
+TA13-207A). The values are not read here, so their length is not judged here. A BMC user name
+is never empty (the NULL user logs in anonymously) nor holds a control character.
 
 What changes at run time lives in the pool's state directory, `leases.json`, rewritten
 atomically under a flock: the lease of each node (keyed by node name, so a create that is run
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,7 +54,7 @@ class BmcConfig(BaseModel):
 
     address: str = Field(min_length=1, max_length=253)
     port: int = Field(default=623, ge=1, le=65535)
-    username: str = Field(min_length=1, max_length=16)  # IPMI 2.0 user names: 16 bytes
+    username: str = Field(max_length=16)  # IPMI 2.0 user names: 16 bytes
     password: SecretRef
     cipher_suite: int = 17
 
@@ -58,6 +63,15 @@ class BmcConfig(BaseModel):
     def _host(cls, value: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9.:-]+", value):
             raise ValueError("must be an IP address or a host name")
+        return value
+
+    @field_validator("username")
+    @classmethod
+    def _user(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must not be empty: an empty (NULL) user name logs in anonymously")
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise ValueError("must not hold a control character (a NUL ends an IPMI user name)")
         return value
 
     @field_validator("cipher_suite")
@@ -129,6 +143,7 @@ def load(path: Path) -> dict[str, Machine]:
         raise validation_error(source, exc) from None
     found: dict[str, Machine] = {}
     owners: dict[str, str] = {}  # MAC or BMC -> machine: two machines never share either
+    passwords: dict[SecretRef, str] = {}  # nor a BMC password (US-CERT TA13-207A)
     for i, entry in enumerate(doc.machines):
         at = f"machines[{i}]"
         merged = dict(entry)
@@ -146,9 +161,27 @@ def load(path: Path) -> dict[str, Machine]:
                 raise SpecError(source, at, f"{key} is also machine {owners[key]!r}'s")
             owners[key] = machine.name
         password = machine.bmc.password.relative_to(path.parent)
+        same = _same_secret(password)
+        if same in passwords:
+            own = isinstance(bmc, dict) and "password" in bmc
+            inherited = "" if own else " (from bmc_defaults)"
+            raise SpecError(
+                source,
+                f"{at}.bmc.password",
+                f"{password.describe()}{inherited} is also machine {passwords[same]!r}'s: "
+                "give each BMC its own password",
+            )
+        passwords[same] = machine.name
         bmc_config = machine.bmc.model_copy(update={"password": password})
         found[machine.name] = machine.model_copy(update={"bmc": bmc_config})
     return found
+
+
+def _same_secret(ref: SecretRef) -> SecretRef:
+    """What two references that name one secret have in common: a file by its real path."""
+    if ref.file is None:
+        return ref
+    return ref.model_copy(update={"file": os.path.realpath(ref.file)})
 
 
 # -- leases ------------------------------------------------------------------------------------

@@ -331,6 +331,14 @@ class Power:
                 bmc,
                 f"uses cipher suite {bmc.cipher_suite}: allowed are 17, and 3 as a fallback",
             )
+        if not bmc.username:
+            raise self._error(
+                machine, bmc, "has no user name: an empty (NULL) user logs in anonymously"
+            )
+        if "\0" in bmc.username:
+            raise self._error(
+                machine, bmc, "has a user name with a NUL byte (a NUL ends an IPMI user name)"
+            )
         if not bmc.password:
             raise self._error(machine, bmc, f"has no password for user {bmc.username!r}")
         if len(bmc.password.encode()) > MAX_PASSWORD:
