@@ -6,6 +6,7 @@ One `crv up` serves the whole module (the Prefect server takes ~10 s to start).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -31,6 +32,25 @@ def prefect_auth(home: Path) -> tuple[str, str]:
     """The user and password of a CRV_HOME's Prefect API (basic auth; `crv up` made them)."""
     user, _, password = (home / "prefect" / "api-auth").read_text().strip().partition(":")
     return user, password
+
+
+@contextlib.contextmanager
+def home_up(home: Path, *, service_port: int | None = None) -> Iterator[Crv]:
+    """A crv home with its daemons up (`crv up`) for a module's tests; afterwards its node
+    processes are killed and the daemons stopped. `service_port`: the port the service takes
+    (and comes back on after a restart) instead of the suite's shared preference, 8443."""
+    c = Crv(home)
+    if service_port is not None:
+        (home / "service").mkdir(parents=True, exist_ok=True)
+        (home / "service" / "port").write_text(f"{service_port}\n")
+    c.up()
+    try:
+        yield c
+    finally:
+        for pid in c.node_processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        c("down")
 
 
 def free_port() -> int:

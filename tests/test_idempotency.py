@@ -9,10 +9,8 @@ first run. A key reused for other parameters is refused in one line, exit 2.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_deploy_e2e import Crv, free_port
+from tests.test_deploy_e2e import Crv, free_port, home_up
 from tests.test_deployments import api_url
 
 pytestmark = pytest.mark.faults
@@ -32,12 +30,8 @@ RUN_LINE = re.compile(
 
 @pytest.fixture(scope="module")
 def crv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crv]:
-    c = Crv(tmp_path_factory.mktemp("crv-home"))
-    c.up()
-    yield c
-    for pid in c.node_processes():
-        os.kill(pid, signal.SIGKILL)
-    c("down")
+    with home_up(tmp_path_factory.mktemp("crv-home")) as c:
+        yield c
 
 
 def runs_of_key(crv: Crv, key: str) -> list[dict]:

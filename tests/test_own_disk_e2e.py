@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_deploy_e2e import Crv, free_port
+from tests.test_deploy_e2e import Crv, free_port, home_up
 
 pytestmark = pytest.mark.faults
 
@@ -33,12 +33,8 @@ sys.stdin.read()
 
 @pytest.fixture(scope="module")
 def crv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crv]:
-    c = Crv(tmp_path_factory.mktemp("crv-home"))
-    c.up()
-    yield c
-    for pid in c.node_processes():
-        os.kill(pid, signal.SIGKILL)
-    c("down")
+    with home_up(tmp_path_factory.mktemp("crv-home")) as c:
+        yield c
 
 
 def one_line_failure(r: subprocess.CompletedProcess[str]) -> str:

@@ -8,8 +8,6 @@ one line saying so, and emits `crv.cluster.halted`.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +19,7 @@ from crv.base.home import Home
 from crv.base.running import running
 from crv.service.client import AsyncService
 from tests.conftest import write_appliance
-from tests.test_deploy_e2e import Crv
+from tests.test_deploy_e2e import Crv, home_up
 
 pytestmark = pytest.mark.faults
 
@@ -48,12 +46,8 @@ sleep 6
 
 @pytest.fixture(scope="module")
 def crv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crv]:
-    c = Crv(tmp_path_factory.mktemp("crv-home"))
-    c.up()
-    yield c
-    for pid in c.node_processes():
-        os.kill(pid, signal.SIGKILL)
-    c("down")
+    with home_up(tmp_path_factory.mktemp("crv-home")) as c:
+        yield c
 
 
 def cluster_events(crv: Crv, cluster: str, want: set[str], deadline: float = 30.0) -> list[dict]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_appliance
-from tests.test_deploy_e2e import Crv, free_port
+from tests.test_deploy_e2e import Crv, free_port, home_up
 
 pytestmark = pytest.mark.faults
 
@@ -49,16 +49,10 @@ crv-agent list svc name > seen.txt
 
 @pytest.fixture(scope="module")
 def crv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crv]:
-    c = Crv(tmp_path_factory.mktemp("crv-home"))
     # the service comes back on the port it had (its agents dial it); the suite's other homes
     # prefer 8443, and one could take it while this one is down: give this home its own
-    (c.home / "service").mkdir(parents=True)
-    (c.home / "service" / "port").write_text(f"{free_port()}\n")
-    c.up()
-    yield c
-    for pid in c.node_processes():
-        os.kill(pid, signal.SIGKILL)
-    c("down")
+    with home_up(tmp_path_factory.mktemp("crv-home"), service_port=free_port()) as c:
+        yield c
 
 
 def service_pid(crv: Crv) -> int:
@@ -87,6 +81,23 @@ def kill_and_restart_service(crv: Crv, down_for: float) -> None:
     assert service_pid(crv) != pid
 
 
+def with_fault(
+    crv: Crv, command: tuple[str, ...], when: Callable[[], bool], fault: Callable[[int], None]
+) -> str:
+    """Run `crv COMMAND`; once `when()`, inject `fault(pid of the command)`; the command must
+    then succeed: its output."""
+    change = crv.popen(*command)
+    try:
+        wait_for(f"the moment to break `crv {' '.join(command)}`", when)
+        fault(change.pid)
+        out, _ = change.communicate(timeout=300)
+    finally:
+        if change.poll() is None:
+            change.kill()
+    assert change.returncode == 0, out
+    return out
+
+
 def enrolled(crv: Crv, cluster: str) -> int:
     r = crv("status", cluster, "--json")
     if r.returncode != 0:
@@ -99,16 +110,11 @@ def test_the_service_killed_during_a_deploy_and_a_resize(crv: Crv, tmp_path: Pat
     (app / "svc.sh").write_text(SVC)
     (app / "top.sh").write_text(TOP)
 
-    deploy = crv.popen("deploy", str(app))
-    try:
-        # while the svc recipes run (some nodes enrolled): kill it, 5 s without a service
-        wait_for("a node to enrol", lambda: enrolled(crv, "steady") >= 1)
-        kill_and_restart_service(crv, 5.0)
-        out, _ = deploy.communicate(timeout=300)
-    finally:
-        if deploy.poll() is None:
-            deploy.kill()
-    assert deploy.returncode == 0, out
+    # while the svc recipes run (some nodes enrolled): kill it, 5 s without a service
+    out = with_fault(
+        crv, ("deploy", str(app)), lambda: enrolled(crv, "steady") >= 1,
+        lambda _: kill_and_restart_service(crv, 5.0),
+    )  # fmt: skip
     assert "cluster steady is ready (4 nodes)" in out
 
     names = [f"steady-node-{i}" for i in range(3)]
@@ -119,15 +125,10 @@ def test_the_service_killed_during_a_deploy_and_a_resize(crv: Crv, tmp_path: Pat
         assert runs == [f"run on {name}"], runs
 
     # a resize 3 -> 5, the service killed while the new nodes come up
-    resize = crv.popen("scale", "steady", "node", "5")
-    try:
-        wait_for("a new node to enrol", lambda: enrolled(crv, "steady") >= 5)
-        kill_and_restart_service(crv, 5.0)
-        out, _ = resize.communicate(timeout=300)
-    finally:
-        if resize.poll() is None:
-            resize.kill()
-    assert resize.returncode == 0, out
+    with_fault(
+        crv, ("scale", "steady", "node", "5"), lambda: enrolled(crv, "steady") >= 5,
+        lambda _: kill_and_restart_service(crv, 5.0),
+    )  # fmt: skip
     status = crv.status("steady")
     assert status["ready"] and len(status["nodes"]) == 6
     seen = (node_dir(crv, "steady-head-0") / "work" / "seen.txt").read_text()
@@ -140,17 +141,15 @@ def test_the_service_killed_during_a_deploy_and_a_resize(crv: Crv, tmp_path: Pat
     port = int(
         json.loads((crv.home / "service" / "daemon.json").read_text())["url"].rsplit(":", 1)[1]
     )
-    resize = crv.popen("scale", "steady", "node", "6")
-    try:
-        wait_for("the new node to be recorded", lambda: len(crv.status("steady")["nodes"]) == 6)
-        with cut_off(resize.pid, port) as dropped:
+
+    def cut(pid: int) -> None:
+        with cut_off(pid, port) as dropped:
             time.sleep(15)
             assert dropped() > 0  # the flow did try to reach the service meanwhile
-        out, _ = resize.communicate(timeout=300)
-    finally:
-        if resize.poll() is None:
-            resize.kill()
-    assert resize.returncode == 0, out
+
+    with_fault(
+        crv, ("scale", "steady", "node", "6"), lambda: len(crv.status("steady")["nodes"]) == 6, cut
+    )
     status = crv.status("steady")
     assert status["ready"] and len(status["nodes"]) == 7
     seen = (node_dir(crv, "steady-head-0") / "work" / "seen.txt").read_text()

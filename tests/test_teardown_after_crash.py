@@ -7,7 +7,6 @@ roles, the attributes its nodes published, tokens).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import time
@@ -18,7 +17,7 @@ import pytest
 from cryptography import x509
 
 from tests.conftest import write_appliance
-from tests.test_deploy_e2e import Crv
+from tests.test_deploy_e2e import Crv, home_up
 
 pytestmark = pytest.mark.faults
 
@@ -43,12 +42,8 @@ case "$CRV_NODE" in *-2) sleep 60 ;; esac
 
 @pytest.fixture(scope="module")
 def crv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crv]:
-    c = Crv(tmp_path_factory.mktemp("crv-home"))
-    c.up()
-    yield c
-    for pid in c.node_processes():
-        os.kill(pid, signal.SIGKILL)
-    c("down")
+    with home_up(tmp_path_factory.mktemp("crv-home")) as c:
+        yield c
 
 
 def rows_of(crv: Crv, cluster: str) -> dict[str, int]:
