@@ -9,10 +9,11 @@ was verified.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from pydantic import Field
 
 from crv.appliance.loader import NOT_SCALED, load_appliance, locate, with_counts
@@ -83,6 +84,13 @@ async def deploy_appliance(
         listener(str(flow_run.id))
     site = running_site()
     home, endpoints = site.home, site.endpoints
+    if deployment.get_id() is not None and Path(appliance).name != appliance:
+        # the deployment's form offers the catalog's names only; a request that turned the
+        # schema off must not reach other directories of this machine either
+        raise DeployFailed(
+            f"appliance: {appliance!r}: a run of the deployment takes an appliance of the "
+            "catalog by its name, not a path"
+        )
     loaded = load_appliance(locate(appliance), parameters or {})
     cluster = name or loaded.name
     expand(with_counts(loaded, counts or {}), cluster)  # bad input fails before the wait

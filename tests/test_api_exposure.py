@@ -52,7 +52,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from deployments import forms
-from tests.conftest import CATALOG
+from tests.conftest import CATALOG, REPO
 from tests.test_deploy_e2e import Crv, free_port, started_crv
 
 DEPLOYMENTS = (
@@ -434,8 +434,13 @@ def test_a_body_prefect_cannot_parse_or_type_is_refused(crv: Crv, api: httpx.Cli
             "FAILED",
             "workers: '99999",
         ),
+        (
+            {"appliance": str(REPO / "appliances" / "webfarm")},
+            "FAILED",
+            "takes an appliance of the catalog by its name, not a path",
+        ),
     ],
-    ids=["unexpected", "unknown-pool", "integer-text-64k"],
+    ids=["unexpected", "unknown-pool", "integer-text-64k", "a-path"],
 )
 def test_a_run_asked_without_the_schema_still_fails_before_any_node(
     crv: Crv, api: httpx.Client, parameters: dict[str, Any], ends: str, says: str

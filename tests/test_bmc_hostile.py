@@ -66,7 +66,8 @@ from pools.baremetal.pool import BaremetalOptions, BaremetalPool
 from pools.base import PoolError
 from tests.conftest import needs_ipmi_sim
 
-pytestmark = needs_ipmi_sim
+# a minute of hostile sessions: the fault-injection run (`./dev test -m faults`), not the default
+pytestmark = [needs_ipmi_sim, pytest.mark.faults]
 
 PASSWORD = "H0stile-bmc-pw"  # distinctive, so a leak anywhere is found
 USER = "admin"
@@ -901,7 +902,6 @@ def mutated(rng: random.Random) -> Callable[[Hostile, Answer], Iterable[bytes]]:
     return change
 
 
-@pytest.mark.faults
 def test_fuzzed_answers(hostile: Hostile) -> None:
     """80 rounds, each with the answers of one kind damaged at random: every round ends within
     the bound, with the state or a one-line PoolError - never an exception that crv did not
@@ -924,7 +924,6 @@ def test_fuzzed_answers(hostile: Hostile) -> None:
     assert said["off"] > 0 and len(said) > 3, said
 
 
-@pytest.mark.faults
 def test_a_chassis_that_never_goes_off_bounds_a_pxe_boot(hostile: Hostile) -> None:
     """A BMC that answers Get Chassis Status with "on" for ever, whatever it is told: the PXE
     boot's power-down waits OFF_WAIT (30 s) and then fails temporarily, without a retry (the
