@@ -65,6 +65,17 @@ def write_appliance(root: Path, name: str, yaml_text: str, recipes: tuple[str, .
     return directory
 
 
+def chain(error: BaseException) -> list[BaseException]:
+    """An exception and every one it was raised from or during, each once: where a secret
+    could hide when the error is logged with its traceback."""
+    found: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in found:
+        found.append(current)
+        current = current.__cause__ or current.__context__
+    return found
+
+
 def crl_serials(pem: bytes) -> set[int]:
     """Every serial on the service's CRLs (GET /v1/crl sends one CRL per issuer: the root's,
     then each cluster CA's, in one PEM file)."""

@@ -22,7 +22,7 @@ import pytest
 from pools.baremetal import simbmc
 from pools.baremetal.ipmi import Bmc, Power
 from pools.base import PoolError
-from tests.conftest import needs_ipmi_sim
+from tests.conftest import chain, needs_ipmi_sim
 
 pytestmark = needs_ipmi_sim
 
@@ -120,15 +120,6 @@ def make_sim(tmp_path: Path) -> Iterator[Callable[..., Sim]]:
 
 def fast_power(**kwargs: float) -> Power:
     return Power("rack", **{"min_interval": 0.05, "timeout": 1.0, "window": 10.0, **kwargs})
-
-
-def chain(error: BaseException) -> list[BaseException]:
-    found: list[BaseException] = []
-    current: BaseException | None = error
-    while current is not None and current not in found:
-        found.append(current)
-        current = current.__cause__ or current.__context__
-    return found
 
 
 # -- power through a real BMC --------------------------------------------------------------------

@@ -64,7 +64,7 @@ from pools.baremetal.inventory import Lease
 from pools.baremetal.ipmi import OFF_WAIT, Bmc, Power, presence_ping
 from pools.baremetal.pool import BaremetalOptions, BaremetalPool
 from pools.base import PoolError
-from tests.conftest import needs_ipmi_sim
+from tests.conftest import chain, needs_ipmi_sim
 
 # a minute of hostile sessions: the fault-injection run (`./dev test -m faults`), not the default
 pytestmark = [needs_ipmi_sim, pytest.mark.faults]
@@ -365,15 +365,6 @@ def bounded(call: Callable[[], Any], bound: float = BOUND) -> Outcome:
     thread.join(bound)
     assert not thread.is_alive(), f"hung: still running after {time.monotonic() - began:.1f} s"
     return outcome
-
-
-def chain(error: BaseException) -> list[BaseException]:
-    found: list[BaseException] = []
-    current: BaseException | None = error
-    while current is not None and current not in found:
-        found.append(current)
-        current = current.__cause__ or current.__context__
-    return found
 
 
 def crv_error(outcome: Outcome, proxy: Hostile, *, temporary: bool = True) -> str:

@@ -46,6 +46,7 @@ from libcloud.compute.drivers.ec2 import IdempotentParamError
 
 from pools.base import PoolError
 from pools.cloud import CloudOptions, CloudPool, _one_line, _TokenReused
+from tests.conftest import chain
 from tests.moto_server import MotoServer, moto_ec2
 from tests.test_pool_cloud import KEY_VAR, SECRET_VAR, make_pool, spec, unique
 
@@ -191,15 +192,6 @@ def echo_pool(provider: str, port: int, tmp_path: Path, attempts: int = 1) -> Cl
             },
         }
     return CloudPool("echo", tmp_path, CloudOptions.model_validate({**common, **options}))
-
-
-def chain(error: BaseException) -> list[BaseException]:
-    found: list[BaseException] = []
-    current: BaseException | None = error
-    while current is not None and current not in found:
-        found.append(current)
-        current = current.__cause__ or current.__context__
-    return found
 
 
 def assert_no_credentials(error: BaseException, caplog: pytest.LogCaptureFixture) -> None:
