@@ -333,6 +333,9 @@ def status(
 
 
 def _metric_text(scaling: Any) -> str:
+    if scaling.queue is not None:
+        q = scaling.queue
+        return f"the queue of {q.role}, {q.jobs_per_node} waiting jobs per node"
     m = scaling.metric
     if m.attribute is not None:
         where = f"{m.attribute.aggregate} of {m.attribute.role}.{m.attribute.key}"

@@ -171,7 +171,8 @@ class _Run:
         if not last:
             return policy.Memory(), None
         row = last[0]
-        return policy.Memory(row["last_scale_up"], row["low_since"]), row
+        memory = policy.Memory(row["last_scale_up"], row["low_since"], row.get("last_action"))
+        return memory, row
 
     async def record(self, group: str, d: policy.Decision, outcome: str | None = None) -> int:
         row = {
@@ -181,6 +182,7 @@ class _Run:
             "flow_run": str(flow_run.id) if flow_run.id else None,
             "last_scale_up": d.memory.last_scale_up,
             "low_since": d.memory.low_since,
+            "last_action": d.memory.last_action,
         }
         seq = await self.service.add_decision(self.cluster, row)
         self.rows.append({"group": group, **d.row(), "outcome": outcome or ""})
@@ -248,6 +250,7 @@ async def read_metric(service: AsyncService, cluster: str, scaling: Scaling) -> 
     """The group's metric now; a reading with a problem (never an exception) when it cannot be
     had, so the decision records why nothing was done."""
     metric = scaling.metric
+    assert metric is not None
     if metric.attribute is not None:
         a = metric.attribute
         try:

@@ -123,7 +123,7 @@ async def busy_values(cluster: str, status: ClusterStatus, group: Group) -> dict
     """node -> the `busy` value its roles publish (the highest of its roles; readings older
     than the group's metric's stale_after, else BUSY_STALE, left out)."""
     mine = {n["name"] for n in status["nodes"] if n["group"] == group.name}
-    stale_after = group.scaling.metric.stale_after if group.scaling else BUSY_STALE
+    stale_after = group.scaling.stale_after if group.scaling else BUSY_STALE
     home, endpoints = running_service()
     service = AsyncService(home, endpoints.service_url)
     busy: dict[str, float] = {}

@@ -39,7 +39,7 @@ def indexes(engine: sa.Engine) -> set[str]:
 def test_a_new_database_is_made_at_the_newest_revision(target: Path | str) -> None:
     engine = open_engine(target)
     try:
-        assert revision(engine) == head() == "0002"
+        assert revision(engine) == head() == "0003"
         assert INDEX in indexes(engine)
         Store(engine).put_cluster(
             "c", appliance="x", source="d", pool="local", parameters={}, roles={}, bundle=b"b"
@@ -60,8 +60,38 @@ def test_a_database_stamped_at_the_first_revision_gets_the_index(target: Path | 
         assert INDEX not in indexes(engine)
         assert revision(engine) == "0001"
         upgrade(engine)
-        assert revision(engine) == "0002"
+        assert revision(engine) == head()
         assert INDEX in indexes(engine)
+    finally:
+        engine.dispose()
+
+
+def test_a_database_at_0002_gets_the_decisions_last_action(target: Path | str) -> None:
+    """0003: the autoscaler's cooldown after any action needs decisions.last_action; a row
+    written before keeps its values."""
+    engine = _engine(target)
+    try:
+        with engine.begin() as c:
+            METADATA.create_all(c)
+            c.execute(sa.text("ALTER TABLE decisions DROP COLUMN last_action"))
+            command.stamp(database._alembic(c), "0002")
+        store = Store(engine)
+        store.put_cluster(
+            "c", appliance="x", source="d", pool="local", parameters={}, roles={}, bundle=b"b"
+        )
+        with engine.begin() as c:
+            c.execute(sa.text(
+                "INSERT INTO decisions (cluster, grp, at, current, desired, target, action, "
+                "reason, last_scale_up) VALUES ('c', 'w', 5, 1, 2, 2, 'grow', 'r', 5)"
+            ))  # fmt: skip
+        upgrade(engine)
+        assert revision(engine) == head() == "0003"
+        [row] = store.decisions("c")
+        assert (row["last_scale_up"], row["last_action"]) == (5, None)
+        store.add_decision("c", {"group": "w", "at": 9, "current": 2, "desired": 1,
+                                 "target": 1, "action": "shrink", "reason": "r",
+                                 "last_action": 9})  # fmt: skip
+        assert store.decisions("c", limit=1)[0]["last_action"] == 9
     finally:
         engine.dispose()
 

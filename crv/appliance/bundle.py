@@ -67,9 +67,9 @@ def build(appliance: Appliance) -> Bundle:
     # digest of what a role reads)
     measured: dict[str, set[str]] = {}
     for g in appliance.groups.values():
-        if g.scaling is not None and g.scaling.metric.attribute is not None:
-            a = g.scaling.metric.attribute
-            measured.setdefault(a.role, set()).add(a.key)
+        reads = g.scaling.measured() if g.scaling is not None else None
+        if reads is not None:
+            measured.setdefault(reads[0], set()).update(reads[1])
     roles: dict[str, dict[str, object]] = {}
     for name, role in appliance.roles.items():
         prefix = dirs[role.directory]

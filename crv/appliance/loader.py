@@ -89,6 +89,7 @@ class Appliance:
     roles: Mapping[str, Role]
     on_failure: str = "keep"  # the top appliance's; an included one's is not used
     max_unhealthy: int | str = "40%"  # the top appliance's too (crv.engine.converge.brake)
+    approval: spec.Approval | None = None  # the top appliance's gate (flows.approval)
     packages: tuple[str, ...] = ()  # image.packages, its included appliances' too, sorted
 
     @property
@@ -221,6 +222,7 @@ class _Resolver:
                 roles=scope.roles,
                 on_failure=s.on_failure,
                 max_unhealthy=s.max_unhealthy,
+                approval=s.approval,
                 packages=tuple(sorted(scope.packages | set(s.image.packages))),
             ),
             used,
@@ -456,8 +458,11 @@ class _Scope:
         for g in child.groups.values():
             self._claim("node group", rename(g.name), at)
             scaling = g.scaling
-            attribute = scaling.metric.attribute if scaling else None
-            if scaling is not None and attribute is not None:  # its role is renamed too
+            if scaling is not None and scaling.queue is not None:  # its role is renamed too
+                queue = scaling.queue.model_copy(update={"role": rename(scaling.queue.role)})
+                scaling = scaling.model_copy(update={"queue": queue})
+            attribute = scaling.metric.attribute if scaling and scaling.metric else None
+            if scaling is not None and scaling.metric is not None and attribute is not None:
                 renamed = attribute.model_copy(update={"role": rename(attribute.role)})
                 metric = scaling.metric.model_copy(update={"attribute": renamed})
                 scaling = scaling.model_copy(update={"metric": metric})
@@ -496,19 +501,20 @@ class _Scope:
             raise SpecError(src, "nodes", "the appliance has no node groups")
         for gname in s.nodes:
             scaling = self.groups[gname].scaling
-            attribute = scaling.metric.attribute if scaling else None
-            if attribute is not None and attribute.role not in self.roles:
+            measured = scaling.measured() if scaling else None
+            if scaling is None or measured is None:
+                continue
+            at = f"nodes.{gname}.scaling." + ("queue" if scaling.queue else "metric.attribute")
+            reader, keys = measured
+            if reader not in self.roles:
+                raise SpecError(src, f"{at}.role", f"unknown role {reader!r} (known: {known})")
+            missing = [k for k in keys if k not in self.roles[reader].publishes]
+            if missing:
                 raise SpecError(
                     src,
-                    f"nodes.{gname}.scaling.metric.attribute.role",
-                    f"unknown role {attribute.role!r} (known: {known})",
-                )
-            if attribute is not None and attribute.key not in self.roles[attribute.role].publishes:
-                raise SpecError(
-                    src,
-                    f"nodes.{gname}.scaling.metric.attribute.key",
-                    f"role {attribute.role} does not publish {attribute.key!r} (add it to its "
-                    "publishes)",
+                    at if scaling.queue else f"{at}.key",
+                    f"role {reader} does not publish {', '.join(map(repr, missing))} (add "
+                    f"{'them' if len(missing) > 1 else 'it'} to its publishes)",
                 )
         for rname in self.own_roles:
             role = self.roles[rname]

@@ -220,6 +220,9 @@ class Policy(_Model):
     `step_down`)."""
 
     target_per_node: float | None = Field(default=None, gt=0)
+    # a shrink is taken only when the nodes left would be below target by this share (as the
+    # Kubernetes HPA's 10 %): a shrink the next small rise would undo is not (FAULTS F13)
+    tolerance: float = Field(default=0.1, ge=0, lt=1)
     scale_up_above: float | None = Field(default=None, ge=0)
     scale_down_below: float | None = Field(default=None, ge=0)
     step_up: int = Field(default=1, ge=1, le=MAX_NODES)
@@ -238,14 +241,55 @@ class Policy(_Model):
         return self
 
 
-class Scaling(_Model):
-    """How the autoscale flow sizes a node group (within its `scale` bounds)."""
+# What a batch queue's role publishes on the blackboard (QueueMetric): nodes the waiting jobs
+# ask for, jobs waiting, jobs running, and every node's state as `NODE=STATE` words (Slurm's
+# long state names, as `sinfo -N -o "%N %T"` prints them).
+QUEUE_KEYS = ("pending_nodes", "pending", "running", "node_states")
 
-    metric: Metric
-    policy: Policy
-    cooldown: Duration = 300.0  # after a scale-up, no change for this long
+
+class QueueMetric(_Model):
+    """A batch queue as the metric (the slurm appliance's controller): the role publishes
+    QUEUE_KEYS; the group grows by the nodes its waiting jobs ask for (`jobs_per_node` such
+    jobs to a node) and shrinks only nodes that run no job."""
+
+    role: Name
+    jobs_per_node: int = Field(default=1, ge=1, le=10_000)
+    stale_after: Duration = 300.0
+
+
+class Scaling(_Model):
+    """How the autoscale flow sizes a node group (within its `scale` bounds): from a `metric`
+    with a `policy`, or from a batch `queue`."""
+
+    metric: Metric | None = None
+    policy: Policy | None = None
+    queue: QueueMetric | None = None
+    cooldown: Duration = 300.0  # after any scale action, no other for this long (FAULTS F13)
     scale_down_delay: Duration = 600.0  # the metric must stay low this long before a shrink
     max_step: int = Field(default=10, ge=1, le=MAX_NODES)  # nodes added or removed per action
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Scaling:
+        if self.queue is not None:
+            if self.metric is not None or self.policy is not None:
+                raise ValueError("give a queue, or a metric with a policy, not both")
+        elif self.metric is None or self.policy is None:
+            raise ValueError("give a metric with a policy, or a queue")
+        return self
+
+    @property
+    def stale_after(self) -> float:
+        source = self.queue or self.metric
+        assert source is not None
+        return source.stale_after
+
+    def measured(self) -> tuple[str, tuple[str, ...]] | None:
+        """The role and the attribute keys this scaling reads (measurements, not settings)."""
+        if self.queue is not None:
+            return self.queue.role, QUEUE_KEYS
+        assert self.metric is not None
+        a = self.metric.attribute
+        return None if a is None else (a.role, (a.key,))
 
 
 class NodeGroup(_Model):
@@ -387,6 +431,22 @@ class Image(_Model):
     packages: list[PackageName] = Field(default_factory=list, max_length=200)
 
 
+Share = (
+    Annotated[int, Field(ge=0, le=1_000_000)]
+    | Annotated[str, Field(pattern=r"^(100|[1-9]?[0-9])%$")]
+)
+
+
+class Approval(_Model):
+    """The approval gate: a resize (crv scale, the scale-role flow, autoscaling, a guard) that
+    would remove more than `remove_more_than` nodes of a group (a number, or a share of the
+    group such as "50%") pauses for a person to approve or reject it (the Prefect UI, `crv
+    approve`, `crv reject`); no answer within `timeout` rejects it."""
+
+    remove_more_than: Share
+    timeout: Duration = 3600.0
+
+
 class ApplianceSpec(_Model):
     """The whole `appliance.yaml`."""
 
@@ -398,10 +458,9 @@ class ApplianceSpec(_Model):
     # the brake (FAULTS F6, as Cluster API's MachineHealthCheck maxUnhealthy): when more of a
     # change's new nodes than this fail (a number of nodes, or a share such as "40%"), crv
     # stops making nodes and fails the change
-    max_unhealthy: (
-        Annotated[int, Field(ge=0, le=1_000_000)]
-        | Annotated[str, Field(pattern=r"^(100|[1-9]?[0-9])%$")]
-    ) = "40%"
+    max_unhealthy: Share = "40%"
+    # a change that would remove more nodes than this waits for a person's approval
+    approval: Approval | None = None
     parameters: dict[Name, Parameter] = Field(default_factory=dict, max_length=256)
     include: list[Include] = Field(default_factory=list, max_length=32)
     nodes: dict[Name, NodeGroup] = Field(default_factory=dict, max_length=256)
@@ -423,6 +482,11 @@ _KNOWN_FIELDS = sorted(
             Role,
             Include,
             Image,
+            Scaling,
+            Metric,
+            Policy,
+            QueueMetric,
+            Approval,
         )
         for name, f in model.model_fields.items()
     }

@@ -6,12 +6,20 @@ The rules, in order:
 
 1. no usable metric (missing, not a number, older than `stale_after`): do nothing, say why;
 2. the policy says how many nodes the metric asks for (`desired`), clamped to `scale.min/max`;
-3. growing: not within `cooldown` of the last scale-up; by at most `max_step`;
+   a target policy asks for fewer nodes only when they would stay below the target by its
+   `tolerance` (the Kubernetes HPA's 10 %): a shrink the next small rise would undo is not
+   taken (FAULTS F13);
+3. growing: at once, not within `cooldown` of the last scale action (either way); by at most
+   `max_step`;
 4. shrinking: only once the metric has asked for fewer nodes for `scale_down_delay` without a
-   break, and not within `cooldown` of the last scale-up; by at most `max_step`; the delay
+   break, and not within `cooldown` of the last scale action; by at most `max_step`; the delay
    starts again after each shrink (so a long low period shrinks in steady steps, and a short
    dip never does);
 5. otherwise nothing, with the reason.
+
+A group scaled by a batch `queue` (decide_queue) wants the nodes that run jobs plus the nodes
+its waiting jobs ask for; it shrinks by the same delay and cooldown, and its victims are named
+in the decision: only nodes that run no job (never `mixed` or `allocated` ones).
 
 Every call returns a Decision, including "none" ones: the flow records each (store and
 artifact), and the replay prints them.
@@ -53,6 +61,13 @@ class Memory:
 
     last_scale_up: float | None = None  # when the last growth was decided
     low_since: float | None = None  # since when the metric has asked for fewer nodes
+    last_action: float | None = None  # when the last growth or shrink was decided
+
+    def cooling(self, now: float, cooldown: float) -> float | None:
+        """Seconds of cooldown left after the last scale action (None: none left)."""
+        last = self.last_action if self.last_action is not None else self.last_scale_up
+        left = None if last is None else cooldown - (now - last)
+        return left if left is not None and left > 0 else None
 
 
 @dataclass(frozen=True)
@@ -65,6 +80,7 @@ class Decision:
     action: str  # "grow", "shrink" or "none"
     reason: str
     memory: Memory = field(default_factory=Memory)
+    remove: tuple[str, ...] = ()  # a queue's shrink: exactly these nodes go (decide_queue)
 
     def row(self) -> dict[str, object]:
         return {
@@ -95,8 +111,8 @@ def from_attribute(scaling: Scaling, readings: Sequence[Mapping[str, Any]]) -> R
     """A blackboard metric: every node's value of the attribute (`{node, value, age}`, as the
     service's admin API answers), aggregated over the fresh ones. Stale and non-numeric values
     are left out, and said so when nothing usable remains."""
+    assert scaling.metric is not None and scaling.metric.attribute is not None
     attribute = scaling.metric.attribute
-    assert attribute is not None
     if not readings:
         return Reading(None, problem=f"no node of {attribute.role} published {attribute.key}")
     limit = scaling.metric.stale_after
@@ -170,9 +186,16 @@ def held_by_quarantine(d: Decision, quarantined: Sequence[str], before: Memory) 
 def wanted(scaling: Scaling, metric: float, current: int) -> tuple[int, str]:
     """The node count the policy asks for (before bounds), and how it got there."""
     p = scaling.policy
+    assert p is not None
     if p.target_per_node is not None:
         need = math.ceil(metric / p.target_per_node - 1e-9)
-        return need, f"{metric:g} / {p.target_per_node:g} per node = {need}"
+        how = f"{metric:g} / {p.target_per_node:g} per node = {need}"
+        if need < current and p.tolerance > 0:  # fewer only if they stay below the band
+            keep = math.ceil(metric / (p.target_per_node * (1 - p.tolerance)) - 1e-9)
+            if keep > need:
+                how += f", {keep} within the {p.tolerance:.0%} tolerance"
+                need = min(keep, current)
+        return need, how
     per_node = metric / current if current else metric
     assert p.scale_up_above is not None and p.scale_down_below is not None
     if per_node > p.scale_up_above:
@@ -191,48 +214,177 @@ def decide(
     now: float,
     memory: Memory,
 ) -> Decision:
-    def nothing(reason: str, desired: int = current, mem: Memory = memory) -> Decision:
-        return Decision(now, reading.value, current, desired, current, "none", reason, mem)
+    def nothing(reason: str) -> Decision:
+        return Decision(now, reading.value, current, current, current, "none", reason, memory)
 
     if reading.value is None:
         return nothing(f"no metric: {reading.problem or 'missing'}")
-    if reading.age > scaling.metric.stale_after:
+    if reading.age > scaling.stale_after:
         return nothing(
-            f"stale metric: {reading.age:.0f} s old (stale after {scaling.metric.stale_after:g} s)"
+            f"stale metric: {reading.age:.0f} s old (stale after {scaling.stale_after:g} s)"
         )
     need, how = wanted(scaling, reading.value, current)
+    return _sized(scaling, low, high, current, need, how, reading.value, now, memory)
+
+
+def _sized(
+    scaling: Scaling,
+    low: int,
+    high: int,
+    current: int,
+    need: int,
+    how: str,
+    metric: float | None,
+    now: float,
+    memory: Memory,
+    removable: Sequence[str] | None = None,
+) -> Decision:
+    """The decision for a group of `current` nodes whose metric asks for `need` (module doc,
+    rules 2-5). `removable`: the only nodes a shrink may take, first to go first (a queue's
+    nodes that run no job); None: any (the resize picks them)."""
     desired = min(max(need, low), high)
     bound = f" (clamped to {'max' if need > high else 'min'} {desired})" if desired != need else ""
-    since_up = None if memory.last_scale_up is None else now - memory.last_scale_up
-    cooling = since_up is not None and since_up < scaling.cooldown
+    left = memory.cooling(now, scaling.cooldown)
+
+    def nothing(reason: str, mem: Memory) -> Decision:
+        return Decision(now, metric, current, desired, current, "none", reason, mem)
+
     if desired > current:
         calm = replace(memory, low_since=None)
-        if cooling:
-            left = scaling.cooldown - (since_up or 0.0)
-            return nothing(f"{how}{bound}; cooldown: {left:.0f} s left", desired, calm)
+        if left is not None:
+            return nothing(f"{how}{bound}; cooldown: {left:.0f} s left", calm)
         target = min(desired, current + scaling.max_step)
         step = f"; step limited to {scaling.max_step}" if target < desired else ""
-        mem = Memory(last_scale_up=now, low_since=None)
-        reason = how + bound + step
-        return Decision(now, reading.value, current, desired, target, "grow", reason, mem)
+        mem = Memory(last_scale_up=now, low_since=None, last_action=now)
+        return Decision(now, metric, current, desired, target, "grow", how + bound + step, mem)
     if desired < current:
         low_since = memory.low_since if memory.low_since is not None else now
         mem = replace(memory, low_since=low_since)
         waited = now - low_since
         if waited < scaling.scale_down_delay:
             delay = scaling.scale_down_delay
-            return nothing(f"{how}{bound}; low for {waited:.0f} of {delay:g} s", desired, mem)
-        if cooling:
-            left = scaling.cooldown - (since_up or 0.0)
-            return nothing(f"{how}{bound}; cooldown: {left:.0f} s left", desired, mem)
+            return nothing(f"{how}{bound}; low for {waited:.0f} of {delay:g} s", mem)
+        if left is not None:
+            return nothing(f"{how}{bound}; cooldown: {left:.0f} s left", mem)
         target = max(desired, current - scaling.max_step)
         step = f"; step limited to {scaling.max_step}" if target > desired else ""
-        mem = replace(memory, low_since=now)  # the next shrink waits a full delay again
+        victims: tuple[str, ...] = ()
+        if removable is not None:
+            victims = tuple(removable[: current - target])
+            if not victims:
+                return nothing(f"{how}{bound}; every node runs jobs", mem)
+            if len(victims) < current - target:
+                step += f"; only {len(victims)} run no job"
+            target = current - len(victims)
+            step += f"; removing {', '.join(victims)}"
+        mem = Memory(memory.last_scale_up, low_since=now, last_action=now)  # a full delay again
         return Decision(
-            now, reading.value, current, desired, target, "shrink", how + bound + step, mem
+            now, metric, current, desired, target, "shrink", how + bound + step, mem, victims
         )
     at_bound = " (at max)" if current == high else " (at min)" if current == low else ""
-    return nothing(f"{how}{bound}{at_bound}; no change", desired, replace(memory, low_since=None))
+    return nothing(f"{how}{bound}{at_bound}; no change", replace(memory, low_since=None))
+
+
+# -- a batch queue (the slurm appliance's controller publishes it) ----------------------------
+
+# Slurm's long node states (`sinfo -N -o %T`: a base state, `+FLAG`s, and a suffix such as `*`
+# for not responding). A node in one of these runs, finishes or is about to start a job: it is
+# never a victim (CLUES #97, #14: partly used nodes were powered off).
+BUSY_STATES = frozenset({"allocated", "mixed", "completing", "draining", "planned", "reserved"})
+BUSY_FLAGS = frozenset({"completing", "planned"})
+
+
+def node_class(state: str | None) -> str:
+    """ "busy" (runs or is about to run a job), "idle" (takes jobs, runs none) or "other"
+    (runs none and takes none: down, drained, unknown, not listed yet)."""
+    if not state:
+        return "other"
+    base, *flags = state.strip().lower().rstrip("*~#!%$@^-").split("+")
+    if base in BUSY_STATES or BUSY_FLAGS.intersection(flags):
+        return "busy"
+    if base == "idle" and not {"drain", "fail", "maint"}.intersection(flags):
+        return "idle"
+    return "other"
+
+
+@dataclass(frozen=True)
+class QueueReading:
+    """What the queue's role published: nodes the waiting jobs ask for, jobs waiting and
+    running, every node's state; None with a problem when it cannot be used."""
+
+    pending_nodes: int | None
+    pending: int = 0
+    running: int = 0
+    states: Mapping[str, str] = field(default_factory=dict)
+    age: float = 0.0
+    problem: str = ""
+
+
+def from_queue(
+    scaling: Scaling, readings: Mapping[str, Sequence[Mapping[str, Any]]]
+) -> QueueReading:
+    """The queue from its role's attributes (key -> `{node, value, age}` readings, as the
+    service's admin API answers): the newest reading of each key, every key fresh."""
+    queue = scaling.queue
+    assert queue is not None
+    values: dict[str, str] = {}
+    oldest = 0.0
+    for key in ("pending_nodes", "pending", "running", "node_states"):
+        timed = [r for r in readings.get(key, ()) if r.get("age") is not None]
+        if not timed:
+            return QueueReading(None, problem=f"no node of {queue.role} published {key}")
+        newest = min(timed, key=lambda r: float(r["age"]))
+        age = float(newest["age"])
+        if age > queue.stale_after:
+            return QueueReading(
+                None,
+                problem=f"stale: {key} is {age:.0f} s old (stale after {queue.stale_after:g} s)",
+            )
+        values[key], oldest = str(newest.get("value") or ""), max(oldest, age)
+    counts: dict[str, int] = {}
+    for key in ("pending_nodes", "pending", "running"):
+        n = number(values[key])
+        if n is None or n < 0 or n != int(n):
+            return QueueReading(None, problem=f"{key} is not a count ({values[key][:20]!r})")
+        counts[key] = int(n)
+    states = {}
+    for word in values["node_states"].split():
+        node, sep, state = word.partition("=")
+        if sep and node:
+            states[node] = state
+    return QueueReading(
+        counts["pending_nodes"], counts["pending"], counts["running"], states, oldest
+    )
+
+
+def decide_queue(
+    scaling: Scaling,
+    low: int,
+    high: int,
+    nodes: Sequence[str],
+    queue: QueueReading,
+    now: float,
+    memory: Memory,
+) -> Decision:
+    """The decision for a group sized by a batch queue. `nodes`: the group's nodes in the order
+    a shrink should take them (crv.engine.placement.release_order). The group wants its busy
+    nodes plus ceil(nodes the waiting jobs ask for / jobs_per_node); a shrink names its
+    victims, only nodes that run no job, and takes fewer if there are not enough of them."""
+    assert scaling.queue is not None
+    current = len(nodes)
+    metric = None if queue.pending_nodes is None else float(queue.pending_nodes)
+    if queue.pending_nodes is None:
+        reason = f"no queue: {queue.problem or 'missing'}"
+        return Decision(now, None, current, current, current, "none", reason, memory)
+    classes = {n: node_class(queue.states.get(n)) for n in nodes}
+    busy = sum(1 for c in classes.values() if c == "busy")
+    per = scaling.queue.jobs_per_node
+    need = busy + math.ceil(queue.pending_nodes / per)
+    waiting = f"{queue.pending} jobs waiting for {queue.pending_nodes} nodes"
+    per_text = f" / {per} per node" if per > 1 else ""
+    how = f"{waiting}{per_text}, {busy} of {current} nodes busy: {need}"
+    removable = [n for n in nodes if classes[n] != "busy"]
+    return _sized(scaling, low, high, current, need, how, metric, now, memory, removable)
 
 
 # -- the what-if replay ------------------------------------------------------------------------

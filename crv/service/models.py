@@ -168,6 +168,7 @@ class DecisionRecord(_Body):
     flow_run: Annotated[str, Field(max_length=64)] | None = None
     last_scale_up: float | None = None
     low_since: float | None = None
+    last_action: float | None = None
 
 
 class Outcome(_Body):

@@ -192,6 +192,7 @@ decisions = sa.Table(
     sa.Column("flow_run", sa.String(64)),
     sa.Column("last_scale_up", sa.Float),
     sa.Column("low_since", sa.Float),
+    sa.Column("last_action", sa.Float),  # when the last growth or shrink was decided
 )
 DECISIONS_KEPT = 2000  # per cluster; older ones are dropped
 
@@ -210,7 +211,7 @@ PIN_LENGTH = 8  # 40 bits; with PAIR_TRIES guesses, 1 in 10^11 per open PIN
 
 _DECISION_FIELDS = (
     "group", "at", "metric", "current", "desired", "target", "action", "reason", "outcome",
-    "flow_run", "last_scale_up", "low_since",
+    "flow_run", "last_scale_up", "low_since", "last_action",
 )  # fmt: skip
 
 
