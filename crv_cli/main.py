@@ -513,17 +513,36 @@ def scale(
     boot_timeout: Annotated[float, typer.Option(help="Seconds for a node to enrol.")] = 300.0,
     wait: Wait = None,
     on_failure: OnFailureOption = None,
+    remove: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--remove",
+            metavar="NODE",
+            help="Remove exactly this node of the group (again for more); COUNT is then the "
+            "group's size less them.",
+        ),
+    ] = None,
 ) -> None:
     """Resize a node group: new nodes go through every step, the roles that read the group are
-    contextualized again, removed nodes (the idlest by their `busy` reports, then the newest)
-    are drained, let go by their dependents, destroyed and their certificates revoked. Nodes
-    nothing changed for are not touched."""
+    contextualized again, removed nodes (those named by --remove, else the idlest by their
+    `busy` reports, then the newest) are drained, let go by their dependents, destroyed and
+    their certificates revoked. Nodes nothing changed for are not touched."""
     home = cli_home()
     with user_errors():
         endpoints = ensure_up(home)
         found = Service(home, endpoints.service_url).status(name)
         if found is None:
             raise SpecError("crv scale", "NAME", f"no cluster {name!r}")
+        if remove:
+            from crv.engine.placement import explicit_victims
+
+            recorded_now = load_recorded(found["source"], found["parameters"] or {},
+                                         found.get("counts") or {})  # fmt: skip
+            if group not in recorded_now.groups:
+                known = ", ".join(recorded_now.groups)
+                raise SpecError("crv scale", "GROUP", f"no group {group!r} (groups: {known})")
+            low = recorded_now.groups[group].scale_min
+            explicit_victims(group, low, found["nodes"], count, remove)
         counts = {**(found.get("counts") or {}), group: count}
         plan = expand(load_recorded(found["source"], found["parameters"] or {}, counts), name)
     from flows.scale import scale_role
@@ -536,6 +555,7 @@ def scale(
         retries=retries,
         wait=wait,
         on_failure=on_failure.value if on_failure else None,
+        remove=remove or None,
         return_state=True,
     )
     state = _run_with_progress(run, endpoints, f"scaling {name} {group} to {count}", plan)

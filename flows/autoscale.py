@@ -34,11 +34,11 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from crv.appliance.loader import NOT_SCALED, Appliance, load_recorded
-from crv.appliance.spec import Scaling
+from crv.appliance.spec import QUEUE_KEYS, Scaling
 from crv.base.errors import CrvError
 from crv.base.states import NodeState
 from crv.engine import autoscale as policy
-from crv.engine.placement import recorded
+from crv.engine.placement import recorded, release_order
 from crv.engine.stages import Timeouts
 from crv.service.client import AsyncService, ServiceError
 from crv.service.models import ClusterStatus
@@ -205,12 +205,20 @@ class _Run:
         scaling = group.scaling
         assert scaling is not None
         memory, _ = await self.memory(name)
-        reading = await read_metric(self.service, self.cluster, scaling)
-        d = policy.decide(
-            scaling, group.scale_min, group.scale_max, group.count, reading, time.time(), memory
-        )
+        placement = recorded(status, loaded)
+        if scaling.queue is not None:
+            queue = await read_queue(self.service, self.cluster, scaling)
+            mine = [n for n in status["nodes"] if n["group"] == name]
+            victims = release_order(placement, name, mine)  # the last preferred pool first
+            low, high = group.scale_min, group.scale_max
+            d = policy.decide_queue(scaling, low, high, victims, queue, time.time(), memory)
+        else:
+            reading = await read_metric(self.service, self.cluster, scaling)
+            d = policy.decide(
+                scaling, group.scale_min, group.scale_max, group.count, reading, time.time(), memory
+            )
         if d.action == "grow":  # the pools of the group, in order, may not have that much room
-            order = recorded(status, loaded).order(name)
+            order = placement.order(name)
             room = await pool_capacities(site_drivers(running_site()), order)
             d = policy.within_room(d, room, memory)
             quarantined = sorted(
@@ -231,6 +239,7 @@ class _Run:
                 d.target,
                 timeouts=self.timeouts,
                 retries=self.retries,
+                remove=d.remove,
             )
         except (CrvError, ServiceError) as exc:
             outcome = f"failed: {exc}"
@@ -244,6 +253,19 @@ class _Run:
                 self.logger.warning("cluster %s: kept %s: its %s", self.cluster, node, why)
         await self.service.set_outcome(self.cluster, seq, outcome)
         self.rows[-1]["outcome"] = outcome
+
+
+async def read_queue(service: AsyncService, cluster: str, scaling: Scaling) -> policy.QueueReading:
+    """The group's batch queue now (QUEUE_KEYS of its role); a reading with a problem (never an
+    exception) when it cannot be had."""
+    assert scaling.queue is not None
+    readings = {}
+    try:
+        for key in QUEUE_KEYS:
+            readings[key] = await service.attribute_readings(cluster, scaling.queue.role, key)
+    except ServiceError as exc:
+        return policy.QueueReading(None, problem=f"the crv service did not answer: {exc}")
+    return policy.from_queue(scaling, readings)
 
 
 async def read_metric(service: AsyncService, cluster: str, scaling: Scaling) -> policy.Reading:

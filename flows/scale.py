@@ -18,6 +18,7 @@ deploy's: this flow picks the counts and reports.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
@@ -26,7 +27,7 @@ from pydantic import Field
 from crv.appliance.loader import Group, load_recorded
 from crv.base.retry import DEFAULT_POLICY
 from crv.engine.autoscale import number
-from crv.engine.placement import recorded, release_order
+from crv.engine.placement import explicit_victims, recorded, release_order
 from crv.engine.stages import Timeouts
 from crv.service.client import AsyncService, ServiceError
 from crv.service.models import ClusterStatus
@@ -55,6 +56,14 @@ async def scale_role(
     retries: Annotated[int, Field(ge=0, le=10)] = 2,
     wait: Annotated[float | None, WAIT] = None,
     on_failure: Annotated[OnFailure | None, ON_FAILURE] = None,
+    remove: Annotated[
+        list[Annotated[str, Field(max_length=63)]] | None,
+        Field(
+            max_length=1000,
+            description="Remove exactly these nodes of the group (COUNT must be the group's "
+            "size less these)",
+        ),
+    ] = None,
 ) -> dict[str, Any]:
     async with cluster_change(name, wait=wait):
         result = await resize(
@@ -65,6 +74,7 @@ async def scale_role(
             on_failure=on_failure,
             timeouts=Timeouts(boot=boot_timeout, recipe=recipe_timeout),
             retries=retries,
+            remove=remove or (),
         )
     raise_if_kept(result)
     return result
@@ -79,9 +89,11 @@ async def resize(
     timeouts: Timeouts,
     retries: int,
     on_failure: OnFailure | None = None,
+    remove: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Resize one group of a cluster (`status`: its record), inside the caller's
-    `cluster_change`: the scale-role and autoscale flows both come here. A shrink takes its
+    `cluster_change`: the scale-role and autoscale flows both come here. A shrink takes the
+    nodes named in `remove` (crv.engine.placement.explicit_victims: exactly those), else its
     victims in crv.engine.placement.release_order (module doc)."""
     logger = get_run_logger()
     counts = {**(status.get("counts") or {}), group: count}
@@ -89,9 +101,17 @@ async def resize(
     placement = recorded(status, loaded)
     mine = [n for n in status["nodes"] if n["group"] == group]
     before = len(mine)
-    busy = await busy_values(name, status, loaded.groups[group]) if count < before else {}
-    if busy:
-        logger.info("busy: %s", ", ".join(f"{n} {v:g}" for n, v in sorted(busy.items())))
+    if remove:
+        g = loaded.groups[group]
+        victims = explicit_victims(group, g.scale_min, mine, count, remove, "remove")
+        logger.info("removing the nodes named: %s", ", ".join(victims))
+    elif count < before:
+        busy = await busy_values(name, status, loaded.groups[group])
+        if busy:
+            logger.info("busy: %s", ", ".join(f"{n} {v:g}" for n, v in sorted(busy.items())))
+        victims = release_order(placement, group, mine, busy)
+    else:
+        victims = []
     logger.info("cluster %s: group %s from %d to %d nodes", name, group, before, count)
     result = await converge(
         loaded,
@@ -101,7 +121,7 @@ async def resize(
         on_failure=on_failure,
         timeouts=timeouts,
         retries=retries,
-        remove_first=release_order(placement, group, mine, busy) if count < before else (),
+        remove_first=victims,
     )
     after = result["counts"].get(group, count)
     events.cluster_event(

@@ -128,6 +128,41 @@ def release_order(
     return [n["name"] for n in sorted(nodes, key=rank)]
 
 
+def explicit_victims(
+    group: str,
+    scale_min: int,
+    nodes: Iterable[Mapping[str, Any]],
+    count: int,
+    remove: Iterable[str],
+    source: str = "--remove",
+) -> list[str]:
+    """The nodes a resize to `count` must remove when it names them (`crv scale ... --remove
+    NODE`, as Cluster API's delete-machine annotation): each a node of `group`, named once, and
+    exactly as many as the shrink removes; never below `scale_min`. Else a SpecError naming the
+    problem (nothing is changed)."""
+    names = list(remove)
+    mine = sorted((n["name"] for n in nodes if n["group"] == group), key=natural_key)
+    for name in names:
+        if name not in mine:
+            shown = ", ".join(mine[:6]) + (" ..." if len(mine) > 6 else "") or "none"
+            raise SpecError(source, name, f"not a node of group {group} (its nodes: {shown})")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise SpecError(source, twice[0], "named twice")
+    left = len(mine) - len(names)
+    if left < scale_min:
+        raise SpecError(
+            source, names[0], f"removing {len(names)} of {len(mine)} nodes leaves {left}, "
+            f"below the group's scale.min {scale_min}"
+        )  # fmt: skip
+    if count != left:
+        raise SpecError(
+            source, names[0], f"removing {len(names)} of {len(mine)} nodes leaves {left}, "
+            f"not COUNT {count} (give COUNT {left})"
+        )  # fmt: skip
+    return names
+
+
 def check(
     home: Home, appliance: Appliance, placement: Placement, overrides: Mapping[str, str] | None
 ) -> None:
