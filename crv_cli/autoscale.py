@@ -273,6 +273,49 @@ def disable(name: ClusterArg) -> None:
     print(f"autoscaling of {name} disabled{removed}")
 
 
+@autoscale_app.command("run")
+def run_now(
+    name: ClusterArg,
+    wait: Annotated[
+        float | None,
+        typer.Option(
+            "--wait",
+            help="Seconds to wait for another change of the cluster to end (default: as long "
+            "as it takes; 0: skip at once, as the schedule's runs do).",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """One autoscale pass now, in this process: every scaled group decides from its metric or
+    queue (and acts), as a scheduled run of `autoscale/NAME` does; prints the decisions. It
+    needs no `crv autoscale enable`."""
+    import asyncio
+    from collections.abc import Coroutine
+    from typing import cast
+
+    from prefect.client.schemas.objects import State
+
+    from crv_cli.main import _reason
+
+    with common.user_errors():
+        _cluster(name, "run")
+    from flows.autoscale import autoscale
+
+    run = autoscale(name=name, wait=wait, return_state=True)
+    state = asyncio.run(cast("Coroutine[Any, Any, State[dict[str, Any]]]", run))
+    if not state.is_completed():
+        print(f"error: autoscale of {name} failed: {_reason(state)}", file=sys.stderr)
+        raise typer.Exit(1)
+    result = state.result()
+    if as_json:
+        print(json.dumps(result))
+        return
+    for d in result["decisions"]:
+        nodes = f"{d['current']}->{d['target']}" if d["action"] != "none" else str(d["current"])
+        outcome = f"; {d['outcome']}" if d.get("outcome") else ""
+        print(f"{d['group']}: {d['action']} ({nodes} nodes): {d['reason']}{outcome}")
+
+
 @autoscale_app.command("status")
 def status(
     name: ClusterArg,

@@ -428,3 +428,43 @@ def test_failed_first_deploy_with_rollback_leaves_nothing(crv: Crv, tmp_path: Pa
     r = crv("deploy", str(directory), "--name", "fresh", "--set", f"flags={flags}")
     assert r.returncode == 0, r.stdout + r.stderr
     assert crv("destroy", "fresh").returncode == 0
+
+
+def test_remove_takes_exactly_the_named_nodes(crv: Crv, tmp_path: Path) -> None:
+    """`crv scale ... --remove NODE` (Cluster API #75, #8829): the named nodes go, whatever the
+    release order would have picked (the newest); each bad request is one line, exit 2, and
+    changes nothing."""
+    directory, flags = drainy(tmp_path)
+    r = crv("deploy", str(directory), "--name", "pick", "--set", f"flags={flags}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    workers = [f"pick-worker-{i}" for i in range(3)]
+    every = {"pick-head-0", *workers}
+    refused = [
+        (("2", "--remove", "pick-worker-7"), "--remove: pick-worker-7: not a node of group worker"),
+        (("2", "--remove", "pick-head-0"), "--remove: pick-head-0: not a node of group worker"),
+        (("1", "--remove", "pick-worker-0", "--remove", "pick-worker-0"), "named twice"),
+        (("0", *[a for w in workers for a in ("--remove", w)]),
+         "removing 3 of 3 nodes leaves 0, below the group's scale.min 1"),
+        (("1", "--remove", "pick-worker-0"),
+         "removing 1 of 3 nodes leaves 2, not COUNT 1 (give COUNT 2)"),
+    ]  # fmt: skip
+    for args, message in refused:
+        r = crv("scale", "pick", "worker", *args)
+        assert r.returncode == 2, (args, r.stdout + r.stderr)
+        assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert pool_nodes(crv, "pick") == every
+    assert not (flags / "drained.log").exists()
+
+    # the oldest and the middle one, which the release order would never take first
+    r = crv(
+        "scale", "pick", "worker", "1", "--remove", "pick-worker-0", "--remove", "pick-worker-1"
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert pool_nodes(crv, "pick") == {"pick-head-0", "pick-worker-2"}
+    assert sorted((flags / "drained.log").read_text().splitlines()) == [
+        "pick-worker-0 drain",
+        "pick-worker-1 drain",
+    ]
+    assert (flags / "head-view.txt").read_text().split() == ["pick-worker-2"]
+    assert service_status(crv, "pick")["counts"] == {"worker": 1}
+    assert crv("destroy", "pick").returncode == 0
