@@ -332,3 +332,69 @@ def test_no_growth_while_nodes_of_the_group_are_quarantined() -> None:
     assert held_by_quarantine(grow, [], Memory()) == grow
     shrink = decide(s, 1, 10, 5, Reading(0.0, 0.0), 1000.0, Memory(low_since=0.0))
     assert held_by_quarantine(shrink, ["c-web-2"], Memory()) == shrink  # shrinking is not held
+
+
+# -- no flapping (FAULTS F13) ------------------------------------------------------------------
+
+
+def webfarm_scaling(**change: object) -> tuple[Scaling, int, int]:
+    """The web farm's own policy (appliances/webfarm), its bounds, with `change` to its policy."""
+    from crv.appliance.loader import load_appliance
+    from tests.conftest import CATALOG
+
+    group = load_appliance(CATALOG / "webfarm").groups["worker"]
+    s = group.scaling
+    assert s is not None and s.policy is not None
+    if change:
+        s = s.model_copy(update={"policy": s.policy.model_copy(update=change)})
+    return s, group.scale_min, group.scale_max
+
+
+def around(low: float, high: float, low_for: int, high_for: int, hours: float = 2) -> list:
+    """A reading every 30 s: `low` for `low_for` seconds, then `high` for `high_for`, again."""
+    period = low_for + high_for
+    return [
+        (float(t), low if t % period < low_for else high) for t in range(0, int(hours * 3600), 30)
+    ]
+
+
+def test_a_load_around_a_threshold_is_inside_the_tolerance_band() -> None:
+    """59-61 requests/s around 60 (3 web nodes' worth at 20 each), 6 min under, 2 min over: the
+    web farm's policy keeps its 4 nodes (3 would run at 98 % of target). Without the band it
+    shrinks 4->3 after the 5 min delay and grows back as soon as its cooldown allows: one flap
+    per period."""
+    s, low, high = webfarm_scaling()
+    trace = around(59, 61, 360, 120)
+    kept = replay(s, low, high, 4, trace, 30)
+    assert {d.action for d in kept} == {"none"}, [d.reason for d in kept if d.action != "none"]
+    assert any("4 within the 10% tolerance" in d.reason for d in kept)
+    bare, low, high = webfarm_scaling(tolerance=0)
+    flaps = replay(bare, low, high, 4, trace, 30)
+    acts = [(d.at, d.action, d.target) for d in flaps if d.action != "none"]
+    assert acts[:2] == [(300.0, "shrink", 3), (420.0, "grow", 4)], acts
+    assert direction_changes(flaps) >= 10
+
+
+def test_at_most_one_scale_action_per_cooldown_window_either_way() -> None:
+    """FAULTS F13: a load swinging well past the band both ways, faster than the cooldown:
+    every two actions, grow or shrink in any order, are a full cooldown apart; a shrink holds
+    the growth that follows it back too."""
+    s, low, high = webfarm_scaling()
+    trace = around(30, 90, 330, 90, hours=4)  # 2 nodes' worth, then 5 nodes' worth
+    decisions = replay(s, low, high, 4, trace, 30)
+    acts = [d for d in decisions if d.action != "none"]
+    assert {d.action for d in acts} == {"grow", "shrink"}
+    assert all(b.at - a.at >= s.cooldown for a, b in itertools.pairwise(acts)), [
+        (d.at, d.action) for d in acts
+    ]
+    held = [d for d in decisions if d.action == "none" and "cooldown" in d.reason]
+    assert any(d.desired > d.current for d in held)  # a growth waited for a shrink's cooldown
+
+
+def test_real_growth_is_served_at_once() -> None:
+    """The band delays no growth: past the target the group grows on the next tick."""
+    s, low, high = webfarm_scaling()
+    trace = [(float(t), 59.0 if t < 600 else 120.0) for t in range(0, 900, 30)]
+    decisions = replay(s, low, high, 4, trace, 30)
+    first = next(d for d in decisions if d.action != "none")
+    assert (first.at, first.action, first.target) == (600.0, "grow", 6)
