@@ -219,7 +219,7 @@ class _Run:
             )
         if d.action == "grow":  # the pools of the group, in order, may not have that much room
             order = placement.order(name)
-            room = await pool_capacities(site_drivers(running_site()), order)
+            room = await pool_capacities(site_drivers(running_site()), order, name)
             d = policy.within_room(d, room, memory)
             quarantined = sorted(
                 (n["name"] for n in status["nodes"]

@@ -87,9 +87,11 @@ class Pool(Protocol):
 class Capacity(Protocol):
     """Optional: a pool that knows how many more nodes it can make."""
 
-    def capacity(self) -> int | None:
-        """How many more nodes this pool can make now (0: none); None: no known limit. No
-        waiting; a failure to find out is a PoolError (crv.engine.placement counts it as 0)."""
+    def capacity(self, group: str | None = None) -> int | None:
+        """How many more nodes this pool can make now (0: none); None: no known limit. With
+        `group`: for that node group (a bare-metal pool counts only the machines of the
+        group's class). No waiting; a failure to find out is a PoolError
+        (crv.engine.placement counts it as 0)."""
         ...
 
 
@@ -103,8 +105,8 @@ class MaxNodes:
     """`capacity()` of a driver that holds at most `max_nodes` nodes at a time (None: no
     limit): every node it holds counts, of any cluster. The driver sets `max_nodes`."""
 
-    def capacity(self: _Capped) -> int | None:
-        """How many more nodes fit under `max_nodes` (None: no limit)."""
+    def capacity(self: _Capped, group: str | None = None) -> int | None:
+        """How many more nodes fit under `max_nodes` (None: no limit), for any group."""
         if self.max_nodes is None:
             return None
         return max(0, self.max_nodes - len(self.list_nodes()))

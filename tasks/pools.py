@@ -91,9 +91,11 @@ async def pool_drift(drivers: Drivers, status: ClusterStatus) -> Drift:
 
 
 @task(name="pool-capacity", cache_policy=NO_CACHE, persist_result=False)
-async def pool_capacities(drivers: Drivers, pools: Sequence[str]) -> dict[str, int | None]:
+async def pool_capacities(
+    drivers: Drivers, pools: Sequence[str], group: str | None = None
+) -> dict[str, int | None]:
     """How many more nodes each of `pools` can make now (None: no known limit)."""
-    return await asyncio.to_thread(capacities, drivers, pools)
+    return await asyncio.to_thread(capacities, drivers, pools, group)
 
 
 @task(name="teardown", cache_policy=NO_CACHE, persist_result=False)

@@ -773,6 +773,8 @@ def test_clear_powers_a_failed_machine_off_and_frees_it(clean_rack: Rack) -> Non
     first = STD[0]
     every = len(pool.machines())
     assert pool.capacity() == every  # the optional capability: machines free now
+    # for a node group: only machines of its class (g: gpu; any other group: the pool's std)
+    assert (pool.capacity("g"), pool.capacity("web")) == (len(GPU), len(STD))
     pool.power.on(first, pool.bmc(pool.machines()[first]))  # on, as a broken machine may be
     wait_for(lambda: rack.running(first), what=f"{first} to power on")
     rack.set_password(first, secrets.token_urlsafe(12).encode())
@@ -784,6 +786,7 @@ def test_clear_powers_a_failed_machine_off_and_frees_it(clean_rack: Rack) -> Non
     assert "refused the credentials" in ledger.failed[first]["power"]
     assert rack.running(first)  # the write-off could not power it off
     assert pool.capacity() == every - 1  # a failed machine is not free
+    assert (pool.capacity("g"), pool.capacity("web")) == (len(GPU), len(STD) - 1)
 
     rack.set_password(first, rack.secrets[first])
     pool.clear(first)

@@ -162,11 +162,25 @@ class _Full:
     def __init__(self, room: int | None, fail: bool = False) -> None:
         self.room, self.fail, self.asked = room, fail, 0
 
-    def capacity(self) -> int | None:
+    def capacity(self, group: str | None = None) -> int | None:
         self.asked += 1
         if self.fail:
             raise PoolError("broken", "BMC unreachable", temporary=True)
         return self.room
+
+
+class _Classes:
+    """A bare-metal pool's answer: free machines by the group's class."""
+
+    def capacity(self, group: str | None = None) -> int | None:
+        return {"gpu": 1, None: 5}.get(group, 4)
+
+
+def test_capacities_for_a_group_count_only_what_it_could_get() -> None:
+    pools = {"rack": _Classes(), "lab": _Full(None)}
+    assert capacities(lambda n: pools[n], ["rack", "lab"], "gpu") == {"rack": 1, "lab": None}  # type: ignore[arg-type,return-value]
+    assert capacities(lambda n: pools[n], ["rack"], "compute") == {"rack": 4}  # type: ignore[arg-type,return-value]
+    assert capacities(lambda n: pools[n], ["rack"]) == {"rack": 5}  # type: ignore[arg-type,return-value]
 
 
 def test_capacities_asks_each_pool_once() -> None:

@@ -89,16 +89,19 @@ def recorded(status: ClusterStatus, appliance: Appliance | None = None) -> Place
     return Placement(default, groups, orders)
 
 
-def capacities(drivers: Callable[[str], Pool], names: Iterable[str]) -> dict[str, int | None]:
-    """How many more nodes each pool can make now, each asked once: None for no known limit
-    (a pool without the optional `capacity()`), 0 for a pool that could not say (logged)."""
+def capacities(
+    drivers: Callable[[str], Pool], names: Iterable[str], group: str | None = None
+) -> dict[str, int | None]:
+    """How many more nodes each pool can make now (for `group`: a bare-metal pool counts only
+    the machines of its class), each asked once: None for no known limit (a pool without the
+    optional `capacity()`), 0 for a pool that could not say (logged)."""
     out: dict[str, int | None] = {}
     for name in names:
         if name in out:
             continue
         try:
             capacity = getattr(drivers(name), "capacity", None)
-            out[name] = None if capacity is None else capacity()
+            out[name] = None if capacity is None else capacity(group)
         except CrvError as exc:
             log.warning("pool %s: capacity unknown, counted as none: %s", name, exc)
             out[name] = 0

@@ -409,20 +409,30 @@ class ClusterRun:
             return {}
         names = sorted({p for n in new for p in self.placement.order(n.group)})
         room = await self._in_thread(capacities, self.drivers, names)
+        # a group's own room in each pool (bare metal: machines of its class), counted down
+        # with the pool's room, which every group shares
+        mine: dict[str, dict[str, int | None]] = {}
+        for g in sorted({n.group for n in new}):
+            mine[g] = await self._in_thread(capacities, self.drivers, self.placement.order(g), g)
+
+        def left(pool: str, group: str) -> int | None:
+            a, b = room[pool], mine[group][pool]
+            return b if a is None else a if b is None else min(a, b)
+
         chosen: dict[str, str] = {}
         for n in new:
             order = self.placement.order(n.group)
-            pool = next((p for p in order if room[p] is None or room[p] != 0), None)
+            pool = next((p for p in order if left(p, n.group) != 0), None)
             if pool is None:
-                left = sum(1 for m in new if m.group == n.group and m.name not in chosen)
-                free = ", ".join(f"{p} {room[p]}" for p in order)
+                count = sum(1 for m in new if m.group == n.group and m.name not in chosen)
+                free = ", ".join(f"{p} {left(p, n.group)}" for p in order)
                 raise NoCapacity(
-                    f"no capacity for {left} more node{'s' if left > 1 else ''} of group "
+                    f"no capacity for {count} more node{'s' if count > 1 else ''} of group "
                     f"{n.group} in pools {', '.join(order)} (room left: {free})"
                 )
-            left_in_pool = room[pool]
-            if left_in_pool is not None:
-                room[pool] = left_in_pool - 1
+            for counted in (room, mine[n.group]):
+                if counted[pool] is not None:
+                    counted[pool] = (counted[pool] or 0) - 1
             chosen[n.name] = pool
         return chosen
 

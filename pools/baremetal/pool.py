@@ -208,11 +208,17 @@ class BaremetalPool:
         with ThreadPoolExecutor(min(16, len(infos))) as pool:
             return list(pool.map(lambda info: self._confirmed(info, machines), infos))
 
-    def capacity(self) -> int:
-        """Optional capability: the machines free now (neither leased nor failed), of any
-        class; a node group limited to a class may find fewer."""
+    def capacity(self, group: str | None = None) -> int:
+        """Optional capability: the machines free now (neither leased nor failed); with
+        `group`, only those of the group's class and labels (the ones it could get)."""
         ledger = self.leases.read()
-        return sum(1 for m in self.machines() if ledger.state_of(m) == "free")
+        machines = self.machines()
+        if group is not None:
+            machine_class, labels = self._wanted(group)
+            fits = [n for n, m in machines.items() if m.matches(machine_class, labels)]
+        else:
+            fits = list(machines)
+        return sum(1 for m in fits if ledger.state_of(m) == "free")
 
     def get_node(self, name: str) -> NodeInfo | None:
         ledger = self.leases.read()
