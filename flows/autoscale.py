@@ -24,6 +24,7 @@ shows and can pause like any other.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated, Any
 
@@ -36,6 +37,7 @@ from pydantic import Field
 from crv.appliance.loader import NOT_SCALED, Appliance, load_recorded
 from crv.appliance.spec import QUEUE_KEYS, Scaling
 from crv.base.errors import CrvError
+from crv.base.home import Home
 from crv.base.states import NodeState
 from crv.engine import autoscale as policy
 from crv.engine.placement import recorded, release_order
@@ -46,6 +48,7 @@ from crv.service.store import natural_key
 from flows.converge import (
     WAIT,
     DeployFailed,
+    publish_summary,
     require_cluster,
     running_service,
     running_site,
@@ -103,11 +106,50 @@ async def autoscale(
             description=f"Autoscale decisions of cluster {name}, "
             f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}",
         )
+        await _draw(service, home, name, _loaded(status), run)
     finally:
         await service.close()
     if run.failed:
         raise DeployFailed("; ".join(run.failed))
     return {"cluster": name, "decisions": run.rows}
+
+
+PLOT_EVERY = 60.0  # seconds: a group's plot is redrawn after an action, else at most this often
+PLOT_DECISIONS = 1000  # the newest decisions a plot shows
+
+
+async def _draw(
+    service: AsyncService, home: Home, cluster: str, loaded: Appliance, run: _Run
+) -> None:
+    """Redraw each scaled group's plot (nodes against its metric or queue over time, from the
+    recorded decisions: crv.base.home.Home.autoscale_plot) after an action, or when it is older
+    than PLOT_EVERY; then the cluster's summary artifact, which links the plots. A plot that
+    cannot be drawn is logged, never fails the run."""
+    acted = {r["group"] for r in run.rows if r["action"] != "none"}
+    drawn = False
+    for group in loaded.scaled:
+        path = home.autoscale_plot(cluster, group.name)
+        try:
+            fresh = time.time() - path.stat().st_mtime < PLOT_EVERY
+        except OSError:
+            fresh = False
+        if fresh and group.name not in acted:
+            continue
+        rows = await service.decisions(cluster, group.name, limit=PLOT_DECISIONS)
+        if not rows:
+            continue
+        queue = group.scaling is not None and group.scaling.queue is not None
+        label = "nodes the waiting jobs ask for" if queue else "metric"
+        title = f"cluster {cluster}, group {group.name}: nodes and {label}"
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            await asyncio.to_thread(policy.plot, policy.recorded(rows), path, title, label)
+        except (OSError, ValueError) as exc:
+            get_run_logger().warning("the autoscaling plot %s was not drawn: %s", path, exc)
+            continue
+        drawn = True
+    if drawn:
+        await publish_summary(cluster, await require_cluster(cluster))
 
 
 STOPPED = {

@@ -447,13 +447,20 @@ def _node_milestones(
 
 
 async def publish_summary(cluster: str, status: ClusterStatus) -> None:
-    """The cluster summary table artifact; every flow that changes the cluster updates it."""
+    """The cluster summary table artifact; every flow that changes the cluster updates it. It
+    links the autoscaling plots the autoscale flow drew (files under the crv home)."""
+    home = running_site().home
+    plots = sorted(
+        p for p in (home.root / "autoscale").glob(f"{cluster}-*.png")
+        if p.name[len(cluster) + 1 : -4] in {n["group"] for n in status["nodes"]}
+    )  # fmt: skip
+    linked = "".join(f"\n\nAutoscaling plot: [{p.name}]({p.as_uri()})" for p in plots)
     await acreate_table_artifact(
         key=f"cluster-{cluster}",
         table=summary_rows(status),
         description=f"Cluster {cluster} ({status['appliance']}) on "
         f"{_pools_text(status)}: "
-        f"{len(status['nodes'])} nodes, {'ready' if status['ready'] else 'not ready'}",
+        f"{len(status['nodes'])} nodes, {'ready' if status['ready'] else 'not ready'}{linked}",
     )
 
 

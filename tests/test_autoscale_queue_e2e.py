@@ -20,10 +20,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import write_appliance
-from tests.test_deploy_e2e import Crv
+from tests.test_deploy_e2e import Crv, prefect_api
 
 BATCH = """\
 apiVersion: crv/v1
@@ -133,6 +134,13 @@ def test_waiting_jobs_grow_and_only_job_free_nodes_are_removed(batch: Batch) -> 
     assert (d["action"], d["current"], d["target"]) == ("grow", 1, 4), d
     assert d["reason"].startswith("5 jobs waiting for 5 nodes, 1 of 1 nodes busy: 6"), d
     assert batch.computes() == [f"batch-compute-{i}" for i in range(4)]
+    # the group's plot (nodes against the queue), linked from the cluster's summary artifact
+    plot = batch.crv.home / "autoscale" / "batch-compute.png"
+    assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    api, auth = prefect_api(batch.crv), batch.crv.prefect_auth
+    query = {"artifacts": {"key": {"any_": ["cluster-batch"]}}, "sort": "CREATED_DESC", "limit": 1}
+    [summary] = httpx.post(f"{api}/artifacts/filter", json=query, auth=auth).json()
+    assert f"Autoscaling plot: [batch-compute.png]({plot.as_uri()})" in summary["description"]
 
     # the queue drained: compute-1 is partly used (mixed), compute-3 (the newest, which the
     # release order takes first) runs a job; the idle compute-0 and compute-2 go, and only they

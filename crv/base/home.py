@@ -51,6 +51,11 @@ class Home:
     def pool_dir(self, pool: str) -> Path:
         return self.root / "pools" / pool
 
+    def autoscale_plot(self, cluster: str, group: str) -> Path:
+        """A scaled group's nodes against its metric or queue over time, as the autoscale flow
+        redraws it (PNG), linked from the cluster's summary artifact."""
+        return self.root / "autoscale" / f"{cluster}-{group}.png"
+
     @property
     def prefect_auth_file(self) -> Path:
         """`user:password` of the Prefect API's basic auth (mode 0600; `crv api-credentials`)."""

@@ -455,7 +455,21 @@ def direction_changes(decisions: Iterable[Decision]) -> int:
     return turns
 
 
-def plot(decisions: Sequence[Decision], path: Path, title: str) -> None:
+def recorded(rows: Iterable[Mapping[str, Any]]) -> list[Decision]:
+    """Decisions from the store's rows (`crv autoscale status --json`), oldest first, their
+    times in seconds since the first (as a replay's), for `plot`."""
+    ordered = sorted(rows, key=lambda r: float(r["at"]))
+    start = float(ordered[0]["at"]) if ordered else 0.0
+    return [
+        Decision(float(r["at"]) - start, r["metric"], int(r["current"]), int(r["desired"]),
+                 int(r["target"]), str(r["action"]), str(r["reason"]))
+        for r in ordered
+    ]  # fmt: skip
+
+
+def plot(
+    decisions: Sequence[Decision], path: Path, title: str, metric_label: str = "metric"
+) -> None:
     """The metric and the node count over time, in one PNG (two y axes)."""
     import matplotlib
 
@@ -471,7 +485,7 @@ def plot(decisions: Sequence[Decision], path: Path, title: str) -> None:
         label="metric",
     )
     left.set_xlabel("minutes")
-    left.set_ylabel("metric", color="tab:blue")
+    left.set_ylabel(metric_label, color="tab:blue")
     right = left.twinx()
     right.step(times, [d.target for d in decisions], where="post", color="tab:red", label="nodes")
     right.set_ylabel("nodes", color="tab:red")
