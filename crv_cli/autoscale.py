@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from crv.appliance.loader import Appliance, Group
     from crv.base.home import Home
     from crv.engine.autoscale import Decision
+    from crv.engine.jobsim import Replay
     from crv.service.client import Service
     from crv.service.models import ClusterStatus
     from crv_cli import daemons
@@ -37,8 +38,23 @@ def simulate(
         Path, typer.Argument(metavar="DIR", help="An appliance directory (holds appliance.yaml).")
     ],
     trace: Annotated[
-        Path, typer.Option("--trace", metavar="FILE.csv", help="SECONDS,VALUE rows of the metric.")
-    ],
+        Path | None,
+        typer.Option(
+            "--trace", metavar="FILE.csv", help="SECONDS,VALUE rows of the metric (a metric group)."
+        ),
+    ] = None,
+    jobs: Annotated[
+        Path | None,
+        typer.Option(
+            "--jobs",
+            metavar="FILE.csv",
+            help="SUBMIT,NODES,RUNTIME rows of batch jobs, seconds (a group scaled by a queue).",
+        ),
+    ] = None,
+    boot: Annotated[
+        str | None,
+        typer.Option("--boot", help="With --jobs: how long a new node boots, e.g. 90s (60s)."),
+    ] = None,
     group: Annotated[
         str | None,
         typer.Option("--group", "-g", help="The node group (default: the only one with scaling)."),
@@ -49,9 +65,15 @@ def simulate(
     start: Annotated[
         int | None, typer.Option("--start", help="Nodes at the start (default: the group's count).")
     ] = None,
+    most: Annotated[
+        int | None,
+        typer.Option("--max", help="What if scale.max were this (default: the group's)."),
+    ] = None,
     plot_file: Annotated[
         Path | None,
-        typer.Option("--plot", metavar="OUT.png", help="Draw the metric and node count."),
+        typer.Option(
+            "--plot", metavar="OUT.png", help="Draw the metric (or the queue) and the nodes."
+        ),
     ] = None,
     sets: Annotated[
         list[str] | None,
@@ -59,17 +81,62 @@ def simulate(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Replay a recorded metric trace against a group's scaling policy on a simulated clock (no
-    machines): every decision, the node count over time, and optionally a PNG plot."""
+    """Replay a recorded metric trace (--trace), or a batch job trace (--jobs) through a simulated
+    queue, against a group's scaling policy on a simulated clock (no machines): every decision,
+    the node count over time (with --jobs: node-hours, waits), and optionally a PNG plot."""
+    from dataclasses import replace
+
     from crv.appliance.loader import load_appliance, parse_overrides
+    from crv.appliance.spec import MAX_NODES
     from crv.engine import autoscale
 
     with common.user_errors():
+        if (trace is None) == (jobs is None):
+            raise SpecError(
+                "crv autoscale simulate",
+                "",
+                "give exactly one of --trace FILE.csv (a metric trace) or --jobs FILE.csv (a "
+                "job trace)",
+            )
+        if boot is not None and jobs is None:
+            raise SpecError("--boot", boot, "only with --jobs FILE.csv")
         appliance = load_appliance(directory, parse_overrides(sets or []))
         chosen = _scaled_group(appliance, group)
+        if most is not None:
+            if not chosen.scale_min <= most <= MAX_NODES:
+                limits = f"between the group's scale.min {chosen.scale_min} and {MAX_NODES}"
+                raise SpecError("--max", str(most), f"must be {limits}")
+            chosen = replace(chosen, scale_max=most)
         seconds = interval("--every", every, least=0.001)
-        readings = autoscale.read_trace(trace)
         assert chosen.scaling is not None
+        if jobs is not None:
+            if chosen.scaling.queue is None:
+                raise SpecError(
+                    "--jobs",
+                    str(jobs),
+                    f"group {chosen.name} is scaled by a metric: replay a metric trace with "
+                    "--trace FILE.csv",
+                )
+            boot_seconds = interval("--boot", "60s" if boot is None else boot, least=0.0)
+            title = f"{appliance.name}: {chosen.name} ({jobs.name}, max {chosen.scale_max}, "
+            title += f"every {seconds:g} s, boot {boot_seconds:g} s)"
+            replayed = _replay_jobs(appliance.name, chosen, jobs, seconds, boot_seconds, start)
+            _plot_jobs(replayed, plot_file, title)
+        elif chosen.scaling.queue is not None:
+            raise SpecError(
+                "--trace",
+                str(trace),
+                f"group {chosen.name} is scaled by a queue: replay a job trace with "
+                "--jobs FILE.csv",
+            )
+    if jobs is not None:
+        _print_jobs(chosen.name, replayed, seconds, boot_seconds, as_json)
+        if plot_file is not None and not as_json:
+            print(f"plot: {plot_file}")
+        return
+    assert trace is not None
+    with common.user_errors():
+        readings = autoscale.read_trace(trace)
         decisions = autoscale.replay(
             chosen.scaling,
             chosen.scale_min,
@@ -92,6 +159,80 @@ def simulate(
     _print_replay(decisions, summary, every)
     if plot_file is not None:
         print(f"plot: {plot_file}")
+
+
+def _replay_jobs(
+    cluster: str, chosen: Group, path: Path, every: float, boot: float, start: int | None
+) -> Replay:
+    """The job trace at `path` replayed through the group's queue policy (crv.engine.jobsim)."""
+    from crv.engine import jobsim
+
+    assert chosen.scaling is not None
+    trace = jobsim.read_jobs(path)
+    try:
+        return jobsim.simulate(
+            chosen.scaling,
+            chosen.scale_min,
+            chosen.scale_max,
+            chosen.count if start is None else start,
+            trace,
+            every,
+            boot,
+            name=f"{cluster}-{chosen.name}",
+        )
+    except ValueError as exc:  # more decisions than a replay takes
+        raise SpecError("--every", f"{every:g} s", str(exc)) from None
+
+
+def _plot_jobs(replayed: Replay, plot_file: Path | None, title: str) -> None:
+    from crv.engine import jobsim
+
+    if plot_file is None:
+        return
+    try:
+        jobsim.plot(replayed, plot_file, title)
+    except OSError as exc:
+        raise SpecError("--plot", str(plot_file), exc.strerror or str(exc)) from None
+
+
+def _print_jobs(group: str, replayed: Replay, every: float, boot: float, as_json: bool) -> None:
+    f = replayed.figures
+    if as_json:
+        doc = {
+            "group": group,
+            "every": every,
+            "boot": boot,
+            "figures": f.as_dict(),
+            "decisions": [{**d.row(), "remove": list(d.remove)} for d in replayed.decisions],
+            "jobs": [r.row() for r in replayed.jobs],
+        }
+        sys.stdout.write(json.dumps(doc) + "\n")
+        return
+    actions = [d for d in replayed.decisions if d.action != "none"]
+    if actions:
+        table = Table("time", "nodes", "wanted", "action", "reason", box=None)
+        for d in actions:
+            table.add_row(
+                _clock(d.at), f"{d.current}->{d.target}", str(d.desired), d.action, d.reason
+            )
+        common.console.print(table)
+    never = f"; {f.never_started} never started (more nodes than the group can have)"
+    print(
+        f"{f.jobs} jobs{never if f.never_started else ''}; every {every:g} s, boot {boot:g} s; "
+        f"the group settled at {_clock(f.end)}"
+    )
+    ratio = "-" if f.ratio is None else f"{f.ratio:.2f}x"
+    print(
+        f"node-hours {f.node_hours:.2f} (booting nodes included, until {_clock(f.until)}: the "
+        f"last job's end), minimum {f.minimum:.2f} (the jobs' nodes x runtime): {ratio}"
+    )
+    waits = "-" if f.mean_wait is None else f"mean {f.mean_wait:.0f} s, max {f.max_wait:.0f} s"
+    reaction = "-" if f.reaction is None else f"{f.reaction:.0f} s"
+    print(f"wait {waits}; first pending job to the first job on a new node: {reaction}")
+    print(
+        f"{f.actions} scale actions ({f.grow} grow, {f.shrink} shrink, {f.direction_changes} "
+        f"direction changes); nodes up to {f.peak_nodes}, {f.final_nodes} at the end"
+    )
 
 
 def _scaled_group(appliance: Appliance, group: str | None) -> Group:
