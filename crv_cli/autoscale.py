@@ -436,8 +436,6 @@ def run_now(
 
     from prefect.client.schemas.objects import State
 
-    from crv_cli.main import _reason
-
     with common.user_errors():
         _cluster(name, "run")
     from flows.autoscale import autoscale
@@ -445,7 +443,7 @@ def run_now(
     run = autoscale(name=name, wait=wait, return_state=True)
     state = asyncio.run(cast("Coroutine[Any, Any, State[dict[str, Any]]]", run))
     if not state.is_completed():
-        print(f"error: autoscale of {name} failed: {_reason(state)}", file=sys.stderr)
+        print(f"error: autoscale of {name} failed: {common.reason(state)}", file=sys.stderr)
         raise typer.Exit(1)
     result = state.result()
     if as_json:

@@ -4,9 +4,11 @@ CRV_HOME in use, and starting the daemons a command needs."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -15,6 +17,9 @@ from crv.base.errors import CrvError
 from crv.base.home import Home
 from crv.service.pki import node_ttl_from_env
 from crv_cli import daemons
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import State
 
 EXIT_BAD_INPUT = 2
 console = Console()
@@ -49,3 +54,16 @@ def ensure_up(home: Home, *, quiet: bool = False) -> daemons.Endpoints:
         daemons.ensure_boot_services(home)  # a bare-metal pool added since `crv up`
     os.environ.update(daemons.prefect_env(home, endpoints.prefect_api_url))
     return endpoints
+
+
+def reason(state: State[Any]) -> str:
+    """A flow run's own one-line error, without Prefect's "Flow run encountered..." wrapping."""
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception:
+        error = None
+    if isinstance(error, CrvError):
+        return str(error)
+    # a run followed from here (--idempotency-key) has Prefect's message only
+    message = re.sub(r"^Flow run encountered an exception: \w+: ", "", state.message or "")
+    return message or state.name or "failed"

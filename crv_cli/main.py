@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
-import re
 import signal
 import sys
 import time
@@ -41,7 +40,7 @@ from crv.service.client import Service, ServiceError
 from crv.service.models import ClusterStatus
 from crv.service.pki import node_ttl_from_env
 from crv.service.store import LEAVING
-from crv_cli import daemons, submit
+from crv_cli import common, daemons, submit
 from crv_cli.common import (
     EXIT_BAD_INPUT,
     console,
@@ -488,11 +487,11 @@ def _report(
     try:
         status = Service(home, endpoints.service_url).status(plan.cluster)
     except ServiceError as e:  # the run ended, but the service cannot say how the cluster is
-        outcome = "completed" if state.is_completed() else f"failed: {_reason(state)}"
+        outcome = "completed" if state.is_completed() else f"failed: {common.reason(state)}"
         print(f"error: {what} of {plan.cluster} {outcome}; then {e}", file=sys.stderr)
         raise typer.Exit(1) from None
     if not state.is_completed():
-        reason = _reason(state)
+        reason = common.reason(state)
         print(
             f"error: {what} of {plan.cluster} failed: {reason}{_disk_full(home, reason)}",
             file=sys.stderr,
@@ -673,19 +672,6 @@ def _disk_full(home: Home, reason: str) -> str:
     return f"; {full}" if full is not None and full not in reason else ""
 
 
-def _reason(state: State[Any]) -> str:
-    """The flow's own one-line error, without Prefect's "Flow run encountered..." wrapping."""
-    try:
-        error = state.result(raise_on_failure=False)
-    except Exception:
-        error = None
-    if isinstance(error, CrvError):
-        return str(error)
-    # a run followed from here (--idempotency-key) has Prefect's message only
-    message = re.sub(r"^Flow run encountered an exception: \w+: ", "", state.message or "")
-    return message or state.name or "failed"
-
-
 def _entry_points(plan: Plan, status: ClusterStatus | None) -> list[tuple[str, str, str]]:
     """The `url` of roles no other role depends on: where a user starts (the load balancer)."""
     used = {d.role for r in plan.appliance.roles.values() for d in r.depends_on}
@@ -823,7 +809,7 @@ def destroy(
         )
     )
     if not state.is_completed():
-        print(f"error: destroy of {name} failed: {_reason(state)}", file=sys.stderr)
+        print(f"error: destroy of {name} failed: {common.reason(state)}", file=sys.stderr)
         raise typer.Exit(1)
     result = state.result()
     print(
