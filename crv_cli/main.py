@@ -544,8 +544,10 @@ def scale(
             explicit_victims(group, low, found["nodes"], count, remove)
         counts = {**(found.get("counts") or {}), group: count}
         plan = expand(load_recorded(found["source"], found["parameters"] or {}, counts), name)
+    from crv_cli.approval import announce_waits
     from flows.scale import scale_role
 
+    announce_waits(endpoints.prefect_ui_url)  # a shrink that waits for approval says so
     run = scale_role(
         name=name,
         group=group,
@@ -957,6 +959,7 @@ def pools_check(
         ))  # fmt: skip
 
 
+from crv_cli.approval import register as register_approval_commands  # noqa: E402
 from crv_cli.autoscale import autoscale_app  # noqa: E402  (these use the helpers above)
 from crv_cli.baremetal import baremetal_app, pxe_app  # noqa: E402
 from crv_cli.image import image_app  # noqa: E402
@@ -969,6 +972,7 @@ app.add_typer(pxe_app, name="pxe")
 app.add_typer(lab_app, name="lab")
 app.add_typer(image_app, name="image")
 register_worker_commands(app)  # crv worker-config, crv worker (Prefect workers elsewhere)
+register_approval_commands(app)  # crv approve, crv reject (flows.approval)
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ from crv.engine.stages import Timeouts
 from crv.service.client import AsyncService, ServiceError
 from crv.service.models import ClusterStatus
 from flows import events
+from flows.approval import gate
 from flows.converge import (
     ON_FAILURE,
     WAIT,
@@ -90,11 +91,14 @@ async def resize(
     retries: int,
     on_failure: OnFailure | None = None,
     remove: Sequence[str] = (),
+    by: str = "crv scale",
 ) -> dict[str, Any]:
     """Resize one group of a cluster (`status`: its record), inside the caller's
     `cluster_change`: the scale-role and autoscale flows both come here. A shrink takes the
     nodes named in `remove` (crv.engine.placement.explicit_victims: exactly those), else its
-    victims in crv.engine.placement.release_order (module doc)."""
+    victims in crv.engine.placement.release_order (module doc). A shrink of more nodes than the
+    appliance's `approval` allows waits for approval first (flows.approval.gate; `by`: who
+    asked, as it records it)."""
     logger = get_run_logger()
     counts = {**(status.get("counts") or {}), group: count}
     loaded = load_recorded(status["source"], status["parameters"] or {}, counts)
@@ -113,6 +117,12 @@ async def resize(
     else:
         victims = []
     logger.info("cluster %s: group %s from %d to %d nodes", name, group, before, count)
+    # a shrink that removes more than the appliance's `approval` allows waits for a person
+    # here, before any drain or destroy; rejected or unanswered: Rejected, nothing was done
+    approval = await gate(
+        name, group, before, victims[: max(0, before - count)], loaded.approval, by=by,
+        appliance=status["appliance"], pool=status["pool"],
+    )  # fmt: skip
     result = await converge(
         loaded,
         name,
@@ -136,7 +146,7 @@ async def resize(
         len(result["removed"]),
         result["revoked"],
     )
-    return {**result, "group": group, "before": before, "after": after}
+    return {**result, "group": group, "before": before, "after": after, "approval": approval}
 
 
 async def busy_values(cluster: str, status: ClusterStatus, group: Group) -> dict[str, float]:
