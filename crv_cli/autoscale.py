@@ -436,9 +436,13 @@ def run_now(
 
     from prefect.client.schemas.objects import State
 
+    from crv_cli.approval import announce_waits
+
     with common.user_errors():
-        _cluster(name, "run")
+        _, endpoints, _, _, _ = _cluster(name, "run")
     from flows.autoscale import autoscale
+
+    announce_waits(endpoints.prefect_ui_url)  # a shrink that waits for approval says so
 
     run = autoscale(name=name, wait=wait, return_state=True)
     state = asyncio.run(cast("Coroutine[Any, Any, State[dict[str, Any]]]", run))

@@ -45,6 +45,7 @@ from crv.engine.stages import Timeouts
 from crv.service.client import AsyncService, ServiceError
 from crv.service.models import ClusterStatus
 from crv.service.store import natural_key
+from flows.approval import Rejected
 from flows.converge import (
     WAIT,
     DeployFailed,
@@ -282,12 +283,17 @@ class _Run:
                 timeouts=self.timeouts,
                 retries=self.retries,
                 remove=d.remove,
+                by="autoscale",
             )
+        except Rejected as exc:  # a person said no (or nothing in time): recorded, not a failure
+            outcome = f"rejected: {exc}"
         except (CrvError, ServiceError) as exc:
             outcome = f"failed: {exc}"
             self.failed.append(f"group {name}: {exc}")
         else:
             outcome = f"{result['before']} -> {result['after']} nodes"
+            if result.get("approval"):
+                outcome += f"; {result['approval']}"
             if result["removed"]:
                 outcome += f"; removed {', '.join(result['removed'])}"
             for node, why in result["kept"].items():

@@ -481,8 +481,7 @@ async def _run_stages(plan: Plan, dag: DagRun, run: ClusterRun) -> ClusterStatus
         while True:
             await dirty.wait()
             dirty.clear()
-            done = sum(dag.counts().values())
-            await aupdate_progress_artifact(progress_id, progress=100.0 * done / dag.total)
+            await aupdate_progress_artifact(progress_id, progress=_percent(dag))
             await asyncio.sleep(1.0)  # at most one update a second, whatever the size
 
     publisher = asyncio.create_task(publish_progress())
@@ -493,6 +492,10 @@ async def _run_stages(plan: Plan, dag: DagRun, run: ClusterRun) -> ClusterStatus
         await asyncio.gather(*calls, return_exceptions=True)
     finally:
         publisher.cancel()
-        done = sum(dag.counts().values())
-        await aupdate_progress_artifact(progress_id, progress=100.0 * done / dag.total)
+        await aupdate_progress_artifact(progress_id, progress=_percent(dag))
     return await run.service.status(plan.cluster)
+
+
+def _percent(dag: DagRun) -> float:
+    """Steps done, in percent (a plan without steps, such as a group resized to 0: 100)."""
+    return 100.0 * sum(dag.counts().values()) / dag.total if dag.total else 100.0

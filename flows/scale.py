@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 from pydantic import Field
 
 from crv.appliance.loader import Group, load_recorded
@@ -76,6 +77,7 @@ async def scale_role(
             timeouts=Timeouts(boot=boot_timeout, recipe=recipe_timeout),
             retries=retries,
             remove=remove or (),
+            by="crv scale" if flow_run.deployment_id is None else "a run of scale-role/crv",
         )
     raise_if_kept(result)
     return result

@@ -71,15 +71,15 @@ DRAIN = '#!/bin/sh\necho "$CRV_NODE" >> "$(dirname "$CRV_PARAM_QUEUE")/drained.l
 
 
 class Batch:
-    def __init__(self, crv: Crv, queue: Path) -> None:
-        self.crv, self.queue, self.serial = crv, queue, 0
+    def __init__(self, crv: Crv, queue: Path, name: str = "batch") -> None:
+        self.crv, self.queue, self.serial, self.name = crv, queue, 0, name
 
     def publish(
         self, pending_nodes: int, running: int, states: dict[int, str], wait: bool = True
     ) -> None:
         """Write the queue and wait until the queue role has published it."""
         self.serial += 1
-        words = " ".join(f"batch-compute-{i}={s}" for i, s in states.items())
+        words = " ".join(f"{self.name}-compute-{i}={s}" for i, s in states.items())
         self.queue.write_text(
             f"pending_nodes={pending_nodes}\npending={pending_nodes}\nrunning={running}\n"
             f"node_states={words}\nserial={self.serial}\n"
@@ -93,13 +93,13 @@ class Batch:
             time.sleep(0.2)
 
     def run(self) -> list[dict]:
-        r = self.crv("autoscale", "run", "batch", "--json", timeout=300)
+        r = self.crv("autoscale", "run", self.name, "--json", timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
         decisions: list[dict] = json.loads(r.stdout)["decisions"]
         return decisions
 
     def computes(self) -> list[str]:
-        nodes = self.crv.status("batch")["nodes"]
+        nodes = self.crv.status(self.name)["nodes"]
         return sorted(n["name"] for n in nodes if n["group"] == "compute")
 
     def drained(self) -> list[str]:
@@ -122,6 +122,7 @@ def batch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Batch]:
     assert r.returncode == 0, r.stdout + r.stderr
     yield b
     crv("destroy", "batch")
+    crv("destroy", "gated")
     for pid in crv.node_agents():
         os.kill(pid, signal.SIGKILL)
     crv("down")
@@ -175,3 +176,31 @@ def test_a_stale_queue_changes_nothing_and_says_why(batch: Batch) -> None:
     assert d["reason"].startswith("no queue: stale: "), d
     assert "(stale after 20 s)" in d["reason"], d
     assert len(batch.computes()) == 1
+
+
+def test_a_shrink_over_the_approval_limit_unanswered_is_recorded_as_rejected(
+    batch: Batch, tmp_path: Path
+) -> None:
+    """The appliance's approval gate on the autoscaler's shrink: 3 idle nodes to remove, more
+    than 1, nobody answers within 3 s: the decision's outcome says rejected, nothing is
+    removed or drained, and the run does not fail (the next one decides again)."""
+    gated_yaml = BATCH.replace("name: batch", "name: gated").replace(
+        "parameters:", "approval: {remove_more_than: 1, timeout: 3s}\nparameters:"
+    )
+    directory = write_appliance(tmp_path, "gated", gated_yaml, ("queue.sh", "work.sh", "drain.sh"))
+    for name, text in (("queue.sh", QUEUE), ("work.sh", WORK), ("drain.sh", DRAIN)):
+        (directory / name).write_text(text)
+    gated = Batch(batch.crv, tmp_path / "queue.env", "gated")
+    gated.publish(3, 1, {0: "allocated"}, wait=False)
+    r = batch.crv("deploy", str(directory), "--name", "gated", "--set", f"queue={gated.queue}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    gated.publish(3, 1, {0: "allocated"})
+    [d] = gated.run()
+    assert (d["action"], d["target"]) == ("grow", 4), d
+    gated.publish(0, 0, {i: "idle" for i in range(4)})
+    [d] = gated.run()
+    assert (d["action"], d["target"]) == ("shrink", 1), d
+    assert d["outcome"].startswith("rejected: "), d
+    assert "no answer within 3s: rejected" in d["outcome"], d
+    assert len(gated.computes()) == 4
+    assert gated.drained() == []

@@ -468,3 +468,25 @@ def test_remove_takes_exactly_the_named_nodes(crv: Crv, tmp_path: Path) -> None:
     assert (flags / "head-view.txt").read_text().split() == ["pick-worker-2"]
     assert service_status(crv, "pick")["counts"] == {"worker": 1}
     assert crv("destroy", "pick").returncode == 0
+
+
+def test_a_group_resized_to_zero_and_back(crv: Crv, tmp_path: Path) -> None:
+    """A group with scale.min 0 goes to no node and comes back (a plan with no step left to
+    run once the group is empty: its progress was a division by zero)."""
+    directory = write_appliance(tmp_path, "zero", """\
+        apiVersion: crv/v1
+        name: zero
+        nodes:
+          worker: {count: 2, roles: [work], scale: {min: 0, max: 3}}
+        roles:
+          work: {recipe: work.sh}
+        """, ("work.sh",))  # fmt: skip
+    assert crv("deploy", str(directory), "--name", "zero").returncode == 0
+    r = crv("scale", "zero", "worker", "0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert pool_nodes(crv, "zero") == set()
+    assert service_status(crv, "zero")["counts"] == {"worker": 0}
+    r = crv("scale", "zero", "worker", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert pool_nodes(crv, "zero") == {"zero-worker-0"}
+    assert crv("destroy", "zero").returncode == 0
