@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import networkx as nx
@@ -238,3 +239,184 @@ def test_the_verify_needs_every_node_to_run_a_step_or_be_busy(
     assert says in (r.stdout if code == 0 else r.stderr), r.stdout + r.stderr
     if "busy" in says and "srun -N 1" in says:  # the step went only to the free node
         assert "-N 1 -w c-0 " in (tmp_path / "srun.log").read_text()
+
+
+# --- the queue the controller publishes for the compute group's autoscaling ------------------
+
+
+def test_the_compute_group_is_scaled_by_the_queue_the_controller_publishes() -> None:
+    from crv.appliance.spec import QUEUE_KEYS
+
+    appliance = load_appliance(SLURM)
+    compute = appliance.groups["compute"]
+    scaling = compute.scaling
+    assert scaling is not None and scaling.queue is not None
+    assert scaling.queue.role == "slurmctld" and scaling.queue.jobs_per_node == 1
+    assert set(QUEUE_KEYS) <= set(appliance.roles["slurmctld"].publishes)
+    assert (compute.scale_min, compute.scale_max) == (1, 1000)
+    # a boot under TCG takes minutes: no shrink before a few idle minutes, nor right after an
+    # action; the queue is published often enough to stay fresh
+    assert scaling.scale_down_delay >= 120 and scaling.cooldown >= 60
+    every = appliance.parameter_specs["queue-every"]
+    assert every.default == 15 and every.maximum is not None
+    assert 2 * every.maximum <= scaling.queue.stale_after
+
+
+def queue_script(tmp_path: Path) -> Path:
+    """The publisher slurmctld.sh writes (its quoted here-document), as a file."""
+    text = (SLURM / "roles" / "slurmctld.sh").read_text()
+    body = text.split("cat >slurm-queue.py.new <<'QUEUE'\n", 1)[1].split("\nQUEUE\n", 1)[0]
+    script = tmp_path / "slurm-queue.py"
+    script.write_text(body + "\n")
+    return script
+
+
+SQUEUE = (
+    "RUNNING 1 None\n"
+    "PENDING 1 Resources\n"
+    "PENDING 2 Priority\n"
+    "PENDING 3-4 PartitionNodeLimit\n"  # more nodes would start it: counted, at its minimum
+    "PENDING 5 Dependency\n"  # more nodes would not start these: left out
+    "PENDING 6 JobHeldUser\n"
+    "PENDING 7 BeginTime\n"
+    "COMPLETING 1 None\n"
+)
+SINFO = "c-1 mixed\nc-0 idle\nc-0 idle\nc-2 down*\nother allocated\n"
+# the agent as a shell command, and as the Python program it is on crv's guests (loaded once)
+AGENT_SH = '#!/bin/sh\nprintf "%s\\n" "$*" >>"$LOG"\n'
+AGENT_PY = (
+    "#!/usr/bin/env python3\nimport os\n"
+    "def main(argv):\n"
+    "    with open(os.environ['LOG'], 'a') as f:\n"
+    "        f.write(' '.join(argv) + ' pid=' + str(os.getpid()) + chr(10))\n"
+    "    return 0\n"
+    "if __name__ == '__main__':\n    raise SystemExit('run as a command')\n"
+)
+
+
+def publish_once(
+    tmp_path: Path,
+    squeue: str | None = SQUEUE,
+    sinfo: str | None = SINFO,
+    nodes: str = "c-0\nc-1\nc-2\n",
+    agent: str = AGENT_SH,
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """One round of the publisher with squeue, sinfo and crv-agent faked (None: the command
+    fails); its output and the `crv-agent` calls it made."""
+    bin_dir, work = tmp_path / "bin", tmp_path / "work"
+    bin_dir.mkdir()
+    work.mkdir()
+    for name, out in (("squeue", squeue), ("sinfo", sinfo)):
+        if out is None:
+            (bin_dir / name).write_text(f"#!/bin/sh\necho '{name}: error: Unable to contact "
+                                        "slurm controller' >&2\nexit 1\n")  # fmt: skip
+        else:
+            (tmp_path / name).write_text(out)
+            (bin_dir / name).write_text(f'#!/bin/sh\necho "$*" >"{tmp_path}/{name}.args"\n'
+                                        f'cat "{tmp_path}/{name}"\n')  # fmt: skip
+    (bin_dir / "crv-agent").write_text(agent)
+    for p in bin_dir.iterdir():
+        p.chmod(0o755)
+    (work / "slurm-compute-nodes").write_text(nodes)
+    log = tmp_path / "set.log"
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG": str(log)}
+    r = subprocess.run([sys.executable, str(queue_script(tmp_path)), "once"], cwd=work,
+                       capture_output=True, text=True, env=env, timeout=30)  # fmt: skip
+    return r, log.read_text().splitlines() if log.exists() else []
+
+
+def test_the_publisher_sends_the_four_queue_keys_counts_first(tmp_path: Path) -> None:
+    from crv.appliance.spec import QUEUE_KEYS
+
+    r, sets = publish_once(tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sets == [
+        "set pending_nodes 6",  # 1 + 2 + 3: not the dependent, held or later jobs
+        "set pending 3",
+        "set running 2",  # running and completing
+        "set node_states c-0=idle c-1=mixed c-2=down*",  # crv's nodes only, each once
+    ]
+    assert tuple(s.split()[1] for s in sets) == QUEUE_KEYS
+    squeue = (tmp_path / "squeue.args").read_text().split()
+    assert squeue == ["-h", "-t", "PENDING,RUNNING,COMPLETING,CONFIGURING", "-o", "%T", "%D", "%r"]
+    assert (tmp_path / "sinfo.args").read_text().split() == ["-h", "-N", "-o", "%N", "%T"]
+
+
+def test_the_publisher_runs_the_agent_in_its_own_process(tmp_path: Path) -> None:
+    """On crv's guests crv-agent is a Python program: its main() is loaded once and called for
+    each value, not a new Python per value (0.7 s of a TCG controller's CPU each)."""
+    r, sets = publish_once(tmp_path, agent=AGENT_PY)
+    assert r.returncode == 0, r.stdout + r.stderr
+    calls = [s.rsplit(" pid=", 1) for s in sets]
+    assert [c[0].split()[1] for c in calls] == [
+        "pending_nodes",
+        "pending",
+        "running",
+        "node_states",
+    ]
+    assert len({c[1] for c in calls}) == 1, sets  # one process made every call
+
+
+def test_what_the_publisher_sends_is_what_the_autoscaler_reads(tmp_path: Path) -> None:
+    from crv.engine.autoscale import Memory, decide_queue, from_queue, node_class
+
+    _, sets = publish_once(tmp_path)
+    readings = {s.split()[1]: [{"node": "s-controller-0", "value": s.split(" ", 2)[2], "age": 1.0}]
+                for s in sets}  # fmt: skip
+    scaling = load_appliance(SLURM).groups["compute"].scaling
+    assert scaling is not None
+    queue = from_queue(scaling, readings)
+    assert queue.problem == "" and queue.pending_nodes == 6 and queue.pending == 3
+    assert {n: node_class(s) for n, s in queue.states.items()} == {
+        "c-0": "idle", "c-1": "busy", "c-2": "other"
+    }  # fmt: skip
+    d = decide_queue(scaling, 1, 5, ["c-2", "c-1", "c-0"], queue, 1000.0, Memory())
+    assert (d.action, d.target) == ("grow", 5)  # 1 busy + 6 waiting, clamped, by max_step 2
+
+
+def test_an_empty_queue_publishes_zeros(tmp_path: Path) -> None:
+    r, sets = publish_once(tmp_path, squeue="", sinfo="c-0 idle\n", nodes="c-0\n")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sets == ["set pending_nodes 0", "set pending 0", "set running 0",
+                    "set node_states c-0=idle"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("squeue", "sinfo", "nodes", "says"),
+    [
+        (None, SINFO, "c-0\n", "squeue failed (squeue: error: Unable to contact slurm"),
+        (SQUEUE, None, "c-0\n", "sinfo failed"),
+        ("RUNNING one None\n", SINFO, "c-0\n", "squeue printed an unexpected line"),
+        ("squeue: error: Invalid user\n", SINFO, "c-0\n", "squeue printed an unexpected line"),
+        ("PENDING 1 \n", SINFO, "c-0\n", "squeue printed an unexpected line"),
+        (SQUEUE, "c-0 idle\nc-1 \n", "c-0\n", "sinfo printed an unexpected line"),
+        (SQUEUE, "c-0 idle extra\n", "c-0\n", "sinfo printed an unexpected line"),
+        (SQUEUE, "c-0=x idle\n", "c-0\n", "sinfo printed an unexpected line"),
+        (SQUEUE, SINFO, "", "no compute node list yet"),
+    ],
+)
+def test_a_round_that_cannot_read_the_queue_publishes_nothing(
+    tmp_path: Path, squeue: str | None, sinfo: str | None, nodes: str, says: str
+) -> None:
+    r, sets = publish_once(tmp_path, squeue, sinfo, nodes)
+    assert r.returncode == 1 and says in r.stdout, r.stdout + r.stderr
+    assert sets == []
+
+
+def test_a_failed_set_ends_the_round_and_says_so(tmp_path: Path) -> None:
+    failing = '#!/bin/sh\nprintf "%s\\n" "$*" >>"$LOG"\nexit 1\n'
+    r, sets = publish_once(tmp_path, agent=failing)
+    assert r.returncode == 1 and "crv-agent set pending_nodes failed" in r.stdout, r.stdout
+    assert sets == ["set pending_nodes 6"]
+
+
+def test_the_publisher_is_one_systemd_service_that_a_rerun_keeps() -> None:
+    """The recipe writes the unit with `swap` and restarts it only when it (or the agent it
+    loads) changed; otherwise `systemctl start` (a no-op when it runs): one publisher, whatever
+    re-runs the recipe."""
+    text = (SLURM / "roles" / "slurmctld.sh").read_text()
+    assert "swap crv-slurm-queue.service.new /etc/systemd/system/crv-slurm-queue.service" in text
+    assert "swap slurm-queue.py.new slurm-queue.py" in text
+    assert "Restart=always" in text
+    assert "systemctl restart crv-slurm-queue" in text and "systemctl start crv-slurm-queue" in text
+    assert "nohup" not in text and " &\n" not in text  # no loose background process
