@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
+from prefect.runtime import deployment
 from pydantic import Field
 
 from crv.appliance.loader import Group, load_recorded
@@ -77,7 +77,7 @@ async def scale_role(
             timeouts=Timeouts(boot=boot_timeout, recipe=recipe_timeout),
             retries=retries,
             remove=remove or (),
-            by="crv scale" if flow_run.deployment_id is None else "a run of scale-role/crv",
+            by="crv scale" if deployment.id is None else "a run of scale-role/crv",
         )
     raise_if_kept(result)
     return result
