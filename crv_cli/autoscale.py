@@ -12,7 +12,7 @@ from rich.table import Table
 
 from crv.base.errors import SpecError
 from crv.base.flock import exclusive
-from crv_cli import common
+from crv_cli import common, guards
 
 if TYPE_CHECKING:
     from crv.appliance.loader import Appliance, Group
@@ -364,9 +364,19 @@ def enable(
     every: Annotated[
         str, typer.Option("--every", help="How often the autoscale flow runs, e.g. 60s, 5m.")
     ] = "60s",
+    lease: guards.Lease = None,
+    no_lease: guards.NoLease = False,
+    on_lease: guards.OnLease = None,
+    idle_after: guards.IdleAfter = None,
+    no_idle_after: guards.NoIdleAfter = False,
+    budget: guards.Budget = None,
+    no_budget: guards.NoBudget = False,
+    warn_before: guards.WarnBefore = None,
 ) -> None:
     """Autoscale a cluster: a scheduled Prefect deployment `autoscale/NAME` runs the autoscale
-    flow every interval (pause it in the Prefect UI; `crv autoscale disable` removes it)."""
+    flow every interval (pause it in the Prefect UI; `crv autoscale disable` removes it). Its
+    guards (a lease, idle_after, a node-hours budget) are enforced by the same runs; the options
+    given change them, the others stay as they are."""
     import time
 
     from crv_cli import daemons
@@ -374,9 +384,13 @@ def enable(
 
     with common.user_errors():
         seconds = interval("--every", every)
+        changes = guards.changes(
+            lease, no_lease, on_lease, idle_after, no_idle_after, budget, no_budget, warn_before
+        )
         home, endpoints, service, _, _ = _cluster(name, "enable")
         daemons.ensure_served(home, endpoints)
         with exclusive(home.autoscale_lock):  # not in the middle of a pass (deployments.serve)
+            setting = service.put_guards(name, changes) if changes else None
             service.put_autoscaling(name, True, seconds)
         deadline = time.monotonic() + DEPLOYMENT_WAIT
         while True:  # the serve process adds the deployment (deployments.serve)
@@ -395,6 +409,8 @@ def enable(
             with get_client(sync_client=True) as client:
                 client.resume_deployment(found.id)
     print(f"autoscaling {name} every {seconds:g} s: deployment autoscale/{name}")
+    if setting is not None:
+        print(guards.summary(setting))
     print(f"watch it: {endpoints.prefect_ui_url}/deployments/deployment/{found.id}")
 
 
@@ -471,6 +487,8 @@ def status(
         setting = service.autoscaling(name)[0]
         deployment = _deployment(name)
         decisions = service.decisions(name, limit=last)
+        usage = service.usage(name)
+        guarded = service.guards(name)
     groups = [
         {
             "group": g.name,
@@ -490,6 +508,8 @@ def status(
         "paused": None if deployment is None else bool(deployment.paused),
         "groups": groups,
         "decisions": decisions,
+        "guards": guards.state(guarded, usage),
+        "usage": guards.today(usage),
     }
     if as_json:
         sys.stdout.write(json.dumps(out) + "\n")
@@ -504,6 +524,8 @@ def status(
         print(f"deployment: {endpoints.prefect_ui_url}/deployments/deployment/{deployment.id}")
     for g in groups:
         print(f"  {g['group']}: {g['nodes']} nodes ({g['min']}-{g['max']}), metric {g['metric']}")
+    for line in guards.lines(out["guards"], usage):
+        print(line)
     table = Table("time", "group", "metric", "nodes", "wanted", "action", "reason", "outcome")
     for d in decisions:
         metric = "-" if d["metric"] is None else f"{d['metric']:g}"

@@ -17,6 +17,11 @@ attribute the group's roles publish, then the newest), runs their `drain` recipe
 drain fails is kept and reported in the decision's outcome), re-runs the dependents without
 them, and only then destroys them.
 
+Before the groups decide, the cluster's guards (a lease, idle_after, a node-hours budget per
+day) are enforced in the same slot by flows.guards: announced a few minutes ahead as Prefect
+events, then acted on (the cluster destroyed, or its scaled groups shrunk to their minimum),
+each recorded as a decision with its reason; a growth a guard holds is "none" with the reason.
+
 `crv autoscale enable NAME --every 60s` records the setting with the cluster; the serve process
 (deployments.serve) makes a deployment `autoscale/NAME` with that interval, which the Prefect UI
 shows and can pause like any other.
@@ -45,6 +50,7 @@ from crv.engine.stages import Timeouts
 from crv.service.client import AsyncService, ServiceError
 from crv.service.models import ClusterStatus
 from crv.service.store import natural_key
+from flows import guards
 from flows.approval import Rejected
 from flows.converge import (
     WAIT,
@@ -83,12 +89,19 @@ async def autoscale(
         status = await require_cluster(name)
         scaled = _scaled_groups(name, status)
         run = _Run(service, name, Timeouts(boot=boot_timeout, recipe=recipe_timeout), retries)
+        guarded = guards.Guarded()
         try:
             try:
                 async with cluster_change(name, wait=wait):
+                    status = await require_cluster(name)  # the guards first (flows.guards)
+                    guarded = await guards.enforce(run, status, _loaded(status))
                     for group in scaled:
+                        if guarded.destroyed:
+                            break
+                        if group in run.done:  # a guard shrank it in this run
+                            continue
                         status = await require_cluster(name)
-                        await run.group(status, group)
+                        await run.group(status, group, guarded)
             except ClusterBusy as busy:
                 logger.info("cluster %s: %s; skipped", name, busy)
                 counts = {g.name: g.count for g in _loaded(status).groups.values()}
@@ -107,6 +120,8 @@ async def autoscale(
             description=f"Autoscale decisions of cluster {name}, "
             f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}",
         )
+        if guarded.destroyed:  # its lease ended: the artifact keeps the record (flows.guards)
+            return {"cluster": name, "decisions": run.rows, "destroyed": True, "guard": "lease"}
         await _draw(service, home, name, _loaded(status), run)
     finally:
         await service.close()
@@ -208,6 +223,17 @@ class _Run:
         self.done: set[str] = set()
         self.failed: list[str] = []
         self.logger = get_run_logger()
+        self.readings: dict[str, policy.Reading | policy.QueueReading] = {}
+
+    async def read(self, group: str, scaling: Scaling) -> policy.Reading | policy.QueueReading:
+        """The group's metric or queue, read once per run (the guards and the group's decision
+        see the same reading)."""
+        if group not in self.readings:
+            if scaling.queue is not None:
+                self.readings[group] = await read_queue(self.service, self.cluster, scaling)
+            else:
+                self.readings[group] = await read_metric(self.service, self.cluster, scaling)
+        return self.readings[group]
 
     async def memory(self, group: str) -> tuple[policy.Memory, dict[str, Any] | None]:
         last = await self.service.decisions(self.cluster, group, limit=1)
@@ -242,7 +268,9 @@ class _Run:
         d = policy.Decision(time.time(), None, current, current, current, "none", reason, memory)
         await self.record(group, d)
 
-    async def group(self, status: ClusterStatus, name: str) -> None:
+    async def group(
+        self, status: ClusterStatus, name: str, guarded: guards.Guarded | None = None
+    ) -> None:
         loaded = _loaded(status)
         group = loaded.groups[name]
         scaling = group.scaling
@@ -250,13 +278,15 @@ class _Run:
         memory, _ = await self.memory(name)
         placement = recorded(status, loaded)
         if scaling.queue is not None:
-            queue = await read_queue(self.service, self.cluster, scaling)
+            queue = await self.read(name, scaling)
+            assert isinstance(queue, policy.QueueReading)
             mine = [n for n in status["nodes"] if n["group"] == name]
             victims = release_order(placement, name, mine)  # the last preferred pool first
             low, high = group.scale_min, group.scale_max
             d = policy.decide_queue(scaling, low, high, victims, queue, time.time(), memory)
         else:
-            reading = await read_metric(self.service, self.cluster, scaling)
+            reading = await self.read(name, scaling)
+            assert isinstance(reading, policy.Reading)
             d = policy.decide(
                 scaling, group.scale_min, group.scale_max, group.count, reading, time.time(), memory
             )
@@ -270,9 +300,17 @@ class _Run:
                 key=natural_key,
             )  # fmt: skip
             d = policy.held_by_quarantine(d, quarantined, memory)
+            if guarded is not None:  # the lease has run, or the day's budget
+                d = guarded.limit(d, len(status["nodes"]), scaling, memory)
         if d.action == "none":
             await self.record(name, d)
             return
+        await self.act(status, name, d, by="autoscale")
+
+    async def act(self, status: ClusterStatus, name: str, d: policy.Decision, by: str) -> str:
+        """Record the decision `d` (a growth or a shrink) of group `name`, resize, and record
+        what the resize did as its outcome (also the return value); `by`: who asked, as the
+        approval gate records it (the autoscaler, or one of the guards)."""
         seq = await self.record(name, d)
         try:
             result = await resize(
@@ -283,7 +321,7 @@ class _Run:
                 timeouts=self.timeouts,
                 retries=self.retries,
                 remove=d.remove,
-                by="autoscale",
+                by=by,
             )
         except Rejected as exc:  # a person said no (or nothing in time): recorded, not a failure
             outcome = f"rejected: {exc}"
@@ -301,6 +339,7 @@ class _Run:
                 self.logger.warning("cluster %s: kept %s: its %s", self.cluster, node, why)
         await self.service.set_outcome(self.cluster, seq, outcome)
         self.rows[-1]["outcome"] = outcome
+        return outcome
 
 
 async def read_queue(service: AsyncService, cluster: str, scaling: Scaling) -> policy.QueueReading:

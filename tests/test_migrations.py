@@ -6,6 +6,8 @@ lacks and the stamp; services starting together migrate once."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -39,7 +41,7 @@ def indexes(engine: sa.Engine) -> set[str]:
 def test_a_new_database_is_made_at_the_newest_revision(target: Path | str) -> None:
     engine = open_engine(target)
     try:
-        assert revision(engine) == head() == "0003"
+        assert revision(engine) == head() == "0004"
         assert INDEX in indexes(engine)
         Store(engine).put_cluster(
             "c", appliance="x", source="d", pool="local", parameters={}, roles={}, bundle=b"b"
@@ -85,13 +87,75 @@ def test_a_database_at_0002_gets_the_decisions_last_action(target: Path | str) -
                 "reason, last_scale_up) VALUES ('c', 'w', 5, 1, 2, 2, 'grow', 'r', 5)"
             ))  # fmt: skip
         upgrade(engine)
-        assert revision(engine) == head() == "0003"
+        assert revision(engine) == head()
         [row] = store.decisions("c")
         assert (row["last_scale_up"], row["last_action"]) == (5, None)
         store.add_decision("c", {"group": "w", "at": 9, "current": 2, "desired": 1,
                                  "target": 1, "action": "shrink", "reason": "r",
                                  "last_action": 9})  # fmt: skip
         assert store.decisions("c", limit=1)[0]["last_action"] == 9
+    finally:
+        engine.dispose()
+
+
+GUARD_COLUMNS = ("lease", "lease_from", "on_lease", "idle_after", "idle_from", "budget",
+                 "warn_before", "work_seen", "notices")  # fmt: skip
+
+
+def test_a_database_at_0003_gets_the_guards_and_a_usage_ledger_of_its_nodes(
+    target: Path | str,
+) -> None:
+    """0004: the guards' columns of `autoscaling` and the `node_usage` ledger; every node there
+    gets its row, from its first recorded phase, or else from its cluster's creation."""
+    engine = _engine(target)
+    try:
+        with engine.begin() as c:
+            METADATA.create_all(c)
+            c.execute(sa.text("DROP TABLE node_usage"))
+            for column in GUARD_COLUMNS:
+                c.execute(sa.text(f"ALTER TABLE autoscaling DROP COLUMN {column}"))
+            command.stamp(database._alembic(c), "0003")
+        with engine.begin() as c:
+            c.execute(
+                sa.text(
+                    "INSERT INTO clusters (name, appliance, source, pool, parameters, roles, bundle, "
+                    "bundle_digest, created_at) VALUES ('c', 'x', 'd', 'local', '{}', '{}', :b, 'h', "
+                    ":at)"
+                ),
+                {"b": b"b", "at": datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)},
+            )
+            c.execute(
+                sa.text(
+                    "INSERT INTO nodes (cluster, name, grp, roles, pool, state, generation, stop, "
+                    "timings) VALUES ('c', 'c-w-0', 'w', '[]', 'local', 'enrolled', 1, false, "
+                    ":t0), ('c', 'c-w-1', 'w', '[]', 'rack', 'enrolled', 1, false, NULL)"
+                ),
+                {"t0": json.dumps({"provision": 1714567000.0, "verified": 1714567100.0})},
+            )
+            c.execute(sa.text(
+                "INSERT INTO autoscaling (cluster, enabled, every, updated_at) "
+                "VALUES ('c', true, 30, CURRENT_TIMESTAMP)"
+            ))  # fmt: skip
+        upgrade(engine)
+        assert revision(engine) == head() == "0004"
+        with engine.connect() as c:
+            have = {col["name"] for col in sa.inspect(c).get_columns("autoscaling")}
+            ledger_index = {i["name"] for i in sa.inspect(c).get_indexes("node_usage")}
+        assert set(GUARD_COLUMNS) <= have and "ix_node_usage_cluster" in ledger_index
+        store = Store(engine)
+        [setting] = store.autoscaling()
+        assert (setting["enabled"], setting["every"]) == (True, 30)
+        assert store.guards("c")["lease"] is None
+        rows = store.usage("c", 0, 2e9)
+        created = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc).timestamp()
+        assert [(r["node"], r["pool"], r["started"], r["ended"]) for r in rows] == [
+            ("c-w-0", "local", 1714567000.0, None), ("c-w-1", "rack", created, None),
+        ]  # fmt: skip
+        upgrade(engine)  # again: nothing to do, no second row
+        assert len(store.usage("c", 0, 2e9)) == 2
+        assert store.put_guards("c", {"lease": 60.0})["lease"] == 60.0
+        store.delete_node("c", "c-w-1")
+        assert store.usage("c", 0, 2e9)[1]["ended"] is not None
     finally:
         engine.dispose()
 

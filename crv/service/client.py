@@ -137,6 +137,23 @@ class AsyncService:
         body = {"enabled": enabled, "every": every}
         await self.call("PUT", f"/v1/admin/clusters/{cluster}/autoscaling", json=body)
 
+    async def guards(self, cluster: str) -> dict[str, Any]:
+        """The cluster's guards and their state (every key None when unset)."""
+        path = f"/v1/admin/clusters/{cluster}/autoscaling/guards"
+        return dict(await self.call("GET", path))
+
+    async def put_guard_state(
+        self, cluster: str, work_seen: float | None, notices: dict[str, Any]
+    ) -> None:
+        """What the autoscale flow keeps between runs for the guards (crv.engine.guards)."""
+        body = {"work_seen": work_seen, "notices": notices}
+        await self.call("PUT", f"/v1/admin/clusters/{cluster}/autoscaling/state", json=body)
+
+    async def usage(self, cluster: str) -> dict[str, Any]:
+        """{since, until, node_hours, nodes}: the cluster's usage ledger today (UTC) until now."""
+        result: dict[str, Any] = await self.call("GET", f"/v1/admin/clusters/{cluster}/usage")
+        return result
+
     async def quarantine(self, cluster: str, node: str, reason: str) -> list[str]:
         result = await self.call(
             "POST",
@@ -189,6 +206,23 @@ class Service:
     def put_autoscaling(self, cluster: str, enabled: bool, every: float) -> None:
         body = {"enabled": enabled, "every": every}
         self.call("PUT", f"/v1/admin/clusters/{cluster}/autoscaling", json=body)
+
+    def guards(self, cluster: str) -> dict[str, Any]:
+        """The cluster's guards and their state (every key None when unset)."""
+        return dict(self.call("GET", f"/v1/admin/clusters/{cluster}/autoscaling/guards"))
+
+    def put_guards(self, cluster: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Change the guards in `changes` (None or 0 clears one); every guard after."""
+        path = f"/v1/admin/clusters/{cluster}/autoscaling/guards"
+        return dict(self.call("PATCH", path, json=changes))
+
+    def usage(
+        self, cluster: str, since: float | None = None, until: float | None = None
+    ) -> dict[str, Any]:
+        """{since, until, node_hours, nodes}: the cluster's usage ledger within [since, until]
+        (default: today, UTC, until now); the ledger outlives the cluster."""
+        params = {k: v for k, v in (("since", since), ("until", until)) if v is not None}
+        return dict(self.call("GET", f"/v1/admin/clusters/{cluster}/usage", params=params))
 
     def decisions(self, cluster: str, limit: int = 50) -> list[dict[str, Any]]:
         path = f"/v1/admin/clusters/{cluster}/decisions"

@@ -153,6 +153,36 @@ class AutoscalingSetting(_Body):
 
 
 Text = Annotated[str, Field(max_length=4096)]
+Seconds = Annotated[float, Field(ge=0, le=7 * 86400)]
+
+
+class GuardSetting(_Body):
+    """The guards of a cluster (crv.engine.guards): only the fields sent change; null or 0
+    clears one (warn_before: null is the default, 0 acts right after announcing)."""
+
+    lease: Seconds | None = None
+    on_lease: Literal["destroy", "shrink"] | None = None
+    idle_after: Seconds | None = None
+    budget: Annotated[float, Field(ge=0, le=1e9)] | None = None  # node-hours per UTC day
+    warn_before: Annotated[float, Field(ge=0, le=86400)] | None = None
+
+
+class GuardNotice(_Body):
+    """A guard's announcement that is out (crv.engine.guards.Notice)."""
+
+    guard: Literal["lease", "idle", "budget"]
+    action: Literal["destroy", "shrink", "hold"]
+    due: float
+    announced: float
+    acts_at: float
+    text: Text
+
+
+class GuardState(_Body):
+    """What the autoscale flow keeps between its runs for the guards."""
+
+    work_seen: float | None = None
+    notices: Annotated[dict[str, GuardNotice], Field(max_length=8)] = {}
 
 
 class DecisionRecord(_Body):
@@ -162,7 +192,7 @@ class DecisionRecord(_Body):
     current: Annotated[int, Field(ge=0)]
     desired: Annotated[int, Field(ge=0)]
     target: Annotated[int, Field(ge=0)]
-    action: Literal["grow", "shrink", "none"]
+    action: Literal["grow", "shrink", "none", "destroy"]  # destroy: a guard's (lease)
     reason: Text
     outcome: Text | None = None
     flow_run: Annotated[str, Field(max_length=64)] | None = None

@@ -171,7 +171,38 @@ autoscaling = sa.Table(
     sa.Column("enabled", sa.Boolean, nullable=False),
     sa.Column("every", sa.Float, nullable=False),  # seconds between runs
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    # the guards (crv.engine.guards; `crv autoscale enable --lease/--idle-after/--budget`):
+    # none set, none enforced. Durations in seconds, times Unix times, the budget in node-hours
+    # per UTC day
+    sa.Column("lease", sa.Float),
+    sa.Column("lease_from", sa.Float),  # when the lease was set: it runs from then
+    sa.Column("on_lease", sa.String(16)),  # "destroy" (none: destroy) or "shrink"
+    sa.Column("idle_after", sa.Float),
+    sa.Column("idle_from", sa.Float),  # when idle_after was set: idle counts from then at most
+    sa.Column("budget", sa.Float),
+    sa.Column("warn_before", sa.Float),  # none: crv.engine.guards.WARN_BEFORE (5 min)
+    # what the autoscale flow keeps between runs: when it last saw work, and the guards'
+    # announcements that are out ({guard: crv.engine.guards.Notice.row()})
+    sa.Column("work_seen", sa.Float),
+    sa.Column("notices", sa.JSON),
 )
+GUARD_SETTINGS = ("lease", "on_lease", "idle_after", "budget", "warn_before")
+
+# The usage ledger: one row per node, from when the store recorded it to when it was deleted
+# (crv.service.usage counts node-hours from it). It outlives its cluster (a cost record) for
+# USAGE_KEPT after its end.
+node_usage = sa.Table(
+    "node_usage",
+    METADATA,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("cluster", sa.String(63), nullable=False, index=True),
+    sa.Column("node", sa.String(63), nullable=False),
+    sa.Column("grp", sa.String(63), nullable=False),
+    sa.Column("pool", sa.String(63), nullable=False),
+    sa.Column("started", sa.Float, nullable=False),  # Unix time
+    sa.Column("ended", sa.Float),  # none: still there
+)
+USAGE_KEPT = 35 * 86400.0  # seconds a closed row is kept after its end
 
 # Every decision an autoscale run took, "none" ones included; the newest of a group also holds
 # what the next decision needs (crv.engine.autoscale.Memory).
@@ -195,6 +226,10 @@ decisions = sa.Table(
     sa.Column("last_action", sa.Float),  # when the last growth or shrink was decided
 )
 DECISIONS_KEPT = 2000  # per cluster; older ones are dropped
+_GUARD_COLUMNS = (
+    "lease", "lease_from", "on_lease", "idle_after", "idle_from", "budget", "warn_before",
+    "work_seen",
+)  # fmt: skip
 
 ROLE_STATES = tuple(RoleState)  # the order a role on a node moves through (crv.base.states)
 MAX_KEYS_PER_ROLE = 256
@@ -246,6 +281,7 @@ class _NodeWrites:
     node_events: list[dict[str, Any]] = field(default_factory=list)
     new_roles: list[dict[str, Any]] = field(default_factory=list)
     remade: list[str] = field(default_factory=list)
+    usage: list[dict[str, Any]] = field(default_factory=list)
 
     def add_node(self, item: Mapping[str, Any]) -> None:
         self.new_nodes.append(
@@ -262,11 +298,15 @@ class _NodeWrites:
                 "timings": merge_timings(None, item.get("timings")),
             }
         )
+        self.usage.append(
+            _usage_row(self.cluster, item["name"], item["group"], item["pool"], self.at)
+        )
         self.changed.add(item["name"])
 
     def write(self, c: Connection) -> None:
         if self.new_nodes:
             c.execute(nodes.insert(), self.new_nodes)
+            c.execute(node_usage.insert(), self.usage)
         if self.updates:
             c.execute(
                 nodes.update()
@@ -285,6 +325,12 @@ class _NodeWrites:
             c.execute(events.insert(), self.node_events)
         if self.new_roles:
             c.execute(role_states.insert(), self.new_roles)
+
+
+def _usage_row(cluster: str, node: str, group: str, pool: str, at: datetime) -> dict[str, Any]:
+    """The ledger's row of a node the store records now (crv.service.usage)."""
+    return {"cluster": cluster, "node": node, "grp": group, "pool": pool,
+            "started": at.timestamp(), "ended": None}  # fmt: skip
 
 
 class StoreError(CrvError):
@@ -581,7 +627,7 @@ class Store:
             c.execute(autoscaling.delete().where(autoscaling.c.cluster == name))
             c.execute(decisions.delete().where(decisions.c.cluster == name))
             c.execute(pairings.delete().where(pairings.c.cluster == name))
-            return revoked
+            return revoked  # its usage ledger stays: a cost record (USAGE_KEPT)
 
     # -- nodes ------------------------------------------------------------------------------
 
@@ -994,6 +1040,21 @@ class Store:
         deleted = c.execute(
             nodes.delete().where(nodes.c.cluster == cluster, nodes.c.name == name)
         ).rowcount
+        at = time.time()  # its usage ends (a released bare-metal machine's included)
+        c.execute(
+            node_usage.update()
+            .where(
+                node_usage.c.cluster == cluster,
+                node_usage.c.node == name,
+                node_usage.c.ended.is_(None),
+            )
+            .values(ended=at)
+        )
+        c.execute(  # the ledger is kept USAGE_KEPT after a row's end
+            node_usage.delete().where(
+                node_usage.c.cluster == cluster, node_usage.c.ended < at - USAGE_KEPT
+            )
+        )
         if deleted or revoked:
             self._event(c, cluster, name, None, "revoked", state="deleted")
         return revoked
@@ -1167,6 +1228,7 @@ class Store:
                 token_expires=at + ENROL_REPLAY,
             )
         )  # fmt: skip
+        c.execute(node_usage.insert().values(_usage_row(cluster, node, group, MANUAL_POOL, at)))
         if row.roles:
             c.execute(
                 role_states.insert(),
@@ -1602,6 +1664,79 @@ class Store:
         with self.engine.connect() as c:
             rows = c.execute(query).all()
         return [{"cluster": r.cluster, "enabled": r.enabled, "every": r.every} for r in rows]
+
+    def guards(self, cluster: str) -> dict[str, Any]:
+        """The cluster's guards and what the autoscale flow keeps for them (crv.engine.guards):
+        every key None (notices: {}) when none was ever set."""
+        query = sa.select(autoscaling).where(autoscaling.c.cluster == cluster)
+        with self.engine.connect() as c:
+            r = c.execute(query).first()
+        found = {k: None if r is None else getattr(r, k) for k in _GUARD_COLUMNS}
+        return {
+            "cluster": cluster,
+            **found,
+            "notices": (r.notices if r is not None else None) or {},
+        }
+
+    def put_guards(self, cluster: str, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """Change the guard settings named in `changes` (GUARD_SETTINGS; None or 0: clear it,
+        the others are kept). A lease given starts again now (it runs from when it was set), and
+        idle_after given counts from now at most; their announcements that are out are
+        withdrawn by the next run (their occurrence changed). A cluster without an autoscaling
+        setting gets one, disabled."""
+        self.require_cluster(cluster)
+        at = time.time()
+        values: dict[str, Any] = {}
+        for key in GUARD_SETTINGS:
+            if key in changes:
+                value = changes[key]
+                values[key] = None if value in (None, 0) and key != "warn_before" else value
+        if "lease" in values:
+            values["lease_from"] = at if values["lease"] is not None else None
+        if "idle_after" in values:
+            values["idle_from"] = at if values["idle_after"] is not None else None
+        with self._writing(cluster) as c:
+            done = c.execute(
+                autoscaling.update().where(autoscaling.c.cluster == cluster).values(**values)
+            )
+            if not done.rowcount:
+                c.execute(
+                    autoscaling.insert().values(
+                        cluster=cluster, enabled=False, every=60.0, updated_at=now(), **values
+                    )
+                )
+        return self.guards(cluster)
+
+    def put_guard_state(
+        self, cluster: str, work_seen: float | None, notices: Mapping[str, Any]
+    ) -> None:
+        """What the autoscale flow keeps between runs for the guards (no setting: nothing)."""
+        with self._writing(cluster) as c:
+            c.execute(
+                autoscaling.update()
+                .where(autoscaling.c.cluster == cluster)
+                .values(work_seen=work_seen, notices=dict(notices))
+            )
+
+    def usage(self, cluster: str, since: float, until: float) -> list[dict[str, Any]]:
+        """The ledger's rows of `cluster` that overlap [since, until], oldest first; the cluster
+        may be gone (the ledger outlives it)."""
+        query = (
+            sa.select(node_usage)
+            .where(
+                node_usage.c.cluster == cluster,
+                node_usage.c.started <= until,
+                sa.or_(node_usage.c.ended.is_(None), node_usage.c.ended >= since),
+            )
+            .order_by(node_usage.c.id)
+        )
+        with self.engine.connect() as c:
+            rows = c.execute(query).all()
+        return [
+            {"node": r.node, "group": r.grp, "pool": r.pool, "started": r.started,
+             "ended": r.ended}
+            for r in rows
+        ]  # fmt: skip
 
     def add_decision(self, cluster: str, row: Mapping[str, Any]) -> int:
         self.require_cluster(cluster)

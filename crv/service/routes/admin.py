@@ -5,6 +5,7 @@ decisions, the event stream, and deletion."""
 import base64
 import binascii
 import logging
+import time
 from datetime import timedelta
 from typing import Annotated, Any
 
@@ -17,6 +18,8 @@ from crv.service.models import (
     ClusterSpec,
     ClusterStatus,
     DecisionRecord,
+    GuardSetting,
+    GuardState,
     KeyPath,
     NodesRequest,
     Outcome,
@@ -29,6 +32,7 @@ from crv.service.models import (
 from crv.service.routes.node import MAX_WAIT
 from crv.service.state import Admin, Svc
 from crv.service.store import StoreError
+from crv.service.usage import day_start, node_hours
 
 log = logging.getLogger("crv.service")
 router = APIRouter(prefix="/v1/admin", dependencies=[Admin])
@@ -158,6 +162,45 @@ async def autoscaling(svc: Svc, cluster: str) -> dict[str, Any]:
 @router.put("/clusters/{cluster}/autoscaling")
 async def put_autoscaling(svc: Svc, cluster: str, body: AutoscalingSetting) -> dict[str, Any]:
     return await svc.db(svc.store.put_autoscaling, cluster, body.enabled, body.every)
+
+
+@router.get("/clusters/{cluster}/autoscaling/guards")
+async def guards(svc: Svc, cluster: str) -> dict[str, Any]:
+    """The cluster's guards and their state (crv.engine.guards); every key null when unset."""
+    await svc.db(svc.store.require_cluster, cluster)
+    return await svc.db(svc.store.guards, cluster)
+
+
+@router.patch("/clusters/{cluster}/autoscaling/guards")
+async def put_guards(svc: Svc, cluster: str, body: GuardSetting) -> dict[str, Any]:
+    """Change the guards sent (crv.engine.guards); every guard and its state after."""
+    changes = body.model_dump(exclude_unset=True)
+    return await svc.db(svc.store.put_guards, cluster, changes)
+
+
+@router.put("/clusters/{cluster}/autoscaling/state", status_code=204)
+async def put_guard_state(svc: Svc, cluster: str, body: GuardState) -> None:
+    """What the autoscale flow keeps between runs for the guards."""
+    notices = {k: v.model_dump() for k, v in body.notices.items()}
+    await svc.db(svc.store.put_guard_state, cluster, body.work_seen, notices)
+
+
+@router.get("/clusters/{cluster}/usage")
+async def usage(
+    svc: Svc,
+    cluster: ClusterPath,
+    since: Annotated[float | None, Query(ge=0)] = None,
+    until: Annotated[float | None, Query(ge=0)] = None,
+) -> dict[str, Any]:
+    """The usage ledger of a cluster (it outlives the cluster) within [since, until] (default:
+    the current UTC day until now): its node-hours and the rows that overlap."""
+    until = time.time() if until is None else until
+    since = day_start(until) if since is None else since
+    if since > until:
+        raise StoreError(400, "since: after until")
+    rows = await svc.db(svc.store.usage, cluster, since, until)
+    hours = node_hours(rows, since, until)
+    return {"cluster": cluster, "since": since, "until": until, "node_hours": hours, "nodes": rows}
 
 
 @router.post("/clusters/{cluster}/decisions")
