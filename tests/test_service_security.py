@@ -1211,7 +1211,7 @@ def test_admin_autoscaling_setting_and_decisions(svc: Service, admin: httpx.Clie
     got = admin.get(decisions).json()["decisions"]
     assert [d["seq"] for d in got] == seqs[::-1]  # newest first
     assert got[1] == {**a_decision(), "seq": seqs[0], "outcome": None, "flow_run": None,
-                      "low_since": None}  # fmt: skip
+                      "low_since": None, "last_action": None}  # fmt: skip
     web = admin.get(decisions, params={"group": "web"}).json()["decisions"]
     assert [d["seq"] for d in web] == [seqs[0]]
     one = admin.get(decisions, params={"limit": 1}).json()["decisions"]

@@ -285,7 +285,7 @@ def test_decisions_newest_first_by_group_with_a_limit_and_their_outcome(store: S
     assert rows[1] == {
         "seq": grow, "group": "worker", "at": 160.0, "metric": None, "current": 2,
         "desired": 5, "target": 4, "action": "grow", "reason": "at 160", "outcome": None,
-        "flow_run": "fr-1", "last_scale_up": 160.0, "low_since": None,
+        "flow_run": "fr-1", "last_scale_up": 160.0, "low_since": None, "last_action": None,
     }  # fmt: skip
     assert [r["seq"] for r in store.decisions("c", "worker")] == [grow, first]
     assert [r["seq"] for r in store.decisions("c", "worker", limit=1)] == [grow]
