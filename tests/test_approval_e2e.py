@@ -32,6 +32,8 @@ import pytest
 from tests.conftest import write_appliance
 from tests.test_deploy_e2e import Crv, free_port
 
+pytestmark = pytest.mark.scaling  # .ci/run: ./dev test -m scaling
+
 APPLIANCE = """\
 apiVersion: crv/v1
 name: gated

@@ -26,6 +26,8 @@ import pytest
 from tests.conftest import write_appliance
 from tests.test_deploy_e2e import Crv, prefect_api
 
+pytestmark = pytest.mark.scaling  # .ci/run: ./dev test -m scaling
+
 BATCH = """\
 apiVersion: crv/v1
 name: batch

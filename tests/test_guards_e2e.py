@@ -37,6 +37,8 @@ from crv_cli.daemons import running
 from tests.conftest import write_appliance
 from tests.test_deploy_e2e import Crv, prefect_api
 
+pytestmark = pytest.mark.scaling  # .ci/run: ./dev test -m scaling
+
 APPLIANCE = """\
 apiVersion: crv/v1
 name: guarded
