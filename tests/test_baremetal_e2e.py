@@ -127,8 +127,11 @@ def test_web_farm_on_six_machines_through_every_step_then_released(crv: Crv) -> 
     for node in status["nodes"]:
         times = {p: datetime.fromisoformat(t) for p, t in node["timings"].items()}
         assert set(order) | {"callback"} <= set(times), node["timings"]
-        seen = [times[p] for p in order]
-        assert seen == sorted(seen), node["timings"]
+        # kernel and initrd: each recorded once sent in full, by a task after the answer, so
+        # the machine may have its initrd before the kernel's record is written (CI saw 3 ms)
+        for phases in ([p for p in order if p != "initrd"], [p for p in order if p != "kernel"]):
+            seen = [times[p] for p in phases]
+            assert seen == sorted(seen), node["timings"]
         assert times["initrd"] <= times["callback"] <= times["recipes"], node["timings"]
     table = crv("status", "webfarm", "--timings")
     assert table.returncode == 0, table.stderr
