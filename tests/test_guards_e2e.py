@@ -299,7 +299,10 @@ def test_a_lease_on_shrink_shrinks_to_min_and_then_holds_growth(guarded: Guarded
     lease = guarded.status(name)["guards"]["lease"]
     sleep_until(lease["ends_at"] - 8 + 0.5)
     decisions = guarded.run(name)
-    assert any(x["reason"].startswith("guard lease: lease of 20 s ends in") for x in decisions)
+    # announced, not acted on: "ends in ..." or, on a machine so loaded that the lease ran out
+    # before this first run, "ended ... ago" (it then acts warn_before after this announcement)
+    assert any(x["reason"].startswith("guard lease: lease of 20 s end") for x in decisions)
+    assert all(x["action"] == "none" for x in decisions), decisions
     assert guarded.workers(name) == 3
     [notice] = guarded.status(name)["guards"]["notices"]
     sleep_until(notice["acts_at"] + 0.5)
