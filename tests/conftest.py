@@ -8,6 +8,7 @@ import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -144,3 +145,29 @@ def fresh_database(local_postgres: LocalPostgres) -> Iterator[str]:
         yield url
     finally:
         local_postgres.drop_database(name)
+
+
+def cluster_events(
+    api: Any, cluster: str, event: str, count: int = 0, deadline: float = 20.0
+) -> list[Any]:
+    """Prefect's `event` events on cluster `cluster` (`api`: an httpx client on Prefect's API),
+    oldest first; waits up to `deadline` s for `count` of them (they reach the server a moment
+    after the flow emitted them)."""
+    import time
+
+    body = {
+        "filter": {
+            "event": {"name": [event]},
+            "resource": {"id": [f"crv.cluster.{cluster}"]},
+            "order": "ASC",
+        },
+        "limit": 50,
+    }
+    end = time.monotonic() + deadline
+    while True:
+        r = api.post("/events/filter", json=body)
+        assert r.status_code == 200, r.text
+        found = list(r.json()["events"])
+        if len(found) >= count or time.monotonic() > end:
+            return found
+        time.sleep(0.5)

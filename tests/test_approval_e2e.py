@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import write_appliance
+from tests.conftest import cluster_events, write_appliance
 from tests.test_deploy_e2e import Crv, free_port
 
 pytestmark = pytest.mark.scaling  # .ci/run: ./dev test -m scaling
@@ -102,22 +102,7 @@ class Gated:
     def events(self, name: str, count: int, deadline: float = 30.0) -> list[dict[str, Any]]:
         """crv's `name` events on the cluster, once there are `count` of them (they reach the
         server a moment after the flow emitted them), oldest first."""
-        body = {
-            "filter": {
-                "event": {"name": [name]},
-                "resource": {"id": ["crv.cluster.gated"]},
-                "order": "ASC",
-            },
-            "limit": 50,
-        }
-        end = time.monotonic() + deadline
-        while True:
-            r = self.api.post("/events/filter", json=body)
-            assert r.status_code == 200, r.text
-            found = list(r.json()["events"])
-            if len(found) >= count or time.monotonic() > end:
-                return found
-            time.sleep(0.5)
+        return cluster_events(self.api, "gated", name, count, deadline)
 
 
 @pytest.fixture(scope="module")

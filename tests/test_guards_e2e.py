@@ -34,7 +34,7 @@ import pytest
 from crv.base.home import Home
 from crv.service.client import Service
 from crv_cli.daemons import running
-from tests.conftest import write_appliance
+from tests.conftest import cluster_events, write_appliance
 from tests.test_deploy_e2e import Crv, prefect_api
 
 pytestmark = pytest.mark.scaling  # .ci/run: ./dev test -m scaling
@@ -132,24 +132,8 @@ class Guarded:
         return sum(1 for n in self.crv.status(name)["nodes"] if n["group"] == "worker")
 
     def events(self, name: str, event: str, count: int = 0, deadline: float = 20.0) -> list[Any]:
-        """Prefect's `event` events on cluster `name`, oldest first; waits for `count` of them
-        (they reach the server a moment after the flow emitted them)."""
-        body = {
-            "filter": {
-                "event": {"name": [event]},
-                "resource": {"id": [f"crv.cluster.{name}"]},
-                "order": "ASC",
-            },
-            "limit": 50,
-        }
-        end = time.monotonic() + deadline
-        while True:
-            r = self.api.post("/events/filter", json=body)
-            assert r.status_code == 200, r.text
-            found = list(r.json()["events"])
-            if len(found) >= count or time.monotonic() > end:
-                return found
-            time.sleep(0.5)
+        """Prefect's `event` events on cluster `name`, oldest first; waits for `count` of them."""
+        return cluster_events(self.api, name, event, count, deadline)
 
 
 def occurred(event: dict[str, Any]) -> float:
