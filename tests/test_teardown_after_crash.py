@@ -100,9 +100,15 @@ def test_destroy_right_after_a_killed_deploy_leaves_nothing(crv: Crv, tmp_path: 
     assert crv.node_processes() == []
     assert not list(pool.glob("halfway-*"))
     assert serials <= crv.revoked_serials()
-    # what is left of it: its certificates, each revoked (what the CRL is made from)
+    # what is left of it: its certificates, each revoked (what the CRL is made from), and its
+    # nodes' usage for the node-hours budget (kept 35 days), every row closed
     left = rows_of(crv, "halfway")
-    assert {t for t, n in left.items() if n} == {"certificates"}, left
+    assert {t for t, n in left.items() if n} == {"certificates", "node_usage"}, left
+    with sqlite3.connect(crv.home / "service" / "state.db") as db:
+        (open_rows,) = db.execute(
+            "SELECT count(*) FROM node_usage WHERE cluster = 'halfway' AND ended IS NULL"
+        ).fetchone()
+    assert open_rows == 0
     db = sqlite3.connect(crv.home / "service" / "state.db")
     try:
         live = db.execute(
