@@ -92,16 +92,18 @@ class Lab:
     lab: dict[str, Any]
     rack: dict[str, Any]  # `crv lab rack --json`
 
-    def machines(self) -> dict[str, dict[str, Any]]:
-        """name -> entry of the machines file the rack pool names in pools.yaml."""
-        pools = yaml.safe_load((self.crv.home / "pools.yaml").read_text())
-        path = Path(pools["pools"]["rack"]["options"]["machines"])
-        return {m["name"]: m for m in yaml.safe_load(path.read_text())["machines"]}
 
-    def listed(self) -> dict[str, dict[str, Any]]:
-        """`crv baremetal list --pool rack --json`, by machine."""
-        rows = self.crv.json("baremetal", "list", "--pool", "rack")["machines"]
-        return {r["machine"]: r for r in rows}
+def rack_machines(crv: Crv) -> dict[str, dict[str, Any]]:
+    """name -> entry of the machines file the rack pool names in pools.yaml."""
+    pools = yaml.safe_load((crv.home / "pools.yaml").read_text())
+    path = Path(pools["pools"]["rack"]["options"]["machines"])
+    return {m["name"]: m for m in yaml.safe_load(path.read_text())["machines"]}
+
+
+def rack_listed(crv: Crv) -> dict[str, dict[str, Any]]:
+    """`crv baremetal list --pool rack --json`, by machine."""
+    rows = crv.json("baremetal", "list", "--pool", "rack")["machines"]
+    return {r["machine"]: r for r in rows}
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +166,9 @@ def test_slurm_with_its_compute_nodes_on_pxe_machines(lab: Lab) -> None:
     pools = {n["name"]: n["pool"] for n in status["nodes"]}
     assert pools == {"sl-controller-0": "lab", **dict.fromkeys(computes, "rack")}, status
     print(crv.ok("status", "sl", "--timings"))
-    leased = {r["node"]: r for r in lab.listed().values() if r["state"] == "leased"}
+    leased = {r["node"]: r for r in rack_listed(lab.crv).values() if r["state"] == "leased"}
     assert set(leased) == set(computes), leased
-    machines = lab.machines()
+    machines = rack_machines(lab.crv)
     address = {node: machines[r["machine"]]["address"] for node, r in leased.items()}
 
     found = roles(crv, "sl")
@@ -192,7 +194,7 @@ def test_slurm_with_its_compute_nodes_on_pxe_machines(lab: Lab) -> None:
 
     out = crv.ok("destroy", "sl", timeout=600)
     assert "destroyed sl: 3 nodes removed" in out, out
-    listed = lab.listed()
+    listed = rack_listed(lab.crv)
     assert {m: r["state"] for m, r in listed.items()} == dict.fromkeys(listed, "free"), listed
     running = [c for c in processes().values()
                if "qemu-system" in c and str(crv.hardware) in c]  # fmt: skip

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import shutil
 import time
@@ -43,7 +44,7 @@ import yaml
 
 from crv.appliance.loader import load_appliance
 from tests.conftest import CATALOG
-from tests.test_vm_rack_slurm import Crv, guest
+from tests.test_vm_rack_slurm import Crv, guest, rack_listed, rack_machines
 from tests.test_vm_rack_slurm import pytestmark as rack_marks
 from tests.vm_fixtures import BuiltImage, lab_leftovers, tear_down_lab
 
@@ -60,22 +61,11 @@ class Rack:
     crv: Crv
     lab: dict[str, Any]
 
-    def machines(self) -> dict[str, dict[str, Any]]:
-        """name -> entry of the machines file the rack pool names in pools.yaml."""
-        pools = yaml.safe_load((self.crv.home / "pools.yaml").read_text())
-        path = Path(pools["pools"]["rack"]["options"]["machines"])
-        return {m["name"]: m for m in yaml.safe_load(path.read_text())["machines"]}
-
-    def listed(self) -> dict[str, dict[str, Any]]:
-        """`crv baremetal list --pool rack --json`, by machine."""
-        rows = self.crv.json("baremetal", "list", "--pool", "rack")["machines"]
-        return {r["machine"]: r for r in rows}
-
     def power(self, machine: str) -> str:
         """The machine's power as its BMC reports it (IPMI 2.0 with crv's own client)."""
         from pools.baremetal.ipmi import Bmc, Power
 
-        b = self.machines()[machine]["bmc"]
+        b = rack_machines(self.crv)[machine]["bmc"]
         password = Path(b["password"]["file"]).read_text().splitlines()[0]
         bmc = Bmc(b["address"], int(b["port"]), b["username"], password,
                   int(b["cipher_suite"]))  # fmt: skip
@@ -192,7 +182,7 @@ def run(rack: Rack, tmp_path: Path, sc: Scenario) -> None:
     status = crv.json("status", name)
     pools = {n["name"]: n["pool"] for n in status["nodes"]}
     assert pools == {controller: "lab", f"{name}-compute-0": "rack"}, status
-    first = next(r for r in rack.listed().values() if r["state"] == "leased")["machine"]
+    first = next(r for r in rack_listed(rack.crv).values() if r["state"] == "leased")["machine"]
 
     # the controller publishes the queue: nothing waits, its one compute node idle
     idle = f"{name}-compute-0=idle"
@@ -201,6 +191,11 @@ def run(rack: Rack, tmp_path: Path, sc: Scenario) -> None:
     assert {k: v for k, (v, _) in queue(crv, name).items()} == {
         "pending_nodes": "0", "pending": "0", "running": "0", "node_states": idle,
     }  # fmt: skip
+
+    publisher = ("systemctl show -p MainPID --value crv-slurm-queue; "
+                 "pgrep -c -f '^[^ ]*python3 [^ ]*/slurm-queue[.]py loop '")  # fmt: skip
+    before = guest(crv, controller, publisher).split()
+    assert before[1] == "1", before  # one publisher
 
     submit = " ".join(["cd /tmp &&", f"for i in $(seq {sc.jobs}); do",
                        f"sbatch --parsable -o /dev/null --wrap 'sleep {sc.job_seconds}' || exit 1;",
@@ -259,6 +254,10 @@ def run(rack: Rack, tmp_path: Path, sc: Scenario) -> None:
     # for any job that landed on one meanwhile)
     assert all("removing " in d["reason"] for d in acted if d["action"] == "shrink"), acted
 
+    # the resizes ran slurmctld's recipe again: the same one publisher still publishes
+    assert guest(crv, controller, publisher).split() == before
+    assert max(age for _, age in queue(crv, name).values()) < 60
+
     # every job ran once and completed: one completion line each, COMPLETED 0:0
     ended = [c for c in completions(crv, controller) if c.get("JobId") in jobs]
     states = sorted((c["JobId"], c["JobState"], c["ExitCode"]) for c in ended)
@@ -272,7 +271,7 @@ def run(rack: Rack, tmp_path: Path, sc: Scenario) -> None:
     remaining = {n["name"]: n["pool"] for n in final["nodes"] if n["group"] == "compute"}
     assert remaining == {f"{name}-compute-0": "rack"}, remaining
     assert rack.domains() == [controller], rack.domains()
-    listed = rack.listed()
+    listed = rack_listed(rack.crv)
     assert {m: r["state"] for m, r in listed.items()} == {
         m: "leased" if m == first else "free" for m in listed
     }, listed  # fmt: skip
@@ -280,8 +279,8 @@ def run(rack: Rack, tmp_path: Path, sc: Scenario) -> None:
         assert rack.power(machine) == ("on" if machine == first else "off"), machine
 
     # the figures (job times are the controller's clock: taken back to the host's)
-    before = time.time()
-    offset = float(guest(crv, controller, "date +%s.%N")) - (before + time.time()) / 2
+    asked = time.time()
+    offset = float(guest(crv, controller, "date +%s.%N")) - (asked + time.time()) / 2
     pending_start = min(clock(c["SubmitTime"]) for c in ended)
     first_new = min(clock(c["StartTime"]) for c in ended if c["NodeList"] in new_nodes)
     last_end = max(clock(c["EndTime"]) for c in ended)
@@ -308,9 +307,31 @@ def run(rack: Rack, tmp_path: Path, sc: Scenario) -> None:
           f"{to_shrunk:.3f} to the end of the shrink; the jobs need {need_h:.3f} "
           f"(ratios {to_last_job / need_h:.2f} and {to_shrunk / need_h:.2f})")  # fmt: skip
 
+    live = os.environ.get("CRV_AUTOSCALE_LIVE")  # benchmarks/bench_autoscale_queue.py --live
+    if live:
+        figures = {
+            "cluster": name, "jobs": sc.jobs, "job_seconds": sc.job_seconds,
+            "max_nodes": sc.max_nodes, "deploy_s": deploy_s,
+            "reaction_s": first_new - pending_start,
+            "grow_decision_s": grow["at"] - submitted,
+            "grown_s": (grown_at or 0) - grow["at"],
+            "jobs_span_s": last_end - pending_start,
+            "shrink_decision_s": shrink["at"] - (last_end - offset),
+            "shrunk_s": shrunk_at - shrink["at"],
+            "node_hours_to_last_job": to_last_job, "node_hours_to_shrunk": to_shrunk,
+            "minimum_node_hours": need_h,
+            "actions": [[d["at"] - submitted, d["action"], d["current"], d["target"]]
+                        for d in acted],
+        }  # fmt: skip
+        Path(live).mkdir(parents=True, exist_ok=True)
+        (Path(live) / f"{name}.json").write_text(json.dumps(figures, indent=1) + "\n")
+        plot = crv.home / "autoscale" / f"{name}-compute.png"
+        if plot.exists():
+            shutil.copy(plot, Path(live) / plot.name)
+
     out = crv.ok("destroy", name, timeout=600)
     assert f"destroyed {name}: 2 nodes removed" in out, out
-    assert {r["state"] for r in rack.listed().values()} == {"free"}
+    assert {r["state"] for r in rack_listed(rack.crv).values()} == {"free"}
 
 
 def test_short_queue_autoscaling_on_the_rack(rack: Rack, tmp_path: Path) -> None:
