@@ -147,6 +147,29 @@ def fresh_database(local_postgres: LocalPostgres) -> Iterator[str]:
         local_postgres.drop_database(name)
 
 
+STORE_ROLES = {
+    "web": {"recipe": "roles/web.sh", "appdir": "a0", "env": {}, "depends_on": []},
+    "mon": {"recipe": "roles/mon.sh", "appdir": "a1", "env": {}, "depends_on": []},
+}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """crv's store with a cluster "c" (roles STORE_ROLES), on both databases: SQLite in a file,
+    a fresh PostgreSQL database."""
+    from crv.service.database import open_engine
+    from crv.service.store import Store
+
+    if request.param == "sqlite":
+        s = Store(open_engine(tmp_path / "crv.sqlite"))
+    else:
+        s = Store(open_engine(request.getfixturevalue("fresh_database")))
+    request.addfinalizer(s.engine.dispose)
+    s.put_cluster("c", appliance="x", source="dir", pool="local", parameters={},
+                  roles=STORE_ROLES, bundle=b"b")  # fmt: skip
+    return s
+
+
 def cluster_events(
     api: Any, cluster: str, event: str, count: int = 0, deadline: float = 20.0
 ) -> list[Any]:

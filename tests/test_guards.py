@@ -29,7 +29,6 @@ from crv.engine.guards import (
     work_seen,
     working,
 )
-from crv.service.database import open_engine
 from crv.service.store import Store
 from crv.service.usage import DAY, day_start, node_hours, overlap
 
@@ -374,18 +373,6 @@ def test_settings_and_notices_from_the_stores_rows() -> None:
 
 
 # -- the store: the ledger and the guards' settings ---------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
-    if request.param == "sqlite":
-        s = Store(open_engine(tmp_path / "crv.sqlite"))
-    else:
-        s = Store(open_engine(request.getfixturevalue("fresh_database")))
-    request.addfinalizer(s.engine.dispose)
-    s.put_cluster("c", appliance="x", source="d", pool="local", parameters={}, roles={},
-                  bundle=b"b")  # fmt: skip
-    return s
 
 
 def node(name: str, group: str = "w", pool: str = "local") -> dict[str, Any]:

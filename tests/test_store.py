@@ -5,33 +5,13 @@ test_service_security.py and end to end in test_deploy_e2e.py."""
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from crv.service import store as store_module
-from crv.service.database import open_engine
 from crv.service.store import Issued, Store, StoreError
-
-ROLES = {
-    "web": {"recipe": "roles/web.sh", "appdir": "a0", "env": {}, "depends_on": []},
-    "mon": {"recipe": "roles/mon.sh", "appdir": "a1", "env": {}, "depends_on": []},
-}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
-    """The same tests on both databases: SQLite in a file, a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        s = Store(open_engine(tmp_path / "crv.sqlite"))
-    else:
-        s = Store(open_engine(request.getfixturevalue("fresh_database")))
-    request.addfinalizer(s.engine.dispose)
-    s.put_cluster(
-        "c", appliance="x", source="dir", pool="local", parameters={}, roles=ROLES, bundle=b"b"
-    )
-    return s
+from tests.conftest import STORE_ROLES as ROLES
 
 
 def node(name: str, roles: list[str], **extra: Any) -> dict[str, Any]:

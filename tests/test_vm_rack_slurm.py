@@ -201,10 +201,14 @@ def test_slurm_with_its_compute_nodes_on_pxe_machines(lab: Lab) -> None:
     assert running == []
 
 
-def test_the_lab_leaves_nothing(lab: Lab) -> None:
-    crv = lab.crv
+def lab_down(crv: Crv, state: dict[str, Any]) -> None:
+    """`crv lab down`, then nothing of the lab and its rack is left (within 15 s)."""
     crv.ok("lab", "down", timeout=300)
     deadline = time.monotonic() + 15
-    while lab_leftovers(crv.home, crv.hardware, lab.lab) and time.monotonic() < deadline:
+    while lab_leftovers(crv.home, crv.hardware, state) and time.monotonic() < deadline:
         time.sleep(0.3)
-    assert lab_leftovers(crv.home, crv.hardware, lab.lab) == []
+    assert lab_leftovers(crv.home, crv.hardware, state) == []
+
+
+def test_the_lab_leaves_nothing(lab: Lab) -> None:
+    lab_down(lab.crv, lab.lab)

@@ -44,9 +44,9 @@ import yaml
 
 from crv.appliance.loader import load_appliance
 from tests.conftest import CATALOG
-from tests.test_vm_rack_slurm import Crv, guest, rack_listed, rack_machines
+from tests.test_vm_rack_slurm import Crv, guest, lab_down, rack_listed, rack_machines
 from tests.test_vm_rack_slurm import pytestmark as rack_marks
-from tests.vm_fixtures import BuiltImage, lab_leftovers, tear_down_lab
+from tests.vm_fixtures import BuiltImage, tear_down_lab
 
 pytestmark = rack_marks
 
@@ -349,9 +349,4 @@ def test_twelve_one_minute_jobs_grow_to_3_and_back_to_1(rack: Rack, tmp_path: Pa
 
 
 def test_the_lab_leaves_nothing(rack: Rack) -> None:
-    crv = rack.crv
-    crv.ok("lab", "down", timeout=300)
-    deadline = time.monotonic() + 15
-    while lab_leftovers(crv.home, crv.hardware, rack.lab) and time.monotonic() < deadline:
-        time.sleep(0.3)
-    assert lab_leftovers(crv.home, crv.hardware, rack.lab) == []
+    lab_down(rack.crv, rack.lab)
