@@ -17,9 +17,10 @@ new node, the grow, the shrink and the node-hours used against the trace's minim
 shorter cooldown and scale_down_delay: grows onto the second rack machine and powers it off
 again.
 
-Jobs' end states come from slurmctld's job completion log (`JobCompType=jobcomp/filetxt`,
-/var/log/slurm/jobcomp.log: JobState and ExitCode of every job that ended, one line each time
-it ended): `sacct` needs slurmdbd and a MariaDB, which the appliance does not run.
+Jobs' end states come from `sacct --completion`: sacct reading slurmctld's job completion log
+(`JobCompType=jobcomp/filetxt`, /var/log/slurm/jobcomp.log: state and exit code of every job
+that ended, one line each time it ended), since the appliance runs no slurmdbd (and MariaDB) for
+sacct's usual accounting database.
 
 `./dev test -m rack tests/test_vm_slurm_autoscale.py -n 0 -s`. Slow (TCG): see the timings the
 test prints and docs/catalog.md.
@@ -30,7 +31,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -155,13 +155,14 @@ def wait_for(what: str, check: Any, timeout: float, every: float = 3.0) -> Any:
         time.sleep(every)
 
 
-JOBCOMP = re.compile(r"(\w+)=(\S*)")
+SACCT = "sacct --completion -n -P -o JobID,State,ExitCode,NodeList,Submit,Start,End"
+FIELDS = ("JobId", "JobState", "ExitCode", "NodeList", "SubmitTime", "StartTime", "EndTime")
 
 
 def completions(crv: Crv, controller: str) -> list[dict[str, str]]:
-    """Every line of slurmctld's job completion log, as fields."""
-    text = guest(crv, controller, "cat /var/log/slurm/jobcomp.log 2>/dev/null || true")
-    return [dict(JOBCOMP.findall(line)) for line in text.splitlines() if line.strip()]
+    """Every job that ended, as `sacct --completion` lists it: one row each time it ended."""
+    text = guest(crv, controller, SACCT)
+    return [dict(zip(FIELDS, line.split("|"), strict=True)) for line in text.splitlines() if line]
 
 
 def clock(text: str) -> float:
