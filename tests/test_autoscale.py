@@ -398,3 +398,26 @@ def test_real_growth_is_served_at_once() -> None:
     decisions = replay(s, low, high, 4, trace, 30)
     first = next(d for d in decisions if d.action != "none")
     assert (first.at, first.action, first.target) == (600.0, "grow", 6)
+
+
+def test_plot_draws_the_queue_across_skipped_runs_and_nodes_from_their_first_count() -> None:
+    """The live slurm run's rows: a grow 1 -> 3 that read 11 waiting jobs, runs skipped while it
+    ran (no reading), then readings again. The metric line goes through both readings (a lone
+    first point between gaps would not be drawn) and the nodes start at 1, not at the target."""
+    from crv.engine.autoscale import curves, recorded
+
+    def row(at: float, metric: float | None, current: int, target: int, action: str) -> dict:
+        return {"at": 1000.0 + at, "metric": metric, "current": current, "desired": target,
+                "target": target, "action": action, "reason": ""}  # fmt: skip
+
+    rows = [
+        row(0, 11, 1, 3, "grow"),
+        row(20, None, 3, 3, "none"),  # skipped: the grow is under way
+        row(40, None, 3, 3, "none"),
+        row(120, 7, 3, 3, "none"),
+        row(480, 0, 3, 1, "shrink"),
+    ]
+    metric, nodes = curves(recorded(reversed(rows)))  # the store lists the newest first
+    assert metric == [(0.0, 11), (2.0, 7), (8.0, 0)]
+    assert nodes == [(0.0, 1), (0.0, 3), (20 / 60, 3), (40 / 60, 3), (2.0, 3), (8.0, 1)]
+    assert curves([]) == ([], [])

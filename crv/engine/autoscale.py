@@ -467,27 +467,37 @@ def recorded(rows: Iterable[Mapping[str, Any]]) -> list[Decision]:
     ]  # fmt: skip
 
 
+def curves(
+    decisions: Sequence[Decision],
+) -> tuple[list[tuple[float, float]], list[tuple[float, int]]]:
+    """What `plot` draws, as (minutes, value) points: the metric through the decisions that
+    read one (a run skipped while a change was under way read none), and the node count as a
+    step line from the first decision's current count, then each decision's target."""
+    metric = [(d.at / 60, d.metric) for d in decisions if d.metric is not None]
+    nodes = [(d.at / 60, d.target) for d in decisions]
+    if decisions:
+        nodes.insert(0, (decisions[0].at / 60, decisions[0].current))
+    return metric, nodes
+
+
 def plot(
     decisions: Sequence[Decision], path: Path, title: str, metric_label: str = "metric"
 ) -> None:
-    """The metric and the node count over time, in one PNG (two y axes)."""
+    """The metric and the node count over time, in one PNG (two y axes): `curves`."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    times = [d.at / 60 for d in decisions]
+    metric, nodes = curves(decisions)
     fig, left = plt.subplots(figsize=(10, 4.5), dpi=100)
-    left.plot(
-        times,
-        [d.metric if d.metric is not None else float("nan") for d in decisions],
-        color="tab:blue",
-        label="metric",
-    )
+    left.plot([t for t, _ in metric], [m for _, m in metric], color="tab:blue", marker=".",
+              markersize=3, label="metric")  # fmt: skip
     left.set_xlabel("minutes")
     left.set_ylabel(metric_label, color="tab:blue")
     right = left.twinx()
-    right.step(times, [d.target for d in decisions], where="post", color="tab:red", label="nodes")
+    right.step([t for t, _ in nodes], [n for _, n in nodes], where="post", color="tab:red",
+               label="nodes")  # fmt: skip
     right.set_ylabel("nodes", color="tab:red")
     right.set_ylim(bottom=0)
     for d in decisions:
