@@ -18,7 +18,7 @@ guests, 12 one-minute jobs, 1-3 compute nodes, autoscale every 20 s), prints the
 from that run (job times from slurmctld's completion log, node counts from `crv status`) next to
 the replay of the same trace with the live schedule and the live grow time as the boot, and
 keeps the run's plot. Needs root and what the lab needs (says why and skips otherwise); about
-half an hour of TCG guests.
+13 minutes of TCG guests on an idle 2-core host.
 
     python -m benchmarks.bench_autoscale_queue [--every 15] [--boot 90] [--max 3] [--smoke]
     python -m benchmarks.bench_autoscale_queue --live [--keep DIR]
@@ -124,7 +124,7 @@ def live(scaling: Scaling, low: int, keep: Path | None) -> None:
     env = {**os.environ, "CRV_AUTOSCALE_LIVE": str(out)}
     argv = [sys.executable, "-m", "pytest", "-q", "-s", "-n", "0", "-p", "no:cacheprovider",
             "-m", "rack", *LIVE_TESTS]  # fmt: skip
-    print(f"  live: {' '.join(argv[1:])} (about half an hour)", flush=True)
+    print(f"  live: {' '.join(argv[1:])} (about 13 minutes)", flush=True)
     started = time.monotonic()
     r = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
     found = sorted(out.glob("*.json"))
