@@ -767,8 +767,13 @@ def test_no_secret_on_a_command_line_or_in_a_node_environment(crv: Crv, deployed
     included); the nodes' processes (an appliance's recipes run there) have none in their
     environment either. A process started here with a canary argument is seen."""
     canary = f"canary-{random.token_hex(12)}"
-    witness = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", canary])
+    witness = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)", canary],
+        stdout=subprocess.PIPE,
+    )
     try:
+        # read /proc once the witness runs: during its exec its command line reads empty
+        assert witness.stdout is not None and witness.stdout.readline() == b"up\n"
         lines = command_lines()
         assert canary.encode() in lines[witness.pid]
     finally:
