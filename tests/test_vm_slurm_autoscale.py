@@ -293,39 +293,37 @@ def run(rack: Rack, tmp_path: Path, sc: Scenario) -> None:
                    for (at, count), (later, _) in itertools.pairwise(timeline)) / 3600  # fmt: skip
 
     need_h = sc.jobs * sc.job_seconds / 3600
-    to_last_job, to_shrunk = node_hours(last_end - offset), node_hours(shrunk_at)
-    print(f"deploy (controller on lab + 1 rack machine): {deploy_s:.0f} s")
-    print(
-        f"first pending job -> first job running on a new node: {first_new - pending_start:.0f} s"
-    )
-    print(f"grow: decision -> {sc.max_nodes} nodes ready {(grown_at or 0) - grow['at']:.0f} s "
-          f"(submission -> the grow decision {grow['at'] - submitted:.0f} s)")  # fmt: skip
-    print(f"jobs: first submitted -> last ended {last_end - pending_start:.0f} s "
+    f = {
+        "cluster": name, "jobs": sc.jobs, "job_seconds": sc.job_seconds,
+        "max_nodes": sc.max_nodes, "deploy_s": deploy_s,
+        "reaction_s": first_new - pending_start,
+        "grow_decision_s": grow["at"] - submitted,
+        "grown_s": (grown_at or 0) - grow["at"],
+        "jobs_span_s": last_end - pending_start,
+        "shrink_decision_s": shrink["at"] - (last_end - offset),
+        "shrunk_s": shrunk_at - shrink["at"],
+        "node_hours_to_last_job": node_hours(last_end - offset),
+        "node_hours_to_shrunk": node_hours(shrunk_at),
+        "minimum_node_hours": need_h,
+        "actions": [[d["at"] - submitted, d["action"], d["current"], d["target"]] for d in acted],
+    }  # fmt: skip
+    print(f"deploy (controller on lab + 1 rack machine): {f['deploy_s']:.0f} s")
+    print(f"first pending job -> first job running on a new node: {f['reaction_s']:.0f} s")
+    print(f"grow: decision -> {sc.max_nodes} nodes ready {f['grown_s']:.0f} s "
+          f"(submission -> the grow decision {f['grow_decision_s']:.0f} s)")  # fmt: skip
+    print(f"jobs: first submitted -> last ended {f['jobs_span_s']:.0f} s "
           f"(on one node alone: {sc.jobs * sc.job_seconds} s)")  # fmt: skip
-    print(f"shrink: last job ended -> the shrink decision {shrink['at'] - (last_end - offset):.0f} s, "
-          f"decision -> 1 node {shrunk_at - shrink['at']:.0f} s")  # fmt: skip
+    print(f"shrink: last job ended -> the shrink decision {f['shrink_decision_s']:.0f} s, "
+          f"decision -> 1 node {f['shrunk_s']:.0f} s")  # fmt: skip
+    to_last_job, to_shrunk = f["node_hours_to_last_job"], f["node_hours_to_shrunk"]
     print(f"node-hours of compute from the submission: {to_last_job:.3f} to the last job's end, "
           f"{to_shrunk:.3f} to the end of the shrink; the jobs need {need_h:.3f} "
           f"(ratios {to_last_job / need_h:.2f} and {to_shrunk / need_h:.2f})")  # fmt: skip
 
     live = os.environ.get("CRV_AUTOSCALE_LIVE")  # benchmarks/bench_autoscale_queue.py --live
     if live:
-        figures = {
-            "cluster": name, "jobs": sc.jobs, "job_seconds": sc.job_seconds,
-            "max_nodes": sc.max_nodes, "deploy_s": deploy_s,
-            "reaction_s": first_new - pending_start,
-            "grow_decision_s": grow["at"] - submitted,
-            "grown_s": (grown_at or 0) - grow["at"],
-            "jobs_span_s": last_end - pending_start,
-            "shrink_decision_s": shrink["at"] - (last_end - offset),
-            "shrunk_s": shrunk_at - shrink["at"],
-            "node_hours_to_last_job": to_last_job, "node_hours_to_shrunk": to_shrunk,
-            "minimum_node_hours": need_h,
-            "actions": [[d["at"] - submitted, d["action"], d["current"], d["target"]]
-                        for d in acted],
-        }  # fmt: skip
         Path(live).mkdir(parents=True, exist_ok=True)
-        (Path(live) / f"{name}.json").write_text(json.dumps(figures, indent=1) + "\n")
+        (Path(live) / f"{name}.json").write_text(json.dumps(f, indent=1) + "\n")
         plot = crv.home / "autoscale" / f"{name}-compute.png"
         if plot.exists():
             shutil.copy(plot, Path(live) / plot.name)
