@@ -48,21 +48,23 @@ roles:
   queue: {recipe: queue.sh, publishes: [pending_nodes, pending, running, node_states]}
   work: {recipe: work.sh, drain: drain.sh}
 """
-# publishes the file's KEY=VALUE lines every second, then writes the file's serial to .done
+# publishes the file's KEY=VALUE lines every second, then writes the file's serial to .done;
+# a `crv-agent set` that fails (a busy machine) is written to .errors and tried again next round
 QUEUE = """#!/bin/sh
 set -eu
 q="$CRV_PARAM_QUEUE"
 (
+  set +e  # nothing ends the loop: a failed read or set is tried again next round
   while :; do
     if [ -s "$q" ]; then
-      serial=""
+      serial="" published=yes
       while IFS='=' read -r key value; do
         case "$key" in
           serial) serial="$value" ;;
-          *) crv-agent set "$key" "$value" ;;
+          *) crv-agent set "$key" "$value" 2>>"$q.errors" || published="" ;;
         esac
       done <"$q"
-      echo "$serial" >"$q.done"
+      [ -z "$published" ] || echo "$serial" >"$q.done"
     fi
     sleep 1
   done
@@ -91,7 +93,10 @@ class Batch:
             return
         end = time.monotonic() + 30
         while not (done.exists() and done.read_text().strip() == str(self.serial)):
-            assert time.monotonic() < end, "the queue role did not publish within 30 s"
+            errors = self.queue.with_name(self.queue.name + ".errors")
+            assert time.monotonic() < end, "the queue role did not publish within 30 s" + (
+                f"; crv-agent set said: {errors.read_text()[-2000:]}" if errors.exists() else ""
+            )
             time.sleep(0.2)
 
     def run(self) -> list[dict]:

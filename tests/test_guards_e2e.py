@@ -64,6 +64,7 @@ WEB = """#!/bin/sh
 set -eu
 f="$CRV_PARAM_LOAD"
 (
+  set +e  # a failed set (a busy machine) does not end the loop: it is tried again next second
   while :; do
     if [ -s "$f" ]; then crv-agent set load "$(cat "$f")"; fi
     sleep 1
