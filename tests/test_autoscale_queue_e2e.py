@@ -89,13 +89,14 @@ class Batch:
             f"node_states={words}\nserial={self.serial}\n"
         )
         done = self.queue.with_name(self.queue.name + ".done")
+        errors = self.queue.with_name(self.queue.name + ".errors")
         if not wait:
             return
         end = time.monotonic() + 30
         while not (done.exists() and done.read_text().strip() == str(self.serial)):
-            errors = self.queue.with_name(self.queue.name + ".errors")
+            said = errors.read_text()[-2000:] if errors.exists() else ""
             assert time.monotonic() < end, "the queue role did not publish within 30 s" + (
-                f"; crv-agent set said: {errors.read_text()[-2000:]}" if errors.exists() else ""
+                f"; crv-agent set said: {said}" if said else ""
             )
             time.sleep(0.2)
 

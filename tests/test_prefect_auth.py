@@ -263,8 +263,8 @@ def test_a_server_without_auth_is_restarted_with_it(crv: Crv) -> None:
         del crv.env["CRV_PREFECT_AUTH"]
     assert opened.returncode == 0, opened.stdout + opened.stderr
     assert "API auth:    none" in opened.stdout
-    open_api = api_url(crv)
     opened_daemon = json.loads((crv.home / "prefect" / "daemon.json").read_text())
+    open_api = str(opened_daemon["url"])
     assert httpx.get(f"{open_api}/deployments/name/deploy-appliance/crv").status_code == 200
 
     closed = crv("up", timeout=300)
